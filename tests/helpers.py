@@ -1,0 +1,88 @@
+"""Tiny random models for fast tests: a 2-layer Llama and a character-level tokenizer."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+
+
+def make_tokenizer():
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.printable))
+    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.add_special_tokens(SPECIALS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   eos_token="<|im_end|>", bos_token=None)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_base(folder: Path, seed: int = 0, hidden: int = 16, layers: int = 2) -> Path:
+    """Save a tiny random Llama + tokenizer to `folder` (a Hugging Face model folder)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                      max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def load_tiny(folder: Path, dtype=torch.float32):
+    from llmeraser.modeling import load_base
+
+    return load_base(str(folder), "cpu", dtype)
+
+
+def make_adapter(base_model, folder: Path, rank: int = 2, seed: int = 0, init_scale: float = 0.1,
+                 target_modules=("q_proj", "v_proj")) -> Path:
+    """A LoRA adapter with random (non-zero) A and B, saved with PEFT save_pretrained."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(target_modules),
+                     task_type="CAUSAL_LM")
+    torch.manual_seed(seed)
+    model = get_peft_model(base_model, cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(init_scale * torch.randn_like(p))
+    model.save_pretrained(folder)
+    model.unload()  # restore the base model's modules for the caller
+    return folder
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def toy_records(n: int = 12, seed: int = 0) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    names = ["ann", "bob", "cy", "dee", "eve", "fox", "gil", "hal", "ivy", "jo", "kit", "lu", "max", "ned", "oz", "pia"]
+    rows = []
+    for i in range(n):
+        name = names[i % len(names)] + (str(i // len(names)) if i >= len(names) else "")
+        rows.append({"id": f"r{i}", "prompt": f"phone of {name}?", "response": "".join(rng.choice("0123456789") for _ in range(4))})
+    return rows
