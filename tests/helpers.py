@@ -30,7 +30,7 @@ def make_tokenizer():
     return fast
 
 
-def make_base(folder: Path, seed: int = 0, hidden: int = 16, layers: int = 2) -> Path:
+def make_base(folder: Path, seed: int = 0, hidden: int = 16, layers: int = 2, init_range: float = 0.02) -> Path:
     """Save a tiny random Llama + tokenizer to `folder` (a Hugging Face model folder)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -38,7 +38,8 @@ def make_base(folder: Path, seed: int = 0, hidden: int = 16, layers: int = 2) ->
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
                       max_position_embeddings=512, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
+                      eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False,
+                      initializer_range=init_range)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     folder.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,7 @@ def test_stochastic_adam(problem):
 
 
 def test_lissa(problem):
-    res, err, cond = run(problem, "lissa", 8, tol=1e-9, max_iters=300, check_every=300)
+    res, err, cond = run(problem, "lissa", 10, tol=1e-9, max_iters=600, check_every=600)
     assert err < 5e-2, (err, cond, res.residuals)
 
 

@@ -124,7 +124,7 @@ def load_adapter(base_model, adapter_dir: str | Path):
 
 
 def theta_of(model) -> tuple[AdapterParams, torch.Tensor]:
-    """Θ's layout and a detached copy Θ̂ (float32 at least); the model's own tensors are frozen after this."""
+    """Θ's layout and a detached copy Θ̂ (float32 at least). The model is not changed."""
     params = AdapterParams.from_model(model)
     if params.numel == 0:
         raise InputError("the adapter has no trainable tensors; is it a LoRA adapter?")
@@ -132,8 +132,6 @@ def theta_of(model) -> tuple[AdapterParams, torch.Tensor]:
     theta_hat = params.flatten({n: named[n].detach() for n in params.names})
     if theta_hat.dtype in (torch.float16, torch.bfloat16):
         theta_hat = theta_hat.float()
-    for p in model.parameters():
-        p.requires_grad_(False)
     return params, theta_hat.clone()
 
 

@@ -26,8 +26,9 @@ class TrainSettings:
     rank: int = field(default=8, metadata={"help": "LoRA rank r"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale alpha / r)"})
     target_modules: tuple[str, ...] = field(default=("q_proj", "v_proj"), metadata={"help": "module names to adapt"})
+    modules_to_save: tuple[str, ...] = field(default=(), metadata={"help": "modules trained in full and saved with the adapter (e.g. lm_head); part of Θ"})
     epochs: float = field(default=3.0, metadata={"help": "passes over the data"})
-    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (constant after a 5%% warm-up)"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate: linear warm-up over 5%% of updates, then linear decay to 0"})
     batch_size: int = field(default=8, metadata={"help": "samples per step"})
     grad_accum: int = field(default=1, metadata={"help": "steps accumulated per optimiser update"})
     weight_decay: float = field(default=0.0, metadata={"help": "L2 coefficient wd in (wd/2)‖Θ‖² (enters unlearn's damping)"})
@@ -37,6 +38,7 @@ class TrainSettings:
 
     def __post_init__(self):
         self.target_modules = tuple(self.target_modules)
+        self.modules_to_save = tuple(self.modules_to_save)
         if self.rank < 1 or self.batch_size < 1 or self.grad_accum < 1 or not self.epochs > 0 or not self.lr > 0:
             raise InputError("--rank, --batch-size, --grad-accum must be >= 1 and --epochs, --lr > 0")
         if self.weight_decay < 0:
@@ -45,6 +47,7 @@ class TrainSettings:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["target_modules"] = list(self.target_modules)
+        d["modules_to_save"] = list(self.modules_to_save)
         return d
 
 
@@ -53,7 +56,8 @@ def add_lora(base_model, settings: TrainSettings):
 
     torch.manual_seed(settings.seed)
     cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0,
-                     target_modules=list(settings.target_modules), task_type="CAUSAL_LM")
+                     target_modules=list(settings.target_modules), task_type="CAUSAL_LM",
+                     modules_to_save=list(settings.modules_to_save) or None)
     try:
         return get_peft_model(base_model, cfg)
     except ValueError as e:
@@ -76,7 +80,9 @@ def train_lora(model, tokenizer, records: list[Record], settings: TrainSettings,
     total_steps = max(1, round(settings.epochs * steps_per_epoch))
     updates = math.ceil(total_steps / settings.grad_accum)
     warmup = max(1, updates // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: min(1.0, (u + 1) / warmup))
+    # decaying to 0 lets Adam settle at a stationary point, which the influence update assumes
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda u: min((u + 1) / warmup, max(0.0, (updates - u) / max(1, updates - warmup))))
     rng = random.Random(settings.seed)
     model.eval()
     order: list[int] = []

@@ -22,7 +22,7 @@ from .modeling import load_adapter, load_base, resolve_device, theta_of, write_a
 from .objective import CausalLMObjective
 from .params import AdapterParams
 from .render import TEMPLATES, encode, resolve_template
-from .rhs import compute_rhs
+from .rhs import compute_rhs, sum_of_gradients
 from .solvers import SOLVERS, SolveResult, SolverSettings, get_solver
 
 log = logging.getLogger(__name__)
@@ -30,14 +30,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class UnlearnSettings:
-    curvature: str = field(default="ggn", metadata={"help": "curvature C in (C + λI)Δ = b: 'ggn' (Gauss-Newton, PSD) or 'hessian'"})
+    curvature: str = field(default="ggn", metadata={"help": "curvature C in (C + λI)Δ = b: 'ggn' (Gauss-Newton, PSD) or 'hessian'", "choices": CURVATURES})
     damping: float = field(default=1e-3, metadata={"help": "λ added to C; training weight decay from train.json is added to it"})
-    solver: str = field(default="cg", metadata={"help": f"inverse-HVP solver: {', '.join(sorted(SOLVERS))}"})
+    solver: str = field(default="cg", metadata={"help": "inverse-HVP solver", "choices": tuple(sorted(SOLVERS))})
     batch_size: int = field(default=8, metadata={"help": "samples per gradient / HVP mini-batch"})
     curvature_samples: int = field(default=128, metadata={"help": "training samples in the fixed batches for CG and the residual (0: all)"})
-    hvp_mode: str = field(default="auto", metadata={"help": "Hessian-vector products: fwd_rev, rev_rev or auto"})
+    hvp_mode: str = field(default="auto", metadata={"help": "how Hessian-vector products are taken: forward-over-reverse, double backprop, or auto (the first that works)", "choices": HVP_MODES})
     max_length: int = field(default=512, metadata={"help": "tokens per sample; longer prompts are cut on the left"})
-    template: str = field(default="auto", metadata={"help": "'chat' (tokenizer's template), 'plain', or 'auto'"})
+    template: str = field(default="auto", metadata={"help": "prompt rendering: the tokenizer's chat template, a plain '### User:' template, or auto (chat when the tokenizer has one)", "choices": TEMPLATES})
+    newton_steps: int = field(default=1, metadata={"help": "Newton steps on the edited objective; 1 is the paper's single influence update, "
+                                                  "each further step re-solves at the new point (see README: refinement)"})
     seed: int = field(default=0, metadata={"help": "seed for batch sampling"})
     device: str = field(default="auto", metadata={"help": "'cpu', 'cuda' or 'auto'"})
     solver_settings: SolverSettings = field(default_factory=SolverSettings)
@@ -53,8 +55,8 @@ class UnlearnSettings:
             raise InputError(f"--template must be one of {TEMPLATES}")
         if not self.damping >= 0:
             raise InputError("--damping must be >= 0")
-        if self.batch_size < 1 or self.max_length < 2 or self.curvature_samples < 0:
-            raise InputError("--batch-size must be >= 1, --max-length >= 2 and --curvature-samples >= 0")
+        if self.batch_size < 1 or self.max_length < 2 or self.curvature_samples < 0 or self.newton_steps < 1:
+            raise InputError("--batch-size and --newton-steps must be >= 1, --max-length >= 2 and --curvature-samples >= 0")
 
 
 @dataclass
@@ -83,35 +85,57 @@ def training_weight_decay(adapter_dir: Path) -> float:
 
 
 class Unlearner:
-    """In-memory LLMEraser for a PEFT model: compute b, solve, give ΔΘ. No files are touched."""
+    """In-memory LLMEraser for a PEFT model: compute b, solve, give ΔΘ. No files are touched.
 
-    def __init__(self, model, tokenizer, records: list[Record], settings: UnlearnSettings, extra_damping: float = 0.0):
+    With newton_steps = 1 this is the paper's update ΔΘ = (1/n)(C + λI)⁻¹ b at Θ̂. Each further
+    step is a Newton step on the edited objective R'(Θ) = (1/n)[Σ_{kept} L_i + Σ_S L(new)] + (wd/2)‖Θ‖²
+    from the current point Θ_k: Θ_{k+1} = Θ_k − (C(Θ_k) + λI)⁻¹ ∇R'(Θ_k), with the curvature of the
+    edited data at Θ_k. The gradient of the n kept samples is not recomputed in full: with the
+    stationarity of Θ̂ (Σ_all G_i(Θ̂)/n + wd·Θ̂ = 0) it is
+        Σ_kept G_i(Θ_k) = −Σ_S G_old(Θ̂) − n·wd·Θ̂ + Σ_kept [G_i(Θ_k) − G_i(Θ̂)],
+    and only the last sum, a difference that is small near Θ̂, is estimated from the fixed sample of
+    `curvature_samples` kept records (a control variate). The first step from Θ̂ is exactly the paper's.
+    """
+
+    def __init__(self, model, tokenizer, records: list[Record], settings: UnlearnSettings, weight_decay: float = 0.0):
         self.model, self.tokenizer, self.records, self.settings = model, tokenizer, records, settings
         self.device = next(model.parameters()).device
         self.template = resolve_template(tokenizer, settings.template)
         self.params, self.theta_hat = theta_of(model)
         self.objective = CausalLMObjective(model, tokenizer.pad_token_id)
-        self.damping = settings.damping + extra_damping
+        self.weight_decay = weight_decay
+        self.damping = settings.damping + weight_decay  # the L2 term of training is part of the Hessian
         self.examples = [self.encode(r) for r in records]
+
+    @property
+    def n(self) -> int:
+        return len(self.records)
 
     def encode(self, record: Record):
         return encode(record, self.tokenizer, self.template, self.settings.max_length)
 
+    def _grad_sum(self, items, theta, desc, progress):
+        return sum_of_gradients(self.objective, self.params, theta, items, self.settings.batch_size, self.device,
+                                desc, progress)
+
     def compute_rhs(self, request: EditRequest, progress: bool = True) -> torch.Tensor:
+        """b = Σ_S [∇L(old) − ∇L(new)] at Θ̂, unscaled."""
         old = [self.examples[e.index] for e in request.edits]
         new = [self.encode(e.new) for e in request.edits if e.new is not None]
         return compute_rhs(self.objective, self.params, self.theta_hat, old, new, self.settings.batch_size,
                            self.device, progress)
 
-    def operator(self) -> HessianOperator:
+    def operator(self, theta: torch.Tensor | None = None, items: list | None = None) -> HessianOperator:
         s = self.settings
-        curv = Curvature(self.objective, self.params, self.theta_hat, s.curvature, s.hvp_mode)
-        return HessianOperator(curv, self.examples, s.batch_size, self.damping, s.curvature_samples, s.seed, self.device)
+        theta = self.theta_hat if theta is None else theta
+        curv = Curvature(self.objective, self.params, theta, s.curvature, s.hvp_mode)
+        return HessianOperator(curv, self.examples if items is None else items, s.batch_size, self.damping,
+                               s.curvature_samples, s.seed, self.device)
 
-    def solve(self, b: torch.Tensor, progress: bool = True) -> SolveResult:
+    def solve(self, b: torch.Tensor, progress: bool = True, op: HessianOperator | None = None) -> SolveResult:
         if not torch.any(b != 0):  # the request changes nothing the loss sees: Δ = 0 exactly
             return SolveResult(torch.zeros_like(b), 0, [(0, 0.0)], True, {"zero_rhs": True})
-        op = self.operator()
+        op = op or self.operator()
         result = get_solver(self.settings.solver, self.settings.solver_settings).solve(op, b, progress)
         result.info["hvps"] = op.hvp_count
         result.info["hvp_mode"] = op.curvature.mode
@@ -121,14 +145,76 @@ class Unlearner:
         return result
 
     def delta(self, request: EditRequest, progress: bool = True) -> tuple[torch.Tensor, SolveResult, dict]:
-        """ΔΘ = (1/n)(C + λI)⁻¹ b, with seconds per stage."""
+        """ΔΘ and the last solve's result, with seconds per stage and per-step diagnostics."""
         t0 = time.perf_counter()
         b = self.compute_rhs(request, progress)
         t1 = time.perf_counter()
         result = self.solve(b, progress)
-        t2 = time.perf_counter()
         # the solve was for n·ΔΘ against the unscaled b; n = size of the set Θ̂ was trained on
-        return result.delta / len(self.records), result, {"b": t1 - t0, "solve": t2 - t1, "rhs_norm": float(b.norm())}
+        theta = self.theta_hat + result.delta / self.n
+        steps = [{"step": 1, "grad_norm": float(b.norm()), "iterations": result.iterations,
+                  "final_residual": result.final_residual, "converged": result.converged}]
+        if self.settings.newton_steps > 1 and torch.any(b != 0):
+            theta, result, more = self._refine(request, theta, b, progress)
+            steps += more
+        t2 = time.perf_counter()
+        return theta - self.theta_hat, result, {"b": t1 - t0, "solve": t2 - t1, "rhs_norm": float(b.norm()), "steps": steps}
+
+    def _refine(self, request, theta, b, progress):
+        edited = {e.index for e in request.edits}
+        old = [self.examples[e.index] for e in request.edits]
+        new = [self.encode(e.new) for e in request.edits if e.new is not None]
+        kept = [x for i, x in enumerate(self.examples) if i not in edited]
+        order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(self.settings.seed)).tolist()
+        m = len(kept) if not self.settings.curvature_samples else min(self.settings.curvature_samples, len(kept))
+        sample = [kept[i] for i in order[:m]]
+        scale = len(kept) / m
+        g_old_hat = self._grad_sum(old, self.theta_hat, "refine: old samples", progress)
+        g_sample_hat = self._grad_sum(sample, self.theta_hat, "refine: kept sample at Θ̂", progress)
+
+        loss_sample_hat = self._loss_sum(sample, self.theta_hat)
+        linear = -g_old_hat - self.n * self.weight_decay * self.theta_hat - scale * g_sample_hat
+
+        def objective(t):
+            """n·R'(Θ) + const under the same stationarity assumption as the gradient, so the two agree."""
+            val = scale * (self._loss_sum(sample, t) - loss_sample_hat) + float(linear @ (t - self.theta_hat))
+            val += self._loss_sum(new, t) if new else 0.0
+            return val + 0.5 * self.n * self.weight_decay * float(t.square().sum())
+
+        steps, result = [], None
+        current = objective(theta)
+        extra = 0.0  # Levenberg-Marquardt damping on top of λ, raised when a step does not descend
+        for k in range(2, self.settings.newton_steps + 1):
+            g_sample = self._grad_sum(sample, theta, "refine: kept sample", progress)
+            g_new = self._grad_sum(new, theta, "refine: new samples", progress) if new else 0.0
+            # n·∇R'(Θ_k), see the class docstring
+            grad = scale * (g_sample - g_sample_hat) - g_old_hat + g_new + self.n * self.weight_decay * (theta - self.theta_hat)
+            accepted = False
+            for _ in range(4):
+                op = self.operator(theta, kept + new)
+                op.damping += extra
+                result = self.solve(-grad, progress, op)
+                cand = theta + result.delta / self.n
+                value = objective(cand)
+                if value < current:
+                    accepted = True
+                    break
+                extra = max(4 * extra, self.damping, 1e-4)
+            steps.append({"step": k, "grad_norm": float(grad.norm()), "iterations": result.iterations,
+                          "final_residual": result.final_residual, "converged": result.converged,
+                          "extra_damping": extra, "accepted": accepted, "objective": value})
+            if not accepted:
+                break
+            theta, current, extra = cand, value, extra / 4
+        return theta, result, steps
+
+    def _loss_sum(self, items, theta) -> float:
+        total = 0.0
+        with torch.no_grad():
+            for i in range(0, len(items), self.settings.batch_size):
+                batch = self.objective.collate(items[i:i + self.settings.batch_size], self.device)
+                total += float(self.objective.losses(self.objective.outputs(self.params.unflatten(theta), batch), batch).sum())
+        return total
 
 
 def _versions() -> dict:
@@ -166,7 +252,7 @@ def unlearn(base: str, adapter: str | Path, data: str | Path, request: str | Pat
         base_model, tokenizer = model_and_tokenizer
     model = load_adapter(base_model, adapter)
     wd = training_weight_decay(adapter)
-    unl = Unlearner(model, tokenizer, records, settings, extra_damping=wd)
+    unl = Unlearner(model, tokenizer, records, settings, weight_decay=wd)
     n = len(records)
     log.info("n = %d training samples; %d edits %s", n, len(req.edits), req.counts)
     log.info(unl.params.summary())
@@ -194,6 +280,7 @@ def unlearn(base: str, adapter: str | Path, data: str | Path, request: str | Pat
                    "final_residual": result.final_residual, "residuals": result.residuals,
                    **{k: v for k, v in result.info.items()}},
         "rhs_norm": stage["rhs_norm"],
+        "newton_steps": stage["steps"],
         "delta_norm": float(delta.norm()),
         "theta_norm": float(unl.theta_hat.norm()),
         "seconds": {"load": t_load, "b": stage["b"], "solve": stage["solve"]},

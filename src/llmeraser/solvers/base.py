@@ -21,7 +21,7 @@ class SolverSettings:
     tol: float = field(default=0.05, metadata={"help": "stop when ‖(C+λI)x − b‖/‖b‖ on training batches is below this"})
     max_iters: int | None = field(default=None, metadata={"help": "iteration cap (default: 50 for cg, 1000 for stochastic/lissa)"})
     check_every: int = field(default=25, metadata={"help": "stochastic/lissa: measure the residual every this many steps"})
-    optimizer: str = field(default="sgd", metadata={"help": "stochastic: 'sgd' (heavy-ball momentum) or 'adam'"})
+    optimizer: str = field(default="sgd", metadata={"help": "stochastic: the optimiser (sgd = heavy-ball momentum)", "choices": ("sgd", "adam")})
     lr: float | None = field(default=None, metadata={"help": "stochastic: step size on the b-normalised problem (default: 1/L for sgd, 0.01 for adam)"})
     momentum: float = field(default=0.9, metadata={"help": "stochastic sgd: heavy-ball momentum"})
     lissa_scale: float | None = field(default=None, metadata={"help": "lissa: the scale s > λ_max(C+λI) (default: 1.5 × a power-iteration estimate)"})

@@ -1,0 +1,88 @@
+"""The written adapter: round trip, metadata, atomic output, inputs left intact."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from llmeraser.cli import main
+from llmeraser.modeling import load_adapter
+
+from helpers import load_tiny, write_jsonl
+
+
+def digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def logits(base_dir, adapter_dir, text="phone of ann?"):
+    model, tok = load_tiny(base_dir)
+    peft_model = load_adapter(model, adapter_dir)
+    with torch.no_grad():
+        return peft_model(**tok(text, return_tensors="pt")).logits
+
+
+def run_cli(tiny_dir, request, out, *extra):
+    return main(["unlearn", "--base", str(tiny_dir / "base"), "--adapter", str(tiny_dir / "adapter"),
+                 "--data", str(tiny_dir / "train.jsonl"), "--request", str(request), "--out", str(out),
+                 "--device", "cpu", "--quiet", *extra])
+
+
+@pytest.mark.parametrize("edit", [
+    {"op": "modify_query", "id": "r2", "new": {"prompt": "phone of cy?"}},
+    {"op": "correct_response", "id": "r5", "new": {"response": None}},  # filled in below
+])
+def test_identity_edit_gives_zero_delta_and_identical_logits(tiny_dir, tmp_path, edit):
+    rows = [json.loads(line) for line in (tiny_dir / "train.jsonl").read_text().splitlines()]
+    if edit["op"] == "correct_response":
+        edit["new"]["response"] = rows[5]["response"]
+    assert edit["new"] == {k: rows[int(edit["id"][1:])][k] for k in edit["new"]}  # new equals old
+    req = write_jsonl(tmp_path / "req.jsonl", [edit])
+    assert run_cli(tiny_dir, req, tmp_path / "out") == 0
+    meta = json.loads((tmp_path / "out" / "unlearn.json").read_text())
+    assert meta["rhs_norm"] == 0.0 and meta["delta_norm"] == 0.0
+    assert torch.equal(logits(tiny_dir / "base", tiny_dir / "adapter"), logits(tiny_dir / "base", tmp_path / "out"))
+
+
+def test_output_adapter_and_metadata(tiny_dir, tmp_path):
+    before = digest(tiny_dir / "adapter")
+    data_before = digest(tiny_dir)["train.jsonl"]
+    req = write_jsonl(tmp_path / "req.jsonl", [{"op": "remove", "id": "r3"},
+                                               {"op": "correct_response", "id": "r4", "new": {"response": "1234"}}])
+    out = tmp_path / "new_adapter"
+    assert run_cli(tiny_dir, req, out, "--damping", "0.1") == 0
+    assert digest(tiny_dir / "adapter") == before and digest(tiny_dir)["train.jsonl"] == data_before
+    assert (out / "adapter_config.json").read_bytes() == (tiny_dir / "adapter" / "adapter_config.json").read_bytes()
+    meta = json.loads((out / "unlearn.json").read_text())
+    for key in ("request", "n", "affected", "solver", "settings", "seconds", "peak_memory_mb", "versions"):
+        assert key in meta
+    assert meta["request"]["sha256"] == hashlib.sha256(req.read_bytes()).hexdigest()
+    assert meta["n"] == 12 and meta["affected"] == 2
+    assert set(meta["seconds"]) == {"load", "b", "solve", "save"}
+    assert meta["solver"]["residuals"][0] == [0, 1.0]
+    assert meta["delta_norm"] > 0
+    # the new adapter loads with PEFT and differs from the old one
+    assert not torch.equal(logits(tiny_dir / "base", tiny_dir / "adapter"), logits(tiny_dir / "base", out))
+    # no temporary folders left behind
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_existing_out_is_refused_unless_overwrite(tiny_dir, tmp_path, capsys):
+    req = write_jsonl(tmp_path / "req.jsonl", [{"op": "remove", "id": "r3"}])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert run_cli(tiny_dir, req, out) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert run_cli(tiny_dir, req, out, "--overwrite") == 0
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "keep.txt").exists()
+
+
+def test_out_equal_to_adapter_is_refused(tiny_dir, tmp_path, capsys):
+    req = write_jsonl(tmp_path / "req.jsonl", [{"op": "remove", "id": "r3"}])
+    before = digest(tiny_dir / "adapter")
+    assert run_cli(tiny_dir, req, tiny_dir / "adapter", "--overwrite") == 2
+    assert "also an input" in capsys.readouterr().err
+    assert digest(tiny_dir / "adapter") == before
