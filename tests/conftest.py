@@ -19,6 +19,17 @@ def tiny_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def trainable_dir(tmp_path_factory) -> Path:
+    """Like tiny_dir, with a wider init so that a LoRA adapter alone can fit the toy data."""
+    root = tmp_path_factory.mktemp("trainable")
+    make_base(root / "base", hidden=32, init_range=0.3)
+    model, _ = load_tiny(root / "base")
+    make_adapter(model, root / "adapter")
+    write_jsonl(root / "train.jsonl", toy_records(12))
+    return root
+
+
 @pytest.fixture(scope="module")
 def tiny64(tiny_dir):
     """(PeftModel in float64, tokenizer, records) for exact-arithmetic checks."""

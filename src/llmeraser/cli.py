@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import typing
@@ -86,6 +87,100 @@ def _run_unlearn(args) -> int:
     return 0
 
 
+def _common(p, out_help):
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--device", default="auto", help="'cpu', 'cuda' or 'auto' (default: auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _train_parser(sub):
+    from .train import TrainSettings
+
+    p = sub.add_parser("train", help="LoRA fine-tuning with the loss unlearn uses",
+                       description="Fine-tune a LoRA adapter on --data with the loss unlearn assumes (response-token "
+                                   "mean NLL, mean over samples, plus (wd/2)‖Θ‖²). Seeded and deterministic on CPU. "
+                                   "Writes the adapter and train.json.")
+    p.add_argument("--base", required=True, help="base model: a Hugging Face model folder, a .gguf file, or 'smollm2'")
+    p.add_argument("--data", required=True, help="training data: JSONL or a JSON array of records")
+    _common(p, "folder for the adapter and train.json (written atomically)")
+    add_dataclass_flags(p.add_argument_group("recipe"), TrainSettings)
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from .baselines import train
+    from .train import TrainSettings
+
+    out = train(args.base, args.data, args.out, dataclass_from_args(TrainSettings, args), args.overwrite,
+                args.device, not args.quiet)
+    meta = json.loads((out / "train.json").read_text())
+    print(f"wrote {out}  (final loss {meta['final_loss']:.4f}, {meta['seconds']:.0f}s)")
+    return 0
+
+
+def _baseline_parser(sub):
+    from .baselines import BASELINES
+
+    p = sub.add_parser("baseline", help="adapters to compare with: retrain, gradient-ascent, finetune-corrected",
+                       description="retrain: train from scratch on the edited data with the recipe and seed in the "
+                                   "adapter's train.json. gradient-ascent: ascend the loss of the removed samples "
+                                   "(removal requests). finetune-corrected: continue training the adapter on the "
+                                   "corrected samples (query/response edits).")
+    p.add_argument("name", choices=BASELINES, help="which baseline")
+    p.add_argument("--base", required=True, help="base model: a Hugging Face model folder, a .gguf file, or 'smollm2'")
+    p.add_argument("--adapter", required=True, help="the original adapter (with train.json)")
+    p.add_argument("--data", required=True, help="the original training data")
+    p.add_argument("--request", required=True, help="the edit request JSONL")
+    p.add_argument("--steps", type=int, default=10, help="optimiser steps for gradient-ascent / finetune-corrected (default: 10)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate for those steps (default: the recipe's)")
+    _common(p, "folder for the baseline adapter (written atomically)")
+    p.set_defaults(func=_run_baseline)
+
+
+def _run_baseline(args) -> int:
+    from .baselines import baseline
+
+    out = baseline(args.name, args.base, args.adapter, args.data, args.request, args.out, args.overwrite,
+                   args.steps, args.lr, args.device, not args.quiet)
+    print(f"wrote {out}")
+    return 0
+
+
+def _evaluate_parser(sub):
+    p = sub.add_parser("evaluate", help="compare adapters on forget / retain / test sets and against retrain",
+                       description="Evaluate every --adapter NAME=FOLDER on the forget set (old and new versions of "
+                                   "the edited samples), the retained samples and --test; compare each with the "
+                                   "adapter named 'retrain'. Writes report.json, report.md and PNG plots.")
+    p.add_argument("--base", required=True, help="base model: a Hugging Face model folder, a .gguf file, or 'smollm2'")
+    p.add_argument("--adapter", required=True, action="append", metavar="NAME=FOLDER",
+                   help="an adapter to evaluate; repeat. Name one 'retrain' and one 'original' for the comparisons")
+    p.add_argument("--data", required=True, help="the original training data")
+    p.add_argument("--request", required=True, help="the edit request JSONL")
+    p.add_argument("--test", default=None, help="held-out records (optional)")
+    p.add_argument("--original", default="original", help="name of the original adapter, for parameter changes (default: original)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy generation length for non-Yes/No responses (default: 32)")
+    p.add_argument("--kl-samples", type=int, default=32, help="samples per split for the KL to retrain (default: 32)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default: 8)")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per sample (default: 512)")
+    p.add_argument("--template", default="auto", choices=("auto", "chat", "plain"), help="prompt rendering (default: auto)")
+    _common(p, "folder for report.json, report.md and the plots (written atomically)")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from .evaluate import evaluate, parse_named
+
+    report = evaluate(args.base, parse_named(args.adapter), args.data, args.request, args.out, args.test,
+                      args.original, args.max_new_tokens, args.kl_samples, args.batch_size, args.max_length,
+                      args.template, args.device, args.overwrite, not args.quiet)
+    from .evaluate import markdown_table
+
+    print(markdown_table(report))
+    print(f"wrote {args.out}/report.json, report.md and plots")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -93,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"llmeraser {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _unlearn_parser(sub)
+    _train_parser(sub)
+    _baseline_parser(sub)
+    _evaluate_parser(sub)
     return parser
 
 

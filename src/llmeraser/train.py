@@ -28,7 +28,7 @@ class TrainSettings:
     target_modules: tuple[str, ...] = field(default=("q_proj", "v_proj"), metadata={"help": "module names to adapt"})
     modules_to_save: tuple[str, ...] = field(default=(), metadata={"help": "modules trained in full and saved with the adapter (e.g. lm_head); part of Θ"})
     epochs: float = field(default=3.0, metadata={"help": "passes over the data"})
-    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate: linear warm-up over 5%% of updates, then linear decay to 0"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate: linear warm-up over 5% of updates, then linear decay to 0"})
     batch_size: int = field(default=8, metadata={"help": "samples per step"})
     grad_accum: int = field(default=1, metadata={"help": "steps accumulated per optimiser update"})
     weight_decay: float = field(default=0.0, metadata={"help": "L2 coefficient wd in (wd/2)‖Θ‖² (enters unlearn's damping)"})
@@ -64,8 +64,12 @@ def add_lora(base_model, settings: TrainSettings):
         raise InputError(f"--target-modules {list(settings.target_modules)}: {str(e).splitlines()[0]}") from None
 
 
-def train_lora(model, tokenizer, records: list[Record], settings: TrainSettings, progress: bool = True) -> list[float]:
+def train_lora(model, tokenizer, records: list[Record], settings: TrainSettings, progress: bool = True,
+               max_steps: int | None = None, ascent: bool = False, desc: str = "train") -> list[float]:
     """Train the trainable tensors of a PEFT `model` in place; return the loss of each update.
+
+    `max_steps` overrides the step count from `epochs`; `ascent` maximises the loss instead
+    (the gradient-ascent baseline), without weight decay.
 
     Deterministic for a seed on CPU: the order comes from a seeded generator and the model
     runs in eval mode (LoRA dropout is 0 and the base has no dropout in eval).
@@ -77,7 +81,7 @@ def train_lora(model, tokenizer, records: list[Record], settings: TrainSettings,
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=settings.lr)
     steps_per_epoch = math.ceil(len(examples) / settings.batch_size)
-    total_steps = max(1, round(settings.epochs * steps_per_epoch))
+    total_steps = max_steps or max(1, round(settings.epochs * steps_per_epoch))
     updates = math.ceil(total_steps / settings.grad_accum)
     warmup = max(1, updates // 20)
     # decaying to 0 lets Adam settle at a stationary point, which the influence update assumes
@@ -87,7 +91,7 @@ def train_lora(model, tokenizer, records: list[Record], settings: TrainSettings,
     model.eval()
     order: list[int] = []
     history, running = [], 0.0
-    bar = tqdm(total=total_steps, desc="train", disable=not progress)
+    bar = tqdm(total=total_steps, desc=desc, disable=not progress)
     for step in range(total_steps):
         if len(order) < settings.batch_size:
             perm = list(range(len(examples)))
@@ -96,10 +100,12 @@ def train_lora(model, tokenizer, records: list[Record], settings: TrainSettings,
         idx, order = order[: settings.batch_size], order[settings.batch_size:]
         batch = objective.collate([examples[i] for i in idx], device)
         loss = objective.losses(objective.outputs({}, batch), batch).mean()
-        if settings.weight_decay:
+        if ascent:
+            loss = -loss
+        elif settings.weight_decay:
             loss = loss + 0.5 * settings.weight_decay * sum((p.float() ** 2).sum() for p in params)
         (loss / settings.grad_accum).backward()
-        running += float(loss) / settings.grad_accum
+        running += float(loss.detach()) / settings.grad_accum
         if (step + 1) % settings.grad_accum == 0 or step + 1 == total_steps:
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -251,6 +251,14 @@ def unlearn(base: str, adapter: str | Path, data: str | Path, request: str | Pat
     else:
         base_model, tokenizer = model_and_tokenizer
     model = load_adapter(base_model, adapter)
+    try:
+        return _unlearn(model, tokenizer, adapter, data, request, out, settings, overwrite, progress, base, records, req,
+                        device, t_start)
+    finally:
+        model.unload()  # hand a caller's base model back without the adapter's layers
+
+
+def _unlearn(model, tokenizer, adapter, data, request, out, settings, overwrite, progress, base, records, req, device, t_start):
     wd = training_weight_decay(adapter)
     unl = Unlearner(model, tokenizer, records, settings, weight_decay=wd)
     n = len(records)

@@ -91,7 +91,11 @@ def get_solver(name: str, settings: SolverSettings | None = None) -> Solver:
 
 
 def estimate_lambda_max(op: HessianOperator, iters: int, seed: int = 0) -> float:
-    """Largest eigenvalue of the damped operator on one fixed batch, by power iteration."""
+    """Largest |eigenvalue| of the damped operator on one fixed batch, by power iteration.
+
+    Other mini-batches can have a larger one; the stochastic solver restarts with a smaller step
+    if that makes it diverge.
+    """
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(op.dim, generator=g).to(op.curvature.theta_hat)
     v /= torch.linalg.vector_norm(v)

@@ -23,20 +23,30 @@ class Stochastic(Solver):
     default_iters = 1000
 
     def solve(self, op, b, progress=True):
+        """Run; if the residual blows past 10·‖b‖ (a step size above 2/λ_max of some batch), halve the step and restart."""
+        lr = self.settings.lr
+        for attempt in range(4):
+            result = self._run(op, b, progress, lr)
+            if not result.info.get("diverged"):
+                break
+            lr = result.info["lr"] / 2
+        result.info["restarts"] = attempt
+        return result
+
+    def _run(self, op, b, progress, lr):
         s = self.settings
         bnorm = torch.linalg.vector_norm(b)
         bhat = b / bnorm
         x = torch.zeros_like(b, requires_grad=True)
         info = {}
         if s.optimizer == "sgd":
-            lr = s.lr
             if lr is None:
                 lam_max = estimate_lambda_max(op, s.power_iters)
                 info["lambda_max_estimate"] = lam_max
                 lr = 1.0 / lam_max
             opt = torch.optim.SGD([x], lr=lr, momentum=s.momentum)
         else:
-            lr = s.lr if s.lr is not None else 0.01
+            lr = lr if lr is not None else 0.01
             opt = torch.optim.Adam([x], lr=lr)
         info.update(optimizer=s.optimizer, lr=lr)
         total = self.max_iters
@@ -61,7 +71,7 @@ class Stochastic(Solver):
                 if rel < s.tol:
                     converged = True
                     break
-                if rel > 1e6:
+                if rel > 10:
                     info["diverged"] = True
                     break
         bar.close()

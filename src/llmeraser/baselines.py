@@ -1,0 +1,96 @@
+"""Adapters to compare `unlearn` with: training from scratch, retraining, and cheap alternatives.
+
+Each writes a PEFT adapter folder plus a json with its arguments, seconds and peak memory,
+atomically, never touching its inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .data import apply_request, load_records, load_request
+from .errors import InputError
+from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
+from .modeling import load_adapter, load_base, resolve_device
+from .train import TrainSettings, add_lora, train_lora
+from .unlearner import _versions, peak_memory_mb
+
+BASELINES = ("retrain", "gradient-ascent", "finetune-corrected")
+
+
+def _loaded(base, device, model_and_tokenizer):
+    return model_and_tokenizer if model_and_tokenizer is not None else load_base(base, resolve_device(device))
+
+
+def train(base: str, data, out, settings: TrainSettings | None = None, overwrite: bool = False, device: str = "auto",
+          progress: bool = True, model_and_tokenizer=None, records=None, extra: dict | None = None) -> Path:
+    """LoRA fine-tuning; writes the adapter and train.json (arguments, data SHA-256, loss, seconds, memory)."""
+    settings = settings or TrainSettings()
+    out = check_output_dir(out, overwrite, inputs=(data,))
+    records = records if records is not None else load_records(data)
+    t0 = time.perf_counter()
+    base_model, tok = _loaded(base, device, model_and_tokenizer)
+    model = add_lora(base_model, settings)
+    history = train_lora(model, tok, records, settings, progress)
+    seconds = time.perf_counter() - t0
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        write_json(tmp / "train.json", {
+            "arguments": settings.to_dict(), "base": base, "data": str(Path(data).resolve()),
+            "data_sha256": sha256_file(data), "n": len(records), "final_loss": history[-1],
+            "loss_history": history, "seconds": seconds, "peak_memory_mb": peak_memory_mb(next(model.parameters()).device),
+            "versions": _versions(), **(extra or {})})
+    model.unload()  # give the caller its base model back unchanged
+    return out
+
+
+def recipe_of(adapter: str | Path) -> TrainSettings:
+    p = Path(adapter) / "train.json"
+    if not p.is_file():
+        raise InputError(f"{adapter}: no train.json, so the training recipe is unknown; train the original with "
+                         "`llmeraser train`, or write train.json with its 'arguments'")
+    return TrainSettings(**json.loads(p.read_text())["arguments"])
+
+
+def baseline(name: str, base: str, adapter, data, request, out, overwrite: bool = False, steps: int = 10,
+             lr: float | None = None, device: str = "auto", progress: bool = True, model_and_tokenizer=None) -> Path:
+    """Write the adapter of baseline `name` for `request` (see BASELINES)."""
+    if name not in BASELINES:
+        raise InputError(f"unknown baseline {name!r}; choose one of {BASELINES}")
+    out = check_output_dir(out, overwrite, inputs=(adapter, data, request))
+    records = load_records(data)
+    req = load_request(request, records)
+    recipe = recipe_of(adapter)
+    if name == "retrain":
+        edited = Path(out).parent / f".{Path(out).name}.data.jsonl"
+        rows = [r.fields for r in apply_request(records, req)]
+        edited.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        try:
+            return train(base, edited, out, recipe, overwrite, device, progress, model_and_tokenizer,
+                         extra={"baseline": "retrain", "request_sha256": req.sha256, "original_data": str(Path(data).resolve())})
+        finally:
+            edited.unlink(missing_ok=True)
+    if name == "gradient-ascent":
+        targets = [e.old for e in req.edits if e.op == "remove"]
+        if len(targets) != len(req.edits):
+            raise InputError("gradient-ascent is for removal requests only; use finetune-corrected for query/response edits")
+    else:
+        targets = [e.new for e in req.edits if e.new is not None]
+        if not targets:
+            raise InputError("finetune-corrected needs query or response edits; use gradient-ascent for removals")
+    t0 = time.perf_counter()
+    base_model, tok = _loaded(base, device, model_and_tokenizer)
+    model = load_adapter(base_model, adapter)
+    settings = TrainSettings(**{**recipe.to_dict(), "lr": lr or recipe.lr, "batch_size": min(recipe.batch_size, len(targets))})
+    history = train_lora(model, tok, targets, settings, progress, max_steps=steps, ascent=name == "gradient-ascent", desc=name)
+    seconds = time.perf_counter() - t0
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        write_json(tmp / "baseline.json", {
+            "baseline": name, "adapter": str(Path(adapter).resolve()), "request_sha256": req.sha256,
+            "steps": steps, "lr": settings.lr, "loss_history": history, "seconds": seconds,
+            "peak_memory_mb": peak_memory_mb(next(model.parameters()).device), "versions": _versions()})
+    model.unload()
+    return out

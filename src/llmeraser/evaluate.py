@@ -1,0 +1,242 @@
+"""Compare named adapters on the forget set, the retained samples and a test set, and against retraining.
+
+Splits: ``forget`` (affected samples as they were), ``forget_new`` (the edited versions, for query
+and response edits), ``retain`` (training samples the request does not touch), ``test``.
+Metrics per split: mean response NLL; for Yes./No. responses accuracy and ROC-AUC of the score
+log P(Yes.) − log P(No.) (the TALLRec metric); otherwise greedy generation scored with ROUGE-1/2/L
+and exact match. Against an adapter named ``retrain``: cosine and relative L2 distance of each
+adapter's change from the original, in parameter space and in merged ΔW = (α/r)·BA space, and the
+mean KL(retrain ‖ adapter) of next-token distributions on the forget and test samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import Record, load_records, load_request
+from .errors import InputError
+from .fileio import atomic_dir, check_output_dir, write_json
+from .metrics import cosine, exact_match, relative_distance, roc_auc, rouge_l, rouge_n
+from .modeling import adapter_weights_path, load_adapter, load_base, read_adapter_file, resolve_device
+from .objective import CausalLMObjective
+from .render import encode, render_text, resolve_template
+
+YES_NO = ("Yes.", "No.")
+
+
+class AdapterEval:
+    """Metrics for one loaded PEFT model."""
+
+    def __init__(self, model, tok, template, batch_size=8, max_length=512, max_new_tokens=32):
+        self.model, self.tok, self.template = model, tok, template
+        self.batch_size, self.max_length, self.max_new_tokens = batch_size, max_length, max_new_tokens
+        self.objective = CausalLMObjective(model, tok.pad_token_id)
+
+    def _batches(self, records):
+        for i in range(0, len(records), self.batch_size):
+            yield self.objective.collate([encode(r, self.tok, self.template, self.max_length)
+                                          for r in records[i:i + self.batch_size]], next(self.model.parameters()).device)
+
+    def nll(self, records: list[Record]) -> list[float]:
+        out = []
+        with torch.no_grad():
+            for b in self._batches(records):
+                out += self.objective.losses(self.objective.outputs({}, b), b).tolist()
+        return out
+
+    def log_probs(self, records: list[Record]) -> torch.Tensor:
+        """log p at every response position, [tokens, vocab], for KL."""
+        out = []
+        with torch.no_grad():
+            for b in self._batches(records):
+                out.append(torch.log_softmax(self.objective.outputs({}, b).float(), -1).cpu())
+        return torch.cat(out)
+
+    def yes_no(self, records: list[Record]) -> dict:
+        """Accuracy and AUC of log P(Yes.) − log P(No.), each the summed log-prob of the rendered response."""
+        def total_logp(response):
+            recs = [r.replaced(_response_fields(r, response)) for r in records]
+            return [-nll * n for nll, n in zip(self.nll(recs), self._counts(recs))]
+
+        yes, no = total_logp("Yes."), total_logp("No.")
+        scores = [a - b for a, b in zip(yes, no)]
+        labels = [int(r.sides()[1].strip() == "Yes.") for r in records]
+        return {"accuracy": sum((s > 0) == bool(y) for s, y in zip(scores, labels)) / len(labels),
+                "auc": roc_auc(scores, labels)}
+
+    def _counts(self, records):
+        return [encode(r, self.tok, self.template, self.max_length).n_response for r in records]
+
+    def generate(self, records: list[Record]) -> list[str]:
+        outs = []
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            for r in records:
+                head, _ = render_text(self.tok, r.sides()[0], "", self.template)
+                ids = self.tok(head, add_special_tokens=False, return_tensors="pt")["input_ids"][:, -self.max_length:].to(device)
+                gen = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
+                                          do_sample=False, pad_token_id=self.tok.pad_token_id)
+                outs.append(self.tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
+        return outs
+
+
+def _response_fields(record: Record, response: str) -> dict:
+    if record.shape == "prompt":
+        return {"response": response}
+    if record.shape == "alpaca":
+        return {"output": response}
+    return {"messages": record.fields["messages"][:-1] + [{"role": "assistant", "content": response}]}
+
+
+def split_metrics(ev: AdapterEval, records: list[Record], samples: int = 10) -> dict:
+    if not records:
+        return {}
+    nll = ev.nll(records)
+    out = {"n": len(records), "nll": sum(nll) / len(nll)}
+    responses = [r.sides()[1].strip() for r in records]
+    if all(x in YES_NO for x in responses):
+        out.update(ev.yes_no(records))
+    else:
+        gen = ev.generate(records)
+        out["rouge1"] = sum(rouge_n(a, b, 1) for a, b in zip(responses, gen)) / len(gen)
+        out["rouge2"] = sum(rouge_n(a, b, 2) for a, b in zip(responses, gen)) / len(gen)
+        out["rougeL"] = sum(rouge_l(a, b) for a, b in zip(responses, gen)) / len(gen)
+        out["exact_match"] = sum(exact_match(a, b) for a, b in zip(responses, gen)) / len(gen)
+        out["samples"] = [{"id": r.id, "prompt": r.sides()[0][-1]["content"], "reference": a, "generated": b}
+                          for r, a, b in zip(records[:samples], responses, gen)]
+    return out
+
+
+def _lora_delta_w(weights: dict, config: dict) -> torch.Tensor:
+    """Concatenated merged (α/r)·B·A over every LoRA module, in a fixed order."""
+    scale = config.get("lora_alpha", 8) / config.get("r", 8)
+    parts = []
+    for key in sorted(k for k in weights if k.endswith("lora_A.weight")):
+        b = weights[key.replace("lora_A", "lora_B")]
+        parts.append((scale * b.double() @ weights[key].double()).reshape(-1))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def _flat(weights: dict) -> torch.Tensor:
+    return torch.cat([weights[k].double().reshape(-1) for k in sorted(weights)])
+
+
+def _cost(adapter_dir: Path) -> dict:
+    for name in ("unlearn.json", "baseline.json", "train.json"):
+        p = adapter_dir / name
+        if p.is_file():
+            meta = json.loads(p.read_text())
+            secs = meta.get("seconds")
+            if isinstance(secs, dict):
+                secs = sum(v for k, v in secs.items() if k != "load")
+            return {"seconds": secs, "peak_mb": meta.get("peak_memory_mb"), "source": name}
+    return {"seconds": None, "peak_mb": None, "source": None}
+
+
+def parse_named(specs: list[str]) -> dict[str, Path]:
+    named = {}
+    for s in specs:
+        if "=" not in s:
+            raise InputError(f"--adapter {s}: give NAME=FOLDER, e.g. --adapter original=runs/original")
+        name, folder = s.split("=", 1)
+        if name in named:
+            raise InputError(f"--adapter {name}: the name is given twice")
+        adapter_weights_path(folder)
+        named[name] = Path(folder)
+    return named
+
+
+def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None, original: str = "original",
+             max_new_tokens: int = 32, kl_samples: int = 32, batch_size: int = 8, max_length: int = 512,
+             template: str = "auto", device: str = "auto", overwrite: bool = False, progress: bool = True,
+             model_and_tokenizer=None) -> dict:
+    out = check_output_dir(out, overwrite, inputs=tuple(adapters.values()) + (data, request))
+    records = load_records(data)
+    req = load_request(request, records)
+    edited = {e.index for e in req.edits}
+    splits = {"forget": [e.old for e in req.edits], "forget_new": [e.new for e in req.edits if e.new is not None],
+              "retain": [r for i, r in enumerate(records) if i not in edited], "test": load_records(test) if test else []}
+    base_model, tok = model_and_tokenizer or load_base(base, resolve_device(device))
+    tpl = resolve_template(tok, template)
+    kl_sets = {"forget": splits["forget"][:kl_samples], "test": splits["test"][:kl_samples]}
+    order = sorted(adapters, key=lambda n: n != "retrain")  # retrain first: the others' KL needs it
+    methods, reference = {}, {}
+    for name in tqdm(order, desc="evaluate", disable=not progress):
+        t0 = time.perf_counter()
+        model = load_adapter(base_model, adapters[name])
+        try:
+            ev = AdapterEval(model, tok, tpl, batch_size, max_length, max_new_tokens)
+            res = {split: split_metrics(ev, recs) for split, recs in splits.items() if recs}
+            if "retrain" in adapters:
+                kl = {}
+                for split, recs in kl_sets.items():
+                    if not recs:
+                        continue
+                    lp = ev.log_probs(recs)
+                    if name == "retrain":
+                        reference[split] = lp
+                    kl[f"kl_{split}"] = float((reference[split].exp() * (reference[split] - lp)).sum(-1).mean())
+                res["vs_retrain"] = kl
+        finally:
+            model.unload()
+        res.update(_cost(adapters[name]))
+        res["eval_seconds"] = time.perf_counter() - t0
+        methods[name] = res
+    if "retrain" in adapters and original in adapters:
+        _parameter_space(adapters, original, methods)
+    report = {"methods": {n: methods[n] for n in adapters}, "splits": {k: len(v) for k, v in splits.items()},
+              "request_sha256": req.sha256, "original": original, "template": tpl}
+    with atomic_dir(out, overwrite) as tmp:
+        write_json(tmp / "report.json", report)
+        (tmp / "report.md").write_text(markdown_table(report))
+        from .plots import plot_report
+
+        plot_report(report, adapters, tmp)
+    return report
+
+
+def _parameter_space(adapters, original, methods):
+    cfg = json.loads((adapters[original] / "adapter_config.json").read_text())
+    load = {n: read_adapter_file(adapter_weights_path(d)) for n, d in adapters.items()}
+    if any(set(w) != set(load[original]) for w in load.values()):
+        return  # different architectures: parameter-space comparison is meaningless
+    d_param = {n: _flat(w) - _flat(load[original]) for n, w in load.items()}
+    d_merged = {n: _lora_delta_w(w, cfg) - _lora_delta_w(load[original], cfg) for n, w in load.items()}
+    for n in adapters:
+        methods[n].setdefault("vs_retrain", {}).update({
+            "cosine_param": cosine(d_param[n], d_param["retrain"]),
+            "rel_dist_param": relative_distance(d_param[n], d_param["retrain"]),
+            "cosine_merged": cosine(d_merged[n], d_merged["retrain"]),
+            "rel_dist_merged": relative_distance(d_merged[n], d_merged["retrain"]),
+        })
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.3f}" if abs(x) < 1000 else f"{x:.0f}"
+    return str(x)
+
+
+def markdown_table(report: dict) -> str:
+    cols = []
+    first = next(iter(report["methods"].values()))
+    for split in ("forget", "forget_new", "retain", "test"):
+        if split in first:
+            for k in ("nll", "accuracy", "auc", "rougeL", "exact_match"):
+                if k in first[split]:
+                    cols.append((split, k))
+    vs = sorted({k for m in report["methods"].values() for k in m.get("vs_retrain", {})})
+    lines = ["| method | " + " | ".join(f"{s} {k}" for s, k in cols) + "".join(f" | {k}" for k in vs) + " | seconds | peak MB |",
+             "| --- " * (len(cols) + len(vs) + 3) + "|"]
+    for name, m in report["methods"].items():
+        row = [_fmt(m.get(s, {}).get(k)) for s, k in cols] + [_fmt(m.get("vs_retrain", {}).get(k)) for k in vs]
+        lines.append(f"| {name} | " + " | ".join(row + [_fmt(m.get("seconds")), _fmt(m.get("peak_mb"))]) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,118 @@
+"""`train`, baselines and `evaluate` on the tiny model; metric functions against reference packages."""
+
+import json
+import random
+
+import pytest
+from rouge_score import rouge_scorer
+from safetensors.torch import load_file
+from sklearn.metrics import roc_auc_score
+
+from llmeraser.cli import main
+from llmeraser.metrics import roc_auc, rouge_l, rouge_n
+
+from helpers import write_jsonl
+
+RECIPE = ["--rank", "4", "--alpha", "8", "--epochs", "150", "--lr", "2e-2", "--batch-size", "12", "--weight-decay", "0.01"]
+
+
+def cli(*args):
+    assert main([*map(str, args), "--device", "cpu", "--quiet"]) == 0
+
+
+@pytest.fixture(scope="module")
+def trained(trainable_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    cli("train", "--base", trainable_dir / "base", "--data", trainable_dir / "train.jsonl", "--out", root / "original", *RECIPE)
+    write_jsonl(root / "req.jsonl", [{"op": "remove", "id": "r1"}, {"op": "remove", "id": "r2"}])
+    return root
+
+
+def test_train_reaches_low_loss_and_is_deterministic(trainable_dir, trained, tmp_path):
+    meta = json.loads((trained / "original" / "train.json").read_text())
+    assert meta["loss_history"][0] > 3 * meta["final_loss"]
+    assert meta["arguments"]["weight_decay"] == 0.01 and meta["n"] == 12 and len(meta["data_sha256"]) == 64
+    cli("train", "--base", trainable_dir / "base", "--data", trainable_dir / "train.jsonl", "--out", tmp_path / "again", *RECIPE)
+    a = load_file(str(trained / "original" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_retrain_equals_train_on_edited_data(trainable_dir, trained, tmp_path):
+    cli("baseline", "retrain", "--base", trainable_dir / "base", "--adapter", trained / "original", "--data",
+        trainable_dir / "train.jsonl", "--request", trained / "req.jsonl", "--out", tmp_path / "retrain")
+    rows = [json.loads(x) for x in (trainable_dir / "train.jsonl").read_text().splitlines()]
+    edited = write_jsonl(tmp_path / "edited.jsonl", [r for r in rows if r["id"] not in ("r1", "r2")])
+    cli("train", "--base", trainable_dir / "base", "--data", edited, "--out", tmp_path / "direct", *RECIPE)
+    a = load_file(str(tmp_path / "retrain" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "direct" / "adapter_model.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)
+    assert json.loads((tmp_path / "retrain" / "train.json").read_text())["n"] == 10
+
+
+def test_auc_matches_sklearn():
+    rng = random.Random(0)
+    for _ in range(20):
+        labels = [rng.randint(0, 1) for _ in range(30)]
+        scores = [round(rng.gauss(y, 1.0), 1) for y in labels]  # rounding makes ties
+        assert roc_auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_rouge_matches_rouge_score_package():
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+    pairs = [("#Person1# asks the doctor about breathing trouble.", "Person1 has trouble breathing, asks doctor."),
+             ("The cat sat on the mat.", "the cat sat on a mat"), ("Yes.", "No."), ("a b c d", "d c b a"),
+             ("Alma Berg's phone number is 555-0123.", "Alma Berg's phone number is 555-0124.")]
+    for ref, hyp in pairs:
+        want = scorer.score(ref, hyp)
+        assert rouge_n(ref, hyp, 1) == pytest.approx(want["rouge1"].fmeasure)
+        assert rouge_n(ref, hyp, 2) == pytest.approx(want["rouge2"].fmeasure)
+        assert rouge_l(ref, hyp) == pytest.approx(want["rougeL"].fmeasure)
+
+
+def test_evaluate_report(trainable_dir, trained, tmp_path):
+    base, data, req = trainable_dir / "base", trainable_dir / "train.jsonl", trained / "req.jsonl"
+    cli("baseline", "retrain", "--base", base, "--adapter", trained / "original", "--data", data, "--request", req,
+        "--out", tmp_path / "retrain")
+    cli("baseline", "gradient-ascent", "--base", base, "--adapter", trained / "original", "--data", data,
+        "--request", req, "--out", tmp_path / "ga", "--steps", "3")
+    cli("unlearn", "--base", base, "--adapter", trained / "original", "--data", data, "--request", req,
+        "--out", tmp_path / "llmeraser", "--curvature-samples", "0")
+    test = write_jsonl(tmp_path / "test.jsonl", [{"prompt": "phone of zed?", "response": "1234"},
+                                                {"instruction": "Like it?", "input": "x", "output": "Yes."}][:1])
+    cli("evaluate", "--base", base, "--data", data, "--request", req, "--test", test, "--out", tmp_path / "report",
+        "--adapter", f"original={trained / 'original'}", "--adapter", f"llmeraser={tmp_path / 'llmeraser'}",
+        "--adapter", f"retrain={tmp_path / 'retrain'}", "--adapter", f"gradient-ascent={tmp_path / 'ga'}",
+        "--max-new-tokens", "6")
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert list(report["methods"]) == ["original", "llmeraser", "retrain", "gradient-ascent"]
+    for name, m in report["methods"].items():
+        for split in ("forget", "retain", "test"):
+            assert {"nll", "rouge1", "rouge2", "rougeL", "exact_match"} <= set(m[split]), (name, split)
+        assert {"cosine_param", "rel_dist_param", "cosine_merged", "rel_dist_merged", "kl_forget", "kl_test"} <= set(m["vs_retrain"])
+        assert m["seconds"] is not None and m["peak_mb"] is not None
+    r = report["methods"]["retrain"]["vs_retrain"]
+    assert r["cosine_param"] == pytest.approx(1.0) and r["rel_dist_param"] == 0.0
+    assert r["cosine_merged"] == pytest.approx(1.0) and r["rel_dist_merged"] == 0.0
+    assert r["kl_forget"] == pytest.approx(0.0, abs=1e-6) and r["kl_test"] == pytest.approx(0.0, abs=1e-6)
+    # removal raises the forget NLL for both removal methods
+    nll = {n: m["forget"]["nll"] for n, m in report["methods"].items()}
+    assert nll["llmeraser"] > nll["original"] and nll["gradient-ascent"] > nll["original"]
+    for f in ("report.md", "metrics.png", "residual_llmeraser.png"):
+        assert (tmp_path / "report" / f).is_file()
+
+
+def test_yes_no_metrics(trainable_dir, tmp_path):
+    """Yes./No. splits get accuracy and AUC instead of generation metrics."""
+    from llmeraser.data import load_records
+    from llmeraser.evaluate import AdapterEval, split_metrics
+    from llmeraser.modeling import load_adapter
+
+    from helpers import load_tiny
+
+    rows = [{"instruction": f"Does {n} like it?", "input": "", "output": o} for n, o in
+            [("ann", "Yes."), ("bob", "No."), ("cy", "Yes."), ("dee", "No.")]]
+    recs = load_records(write_jsonl(tmp_path / "yn.jsonl", rows))
+    model, tok = load_tiny(trainable_dir / "base")
+    m = split_metrics(AdapterEval(load_adapter(model, trainable_dir / "adapter"), tok, "chat"), recs)
+    assert set(m) == {"n", "nll", "accuracy", "auc"} and 0 <= m["auc"] <= 1
