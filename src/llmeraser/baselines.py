@@ -72,10 +72,11 @@ def baseline(name: str, base: str, adapter, data, request, out, overwrite: bool 
                          extra={"baseline": "retrain", "request_sha256": req.sha256, "original_data": str(Path(data).resolve())})
         finally:
             edited.unlink(missing_ok=True)
+    # each cheap baseline handles its own part of a mixed request and leaves the rest as it is
     if name == "gradient-ascent":
         targets = [e.old for e in req.edits if e.op == "remove"]
-        if len(targets) != len(req.edits):
-            raise InputError("gradient-ascent is for removal requests only; use finetune-corrected for query/response edits")
+        if not targets:
+            raise InputError("gradient-ascent needs removals in the request; use finetune-corrected for query/response edits")
     else:
         targets = [e.new for e in req.edits if e.new is not None]
         if not targets:
@@ -90,7 +91,7 @@ def baseline(name: str, base: str, adapter, data, request, out, overwrite: bool 
         model.save_pretrained(tmp)
         write_json(tmp / "baseline.json", {
             "baseline": name, "adapter": str(Path(adapter).resolve()), "request_sha256": req.sha256,
-            "steps": steps, "lr": settings.lr, "loss_history": history, "seconds": seconds,
+            "steps": steps, "lr": settings.lr, "samples": len(targets), "edits_ignored": len(req.edits) - len(targets), "loss_history": history, "seconds": seconds,
             "peak_memory_mb": peak_memory_mb(next(model.parameters()).device), "versions": _versions()})
     model.unload()
     return out

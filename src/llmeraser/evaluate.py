@@ -155,13 +155,17 @@ def parse_named(specs: list[str]) -> dict[str, Path]:
 def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None, original: str = "original",
              max_new_tokens: int = 32, kl_samples: int = 32, batch_size: int = 8, max_length: int = 512,
              template: str = "auto", device: str = "auto", overwrite: bool = False, progress: bool = True,
-             model_and_tokenizer=None) -> dict:
+             model_and_tokenizer=None, retain_samples: int = 0, keep_samples: int = 10) -> dict:
+    """Evaluate named adapters; `retain_samples` > 0 evaluates a seeded sample of that many retained records."""
     out = check_output_dir(out, overwrite, inputs=tuple(adapters.values()) + (data, request))
     records = load_records(data)
     req = load_request(request, records)
     edited = {e.index for e in req.edits}
     splits = {"forget": [e.old for e in req.edits], "forget_new": [e.new for e in req.edits if e.new is not None],
               "retain": [r for i, r in enumerate(records) if i not in edited], "test": load_records(test) if test else []}
+    if retain_samples and len(splits["retain"]) > retain_samples:
+        idx = sorted(torch.randperm(len(splits["retain"]), generator=torch.Generator().manual_seed(0))[:retain_samples].tolist())
+        splits["retain"] = [splits["retain"][i] for i in idx]
     base_model, tok = model_and_tokenizer or load_base(base, resolve_device(device))
     tpl = resolve_template(tok, template)
     kl_sets = {"forget": splits["forget"][:kl_samples], "test": splits["test"][:kl_samples]}
@@ -172,7 +176,7 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None
         model = load_adapter(base_model, adapters[name])
         try:
             ev = AdapterEval(model, tok, tpl, batch_size, max_length, max_new_tokens)
-            res = {split: split_metrics(ev, recs) for split, recs in splits.items() if recs}
+            res = {split: split_metrics(ev, recs, keep_samples) for split, recs in splits.items() if recs}
             if "retrain" in adapters:
                 kl = {}
                 for split, recs in kl_sets.items():

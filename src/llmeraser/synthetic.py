@@ -22,7 +22,8 @@ QUESTIONS = {
     "phone": ("What is {name}'s phone number?", "{name}'s phone number is {phone}."),
     "city": ("Which city does {name} live in?", "{name} lives in {city}."),
     "account": ("What is {name}'s account number?", "{name}'s account number is {account}."),
-    "likes": ("What does {name} like?", "{name} likes {likes}."),
+    # this query carries a private field, the kind a modify_query request strips out
+    "likes": ("Customer {name}, account {account}: what does {name} like?", "{name} likes {likes}."),
 }
 
 

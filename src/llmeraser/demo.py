@@ -1,0 +1,164 @@
+"""`llmeraser demo`: forget and correct private customer records in a LoRA adapter on SmolLM2-135M.
+
+1. make a seeded synthetic data set of fictitious customers (llmeraser.synthetic);
+2. fine-tune a LoRA adapter on it until it has memorised them (cached in the output folder);
+3. file one request with an edit of each kind: remove every record of some customers, correct
+   some phone numbers, strip the account number from some queries;
+4. run `unlearn`, `retrain`, `gradient-ascent` and `finetune-corrected`, then `evaluate`;
+5. print a short table and what each adapter now answers about a forgotten customer.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .baselines import baseline, train
+from .evaluate import evaluate, markdown_table
+from .fileio import sha256_file, write_json
+from .modeling import load_base
+from .solvers import SolverSettings
+from .synthetic import QUESTIONS, make_customers, make_records
+from .train import TrainSettings
+from .unlearner import UnlearnSettings, unlearn
+
+FIELDS = ("phone", "city", "likes")
+
+
+@dataclass
+class DemoConfig:
+    customers: int
+    removed: int
+    corrected: int
+    modified: int
+    epochs: float
+    cg_iters: int
+    retain_samples: int
+    baseline_steps: int
+
+
+FULL = DemoConfig(customers=16, removed=2, corrected=2, modified=2, epochs=10, cg_iters=20, retain_samples=16, baseline_steps=10)
+QUICK = DemoConfig(customers=5, removed=1, corrected=1, modified=1, epochs=4, cg_iters=4, retain_samples=4, baseline_steps=3)
+RECIPE = dict(rank=8, alpha=16, lr=3e-3, batch_size=8, seed=0)
+DAMPING = 1e-2
+
+
+def build_inputs(cfg: DemoConfig, folder: Path, seed: int = 0):
+    """Write data.jsonl and request.jsonl; return (customers, request rows)."""
+    customers = make_customers(cfg.customers, seed)
+    rows = make_records(customers, FIELDS)
+    rng = random.Random(seed + 1)
+    req = []
+    for i in range(cfg.removed):  # every record of these customers
+        req += [{"op": "remove", "id": f"c{i}-{f}"} for f in FIELDS]
+    for i in range(cfg.removed, cfg.removed + cfg.corrected):  # a changed phone number
+        c = customers[i]
+        new_phone = f"555-{(int(c.phone[4:]) + rng.randrange(1, 9999)) % 10000:04d}"
+        req.append({"op": "correct_response", "id": f"c{i}-phone",
+                    "new": {"response": QUESTIONS["phone"][1].format(name=c.name, phone=new_phone)}})
+    start = cfg.removed + cfg.corrected
+    for i in range(start, start + cfg.modified):  # the account number leaves the query
+        req.append({"op": "modify_query", "id": f"c{i}-likes", "new": {"prompt": f"What does {customers[i].name} like?"}})
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in (("data.jsonl", rows), ("request.jsonl", req)):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in content))
+    return customers, req
+
+
+def _field_value(record_id: str, customers, response: str | None = None) -> str:
+    """The private value a record's answer carries (phone, city or preference)."""
+    i, field = record_id[1:].split("-")
+    if response is not None and field == "phone":
+        return response.rsplit(" ", 1)[-1].rstrip(".")
+    return getattr(customers[int(i)], field)
+
+
+def summarise(report: dict, customers, request_rows) -> dict:
+    """Per method: forget NLL, how often private values of removed customers are still produced, etc."""
+    removed = {r["id"] for r in request_rows if r["op"] == "remove"}
+    corrected = {r["id"]: r["new"]["response"] for r in request_rows if r["op"] == "correct_response"}
+    out = {}
+    for name, m in report["methods"].items():
+        forget = m["forget"]["samples"]
+        leaked = [s for s in forget if s["id"] in removed and _field_value(s["id"], customers) in s["generated"]]
+        new = m.get("forget_new", {}).get("samples", [])
+        fixed = [s for s in new if s["id"] in corrected and _field_value(s["id"], customers, corrected[s["id"]]) in s["generated"]]
+        retain = m["retain"]["samples"]
+        kept = [s for s in retain if _field_value(s["id"], customers) in s["generated"]]
+        out[name] = {
+            "forget_nll": m["forget"]["nll"],
+            "removed_field_reproduced": len(leaked) / max(1, sum(s["id"] in removed for s in forget)),
+            "corrected_answer_produced": len(fixed) / max(1, len(corrected)),
+            "retain_field_accuracy": len(kept) / max(1, len(retain)),
+            "retain_nll": m["retain"]["nll"],
+            "seconds": m.get("seconds"),
+        }
+    return out
+
+
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool = True, base: str = "smollm2",
+             config: DemoConfig | None = None) -> dict:
+    """Run the demo end to end; `base` and `config` exist so the wiring can be tested on a tiny model."""
+    cfg = config or (QUICK if quick else FULL)
+    out = Path(out)
+    inputs = out / "inputs"
+    t_start = time.perf_counter()
+    customers, req_rows = build_inputs(cfg, inputs)
+    data, request = inputs / "data.jsonl", inputs / "request.jsonl"
+    say = (lambda msg: print(f"[demo {time.perf_counter() - t_start:6.0f}s] {msg}", file=sys.stderr, flush=True))
+    say(f"{len(customers)} fictitious customers, {sum(1 for _ in open(data))} records; request: "
+        f"remove {cfg.removed} customers, correct {cfg.corrected} phone numbers, strip {cfg.modified} account numbers from queries")
+    say("loading SmolLM2-135M-Instruct (embedded)" if base == "smollm2" else f"loading {base}")
+    mt = load_base(base, "cpu")
+    recipe = TrainSettings(epochs=cfg.epochs, **RECIPE)
+    original = out / "original"
+    cached = (original / "train.json").is_file() and \
+        json.loads((original / "train.json").read_text()).get("data_sha256") == sha256_file(data) and \
+        json.loads((original / "train.json").read_text()).get("arguments") == recipe.to_dict()
+    if cached:
+        say(f"original adapter cached in {original}")
+    else:
+        say("fine-tuning the original LoRA adapter on all records")
+        train(base, data, original, recipe, overwrite=True, progress=progress, model_and_tokenizer=mt)
+    adapters = {"original": original}
+    work = out / "adapters"
+    settings = UnlearnSettings(damping=DAMPING, curvature="ggn", solver="cg", curvature_samples=32, device="cpu",
+                               solver_settings=SolverSettings(tol=0.05, max_iters=cfg.cg_iters))
+    say("llmeraser unlearn")
+    adapters["llmeraser"] = unlearn(base, original, data, request, work / "llmeraser", settings, overwrite=True,
+                                    progress=progress, model_and_tokenizer=mt).out
+    say("retrain from scratch on the edited data (the gold standard)")
+    adapters["retrain"] = baseline("retrain", base, original, data, request, work / "retrain", overwrite=True,
+                                   progress=progress, model_and_tokenizer=mt)
+    for name in ("gradient-ascent", "finetune-corrected"):
+        say(name)
+        adapters[name] = baseline(name, base, original, data, request, work / name, overwrite=True,
+                                  steps=cfg.baseline_steps, progress=progress, model_and_tokenizer=mt)
+    say("evaluate")
+    report = evaluate(base, adapters, data, request, out / "report", overwrite=True, progress=progress,
+                      model_and_tokenizer=mt, max_new_tokens=24, retain_samples=cfg.retain_samples, keep_samples=1000)
+    summary = summarise(report, customers, req_rows)
+    write_json(out / "report" / "demo_summary.json", {"summary": summary, "config": vars(cfg), "quick": quick,
+                                                      "seconds_total": time.perf_counter() - t_start, "cached": cached})
+    print_summary(summary, report, customers, req_rows)
+    print(f"\nfull report: {out / 'report' / 'report.md'} (json and png beside it); total {time.perf_counter() - t_start:.0f}s")
+    return summary
+
+
+def print_summary(summary, report, customers, req_rows):
+    print("\n| adapter | forget NLL | removed customers' private fields reproduced | corrected phone produced | retained fields correct | retain NLL | seconds |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, s in summary.items():
+        secs = "–" if s["seconds"] is None else f"{s['seconds']:.0f}"
+        print(f"| {name} | {s['forget_nll']:.3f} | {s['removed_field_reproduced']:.0%} | {s['corrected_answer_produced']:.0%} "
+              f"| {s['retain_field_accuracy']:.0%} | {s['retain_nll']:.3f} | {secs} |")
+    who = customers[0]
+    print(f"\nWhat is {who.name}'s phone number? (forgotten customer; the training data said {who.phone})")
+    for name, m in report["methods"].items():
+        ans = next((s["generated"] for s in m["forget"]["samples"] if s["id"] == "c0-phone"), "?")
+        print(f"  {name:>19}: {ans}")
+

