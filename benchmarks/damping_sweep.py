@@ -43,6 +43,8 @@ def nll(model, tok, records):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="keep the trained adapters and earlier rows; run only --grid")
+    ap.add_argument("--grid", nargs="*", default=None, help="settings as curvature:damping, e.g. ggn:0.03")
     args = ap.parse_args()
     torch.manual_seed(0)
     WORK.mkdir(parents=True, exist_ok=True)
@@ -63,6 +65,10 @@ def main():
         train_lora(model, tok, recs, recipe)
         return model, tok, time.perf_counter() - t
 
+    result_file = OUT / ("damping_sweep_quick.json" if args.quick else "damping_sweep.json")
+    if args.reuse and result_file.is_file() and (WORK / "adapter").is_dir():
+        results = json.loads(result_file.read_text())
+        return sweep(args, results, records, request, forget, kept, result_file)
     original, tok, t_train = train(records)
     original.save_pretrained(WORK / "adapter")
     results = {"n": len(records), "forget": len(forget), "recipe": recipe.to_dict(),
@@ -72,10 +78,16 @@ def main():
     results["retrain"] = {"forget_nll": nll(retrained, tok, forget), "retain_nll": nll(retrained, tok, kept), "seconds": t_re}
     del retrained
     print(json.dumps(results, indent=1), flush=True)
+    results["settings"] = []
+    sweep(args, results, records, request, forget, kept, result_file)
+
+
+def sweep(args, results, records, request, forget, kept, result_file):
     grid = [("ggn", 1e-3), ("ggn", 1e-2), ("ggn", 1e-1), ("hessian", 1e-2)]
+    if args.grid:
+        grid = [(g.split(":")[0], float(g.split(":")[1])) for g in args.grid]
     if args.quick:
         grid = grid[:1]
-    results["settings"] = []
     base, tok = load_base("smollm2")
     model = load_adapter(base, WORK / "adapter")
     for curvature, damping in grid:
@@ -100,8 +112,8 @@ def main():
                 named[n].copy_(v)
         results["settings"].append(row)
         print(json.dumps(row), flush=True)
-    OUT.mkdir(exist_ok=True)
-    (OUT / ("damping_sweep_quick.json" if args.quick else "damping_sweep.json")).write_text(json.dumps(results, indent=1))
+        OUT.mkdir(exist_ok=True)
+        result_file.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from .errors import InputError, NumericalError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
 from .modeling import load_adapter, load_base, resolve_device, theta_of, write_adapter
 from .objective import CausalLMObjective
-from .params import AdapterParams
 from .render import TEMPLATES, encode, resolve_template
 from .rhs import compute_rhs, sum_of_gradients
 from .solvers import SOLVERS, SolveResult, SolverSettings, get_solver
@@ -31,7 +30,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class UnlearnSettings:
     curvature: str = field(default="ggn", metadata={"help": "curvature C in (C + λI)Δ = b: 'ggn' (Gauss-Newton, PSD) or 'hessian'", "choices": CURVATURES})
-    damping: float = field(default=1e-3, metadata={"help": "λ added to C; training weight decay from train.json is added to it"})
+    damping: float = field(default=0.03, metadata={"help": "λ added to C (default measured on SmolLM2, see BENCHMARKS.md); training weight decay from train.json is added to it"})
     solver: str = field(default="cg", metadata={"help": "inverse-HVP solver", "choices": tuple(sorted(SOLVERS))})
     batch_size: int = field(default=8, metadata={"help": "samples per gradient / HVP mini-batch"})
     curvature_samples: int = field(default=128, metadata={"help": "training samples in the fixed batches for CG and the residual (0: all)"})
@@ -39,7 +38,7 @@ class UnlearnSettings:
     max_length: int = field(default=512, metadata={"help": "tokens per sample; longer prompts are cut on the left"})
     template: str = field(default="auto", metadata={"help": "prompt rendering: the tokenizer's chat template, a plain '### User:' template, or auto (chat when the tokenizer has one)", "choices": TEMPLATES})
     newton_steps: int = field(default=1, metadata={"help": "Newton steps on the edited objective; 1 is the paper's single influence update, "
-                                                  "each further step re-solves at the new point (see README: refinement)"})
+                                                  "each further step re-solves at the new point (experimental, see BENCHMARKS.md)"})
     seed: int = field(default=0, metadata={"help": "seed for batch sampling"})
     device: str = field(default="auto", metadata={"help": "'cpu', 'cuda' or 'auto'"})
     solver_settings: SolverSettings = field(default_factory=SolverSettings)
