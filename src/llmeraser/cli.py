@@ -190,7 +190,14 @@ def _demo_parser(sub):
     p.add_argument("--out", default="runs/demo", help="output folder; the trained original adapter is cached here (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="a tiny version for smoke tests: 5 customers, short training and solve")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=lambda a: (__import__("llmeraser.demo", fromlist=["run_demo"]).run_demo(a.out, a.quick, not a.quiet), 0)[1])
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, args.quick, not args.quiet)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,8 +41,8 @@ class DemoConfig:
     baseline_steps: int
 
 
-FULL = DemoConfig(customers=16, removed=2, corrected=2, modified=2, epochs=10, cg_iters=20, retain_samples=16, baseline_steps=10)
-QUICK = DemoConfig(customers=5, removed=1, corrected=1, modified=1, epochs=4, cg_iters=4, retain_samples=4, baseline_steps=3)
+FULL = DemoConfig(customers=16, removed=2, corrected=2, modified=2, epochs=10, cg_iters=12, retain_samples=8, baseline_steps=10)
+QUICK = DemoConfig(customers=5, removed=1, corrected=1, modified=1, epochs=4, cg_iters=3, retain_samples=2, baseline_steps=3)
 RECIPE = dict(rank=8, alpha=16, lr=3e-3, batch_size=8, seed=0)
 DAMPING = 0.03  # the library default, measured in benchmarks/damping_sweep.py
 
@@ -126,7 +126,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
         train(base, data, original, recipe, overwrite=True, progress=progress, model_and_tokenizer=mt)
     adapters = {"original": original}
     work = out / "adapters"
-    settings = UnlearnSettings(damping=DAMPING, curvature="ggn", solver="cg", curvature_samples=32, device="cpu",
+    settings = UnlearnSettings(damping=DAMPING, curvature="ggn", solver="cg", curvature_samples=16, device="cpu",
                                solver_settings=SolverSettings(tol=0.05, max_iters=cfg.cg_iters))
     say("llmeraser unlearn")
     adapters["llmeraser"] = unlearn(base, original, data, request, work / "llmeraser", settings, overwrite=True,
@@ -140,7 +140,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
                                   steps=cfg.baseline_steps, progress=progress, model_and_tokenizer=mt)
     say("evaluate")
     report = evaluate(base, adapters, data, request, out / "report", overwrite=True, progress=progress,
-                      model_and_tokenizer=mt, max_new_tokens=24, retain_samples=cfg.retain_samples, keep_samples=1000)
+                      model_and_tokenizer=mt, max_new_tokens=16 if quick else 20, retain_samples=cfg.retain_samples, keep_samples=1000)
     summary = summarise(report, customers, req_rows)
     write_json(out / "report" / "demo_summary.json", {"summary": summary, "config": vars(cfg), "quick": quick,
                                                       "seconds_total": time.perf_counter() - t_start, "cached": cached})
