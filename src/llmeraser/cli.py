@@ -186,7 +186,7 @@ def _demo_parser(sub):
                        description="Generate fictitious customers with private fields, fine-tune a LoRA adapter on "
                                    "SmolLM2-135M until it memorises them (cached), then remove some customers, correct "
                                    "phone numbers and strip account numbers from queries with llmeraser, retraining and "
-                                   "the cheap baselines, and compare them. About 15 minutes on 2 CPU cores; --quick in about 3.")
+                                   "the cheap baselines, and compare them. About 12 minutes on 2 CPU cores; --quick in about 3.")
     p.add_argument("--out", default="runs/demo", help="output folder; the trained original adapter is cached here (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="a tiny version for smoke tests: 5 customers, short training and solve")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
