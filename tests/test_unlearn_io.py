@@ -86,3 +86,30 @@ def test_out_equal_to_adapter_is_refused(tiny_dir, tmp_path, capsys):
     assert run_cli(tiny_dir, req, tiny_dir / "adapter", "--overwrite") == 2
     assert "also an input" in capsys.readouterr().err
     assert digest(tiny_dir / "adapter") == before
+
+
+def test_newton_refinement_descends_on_the_edited_objective(tiny64, tmp_path):
+    """Extra Newton steps start from the paper's update and only accept steps that lower R'."""
+    from llmeraser.data import load_request
+    from llmeraser.solvers import SolverSettings
+    from llmeraser.unlearner import Unlearner, UnlearnSettings
+
+    model, tok, records = tiny64
+    req = load_request(write_jsonl(tmp_path / "r.jsonl", [{"op": "remove", "id": "r1"},
+                                                         {"op": "correct_response", "id": "r2", "new": {"response": "9"}}]), records)
+
+    def run(steps):
+        s = UnlearnSettings(damping=0.5, newton_steps=steps, curvature_samples=0, device="cpu", template="chat",
+                            solver_settings=SolverSettings(tol=1e-6, max_iters=200))
+        return Unlearner(model, tok, records, s).delta(req, progress=False)
+
+    one, _, _ = run(1)
+    three, _, stage = run(3)
+    steps = stage["steps"]
+    assert len(steps) >= 2 and steps[0]["step"] == 1
+    accepted = [s["objective"] for s in steps[1:] if s["accepted"]]
+    assert accepted == sorted(accepted, reverse=True)
+    if accepted:
+        assert not torch.equal(one, three)
+    else:
+        assert torch.equal(one, three)
