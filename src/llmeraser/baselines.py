@@ -25,11 +25,11 @@ def _loaded(base, device, model_and_tokenizer):
 
 
 def train(base: str, data, out, settings: TrainSettings | None = None, overwrite: bool = False, device: str = "auto",
-          progress: bool = True, model_and_tokenizer=None, records=None, extra: dict | None = None) -> Path:
+          progress: bool = True, model_and_tokenizer=None, extra: dict | None = None) -> Path:
     """LoRA fine-tuning; writes the adapter and train.json (arguments, data SHA-256, loss, seconds, memory)."""
     settings = settings or TrainSettings()
     out = check_output_dir(out, overwrite, inputs=(data,))
-    records = records if records is not None else load_records(data)
+    records = load_records(data)
     t0 = time.perf_counter()
     base_model, tok = _loaded(base, device, model_and_tokenizer)
     model = add_lora(base_model, settings)
