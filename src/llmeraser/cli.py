@@ -43,6 +43,20 @@ def dataclass_from_args(cls, args: argparse.Namespace, **extra):
     return cls(**kw)
 
 
+BASE_HELP = "base model: a Hugging Face model folder, a .gguf file, or 'smollm2' (embedded SmolLM2-135M-Instruct)"
+DATA_HELP = "the training data the adapter was trained on: JSONL or a JSON array of records"
+REQUEST_HELP = "edit request JSONL: one {op, id, new} per line"
+
+
+def add_input_flags(p, adapter_help: str | None) -> None:
+    """--base, --adapter (when adapter_help is given), --data and --request: one definition for every command."""
+    p.add_argument("--base", required=True, help=BASE_HELP)
+    if adapter_help:
+        p.add_argument("--adapter", required=True, help=adapter_help)
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--request", required=True, help=REQUEST_HELP)
+
+
 def _unlearn_parser(sub):
     from .solvers import SolverSettings
     from .unlearner import UnlearnSettings
@@ -55,10 +69,7 @@ def _unlearn_parser(sub):
                     "(LLMEraser, ICLR 2025). The input adapter and data are never modified.",
     )
     g = p.add_argument_group("inputs and output")
-    g.add_argument("--base", required=True, help="base model: a Hugging Face model folder, a .gguf file, or 'smollm2' (embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--adapter", required=True, help="the PEFT LoRA adapter folder trained on --data (read only)")
-    g.add_argument("--data", required=True, help="the training data the adapter was trained on: JSONL or a JSON array of records")
-    g.add_argument("--request", required=True, help="edit request JSONL: one {op, id, new} per line")
+    add_input_flags(g, "the PEFT LoRA adapter folder trained on --data (read only)")
     g.add_argument("--out", required=True, help="folder for the new adapter and unlearn.json (written atomically)")
     g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -101,7 +112,7 @@ def _train_parser(sub):
                        description="Fine-tune a LoRA adapter on --data with the loss unlearn assumes (response-token "
                                    "mean NLL, mean over samples, plus (wd/2)‖Θ‖²). Seeded and deterministic on CPU. "
                                    "Writes the adapter and train.json.")
-    p.add_argument("--base", required=True, help="base model: a Hugging Face model folder, a .gguf file, or 'smollm2'")
+    p.add_argument("--base", required=True, help=BASE_HELP)
     p.add_argument("--data", required=True, help="training data: JSONL or a JSON array of records")
     _common(p, "folder for the adapter and train.json (written atomically)")
     add_dataclass_flags(p.add_argument_group("recipe"), TrainSettings)
@@ -128,10 +139,7 @@ def _baseline_parser(sub):
                                    "(removal requests). finetune-corrected: continue training the adapter on the "
                                    "corrected samples (query/response edits).")
     p.add_argument("name", choices=BASELINES, help="which baseline")
-    p.add_argument("--base", required=True, help="base model: a Hugging Face model folder, a .gguf file, or 'smollm2'")
-    p.add_argument("--adapter", required=True, help="the original adapter (with train.json)")
-    p.add_argument("--data", required=True, help="the original training data")
-    p.add_argument("--request", required=True, help="the edit request JSONL")
+    add_input_flags(p, "the original adapter (with train.json)")
     p.add_argument("--steps", type=int, default=10, help="optimiser steps for gradient-ascent / finetune-corrected (default: 10)")
     p.add_argument("--lr", type=float, default=None, help="learning rate for those steps (default: the recipe's)")
     _common(p, "folder for the baseline adapter (written atomically)")
@@ -152,11 +160,11 @@ def _evaluate_parser(sub):
                        description="Evaluate every --adapter NAME=FOLDER on the forget set (old and new versions of "
                                    "the edited samples), the retained samples and --test; compare each with the "
                                    "adapter named 'retrain'. Writes report.json, report.md and PNG plots.")
-    p.add_argument("--base", required=True, help="base model: a Hugging Face model folder, a .gguf file, or 'smollm2'")
+    p.add_argument("--base", required=True, help=BASE_HELP)
     p.add_argument("--adapter", required=True, action="append", metavar="NAME=FOLDER",
                    help="an adapter to evaluate; repeat. Name one 'retrain' and one 'original' for the comparisons")
-    p.add_argument("--data", required=True, help="the original training data")
-    p.add_argument("--request", required=True, help="the edit request JSONL")
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--request", required=True, help=REQUEST_HELP)
     p.add_argument("--test", default=None, help="held-out records (optional)")
     p.add_argument("--original", default="original", help="name of the original adapter, for parameter changes (default: original)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy generation length for non-Yes/No responses (default: 32)")
@@ -169,13 +177,11 @@ def _evaluate_parser(sub):
 
 
 def _run_evaluate(args) -> int:
-    from .evaluate import evaluate, parse_named
+    from .evaluate import evaluate, markdown_table, parse_named
 
     report = evaluate(args.base, parse_named(args.adapter), args.data, args.request, args.out, args.test,
                       args.original, args.max_new_tokens, args.kl_samples, args.batch_size, args.max_length,
                       args.template, args.device, args.overwrite, not args.quiet)
-    from .evaluate import markdown_table
-
     print(markdown_table(report))
     print(f"wrote {args.out}/report.json, report.md and plots")
     return 0
