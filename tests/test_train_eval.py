@@ -116,3 +116,22 @@ def test_yes_no_metrics(trainable_dir, tmp_path):
     model, tok = load_tiny(trainable_dir / "base")
     m = split_metrics(AdapterEval(load_adapter(model, trainable_dir / "adapter"), tok, "chat"), recs)
     assert set(m) == {"n", "nll", "accuracy", "auc"} and 0 <= m["auc"] <= 1
+
+
+def test_batched_generation_matches_one_at_a_time(trainable_dir):
+    """Left-padded batched greedy decoding gives what decoding each prompt alone gives."""
+    from llmeraser.data import load_records
+    from llmeraser.evaluate import AdapterEval
+    from llmeraser.modeling import load_adapter
+    from llmeraser.render import resolve_template
+
+    from helpers import load_tiny
+
+    model, tok = load_tiny(trainable_dir / "base")
+    model = load_adapter(model, trainable_dir / "adapter")
+    records = load_records(trainable_dir / "train.jsonl")[:6]
+    records[0] = records[0].replaced({"prompt": "a much longer question than the others, about " + records[0].sides()[0][-1]["content"]})
+    template = resolve_template(tok, "auto")
+    batched = AdapterEval(model, tok, template, batch_size=6, max_new_tokens=8).generate(records)
+    alone = AdapterEval(model, tok, template, batch_size=1, max_new_tokens=8).generate(records)
+    assert batched == alone and len(set(alone)) > 1

@@ -2,7 +2,8 @@
 
 A record is one training sample in one of three shapes:
 
-* ``{"prompt": str, "response": str}``
+* ``{"prompt": str, "response": str}``, with an optional ``"system": str`` (the system turn; without
+  it the chat template's default system prompt, if any, is used)
 * ``{"instruction": str, "input": str (optional), "output": str}``   (Alpaca / TALLRec)
 * ``{"messages": [{"role", "content"}, ...]}``  (chat; the last turn must be the assistant's
   and is the response, every earlier turn is the prompt)
@@ -32,7 +33,7 @@ OPS = ("remove", "modify_query", "correct_response")
 
 # shape -> (prompt-side fields, response-side fields)
 SHAPES = {
-    "prompt": ({"prompt"}, {"response"}),
+    "prompt": ({"prompt", "system"}, {"response"}),
     "alpaca": ({"instruction", "input"}, {"output"}),
     "chat": ({"messages"}, {"messages"}),
 }
@@ -98,7 +99,8 @@ def _check_str(value, name: str, where: str) -> str:
 
 def sides(fields: dict, shape: str, where: str) -> tuple[list[dict], str]:
     if shape == "prompt":
-        return [{"role": "user", "content": _check_str(fields["prompt"], "prompt", where)}], _check_str(
+        system = [{"role": "system", "content": _check_str(fields["system"], "system", where)}] if "system" in fields else []
+        return system + [{"role": "user", "content": _check_str(fields["prompt"], "prompt", where)}], _check_str(
             fields["response"], "response", where
         )
     if shape == "alpaca":

@@ -26,7 +26,8 @@ from .synthetic import QUESTIONS, make_customers, make_records
 from .train import TrainSettings
 from .unlearner import UnlearnSettings, unlearn
 
-FIELDS = ("phone", "city", "likes")
+# phone: the private field a removal is about; likes: its query carries the account number (modify_query)
+FIELDS = ("phone", "likes")
 
 
 @dataclass
@@ -41,9 +42,11 @@ class DemoConfig:
     baseline_steps: int
 
 
-FULL = DemoConfig(customers=16, removed=2, corrected=2, modified=2, epochs=10, cg_iters=12, retain_samples=8, baseline_steps=10)
-QUICK = DemoConfig(customers=5, removed=1, corrected=1, modified=1, epochs=4, cg_iters=3, retain_samples=2, baseline_steps=3)
-RECIPE = dict(rank=8, alpha=16, lr=3e-3, batch_size=8, seed=0)
+FULL = DemoConfig(customers=12, removed=2, corrected=2, modified=2, epochs=20, cg_iters=10, retain_samples=0, baseline_steps=10)
+QUICK = DemoConfig(customers=4, removed=1, corrected=1, modified=1, epochs=30, cg_iters=5, retain_samples=0, baseline_steps=5)
+# LoRA on every linear layer: q/v alone did not memorise 4-digit phone numbers in 10 epochs (measured)
+RECIPE = dict(rank=8, alpha=16, lr=5e-3, batch_size=8, seed=0,
+              target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 DAMPING = 0.03  # the library default, measured in benchmarks/damping_sweep.py
 
 
@@ -67,6 +70,15 @@ def build_inputs(cfg: DemoConfig, folder: Path, seed: int = 0):
     for name, content in (("data.jsonl", rows), ("request.jsonl", req)):
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in content))
     return customers, req
+
+
+def _cached(adapter: Path, **expected) -> bool:
+    """Whether `adapter` was trained by the same recipe on the same inputs (its train.json says so)."""
+    meta = adapter / "train.json"
+    if not meta.is_file():
+        return False
+    saved = json.loads(meta.read_text())
+    return all(saved.get(k) == v for k, v in expected.items())
 
 
 def _field_value(record_id: str, customers, response: str | None = None) -> str:
@@ -116,31 +128,36 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
     mt = load_base(base, "cpu")
     recipe = TrainSettings(epochs=cfg.epochs, **RECIPE)
     original = out / "original"
-    cached = (original / "train.json").is_file() and \
-        json.loads((original / "train.json").read_text()).get("data_sha256") == sha256_file(data) and \
-        json.loads((original / "train.json").read_text()).get("arguments") == recipe.to_dict()
-    if cached:
+    cached = {"original": _cached(original, base=base, arguments=recipe.to_dict(), data_sha256=sha256_file(data))}
+    if cached["original"]:
         say(f"original adapter cached in {original}")
     else:
         say("fine-tuning the original LoRA adapter on all records")
         train(base, data, original, recipe, overwrite=True, progress=progress, model_and_tokenizer=mt)
     adapters = {"original": original}
     work = out / "adapters"
-    settings = UnlearnSettings(damping=DAMPING, curvature="ggn", solver="cg", curvature_samples=16, device="cpu",
+    settings = UnlearnSettings(damping=DAMPING, curvature="ggn", solver="cg", curvature_samples=0, device="cpu",
                                solver_settings=SolverSettings(tol=0.05, max_iters=cfg.cg_iters))
     say("llmeraser unlearn")
     adapters["llmeraser"] = unlearn(base, original, data, request, work / "llmeraser", settings, overwrite=True,
                                     progress=progress, model_and_tokenizer=mt).out
-    say("retrain from scratch on the edited data (the gold standard)")
-    adapters["retrain"] = baseline("retrain", base, original, data, request, work / "retrain", overwrite=True,
-                                   progress=progress, model_and_tokenizer=mt)
+    retrain = work / "retrain"
+    cached["retrain"] = _cached(retrain, base=base, arguments=recipe.to_dict(), request_sha256=sha256_file(request),
+                                original_data=str(data.resolve()))
+    if cached["retrain"]:
+        say(f"retrained adapter cached in {retrain} (it depends only on the data, the request and the recipe)")
+        adapters["retrain"] = retrain
+    else:
+        say("retrain from scratch on the edited data (the gold standard)")
+        adapters["retrain"] = baseline("retrain", base, original, data, request, retrain, overwrite=True,
+                                       progress=progress, model_and_tokenizer=mt)
     for name in ("gradient-ascent", "finetune-corrected"):
         say(name)
         adapters[name] = baseline(name, base, original, data, request, work / name, overwrite=True,
                                   steps=cfg.baseline_steps, progress=progress, model_and_tokenizer=mt)
     say("evaluate")
     report = evaluate(base, adapters, data, request, out / "report", overwrite=True, progress=progress,
-                      model_and_tokenizer=mt, max_new_tokens=16 if quick else 20, retain_samples=cfg.retain_samples, keep_samples=1000)
+                      model_and_tokenizer=mt, max_new_tokens=20, retain_samples=cfg.retain_samples, keep_samples=1000)
     summary = summarise(report, customers, req_rows)
     write_json(out / "report" / "demo_summary.json", {"summary": summary, "config": vars(cfg), "quick": quick,
                                                       "seconds_total": time.perf_counter() - t_start, "cached": cached})

@@ -74,15 +74,20 @@ class AdapterEval:
         return [encode(r, self.tok, self.template, self.max_length).n_response for r in records]
 
     def generate(self, records: list[Record]) -> list[str]:
+        """Greedy answers, batched with left padding (positions come from the attention mask)."""
         outs = []
         device = next(self.model.parameters()).device
+        pad = self.tok.pad_token_id
         with torch.no_grad():
-            for r in records:
-                head, _ = render_text(self.tok, r.sides()[0], "", self.template)
-                ids = self.tok(head, add_special_tokens=False, return_tensors="pt")["input_ids"][:, -self.max_length:].to(device)
-                gen = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
-                                          do_sample=False, pad_token_id=self.tok.pad_token_id)
-                outs.append(self.tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
+            for i in range(0, len(records), self.batch_size):
+                heads = [self.tok(render_text(self.tok, r.sides()[0], "", self.template)[0], add_special_tokens=False)
+                         ["input_ids"][-self.max_length:] for r in records[i:i + self.batch_size]]
+                width = max(len(h) for h in heads)
+                ids = torch.tensor([[pad] * (width - len(h)) + h for h in heads], device=device)
+                mask = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in heads], device=device)
+                gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
+                                          do_sample=False, pad_token_id=pad)
+                outs += [self.tok.decode(g[width:], skip_special_tokens=True).strip() for g in gen]
         return outs
 
 

@@ -27,6 +27,10 @@ QUESTIONS = {
 }
 
 
+# a short system turn: without one, SmolLM2's chat template adds a 20-token default to every sample
+SYSTEM = "You answer questions about our customers."
+
+
 @dataclass(frozen=True)
 class Customer:
     name: str
@@ -52,6 +56,6 @@ def answer(field: str, c: Customer) -> str:
 
 
 def make_records(customers: list[Customer], fields=("phone", "city", "account", "likes")) -> list[dict]:
-    """One {"id", "prompt", "response", "customer", "field"} record per customer and field."""
-    return [{"id": f"c{i}-{f}", "prompt": question(f, c), "response": answer(f, c), "customer": c.name, "field": f}
+    """One {"id", "system", "prompt", "response", "customer", "field"} record per customer and field."""
+    return [{"id": f"c{i}-{f}", "system": SYSTEM, "prompt": question(f, c), "response": answer(f, c), "customer": c.name, "field": f}
             for i, c in enumerate(customers) for f in fields]

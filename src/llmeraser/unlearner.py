@@ -26,6 +26,8 @@ from .solvers import SOLVERS, SolveResult, SolverSettings, get_solver
 
 log = logging.getLogger(__name__)
 
+CURVATURE_DATA = ("edited", "original")
+
 
 @dataclass
 class UnlearnSettings:
@@ -33,12 +35,17 @@ class UnlearnSettings:
     damping: float = field(default=0.03, metadata={"help": "λ added to C (default measured on SmolLM2, see BENCHMARKS.md); training weight decay from train.json is added to it"})
     solver: str = field(default="cg", metadata={"help": "inverse-HVP solver", "choices": tuple(sorted(SOLVERS))})
     batch_size: int = field(default=8, metadata={"help": "samples per gradient / HVP mini-batch"})
+    curvature_data: str = field(default="edited", metadata={"help": "data the curvature is taken over: 'edited' (the data after the request, so the update is a Newton step "
+                                                      "on the retraining objective, as in Guo et al. 2020) or 'original' (the paper's H of the training loss)", "choices": CURVATURE_DATA})
     curvature_samples: int = field(default=128, metadata={"help": "training samples in the fixed batches for CG and the residual (0: all)"})
     hvp_mode: str = field(default="auto", metadata={"help": "how Hessian-vector products are taken: forward-over-reverse, double backprop, or auto (the first that works)", "choices": HVP_MODES})
     max_length: int = field(default=512, metadata={"help": "tokens per sample; longer prompts are cut on the left"})
     template: str = field(default="auto", metadata={"help": "prompt rendering: the tokenizer's chat template, a plain '### User:' template, or auto (chat when the tokenizer has one)", "choices": TEMPLATES})
     newton_steps: int = field(default=1, metadata={"help": "Newton steps on the edited objective; 1 is the paper's single influence update, "
                                                   "each further step re-solves at the new point (experimental, see BENCHMARKS.md)"})
+    line_search: bool = field(default=True, metadata={"help": "scale the step by 1, 1/2, 1/4, … until it lowers the retraining objective (mean loss of the "
+                                                    "edited set, on the same sample as the curvature, plus the training L2) by the Armijo rule; "
+                                                    "guards against steps far outside the quadratic model (--no-line-search: take the full step)"})
     seed: int = field(default=0, metadata={"help": "seed for batch sampling"})
     device: str = field(default="auto", metadata={"help": "'cpu', 'cuda' or 'auto'"})
     solver_settings: SolverSettings = field(default_factory=SolverSettings)
@@ -50,6 +57,8 @@ class UnlearnSettings:
             raise InputError(f"--solver must be one of {sorted(SOLVERS)}")
         if self.hvp_mode not in HVP_MODES:
             raise InputError(f"--hvp-mode must be one of {HVP_MODES}")
+        if self.curvature_data not in CURVATURE_DATA:
+            raise InputError(f"--curvature-data must be one of {CURVATURE_DATA}")
         if self.template not in TEMPLATES:
             raise InputError(f"--template must be one of {TEMPLATES}")
         if not self.damping >= 0:
@@ -148,16 +157,71 @@ class Unlearner:
         t0 = time.perf_counter()
         b = self.compute_rhs(request, progress)
         t1 = time.perf_counter()
-        result = self.solve(b, progress)
-        # the solve was for n·ΔΘ against the unscaled b; n = size of the set Θ̂ was trained on
-        theta = self.theta_hat + result.delta / self.n
+        op, rhs, n_eff = self.first_system(request, b)
+        result = self.solve(rhs, progress, op)
+        # the solve was for n_eff·ΔΘ against an unscaled right-hand side
+        step = result.delta / n_eff
+        search = self.line_search(request, step, rhs / n_eff) if self.settings.line_search and torch.any(b != 0) else None
+        theta = self.theta_hat + (search["scale"] if search else 1.0) * step
         steps = [{"step": 1, "grad_norm": float(b.norm()), "iterations": result.iterations,
-                  "final_residual": result.final_residual, "converged": result.converged}]
+                  "final_residual": result.final_residual, "converged": result.converged, "line_search": search}]
         if self.settings.newton_steps > 1 and torch.any(b != 0):
             theta, result, more = self._refine(request, theta, b, progress)
             steps += more
         t2 = time.perf_counter()
         return theta - self.theta_hat, result, {"b": t1 - t0, "solve": t2 - t1, "rhs_norm": float(b.norm()), "steps": steps}
+
+    def edited_examples(self, request: EditRequest) -> list:
+        """The training set after the request: kept samples and the new versions of edited ones."""
+        edited = {e.index for e in request.edits}
+        return [x for i, x in enumerate(self.examples) if i not in edited] + \
+            [self.encode(e.new) for e in request.edits if e.new is not None]
+
+    def first_system(self, request: EditRequest, b: torch.Tensor) -> tuple[HessianOperator, torch.Tensor, int]:
+        """(operator A, right-hand side r, m) such that ΔΘ = A⁻¹r / m.
+
+        'original': the paper's update, (C + λI)⁻¹ b / n with C over the n training samples.
+        'edited': one Newton step from Θ̂ on the retraining objective
+            R'(Θ) = (1/m) Σ_{edited set} L_i + (wd/2)‖Θ‖²,  m = its size.
+        With Θ̂ stationary for the original objective, −∇R'(Θ̂) = [b + (n − m)·wd·Θ̂] / m. Its curvature
+        leaves out the removed (and old) samples: for a sample the adapter memorised, the own-sample
+        curvature in the full-data H is what shrinks the paper's step (see BENCHMARKS.md).
+        """
+        if self.settings.curvature_data == "original":
+            return self.operator(), b, self.n
+        items = self.edited_examples(request)
+        if not items:
+            raise InputError("the request removes every training sample; there is nothing left to fit")
+        m = len(items)
+        return self.operator(items=items), b + (self.n - m) * self.weight_decay * self.theta_hat, m
+
+    def retraining_objective(self, items, theta: torch.Tensor) -> float:
+        """Mean loss over `items` plus the training L2, (wd/2)‖Θ‖²."""
+        return self._loss_sum(items, theta) / len(items) + 0.5 * self.weight_decay * float(theta.square().sum())
+
+    def line_search(self, request: EditRequest, step: torch.Tensor, neg_grad: torch.Tensor, max_halvings: int = 10) -> dict:
+        """Backtracking (Armijo) on R'(Θ̂ + αΔ) over a seeded sample of the edited set.
+
+        ΔΘ solves a quadratic model of R' around Θ̂. At an adapter that memorised its data the model can
+        be wrong far from Θ̂ (near-zero curvature, a corrected response with a large gradient), and the
+        full step can wreck the adapter. −∇R'(Θ̂) = `neg_grad` (from b, as in the solve) gives the slope.
+        """
+        items = self.edited_examples(request)
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(self.settings.seed)).tolist()
+        k = len(items) if not self.settings.curvature_samples else min(self.settings.curvature_samples, len(items))
+        sample = [items[i] for i in order[:k]]
+        start = self.retraining_objective(sample, self.theta_hat)
+        slope = -float(neg_grad @ step)  # directional derivative of R' along ΔΘ at Θ̂ (< 0: a descent direction)
+        trace, alpha = [], 1.0
+        for _ in range(max_halvings + 1):
+            value = self.retraining_objective(sample, self.theta_hat + alpha * step)
+            trace.append({"scale": alpha, "objective": value})
+            if value == value and value <= start + 1e-4 * alpha * slope:
+                return {"scale": alpha, "accepted": True, "start": start, "slope": slope, "trace": trace}
+            alpha /= 2
+        best = min(trace, key=lambda t: t["objective"] if t["objective"] == t["objective"] else float("inf"))
+        log.warning("line search: no scale down to %g lowered the retraining objective; using %g", trace[-1]["scale"], best["scale"])
+        return {"scale": best["scale"], "accepted": False, "start": start, "slope": slope, "trace": trace}
 
     def _refine(self, request, theta, b, progress):
         edited = {e.index for e in request.edits}

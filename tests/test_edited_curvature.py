@@ -1,0 +1,89 @@
+"""`curvature_data="edited"`: one Newton step from Θ̂ on the retraining objective.
+
+R'(Θ) = (1/m) Σ_{edited set} L_i + (wd/2)‖Θ‖², m = size of the edited set. With Θ̂ stationary for the
+original objective, ΔΘ = (C_edited + (wd + λ)I)⁻¹ [b + (n − m)·wd·Θ̂] / m.
+"""
+
+import torch
+from torch.func import hessian
+
+from llmeraser.curvature import Curvature, HessianOperator
+from llmeraser.data import load_request
+from llmeraser.objective import CausalLMObjective
+from llmeraser.params import AdapterParams
+from llmeraser.rhs import compute_rhs
+from llmeraser.solvers import SolverSettings, get_solver
+from llmeraser.unlearner import Unlearner, UnlearnSettings
+
+from helpers import write_jsonl
+from test_influence_closed_form import WD, Logistic, fit, make_data
+
+
+def test_delta_matches_explicit_newton_step_on_tiny_llama(tiny64, tmp_path):
+    model, tok, records = tiny64
+    req = load_request(write_jsonl(tmp_path / "r.jsonl", [
+        {"op": "remove", "id": "r1"}, {"op": "remove", "id": "r4"},
+        {"op": "correct_response", "id": "r2", "new": {"response": "9"}}]), records)
+    wd, lam, n = 0.1, 0.5, len(records)
+    for data in ("original", "edited"):
+        s = UnlearnSettings(curvature="hessian", curvature_data=data, damping=lam, solver="exact", curvature_samples=0,
+                            batch_size=64, device="cpu", template="chat", line_search=False)
+        unl = Unlearner(model, tok, records, s, weight_decay=wd)
+        delta, _, _ = unl.delta(req, progress=False)
+        b = unl.compute_rhs(req, progress=False)
+        items = unl.examples if data == "original" else unl.edited_examples(req)
+        batch = unl.objective.collate(items, "cpu")
+        H = hessian(lambda t: unl.objective.losses(unl.objective.outputs(unl.params.unflatten(t), batch), batch).mean())(unl.theta_hat)
+        A = H + (wd + lam) * torch.eye(len(H), dtype=H.dtype)
+        m = len(items)
+        rhs = b if data == "original" else b + (n - m) * wd * unl.theta_hat
+        expected = torch.linalg.solve(A, rhs) / m
+        assert m == (n if data == "original" else n - 2)
+        assert torch.linalg.vector_norm(delta - expected) <= 1e-6 * torch.linalg.vector_norm(expected), data
+
+
+def _step(x, y, theta_hat, removed, edited_curvature):
+    obj = Logistic()
+    params = AdapterParams.from_tensors({"w": theta_hat[:-1], "b": theta_hat[-1:]})
+    flat = params.flatten({"b": theta_hat[-1:], "w": theta_hat[:-1]})
+    items = list(zip(x, y))
+    kept = [it for i, it in enumerate(items) if i not in set(removed)]
+    b = compute_rhs(obj, params, flat, [items[i] for i in removed], [], batch_size=64, progress=False)
+    curv_items, m = (kept, len(kept)) if edited_curvature else (items, len(items))
+    rhs = b + (len(items) - m) * WD * flat if edited_curvature else b
+    op = HessianOperator(Curvature(obj, params, flat, "hessian"), curv_items, batch_size=64, damping=WD, curvature_samples=0)
+    delta = get_solver("cg", SolverSettings(tol=1e-12, max_iters=200)).solve(op, rhs, progress=False).delta / m
+    return torch.cat([delta[1:], delta[:1]])
+
+
+def test_edited_curvature_is_closer_to_retraining_for_confident_samples():
+    """Removing well-fitted, high-leverage samples: the Newton step on R' beats the paper's step."""
+    x, y = make_data(400, seed=2)
+    x[:20] *= 4  # high-leverage points the model fits confidently
+    y[:20] = (x[:20].sum(1) > 0).double()
+    theta_hat = fit(x, y)
+    removed = list(range(20))  # 5%
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[removed] = False
+    exact = fit(x[keep], y[keep]) - theta_hat
+    err = {e: float((_step(x, y, theta_hat, removed, e) - exact).norm() / exact.norm()) for e in (False, True)}
+    assert err[True] < 0.6 * err[False], err  # measured: 0.21 vs 0.41
+    assert err[True] < 0.3, err
+
+
+def test_line_search_keeps_short_steps_and_cuts_wild_ones(tiny64, tmp_path):
+    model, tok, records = tiny64
+    req = load_request(write_jsonl(tmp_path / "r.jsonl", [{"op": "remove", "id": "r1"},
+                                                         {"op": "correct_response", "id": "r2", "new": {"response": "9"}}]), records)
+    unl = Unlearner(model, tok, records, UnlearnSettings(curvature_samples=0, device="cpu", template="chat"), weight_decay=0.1)
+    items = unl.edited_examples(req)
+    theta = unl.theta_hat.clone().requires_grad_(True)
+    batch = unl.objective.collate(items, "cpu")
+    value = unl.objective.losses(unl.objective.outputs(unl.params.unflatten(theta), batch), batch).mean() \
+        + 0.05 * theta.square().sum()
+    (grad,) = torch.autograd.grad(value, theta)
+    short = unl.line_search(req, -1e-3 * grad, grad.neg())
+    assert short["accepted"] and short["scale"] == 1.0 and short["slope"] < 0
+    wild = unl.line_search(req, -1e2 * grad / grad.norm(), grad.neg())
+    assert wild["accepted"] and wild["scale"] < 1.0
+    assert wild["trace"][-1]["objective"] < wild["start"] < wild["trace"][0]["objective"]
