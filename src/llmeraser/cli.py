@@ -156,22 +156,22 @@ def _run_baseline(args) -> int:
 
 
 def _evaluate_parser(sub):
+    from .render import TEMPLATES
+
     p = sub.add_parser("evaluate", help="compare adapters on forget / retain / test sets and against retrain",
                        description="Evaluate every --adapter NAME=FOLDER on the forget set (old and new versions of "
                                    "the edited samples), the retained samples and --test; compare each with the "
                                    "adapter named 'retrain'. Writes report.json, report.md and PNG plots.")
-    p.add_argument("--base", required=True, help=BASE_HELP)
+    add_input_flags(p, None)
     p.add_argument("--adapter", required=True, action="append", metavar="NAME=FOLDER",
                    help="an adapter to evaluate; repeat. Name one 'retrain' and one 'original' for the comparisons")
-    p.add_argument("--data", required=True, help=DATA_HELP)
-    p.add_argument("--request", required=True, help=REQUEST_HELP)
     p.add_argument("--test", default=None, help="held-out records (optional)")
     p.add_argument("--original", default="original", help="name of the original adapter, for parameter changes (default: original)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy generation length for non-Yes/No responses (default: 32)")
     p.add_argument("--kl-samples", type=int, default=32, help="samples per split for the KL to retrain (default: 32)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default: 8)")
     p.add_argument("--max-length", type=int, default=512, help="tokens per sample (default: 512)")
-    p.add_argument("--template", default="auto", choices=("auto", "chat", "plain"), help="prompt rendering (default: auto)")
+    p.add_argument("--template", default="auto", choices=TEMPLATES, help="prompt rendering (default: auto)")
     _common(p, "folder for report.json, report.md and the plots (written atomically)")
     p.set_defaults(func=_run_evaluate)
 
@@ -192,9 +192,10 @@ def _demo_parser(sub):
                        description="Generate fictitious customers with private fields, fine-tune a LoRA adapter on "
                                    "SmolLM2-135M until it memorises them (cached), then remove some customers, correct "
                                    "phone numbers and strip account numbers from queries with llmeraser, retraining and "
-                                   "the cheap baselines, and compare them. About 12 minutes on 2 CPU cores; --quick in about 3.")
-    p.add_argument("--out", default="runs/demo", help="output folder; the trained original adapter is cached here (default: runs/demo)")
-    p.add_argument("--quick", action="store_true", help="a tiny version for smoke tests: 5 customers, short training and solve")
+                                   "the cheap baselines, and compare them. About 12 minutes on 2 CPU cores (about 7 when rerun in "
+                                   "the same folder, which caches the trained and retrained adapters).")
+    p.add_argument("--out", default="runs/demo", help="output folder; the original and retrained adapters are cached here (default: runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a tiny version for smoke tests: 4 customers, short solve")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_demo)
 

@@ -85,6 +85,12 @@ class Curvature:
         return gv
 
 
+def seeded_subset(items: list, k: int | None, seed: int) -> list:
+    """The first k items of a seeded permutation (all of them, permuted, when k is 0 or None)."""
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [items[i] for i in order[:k or len(items)]]
+
+
 class HessianOperator:
     """v -> (C_B + λI) v, with mini-batches drawn from the training set at a fixed Θ̂.
 
@@ -101,9 +107,8 @@ class HessianOperator:
         self.curvature, self.items, self.batch_size, self.damping = curvature, items, batch_size, damping
         self.device = device
         self.generator = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
-        k = len(items) if not curvature_samples else min(curvature_samples, len(items))
-        chosen = [items[i] for i in order[:k]]
+        chosen = seeded_subset(items, curvature_samples, seed)
+        k = len(chosen)
         collate = curvature.objective.collate
         self.fixed = [collate(chosen[i:i + batch_size], device) for i in range(0, k, batch_size)]
         self.fixed_weights = [curvature.objective.batch_size(b) / k for b in self.fixed]

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .curvature import CURVATURES, HVP_MODES, Curvature, HessianOperator
+from .curvature import CURVATURES, HVP_MODES, Curvature, HessianOperator, seeded_subset
 from .data import EditRequest, Record, load_records, load_request
 from .errors import InputError, NumericalError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
@@ -206,10 +206,7 @@ class Unlearner:
         be wrong far from Θ̂ (near-zero curvature, a corrected response with a large gradient), and the
         full step can wreck the adapter. −∇R'(Θ̂) = `neg_grad` (from b, as in the solve) gives the slope.
         """
-        items = self.edited_examples(request)
-        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(self.settings.seed)).tolist()
-        k = len(items) if not self.settings.curvature_samples else min(self.settings.curvature_samples, len(items))
-        sample = [items[i] for i in order[:k]]
+        sample = seeded_subset(self.edited_examples(request), self.settings.curvature_samples, self.settings.seed)
         start = self.retraining_objective(sample, self.theta_hat)
         slope = -float(neg_grad @ step)  # directional derivative of R' along ΔΘ at Θ̂ (< 0: a descent direction)
         trace, alpha = [], 1.0
@@ -228,10 +225,8 @@ class Unlearner:
         old = [self.examples[e.index] for e in request.edits]
         new = [self.encode(e.new) for e in request.edits if e.new is not None]
         kept = [x for i, x in enumerate(self.examples) if i not in edited]
-        order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(self.settings.seed)).tolist()
-        m = len(kept) if not self.settings.curvature_samples else min(self.settings.curvature_samples, len(kept))
-        sample = [kept[i] for i in order[:m]]
-        scale = len(kept) / m
+        sample = seeded_subset(kept, self.settings.curvature_samples, self.settings.seed)
+        scale = len(kept) / len(sample)
         g_old_hat = self._grad_sum(old, self.theta_hat, "refine: old samples", progress)
         g_sample_hat = self._grad_sum(sample, self.theta_hat, "refine: kept sample at Θ̂", progress)
 
