@@ -57,3 +57,22 @@ def test_hvp_leaves_model_untouched(tiny64):
     Curvature(obj, params, theta, "hessian", "rev_rev")(torch.ones_like(theta), batch)
     Curvature(obj, params, theta, "ggn")(torch.ones_like(theta), batch)
     assert all(torch.equal(before[n], p) for n, p in obj.model.named_parameters())
+
+
+def test_cached_ggn_linearisation_matches_fresh_products(tiny64):
+    """The operator's kept linearisation gives the same G v, call after call, as a fresh product."""
+    from llmeraser.curvature import HessianOperator
+    from llmeraser.render import encode
+
+    model, tok, records = tiny64
+    params, theta = theta_of(model)
+    obj = CausalLMObjective(model, tok.pad_token_id)
+    items = [encode(r, tok, "chat", 64) for r in records[:10]]
+    curv = Curvature(obj, params, theta, "ggn")
+    cached = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=2)
+    fresh = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=0)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):  # the retained graphs must survive repeated use
+        v = torch.randn(theta.numel(), dtype=torch.float64, generator=g)
+        assert close(cached.full(v), fresh.full(v))
+    assert len(cached._linear) == 2  # 3 fixed batches, 2 of them cached

@@ -70,19 +70,35 @@ class Curvature:
         return hv
 
     def _ggn(self, v, batch):
+        return self.linearise(batch, keep=False)(v)
+
+    def linearise(self, batch: dict, keep: bool = True):
+        """v -> G_B v for one batch, with the network's forward pass and the graph of Jᵀ built once.
+
+        J v comes from the double-vjp trick: u -> Jᵀu is linear in u, so its vjp with v is J v.
+        With `keep`, the graphs are retained and every later product costs two backward passes
+        instead of a forward and three backwards (the saving CG gets on its fixed batches), at the
+        price of holding this batch's activations in memory.
+        """
+        if self.kind != "ggn":
+            return lambda v: self(v, batch)
         with torch.enable_grad():
             theta = self.theta_hat.clone().requires_grad_(True)
             z = self.objective.outputs(self.params.unflatten(theta), batch)
-            # J v by the double-vjp trick: u -> Jᵀu is linear in u, and its vjp with v is J v.
             u = torch.zeros_like(z, requires_grad=True)
             (jt_u,) = torch.autograd.grad(z, theta, grad_outputs=u, create_graph=True)
-            (jv,) = torch.autograd.grad(jt_u, u, grad_outputs=v)
             # (∇²_z ℓ_B) J v, differentiating only the loss head (cheap: no network pass)
             zd = z.detach().requires_grad_(True)
             (gz,) = torch.autograd.grad(self.objective.losses(zd, batch).mean(), zd, create_graph=True)
-            (hjv,) = torch.autograd.grad(gz, zd, grad_outputs=jv)
-            (gv,) = torch.autograd.grad(z, theta, grad_outputs=hjv)
-        return gv
+
+        def product(v: torch.Tensor) -> torch.Tensor:
+            with torch.enable_grad():
+                (jv,) = torch.autograd.grad(jt_u, u, grad_outputs=v.to(self.theta_hat.dtype), retain_graph=keep)
+                (hjv,) = torch.autograd.grad(gz, zd, grad_outputs=jv, retain_graph=keep)
+                (gv,) = torch.autograd.grad(z, theta, grad_outputs=hjv, retain_graph=keep)
+            return gv
+
+        return product
 
 
 def seeded_subset(items: list, k: int | None, seed: int) -> list:
@@ -101,7 +117,7 @@ class HessianOperator:
     """
 
     def __init__(self, curvature: Curvature, items: list, batch_size: int, damping: float,
-                 curvature_samples: int | None = None, seed: int = 0, device="cpu"):
+                 curvature_samples: int | None = None, seed: int = 0, device="cpu", cache_batches: int = 0):
         if damping < 0:
             raise ValueError("damping must be >= 0")
         self.curvature, self.items, self.batch_size, self.damping = curvature, items, batch_size, damping
@@ -113,6 +129,9 @@ class HessianOperator:
         self.fixed = [collate(chosen[i:i + batch_size], device) for i in range(0, k, batch_size)]
         self.fixed_weights = [curvature.objective.batch_size(b) / k for b in self.fixed]
         self.hvp_count = 0
+        # GGN products on the fixed batches reuse one linearisation per batch (built on first use)
+        self.cache_batches = cache_batches
+        self._linear: dict[int, object] = {}
 
     @property
     def dim(self) -> int:
@@ -134,9 +153,21 @@ class HessianOperator:
 
     def full(self, v: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(v)
-        for w, b in zip(self.fixed_weights, self.fixed):
-            out += w * (self(v, b) - self.damping * v)
+        for i, (w, b) in enumerate(zip(self.fixed_weights, self.fixed)):
+            out += w * self._fixed_product(i, v)
         return out + self.damping * v
+
+    def _fixed_product(self, i: int, v: torch.Tensor) -> torch.Tensor:
+        """C_B v (undamped) for fixed batch i, through its cached linearisation when allowed."""
+        if i >= self.cache_batches or self.curvature.kind != "ggn":
+            return self(v, self.fixed[i]) - self.damping * v
+        if i not in self._linear:
+            self._linear[i] = self.curvature.linearise(self.fixed[i])
+        self.hvp_count += 1
+        out = self._linear[i](v.to(self.curvature.theta_hat.dtype))
+        if not torch.isfinite(out).all():
+            raise NumericalError("the Gauss-Newton product is not finite; check the adapter for NaN/Inf weights")
+        return out
 
     def residual(self, x: torch.Tensor, b: torch.Tensor) -> float:
         r = float(torch.linalg.vector_norm(self.full(x) - b) / torch.linalg.vector_norm(b))

@@ -38,6 +38,9 @@ class UnlearnSettings:
     curvature_data: str = field(default="edited", metadata={"help": "data the curvature is taken over: 'edited' (the data after the request, so the update is a Newton step "
                                                       "on the retraining objective, as in Guo et al. 2020) or 'original' (the paper's H of the training loss)", "choices": CURVATURE_DATA})
     curvature_samples: int = field(default=128, metadata={"help": "training samples in the fixed batches for CG and the residual (0: all)"})
+    cache_batches: int = field(default=4, metadata={"help": "fixed curvature batches whose Gauss-Newton linearisation is kept in memory between CG iterations, "
+                                                     "so each later product costs two backward passes instead of a forward and three backwards; "
+                                                     "each holds one batch's activations (0: recompute every product)"})
     hvp_mode: str = field(default="auto", metadata={"help": "how Hessian-vector products are taken: forward-over-reverse, double backprop, or auto (the first that works)", "choices": HVP_MODES})
     max_length: int = field(default=512, metadata={"help": "tokens per sample; longer prompts are cut on the left"})
     template: str = field(default="auto", metadata={"help": "prompt rendering: the tokenizer's chat template, a plain '### User:' template, or auto (chat when the tokenizer has one)", "choices": TEMPLATES})
@@ -63,8 +66,8 @@ class UnlearnSettings:
             raise InputError(f"--template must be one of {TEMPLATES}")
         if not self.damping >= 0:
             raise InputError("--damping must be >= 0")
-        if self.batch_size < 1 or self.max_length < 2 or self.curvature_samples < 0 or self.newton_steps < 1:
-            raise InputError("--batch-size and --newton-steps must be >= 1, --max-length >= 2 and --curvature-samples >= 0")
+        if self.batch_size < 1 or self.max_length < 2 or self.curvature_samples < 0 or self.newton_steps < 1 or self.cache_batches < 0:
+            raise InputError("--batch-size and --newton-steps must be >= 1, --max-length >= 2 and --curvature-samples, --cache-batches >= 0")
 
 
 @dataclass
@@ -138,7 +141,7 @@ class Unlearner:
         theta = self.theta_hat if theta is None else theta
         curv = Curvature(self.objective, self.params, theta, s.curvature, s.hvp_mode)
         return HessianOperator(curv, self.examples if items is None else items, s.batch_size, self.damping,
-                               s.curvature_samples, s.seed, self.device)
+                               s.curvature_samples, s.seed, self.device, s.cache_batches)
 
     def solve(self, b: torch.Tensor, progress: bool = True, op: HessianOperator | None = None) -> SolveResult:
         if not torch.any(b != 0):  # the request changes nothing the loss sees: Δ = 0 exactly
