@@ -1,0 +1,283 @@
+"""The paper's protocol (../shared/docs/method.md §5) on real public data, at this machine's scale.
+
+Scenarios (issue 6):
+  IR       tallrec-book   remove 5% of the training samples                 test AUC, forget-set AUC
+  QM       tallrec-movie  10% of histories get a random other movie injected into "User Preference";
+                          the adapter trained on them is corrected back to the clean histories
+  RC       tallrec-book   30% of training labels flipped; corrected back      test AUC
+  RC-gen   dialogsum      20% of summaries replaced by another dialogue's; corrected back   ROUGE-1/2/L
+  scaling  tallrec-book   IR 5% at several n                                  seconds of unlearn vs retrain
+
+For QM / RC / RC-gen the "original" adapter is the one trained on the corrupted data (the paper's
+Corrupted) and retrain is trained on the clean data. Every split and edit comes from a fixed seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from llmeraser.baselines import baseline, train
+from llmeraser.evaluate import evaluate
+from llmeraser.fileio import write_json
+from llmeraser.modeling import load_adapter
+from llmeraser.solvers import SolverSettings
+from llmeraser.train import TrainSettings
+from llmeraser.unlearner import UnlearnSettings, unlearn
+
+from .costs import PeakMemory, hvp_cost
+
+SCENARIOS = ("IR", "QM", "RC", "RC-gen", "scaling")
+SUMMARY_PROMPT = "Summarise the following dialogue in one or two sentences.\n\n{dialogue}"
+
+
+@dataclass
+class Sizes:
+    n_train: int
+    n_test: int
+    n_gen_train: int  # dialogsum
+    n_gen_test: int
+    epochs: float
+    max_length: int
+    retain_eval: int
+    cg_iters: int
+    stochastic_iters: int
+    curvature_samples: int
+    max_new_tokens: int
+    scaling_n: tuple[int, ...]
+    baseline_steps: int
+
+
+# One training step on a batch of 8 TALLRec prompts of ~160 tokens takes ~8 s on the 2-core CPU machine
+# (measured). Chat-rendered TALLRec prompts: median 210 tokens, 95th percentile 313 (book); DialogSum
+# median 268, so 320 cuts some dialogues on the left. The full sizes here are what fits in a session there, far below the paper's.
+FULL = Sizes(n_train=128, n_test=96, n_gen_train=48, n_gen_test=16, epochs=2, max_length=320, retain_eval=32,
+             cg_iters=8, stochastic_iters=16, curvature_samples=16, max_new_tokens=40,
+             scaling_n=(64, 128, 256), baseline_steps=8)
+QUICK = Sizes(n_train=8, n_test=4, n_gen_train=6, n_gen_test=2, epochs=1, max_length=64, retain_eval=2,
+              cg_iters=2, stochastic_iters=2, curvature_samples=4, max_new_tokens=4,
+              scaling_n=(8, 16), baseline_steps=1)
+RECIPE = dict(rank=8, alpha=16, lr=1e-3, batch_size=8, seed=0, target_modules=("q_proj", "v_proj"))
+SEED = 0
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def load_tallrec(root: Path, name: str) -> list[dict]:
+    return json.loads((root / name / "valid.json").read_text())
+
+
+def load_dialogsum(root: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (root / "dialogsum" / "dev.jsonl").read_text().splitlines() if line.strip()]
+    return [{"prompt": SUMMARY_PROMPT.format(dialogue=r["dialogue"]), "response": r["summary"]} for r in rows]
+
+
+def split(rows: list[dict], n_train: int, n_test: int, seed: int = SEED) -> tuple[list[dict], list[dict]]:
+    """Seeded, disjoint train and test samples; every record gets a stable id ("s<position in the file>")."""
+    if n_train + n_test > len(rows):
+        raise ValueError(f"asked for {n_train} + {n_test} samples from a file of {len(rows)}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    tagged = [{"id": f"s{i}", **rows[i]} for i in order[:n_train + n_test]]
+    return tagged[:n_train], tagged[n_train:]
+
+
+def pick(n: int, fraction: float, seed: int) -> list[int]:
+    """A seeded choice of round(fraction·n) (at least 1) positions."""
+    return sorted(random.Random(seed).sample(range(n), max(1, round(fraction * n))))
+
+
+def inject_movie(text: str, pool: list[str], rng: random.Random) -> str:
+    """Insert a random other movie at a random place in the 'User Preference:' list."""
+    head, sep, rest = text.partition("User Preference: ")
+    line, nl, tail = rest.partition("\n")
+    items = [x for x in re.findall(r'"[^"]*"', line)]
+    movie = rng.choice([m for m in pool if m not in items])
+    items.insert(rng.randrange(len(items) + 1), movie)
+    return head + sep + ", ".join(items) + nl + tail
+
+
+# each builder returns (training rows as trained on, clean training rows, request rows)
+def build_ir(train_rows, seed):
+    return train_rows, None, [{"op": "remove", "id": train_rows[i]["id"]} for i in pick(len(train_rows), 0.05, seed)]
+
+
+def build_qm(train_rows, seed, pool):
+    rng = random.Random(seed)
+    corrupted, req = [dict(r) for r in train_rows], []
+    for i in pick(len(train_rows), 0.10, seed):
+        corrupted[i]["input"] = inject_movie(train_rows[i]["input"], pool, rng)
+        req.append({"op": "modify_query", "id": train_rows[i]["id"], "new": {"input": train_rows[i]["input"]}})
+    return corrupted, train_rows, req
+
+
+def build_rc(train_rows, seed):
+    corrupted, req = [dict(r) for r in train_rows], []
+    for i in pick(len(train_rows), 0.30, seed):
+        corrupted[i]["output"] = "No." if train_rows[i]["output"] == "Yes." else "Yes."
+        req.append({"op": "correct_response", "id": train_rows[i]["id"], "new": {"output": train_rows[i]["output"]}})
+    return corrupted, train_rows, req
+
+
+def build_rc_gen(train_rows, seed):
+    rng = random.Random(seed)
+    corrupted, req = [dict(r) for r in train_rows], []
+    for i in pick(len(train_rows), 0.20, seed):
+        j = rng.choice([k for k in range(len(train_rows)) if k != i])
+        corrupted[i]["response"] = train_rows[j]["response"]
+        req.append({"op": "correct_response", "id": train_rows[i]["id"], "new": {"response": train_rows[i]["response"]}})
+    return corrupted, train_rows, req
+
+
+def llmeraser_settings(sizes: Sizes, solver: str) -> UnlearnSettings:
+    iters = sizes.cg_iters if solver == "cg" else sizes.stochastic_iters
+    return UnlearnSettings(solver=solver, curvature_samples=sizes.curvature_samples, max_length=sizes.max_length, device="cpu",
+                           solver_settings=SolverSettings(tol=0.05, max_iters=iters, check_every=max(2, iters // 4),
+                                                          power_iters=2 if sizes is QUICK else 10))
+
+
+class Runner:
+    def __init__(self, data_root: Path, work: Path, results: Path, sizes: Sizes, mt, progress: bool = True):
+        self.root, self.work, self.results, self.sizes, self.mt, self.progress = data_root, work, results, sizes, mt, progress
+        self.recipe = TrainSettings(epochs=sizes.epochs, max_length=sizes.max_length, **RECIPE)
+
+    def say(self, msg):
+        print(f"[paper {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    def train(self, data: Path, out: Path) -> tuple[Path, float]:
+        with PeakMemory() as mem:
+            train("smollm2", data, out, self.recipe, overwrite=True, progress=self.progress, model_and_tokenizer=self.mt)
+        return out, mem.peak_mb
+
+    def edit(self, name: str, trained_rows, clean_rows, req_rows, test_rows, cheap: str) -> dict:
+        """Train the original (or corrupted) adapter and retrain, apply the edit with llmeraser (cg and
+        stochastic) and the cheap baseline, evaluate everything, write results/<name>.json."""
+        s, d = self.sizes, self.work / name
+        data = write_jsonl(d / "train.jsonl", trained_rows)
+        request = write_jsonl(d / "request.jsonl", req_rows)
+        test = write_jsonl(d / "test.jsonl", test_rows)
+        if clean_rows is not None:  # the request must turn the corrupted data back into the clean data exactly
+            from llmeraser.data import apply_request, load_records, load_request
+
+            records = load_records(data)
+            fixed = [r.fields for r in apply_request(records, load_request(request, records))]
+            assert fixed == clean_rows, f"{name}: the request does not restore the clean training data"
+        self.say(f"{name}: n = {len(trained_rows)}, {len(req_rows)} edits, test {len(test_rows)}; training the original")
+        original, train_peak = self.train(data, d / "original")
+        adapters = {"original": original}
+        self.say(f"{name}: retrain")
+        adapters["retrain"] = baseline("retrain", "smollm2", original, data, request, d / "retrain", overwrite=True,
+                                       progress=self.progress, model_and_tokenizer=self.mt)
+        runs = {}
+        for solver in ("cg", "stochastic"):
+            self.say(f"{name}: llmeraser ({solver})")
+            with PeakMemory() as mem:
+                res = unlearn("smollm2", original, data, request, d / f"llmeraser-{solver}", llmeraser_settings(s, solver),
+                              overwrite=True, progress=self.progress, model_and_tokenizer=self.mt)
+            runs[solver] = {**res.meta, "stage_peak_mb": mem.peak_mb}
+            adapters[f"llmeraser-{solver}"] = res.out
+        self.say(f"{name}: {cheap}")
+        adapters[cheap] = baseline(cheap, "smollm2", original, data, request, d / cheap, overwrite=True,
+                                   steps=s.baseline_steps, progress=self.progress, model_and_tokenizer=self.mt)
+        self.say(f"{name}: evaluate")
+        max_new = s.max_new_tokens if name == "RC-gen" else 4
+        report = evaluate("smollm2", adapters, data, request, d / "report", test=test, overwrite=True, progress=self.progress,
+                          model_and_tokenizer=self.mt, max_new_tokens=max_new, max_length=s.max_length,
+                          retain_samples=s.retain_eval, keep_samples=3)
+        self.say(f"{name}: HVP cost probe")
+        probe = self.probe(original, trained_rows)
+        retrain_s = json.loads((adapters["retrain"] / "train.json").read_text())["seconds"]
+        result = {
+            "scenario": name, "sizes": asdict(s), "recipe": self.recipe.to_dict(), "seed": SEED,
+            "n": len(trained_rows), "edits": len(req_rows), "test": len(test_rows),
+            "metrics": {m: {k: v for k, v in r.items() if k in ("forget", "forget_new", "retain", "test", "vs_retrain")}
+                        for m, r in report["methods"].items()},
+            "llmeraser": {solver: self.cost_row(meta, retrain_s, train_peak) for solver, meta in runs.items()},
+            "retrain_seconds": retrain_s, "training_peak_mb": train_peak, "hvp_cost": probe,
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        for m in result["metrics"].values():  # generated samples make the file long and say little here
+            for split in m.values():
+                if isinstance(split, dict):
+                    split.pop("samples", None)
+        write_json(self.results / f"{name}.json", result)
+        return result
+
+    @staticmethod
+    def cost_row(meta: dict, retrain_s: float, train_peak: float) -> dict:
+        secs = meta["seconds"]
+        total = secs["b"] + secs["solve"] + secs.get("save", 0.0)
+        return {"seconds": {k: secs[k] for k in ("b", "solve", "save") if k in secs}, "seconds_total": total,
+                "speedup_vs_retrain": retrain_s / total, "solver_iterations": meta["solver"]["iterations"],
+                "final_relative_residual": meta["solver"]["final_residual"], "converged": meta["solver"]["converged"],
+                "hvps": meta["solver"].get("hvps"), "line_search_scale": (meta["newton_steps"][0].get("line_search") or {}).get("scale"),
+                "peak_mb": meta["stage_peak_mb"], "peak_over_training": meta["stage_peak_mb"] / train_peak if train_peak > 0 else None}
+
+    def probe(self, adapter: Path, rows) -> dict:
+        from llmeraser.data import load_records
+
+        model = load_adapter(self.mt[0], adapter)
+        try:
+            records = load_records(write_jsonl(self.work / "probe.jsonl", rows[:8]))
+            return hvp_cost(model, self.mt[1], records, max_length=self.sizes.max_length, repeats=1 if self.sizes is QUICK else 3,
+                            warm_up=self.sizes is not QUICK)
+        finally:
+            model.unload()
+
+    def scenario(self, name: str) -> dict:
+        s = self.sizes
+        if name == "IR":
+            tr, te = split(load_tallrec(self.root, "tallrec-book"), s.n_train, s.n_test)
+            rows, _, req = build_ir(tr, SEED)
+            return self.edit(name, rows, None, req, te, "gradient-ascent")
+        if name == "QM":
+            all_rows = load_tallrec(self.root, "tallrec-movie")
+            pool = sorted({m for r in all_rows for m in re.findall(r'"[^"]*"', r["input"])})
+            tr, te = split(all_rows, s.n_train, s.n_test)
+            rows, clean, req = build_qm(tr, SEED, pool)
+            return self.edit(name, rows, clean, req, te, "finetune-corrected")
+        if name == "RC":
+            tr, te = split(load_tallrec(self.root, "tallrec-book"), s.n_train, s.n_test)
+            rows, clean, req = build_rc(tr, SEED)
+            return self.edit(name, rows, clean, req, te, "finetune-corrected")
+        if name == "RC-gen":
+            tr, te = split(load_dialogsum(self.root), s.n_gen_train, s.n_gen_test)
+            rows, clean, req = build_rc_gen(tr, SEED)
+            return self.edit(name, rows, clean, req, te, "finetune-corrected")
+        if name == "scaling":
+            return self.scaling()
+        raise ValueError(f"unknown scenario {name!r}; choose from {SCENARIOS}")
+
+    def scaling(self) -> dict:
+        """IR 5% at each n: seconds of llmeraser (cg) against retraining, same recipe and machine."""
+        book = load_tallrec(self.root, "tallrec-book")
+        points = []
+        for n in self.sizes.scaling_n:
+            d = self.work / "scaling" / f"n{n}"
+            tr, _ = split(book, n, 0)
+            rows, _, req_rows = build_ir(tr, SEED)
+            data, request = write_jsonl(d / "train.jsonl", rows), write_jsonl(d / "request.jsonl", req_rows)
+            self.say(f"scaling: n = {n}: original")
+            original, train_peak = self.train(data, d / "original")
+            self.say(f"scaling: n = {n}: llmeraser (cg)")
+            with PeakMemory() as mem:
+                res = unlearn("smollm2", original, data, request, d / "llmeraser-cg", llmeraser_settings(self.sizes, "cg"),
+                              overwrite=True, progress=self.progress, model_and_tokenizer=self.mt)
+            self.say(f"scaling: n = {n}: retrain")
+            retrain = baseline("retrain", "smollm2", original, data, request, d / "retrain", overwrite=True,
+                               progress=self.progress, model_and_tokenizer=self.mt)
+            retrain_s = json.loads((retrain / "train.json").read_text())["seconds"]
+            points.append({"n": n, "edits": len(req_rows), "retrain_seconds": retrain_s,
+                           **self.cost_row({**res.meta, "stage_peak_mb": mem.peak_mb}, retrain_s, train_peak)})
+        result = {"scenario": "scaling", "sizes": asdict(self.sizes), "recipe": self.recipe.to_dict(), "seed": SEED,
+                  "points": points, "date": time.strftime("%Y-%m-%d")}
+        write_json(self.results / "scaling.json", result)
+        return result

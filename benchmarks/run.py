@@ -1,0 +1,78 @@
+"""Benchmarks entry point.
+
+    python -m benchmarks.run --suite paper [--quick] [--scenarios IR QM RC RC-gen scaling]
+
+Reads ../shared/data (beside the checkout; --data-root to point elsewhere) and exits with a clear
+message when it is absent. Full runs write benchmarks/results/<scenario>.json and
+benchmarks/results/paper.md (the tables for BENCHMARKS.md) and scaling.png; --quick runs every
+scenario at a tiny size and writes under benchmarks/work/quick/ so it never replaces full results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE.parent.parent / "shared" / "data"
+
+
+def parse(argv=None):
+    from .paper import SCENARIOS
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=("paper",), default="paper", help="which benchmark suite (only 'paper' so far)")
+    ap.add_argument("--quick", action="store_true", help="every scenario at a tiny size (a smoke run, minutes; numbers mean nothing)")
+    ap.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS), help="which scenarios to run (default: all)")
+    ap.add_argument("--data-root", type=Path, default=DEFAULT_DATA, help=f"folder with tallrec-book/, tallrec-movie/, dialogsum/ (default: {DEFAULT_DATA})")
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder for adapters and splits (default: benchmarks/work/paper or work/quick)")
+    ap.add_argument("--results", type=Path, default=None, help="where result files go (default: benchmarks/results, or work/quick/results with --quick)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return ap.parse_args(argv)
+
+
+def missing_data(root: Path, scenarios) -> list[str]:
+    need = {"IR": "tallrec-book/valid.json", "RC": "tallrec-book/valid.json", "scaling": "tallrec-book/valid.json",
+            "QM": "tallrec-movie/valid.json", "RC-gen": "dialogsum/dev.jsonl"}
+    return sorted({need[s] for s in scenarios if not (root / need[s]).is_file()})
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    missing = missing_data(args.data_root, args.scenarios)
+    if missing:
+        print(f"benchmarks: skipped: {', '.join(missing)} not found under {args.data_root}; these benchmarks read the "
+              "shared data sets beside the checkout (give --data-root FOLDER if they are elsewhere)", file=sys.stderr)
+        return 2
+    from llmeraser.modeling import load_base
+
+    from .paper import FULL, QUICK, Runner
+    from .tables import render
+
+    sizes = QUICK if args.quick else FULL
+    work = args.work or HERE / "work" / ("quick" if args.quick else "paper")
+    results = args.results or (work / "results" if args.quick else HERE / "results")
+    results.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    mt = load_base("smollm2", "cpu")
+    runner = Runner(args.data_root.resolve(), work, results, sizes, mt, progress=not args.no_progress)
+    timings = {}
+    for name in args.scenarios:
+        t = time.perf_counter()
+        runner.scenario(name)
+        timings[name] = time.perf_counter() - t
+        runner.say(f"{name} done in {timings[name]:.0f}s")
+    (results / "paper.md").write_text(render(results))
+    (results / "run.json").write_text(json.dumps({"quick": args.quick, "scenarios": args.scenarios, "seconds": timings,
+                                                  "seconds_total": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d")}, indent=1))
+    print(render(results))
+    print(f"results in {results}; total {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The paper benchmarks: data builders (fast, on made-up rows) and the --quick run (slow, real data)."""
+
+import json
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.paper import SCENARIOS, build_qm, build_rc, build_rc_gen, inject_movie, pick, split
+from benchmarks.run import DEFAULT_DATA, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def movie_rows(n):
+    return [{"instruction": "Will the user like it?", "input": f'User Preference: "A{i} (1990)", "B, The (1991)"\n'
+             f'User Unpreference: "C{i} (1992)"\nWhether the user will like the target movie "T{i} (1993)"?',
+             "output": "Yes." if i % 2 else "No."} for i in range(n)]
+
+
+def test_split_is_seeded_disjoint_and_tagged():
+    rows = [{"x": i} for i in range(50)]
+    a_train, a_test = split(rows, 30, 10)
+    b_train, b_test = split(rows, 30, 10)
+    assert a_train == b_train and a_test == b_test
+    ids = [r["id"] for r in a_train + a_test]
+    assert len(set(ids)) == 40
+    assert all(rows[int(r["id"][1:])]["x"] == r["x"] for r in a_train + a_test)
+    assert split(rows, 30, 10, seed=1)[0] != a_train
+
+
+def test_pick_fraction():
+    assert len(pick(256, 0.05, 0)) == 13 and len(pick(10, 0.01, 0)) == 1
+    assert pick(100, 0.3, 0) == pick(100, 0.3, 0)
+
+
+def test_inject_movie_adds_exactly_one_other_movie_to_preferences():
+    row = movie_rows(1)[0]
+    pool = ['"Z (2000)"', '"A0 (1990)"']
+    out = inject_movie(row["input"], pool, random.Random(0))
+    pref = out.split("\n")[0]
+    assert sorted(re.findall(r'"[^"]*"', pref)) == sorted(['"A0 (1990)"', '"B, The (1991)"', '"Z (2000)"'])
+    assert out.split("\n")[1:] == row["input"].split("\n")[1:]  # the rest is untouched
+
+
+@pytest.mark.parametrize("kind", ["qm", "rc", "rc_gen"])
+def test_corruptions_touch_the_chosen_share_and_the_request_undoes_them(kind):
+    if kind == "qm":
+        rows = [{"id": f"s{i}", **r} for i, r in enumerate(movie_rows(40))]
+        pool = sorted({m for r in rows for m in re.findall(r'"[^"]*"', r["input"])})
+        corrupted, clean, req = build_qm(rows, 0, pool)
+        share = 0.10
+    elif kind == "rc":
+        rows = [{"id": f"s{i}", **r} for i, r in enumerate(movie_rows(40))]
+        corrupted, clean, req = build_rc(rows, 0)
+        share = 0.30
+    else:
+        rows = [{"id": f"s{i}", "prompt": f"dialogue {i}", "response": f"summary {i}"} for i in range(40)]
+        corrupted, clean, req = build_rc_gen(rows, 0)
+        share = 0.20
+    changed = [i for i, (a, b) in enumerate(zip(corrupted, clean)) if a != b]
+    assert len(changed) == len(req) == round(share * 40)
+    fixed = {e["id"]: e["new"] for e in req}
+    assert [{**c, **fixed.get(c["id"], {})} for c in corrupted] == clean
+
+
+def test_missing_data_is_a_clear_skip(tmp_path, capsys):
+    assert main(["--quick", "--data-root", str(tmp_path), "--scenarios", "IR"]) == 2
+    assert "tallrec-book/valid.json not found" in capsys.readouterr().err
+
+
+COST_FIELDS = {"seconds", "seconds_total", "speedup_vs_retrain", "solver_iterations", "final_relative_residual",
+               "converged", "peak_mb", "peak_over_training"}
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_field(tmp_path):
+    if not (DEFAULT_DATA / "tallrec-book" / "valid.json").is_file():
+        pytest.skip(f"the shared benchmark data is not at {DEFAULT_DATA}")
+    results = tmp_path / "results"
+    subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "paper", "--quick", "--no-progress",
+                    "--work", str(tmp_path / "work"), "--results", str(results)], cwd=ROOT, check=True, timeout=900)
+    for name in SCENARIOS:
+        r = json.loads((results / f"{name}.json").read_text())
+        if name == "scaling":
+            assert len(r["points"]) >= 2
+            for p in r["points"]:
+                assert COST_FIELDS | {"n", "retrain_seconds"} <= set(p)
+                assert {"b", "solve", "save"} <= set(p["seconds"])
+            continue
+        assert {"original", "retrain", "llmeraser-cg", "llmeraser-stochastic"} <= set(r["metrics"])
+        metric = "rougeL" if name == "RC-gen" else "auc"
+        for m in r["metrics"].values():
+            assert metric in m["test"]
+            if name == "IR":
+                assert "auc" in m["forget"]
+        assert set(r["llmeraser"]) == {"cg", "stochastic"}
+        for c in r["llmeraser"].values():
+            assert COST_FIELDS <= set(c) and {"b", "solve", "save"} <= set(c["seconds"])
+            assert c["seconds_total"] > 0 and c["final_relative_residual"] >= 0
+        assert r["retrain_seconds"] > 0 and r["training_peak_mb"] is not None
+        assert {"gradient_s", "ggn_s", "ggn_cached_s", "ggn_over_gradient"} <= set(r["hvp_cost"])
+    assert "### IR" in (results / "paper.md").read_text()
