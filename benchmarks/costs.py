@@ -83,9 +83,11 @@ def _timed(fn, repeats: int, warm_up: bool = True) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def hvp_cost(model, tokenizer, records, batch_size: int = 8, max_length: int = 512, repeats: int = 3, warm_up: bool = True) -> dict:
+def hvp_cost(model, tokenizer, records, batch_size: int = 8, max_length: int = 512, repeats: int = 3, warm_up: bool = True,
+             products: bool = True) -> dict:
     """Median seconds of a plain gradient, a fresh GGN product, a cached-linearisation GGN product and a
-    double-backprop Hessian product on the same batch of `records`, and each as a multiple of the gradient."""
+    double-backprop Hessian product on the same batch of `records`, and each as a multiple of the gradient;
+    and the peak memory a gradient (a training step's forward and backward) and a GGN product add."""
     params, theta = theta_of(model)
     obj = CausalLMObjective(model, tokenizer.pad_token_id)
     tpl = resolve_template(tokenizer, "auto")
@@ -102,7 +104,14 @@ def hvp_cost(model, tokenizer, records, batch_size: int = 8, max_length: int = 5
     ggn = Curvature(obj, params, theta, "ggn")
     linear = ggn.linearise(batch)
     hess = Curvature(obj, params, theta, "hessian", "rev_rev")
-    out = {"batch_size": batch["n"], "tokens": int(batch["attention_mask"].sum()),
+    with PeakMemory(device) as grad_mem:
+        gradient()
+    head = {"batch_size": batch["n"], "tokens": int(batch["attention_mask"].sum()), "gradient_peak_mb": grad_mem.peak_mb}
+    if not products:  # only what a training step costs in memory
+        return head
+    with PeakMemory(device) as ggn_mem:
+        ggn(v, batch)
+    out = {**head, "ggn_peak_mb": ggn_mem.peak_mb,
            "gradient_s": _timed(gradient, repeats, warm_up),
            "ggn_s": _timed(lambda: ggn(v, batch), repeats, warm_up),
            "ggn_cached_s": _timed(lambda: linear(v), repeats, warm_up),

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from llmeraser.baselines import baseline, train
 from llmeraser.evaluate import evaluate
-from llmeraser.fileio import write_json
+from llmeraser.fileio import sha256_file, write_json
 from llmeraser.modeling import load_adapter
 from llmeraser.solvers import SolverSettings
 from llmeraser.train import TrainSettings
@@ -141,7 +141,7 @@ def llmeraser_settings(sizes: Sizes, solver: str) -> UnlearnSettings:
     iters = sizes.cg_iters if solver == "cg" else sizes.stochastic_iters
     return UnlearnSettings(solver=solver, curvature_samples=sizes.curvature_samples, max_length=sizes.max_length, device="cpu",
                            solver_settings=SolverSettings(tol=0.05, max_iters=iters, check_every=max(2, iters // 4),
-                                                          power_iters=2 if sizes is QUICK else 10))
+                                                          power_iters=2 if sizes is QUICK else 4))
 
 
 class Runner:
@@ -152,10 +152,28 @@ class Runner:
     def say(self, msg):
         print(f"[paper {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    def train(self, data: Path, out: Path) -> tuple[Path, float]:
-        with PeakMemory() as mem:
-            train("smollm2", data, out, self.recipe, overwrite=True, progress=self.progress, model_and_tokenizer=self.mt)
-        return out, mem.peak_mb
+    def cached(self, adapter: Path, **expected) -> bool:
+        """Whether `adapter` holds a finished training run of this recipe on these inputs (reruns skip it)."""
+        meta = adapter / "train.json"
+        if not meta.is_file():
+            return False
+        saved = json.loads(meta.read_text())
+        return saved.get("arguments") == self.recipe.to_dict() and all(saved.get(k) == v for k, v in expected.items())
+
+    def train(self, data: Path, out: Path) -> Path:
+        """Train the original adapter, or reuse it when a finished run of this recipe on this data is there."""
+        if self.cached(out, data_sha256=sha256_file(data)):
+            self.say(f"reusing {out} (same recipe and data)")
+            return out
+        train("smollm2", data, out, self.recipe, overwrite=True, progress=self.progress, model_and_tokenizer=self.mt)
+        return out
+
+    def retrain(self, original: Path, data: Path, request: Path, out: Path) -> Path:
+        if self.cached(out, request_sha256=sha256_file(request), original_data=str(data.resolve())):
+            self.say(f"reusing {out} (same recipe, data and request)")
+            return out
+        return baseline("retrain", "smollm2", original, data, request, out, overwrite=True, progress=self.progress,
+                        model_and_tokenizer=self.mt)
 
     def edit(self, name: str, trained_rows, clean_rows, req_rows, test_rows, cheap: str) -> dict:
         """Train the original (or corrupted) adapter and retrain, apply the edit with llmeraser (cg and
@@ -171,11 +189,13 @@ class Runner:
             fixed = [r.fields for r in apply_request(records, load_request(request, records))]
             assert fixed == clean_rows, f"{name}: the request does not restore the clean training data"
         self.say(f"{name}: n = {len(trained_rows)}, {len(req_rows)} edits, test {len(test_rows)}; training the original")
-        original, train_peak = self.train(data, d / "original")
+        original = self.train(data, d / "original")
+        self.say(f"{name}: HVP cost probe")
+        probe = self.probe(original, trained_rows)
+        train_peak = probe["gradient_peak_mb"]  # a training step: forward and backward of one batch
         adapters = {"original": original}
         self.say(f"{name}: retrain")
-        adapters["retrain"] = baseline("retrain", "smollm2", original, data, request, d / "retrain", overwrite=True,
-                                       progress=self.progress, model_and_tokenizer=self.mt)
+        adapters["retrain"] = self.retrain(original, data, request, d / "retrain")
         runs = {}
         for solver in ("cg", "stochastic"):
             self.say(f"{name}: llmeraser ({solver})")
@@ -192,8 +212,6 @@ class Runner:
         report = evaluate("smollm2", adapters, data, request, d / "report", test=test, overwrite=True, progress=self.progress,
                           model_and_tokenizer=self.mt, max_new_tokens=max_new, max_length=s.max_length,
                           retain_samples=s.retain_eval, keep_samples=3)
-        self.say(f"{name}: HVP cost probe")
-        probe = self.probe(original, trained_rows)
         retrain_s = json.loads((adapters["retrain"] / "train.json").read_text())["seconds"]
         result = {
             "scenario": name, "sizes": asdict(s), "recipe": self.recipe.to_dict(), "seed": SEED,
@@ -219,16 +237,18 @@ class Runner:
                 "speedup_vs_retrain": retrain_s / total, "solver_iterations": meta["solver"]["iterations"],
                 "final_relative_residual": meta["solver"]["final_residual"], "converged": meta["solver"]["converged"],
                 "hvps": meta["solver"].get("hvps"), "line_search_scale": (meta["newton_steps"][0].get("line_search") or {}).get("scale"),
+                "solver_settings": meta["settings"]["solver_settings"],
                 "peak_mb": meta["stage_peak_mb"], "peak_over_training": meta["stage_peak_mb"] / train_peak if train_peak > 0 else None}
 
-    def probe(self, adapter: Path, rows) -> dict:
+    def probe(self, adapter: Path, rows, products: bool = True) -> dict:
         from llmeraser.data import load_records
 
         model = load_adapter(self.mt[0], adapter)
         try:
             records = load_records(write_jsonl(self.work / "probe.jsonl", rows[:8]))
-            return hvp_cost(model, self.mt[1], records, max_length=self.sizes.max_length, repeats=1 if self.sizes is QUICK else 3,
-                            warm_up=self.sizes is not QUICK)
+            # one timed call after a warm-up: at full size each product takes 10-40 s on the CPU machine
+            return hvp_cost(model, self.mt[1], records, max_length=self.sizes.max_length, repeats=1,
+                            warm_up=self.sizes is not QUICK, products=products)
         finally:
             model.unload()
 
@@ -266,14 +286,14 @@ class Runner:
             rows, _, req_rows = build_ir(tr, SEED)
             data, request = write_jsonl(d / "train.jsonl", rows), write_jsonl(d / "request.jsonl", req_rows)
             self.say(f"scaling: n = {n}: original")
-            original, train_peak = self.train(data, d / "original")
+            original = self.train(data, d / "original")
+            train_peak = self.probe(original, rows, products=False)["gradient_peak_mb"]
             self.say(f"scaling: n = {n}: llmeraser (cg)")
             with PeakMemory() as mem:
                 res = unlearn("smollm2", original, data, request, d / "llmeraser-cg", llmeraser_settings(self.sizes, "cg"),
                               overwrite=True, progress=self.progress, model_and_tokenizer=self.mt)
             self.say(f"scaling: n = {n}: retrain")
-            retrain = baseline("retrain", "smollm2", original, data, request, d / "retrain", overwrite=True,
-                               progress=self.progress, model_and_tokenizer=self.mt)
+            retrain = self.retrain(original, data, request, d / "retrain")
             retrain_s = json.loads((retrain / "train.json").read_text())["seconds"]
             points.append({"n": n, "edits": len(req_rows), "retrain_seconds": retrain_s,
                            **self.cost_row({**res.meta, "stage_peak_mb": mem.peak_mb}, retrain_s, train_peak)})

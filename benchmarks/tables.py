@@ -39,7 +39,7 @@ def fidelity(r: dict) -> list[str]:
 
 def cost(r: dict) -> list[str]:
     h = r["hvp_cost"]
-    lines = [f"| {r['scenario']} solver | b s | solve s | save s | total s | retrain s | retrain / llmeraser | iterations | final rel. residual | line-search scale | peak MB (unlearn) | peak MB (training) |",
+    lines = [f"| {r['scenario']} solver | b s | solve s | save s | total s | retrain s | retrain / llmeraser | iterations | final rel. residual | line-search scale | peak MB (unlearn) | peak MB (training step) |",
              "| --- " * 12 + "|"]
     for solver, c in r["llmeraser"].items():
         s = c["seconds"]
@@ -48,7 +48,8 @@ def cost(r: dict) -> list[str]:
                      f"| {c['peak_mb']:.0f} | {r['training_peak_mb']:.0f} |")
     lines.append(f"\nOne batch of {h['batch_size']} ({h['tokens']} tokens): gradient {h['gradient_s']:.2f} s; GGN product {h['ggn_s']:.2f} s "
                  f"({h['ggn_over_gradient']:.2f}×); with the kept linearisation {h['ggn_cached_s']:.2f} s ({h['ggn_cached_over_gradient']:.2f}×); "
-                 f"Hessian by double backprop {h['hessian_rev_rev_s']:.2f} s ({h['hessian_rev_rev_over_gradient']:.2f}×).")
+                 f"Hessian by double backprop {h['hessian_rev_rev_s']:.2f} s ({h['hessian_rev_rev_over_gradient']:.2f}×). "
+                 f"Peak memory added: gradient {h['gradient_peak_mb']:.0f} MB, GGN product {h['ggn_peak_mb']:.0f} MB.")
     return lines
 
 

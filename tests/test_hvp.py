@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.func import hessian, jacrev
 
-from llmeraser.curvature import Curvature
+from llmeraser.curvature import Curvature, HessianOperator
 from llmeraser.modeling import theta_of
 from llmeraser.objective import CausalLMObjective
 from llmeraser.render import encode
@@ -61,9 +61,6 @@ def test_hvp_leaves_model_untouched(tiny64):
 
 def test_cached_ggn_linearisation_matches_fresh_products(tiny64):
     """The operator's kept linearisation gives the same G v, call after call, as a fresh product."""
-    from llmeraser.curvature import HessianOperator
-    from llmeraser.render import encode
-
     model, tok, records = tiny64
     params, theta = theta_of(model)
     obj = CausalLMObjective(model, tok.pad_token_id)
