@@ -73,3 +73,13 @@ def test_cached_ggn_linearisation_matches_fresh_products(tiny64):
         v = torch.randn(theta.numel(), dtype=torch.float64, generator=g)
         assert close(cached.full(v), fresh.full(v))
     assert len(cached._linear) == 2  # 3 fixed batches, 2 of them cached
+
+
+def test_response_logits_only_match_the_full_projection(tiny64):
+    """Projecting only the response positions onto the vocabulary changes nothing but the cost."""
+    obj, params, theta, batch = setup(tiny64)
+    assert batch["keep"].numel() < batch["input_ids"].shape[1]  # the test case does skip positions
+    kept = obj.outputs(params.unflatten(theta), batch)
+    obj.keeps_logits = False
+    full = obj.outputs(params.unflatten(theta), batch)
+    assert torch.allclose(kept, full, rtol=1e-12, atol=1e-14)  # float64; only the matmul blocking differs

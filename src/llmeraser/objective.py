@@ -45,6 +45,7 @@ class CausalLMObjective(Objective):
     def __init__(self, model: torch.nn.Module, pad_id: int):
         self.model = model
         self.pad_id = pad_id
+        self.keeps_logits = True
 
     def collate(self, items: list[Example], device) -> dict:
         width = max(len(e.input_ids) for e in items)
@@ -59,6 +60,10 @@ class CausalLMObjective(Objective):
                 rows.append(i)
                 cols.append(t - 1)
         rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
+        # only the positions that predict response tokens go through the vocabulary projection: for
+        # short responses after long prompts the full [batch, length, vocab] logits (and their graphs
+        # in a double backward) were most of an HVP's memory
+        keep, where = torch.unique(cols_t, return_inverse=True)
         return {
             "n": len(items),
             "input_ids": ids.to(device),
@@ -67,17 +72,20 @@ class CausalLMObjective(Objective):
             "cols": cols_t.to(device),
             "targets": ids[rows_t, cols_t + 1].to(device),
             "counts": torch.tensor([e.n_response for e in items], device=device),
+            "keep": keep.to(device),
+            "where": where.to(device),
         }
 
     def outputs(self, params, batch):
-        out = functional_call(
-            self.model,
-            params,
-            args=(),
-            kwargs={"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False},
-            strict=False,
-        )
-        return out.logits[batch["rows"], batch["cols"]]  # [response tokens in batch, vocab]
+        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        if self.keeps_logits:
+            try:
+                out = functional_call(self.model, params, args=(), kwargs={**kwargs, "logits_to_keep": batch["keep"]}, strict=False)
+                return out.logits[batch["rows"], batch["where"]]  # [response tokens in batch, vocab]
+            except TypeError:  # a model without `logits_to_keep`: project every position
+                self.keeps_logits = False
+        out = functional_call(self.model, params, args=(), kwargs=kwargs, strict=False)
+        return out.logits[batch["rows"], batch["cols"]]
 
     def losses(self, outputs, batch):
         nll = F.cross_entropy(outputs.float() if outputs.dtype in (torch.float16, torch.bfloat16) else outputs,
