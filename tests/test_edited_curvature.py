@@ -87,3 +87,27 @@ def test_line_search_keeps_short_steps_and_cuts_wild_ones(tiny64, tmp_path):
     wild = unl.line_search(req, -1e2 * grad / grad.norm(), grad.neg())
     assert wild["accepted"] and wild["scale"] < 1.0
     assert wild["trace"][-1]["objective"] < wild["start"] < wild["trace"][0]["objective"]
+
+
+def test_sampled_line_objective_has_the_slope_the_solve_uses(tiny64, tmp_path):
+    """With fewer curvature samples than kept records, the search's objective must descend along
+    −∇R'(Θ̂) as the solve computed it (from b and stationarity), not along the sample's own gradient."""
+    model, tok, records = tiny64
+    req = load_request(write_jsonl(tmp_path / "r.jsonl", [{"op": "remove", "id": "r1"},
+                                                         {"op": "correct_response", "id": "r2", "new": {"response": "9"}}]), records)
+    wd = 0.1
+    unl = Unlearner(model, tok, records, UnlearnSettings(curvature_samples=3, batch_size=2, device="cpu", template="chat"), weight_decay=wd)
+    f, exact = unl.line_objective(req)
+    assert not exact
+    b = unl.compute_rhs(req, progress=False)
+    _, rhs, m = unl.first_system(req, b)
+    neg_grad = rhs / m  # what the solve and the Armijo slope use
+    d = torch.randn(unl.theta_hat.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    eps = 1e-5  # central differences; eager attention's float32 softmax limits agreement to ~1e-4 here
+    want = float(-neg_grad @ d)
+    slope = (f(unl.theta_hat + eps * d) - f(unl.theta_hat - eps * d)) / (2 * eps)
+    assert abs(slope - want) <= 1e-3 * abs(want)
+    # the uncorrected sample objective (what the search used before) has a clearly different slope
+    items = unl.edited_examples(req)[:3]
+    naive = (unl.retraining_objective(items, unl.theta_hat + eps * d) - unl.retraining_objective(items, unl.theta_hat - eps * d)) / (2 * eps)
+    assert abs(naive - want) > 0.05 * abs(want)

@@ -203,25 +203,57 @@ class Unlearner:
         return self._loss_sum(items, theta) / len(items) + 0.5 * self.weight_decay * float(theta.square().sum())
 
     def line_search(self, request: EditRequest, step: torch.Tensor, neg_grad: torch.Tensor, max_halvings: int = 10) -> dict:
-        """Backtracking (Armijo) on R'(Θ̂ + αΔ) over a seeded sample of the edited set.
+        """Backtracking (Armijo) on R'(Θ̂ + αΔ), the retraining objective, from a seeded sample of the edited set.
 
         ΔΘ solves a quadratic model of R' around Θ̂. At an adapter that memorised its data the model can
         be wrong far from Θ̂ (near-zero curvature, a corrected response with a large gradient), and the
         full step can wreck the adapter. −∇R'(Θ̂) = `neg_grad` (from b, as in the solve) gives the slope.
         """
-        sample = seeded_subset(self.edited_examples(request), self.settings.curvature_samples, self.settings.seed)
-        start = self.retraining_objective(sample, self.theta_hat)
+        objective, exact = self.line_objective(request)
+        start = objective(self.theta_hat)
         slope = -float(neg_grad @ step)  # directional derivative of R' along ΔΘ at Θ̂ (< 0: a descent direction)
         trace, alpha = [], 1.0
         for _ in range(max_halvings + 1):
-            value = self.retraining_objective(sample, self.theta_hat + alpha * step)
+            value = objective(self.theta_hat + alpha * step)
             trace.append({"scale": alpha, "objective": value})
             if value == value and value <= start + 1e-4 * alpha * slope:
-                return {"scale": alpha, "accepted": True, "start": start, "slope": slope, "trace": trace}
+                return {"scale": alpha, "accepted": True, "start": start, "slope": slope, "exact": exact, "trace": trace}
             alpha /= 2
         best = min(trace, key=lambda t: t["objective"] if t["objective"] == t["objective"] else float("inf"))
         log.warning("line search: no scale down to %g lowered the retraining objective; using %g", trace[-1]["scale"], best["scale"])
-        return {"scale": best["scale"], "accepted": False, "start": start, "slope": slope, "trace": trace}
+        return {"scale": best["scale"], "accepted": False, "start": start, "slope": slope, "exact": exact, "trace": trace}
+
+    def line_objective(self, request: EditRequest):
+        """(f, exact): f(Θ) = R'(Θ) up to a constant, and whether it is R' itself.
+
+        When every kept sample fits in `curvature_samples`, f is R' over the edited set. Otherwise the
+        kept samples' part is estimated from a seeded sample with a control variate, so that f's slope
+        at Θ̂ is the one the solve used (from the stationarity of Θ̂, Σ_kept ∇L_i(Θ̂) = −Σ_S ∇L_old(Θ̂) − n·wd·Θ̂):
+            m·f(Θ) = s·Σ_sample [L_i(Θ) − L_i(Θ̂)] + (g_kept − s·g_sample)·(Θ − Θ̂) + Σ_new L(Θ) + (m·wd/2)‖Θ‖²,
+        s = |kept| / |sample|. Without the correction the sample's own slope differs from the solve's,
+        and the search rejected a converged removal step at every scale (measured, BENCHMARKS.md).
+        """
+        edited = {e.index for e in request.edits}
+        kept = [x for i, x in enumerate(self.examples) if i not in edited]
+        new = [self.encode(e.new) for e in request.edits if e.new is not None]
+        m = len(kept) + len(new)
+        sample = seeded_subset(kept, self.settings.curvature_samples, self.settings.seed)
+        if len(sample) == len(kept):
+            items = seeded_subset(self.edited_examples(request), self.settings.curvature_samples, self.settings.seed)
+            return (lambda t: self.retraining_objective(items, t)), True
+        scale = len(kept) / len(sample)
+        old = [self.examples[e.index] for e in request.edits]
+        g_old = self._grad_sum(old, self.theta_hat, "line search: edited samples", False)
+        g_sample = self._grad_sum(sample, self.theta_hat, "line search: kept sample", False)
+        linear = -g_old - self.n * self.weight_decay * self.theta_hat - scale * g_sample
+        base = self._loss_sum(sample, self.theta_hat)
+
+        def objective(t):
+            val = scale * (self._loss_sum(sample, t) - base) + float(linear @ (t - self.theta_hat))
+            val += self._loss_sum(new, t) if new else 0.0
+            return val / m + 0.5 * self.weight_decay * float(t.square().sum())
+
+        return objective, False
 
     def _refine(self, request, theta, b, progress):
         edited = {e.index for e in request.edits}
