@@ -239,7 +239,7 @@ class Unlearner:
         m = len(kept) + len(new)
         sample = seeded_subset(kept, self.settings.curvature_samples, self.settings.seed)
         if len(sample) == len(kept):
-            items = seeded_subset(self.edited_examples(request), self.settings.curvature_samples, self.settings.seed)
+            items = self.edited_examples(request)
             return (lambda t: self.retraining_objective(items, t)), True
         scale = len(kept) / len(sample)
         old = [self.examples[e.index] for e in request.edits]
