@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from llmeraser.baselines import baseline, train
+from llmeraser.baselines import baseline, train, trained_with
 from llmeraser.evaluate import evaluate
 from llmeraser.fileio import sha256_file, write_json
 from llmeraser.modeling import load_adapter
@@ -152,24 +152,17 @@ class Runner:
     def say(self, msg):
         print(f"[paper {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    def cached(self, adapter: Path, **expected) -> bool:
-        """Whether `adapter` holds a finished training run of this recipe on these inputs (reruns skip it)."""
-        meta = adapter / "train.json"
-        if not meta.is_file():
-            return False
-        saved = json.loads(meta.read_text())
-        return saved.get("arguments") == self.recipe.to_dict() and all(saved.get(k) == v for k, v in expected.items())
-
     def train(self, data: Path, out: Path) -> Path:
         """Train the original adapter, or reuse it when a finished run of this recipe on this data is there."""
-        if self.cached(out, data_sha256=sha256_file(data)):
+        if trained_with(out, arguments=self.recipe.to_dict(), data_sha256=sha256_file(data)):
             self.say(f"reusing {out} (same recipe and data)")
             return out
         train("smollm2", data, out, self.recipe, overwrite=True, progress=self.progress, model_and_tokenizer=self.mt)
         return out
 
     def retrain(self, original: Path, data: Path, request: Path, out: Path) -> Path:
-        if self.cached(out, request_sha256=sha256_file(request), original_data=str(data.resolve())):
+        if trained_with(out, arguments=self.recipe.to_dict(), request_sha256=sha256_file(request),
+                        original_data=str(data.resolve())):
             self.say(f"reusing {out} (same recipe, data and request)")
             return out
         return baseline("retrain", "smollm2", original, data, request, out, overwrite=True, progress=self.progress,

@@ -46,6 +46,16 @@ def train(base: str, data, out, settings: TrainSettings | None = None, overwrite
     return out
 
 
+def trained_with(adapter: str | Path, **expected) -> bool:
+    """Whether `adapter` holds a finished `train` run whose train.json has these values (recipe
+    'arguments', 'data_sha256', 'request_sha256', ...): callers that cache adapters reuse it then."""
+    meta = Path(adapter) / "train.json"
+    if not meta.is_file():
+        return False
+    saved = json.loads(meta.read_text())
+    return all(saved.get(k) == v for k, v in expected.items())
+
+
 def recipe_of(adapter: str | Path) -> TrainSettings:
     p = Path(adapter) / "train.json"
     if not p.is_file():

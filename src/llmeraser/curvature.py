@@ -73,15 +73,13 @@ class Curvature:
         return self.linearise(batch, keep=False)(v)
 
     def linearise(self, batch: dict, keep: bool = True):
-        """v -> G_B v for one batch, with the network's forward pass and the graph of Jᵀ built once.
+        """v -> G_B v (the GGN) for one batch, with the network's forward pass and the graph of Jᵀ built once.
 
         J v comes from the double-vjp trick: u -> Jᵀu is linear in u, so its vjp with v is J v.
         With `keep`, the graphs are retained and every later product costs two backward passes
         instead of a forward and three backwards (the saving CG gets on its fixed batches), at the
         price of holding this batch's activations in memory.
         """
-        if self.kind != "ggn":
-            return lambda v: self(v, batch)
         with torch.enable_grad():
             theta = self.theta_hat.clone().requires_grad_(True)
             z = self.objective.outputs(self.params.unflatten(theta), batch)

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .baselines import baseline, train
+from .baselines import baseline, train, trained_with
 from .evaluate import evaluate
 from .fileio import sha256_file, write_json
 from .modeling import load_base
@@ -72,15 +72,6 @@ def build_inputs(cfg: DemoConfig, folder: Path, seed: int = 0):
     return customers, req
 
 
-def _cached(adapter: Path, **expected) -> bool:
-    """Whether `adapter` was trained by the same recipe on the same inputs (its train.json says so)."""
-    meta = adapter / "train.json"
-    if not meta.is_file():
-        return False
-    saved = json.loads(meta.read_text())
-    return all(saved.get(k) == v for k, v in expected.items())
-
-
 def _field_value(record_id: str, customers, response: str | None = None) -> str:
     """The private value a record's answer carries (phone, city or preference)."""
     i, field = record_id[1:].split("-")
@@ -128,7 +119,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
     mt = load_base(base, "cpu")
     recipe = TrainSettings(epochs=cfg.epochs, **RECIPE)
     original = out / "original"
-    cached = {"original": _cached(original, base=base, arguments=recipe.to_dict(), data_sha256=sha256_file(data))}
+    cached = {"original": trained_with(original, base=base, arguments=recipe.to_dict(), data_sha256=sha256_file(data))}
     if cached["original"]:
         say(f"original adapter cached in {original}")
     else:
@@ -142,7 +133,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
     adapters["llmeraser"] = unlearn(base, original, data, request, work / "llmeraser", settings, overwrite=True,
                                     progress=progress, model_and_tokenizer=mt).out
     retrain = work / "retrain"
-    cached["retrain"] = _cached(retrain, base=base, arguments=recipe.to_dict(), request_sha256=sha256_file(request),
+    cached["retrain"] = trained_with(retrain, base=base, arguments=recipe.to_dict(), request_sha256=sha256_file(request),
                                 original_data=str(data.resolve()))
     if cached["retrain"]:
         say(f"retrained adapter cached in {retrain} (it depends only on the data, the request and the recipe)")

@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -40,7 +41,8 @@ class UnlearnSettings:
     curvature_samples: int = field(default=128, metadata={"help": "training samples in the fixed batches for CG and the residual (0: all)"})
     cache_batches: int = field(default=4, metadata={"help": "fixed curvature batches whose Gauss-Newton linearisation is kept in memory between CG iterations, "
                                                      "so each later product costs two backward passes instead of a forward and three backwards; "
-                                                     "each holds one batch's activations (0: recompute every product)"})
+                                                     "each holds one batch's activations, and another is kept only while free memory stays above "
+                                                     "three times what the first took (0: recompute every product)"})
     hvp_mode: str = field(default="auto", metadata={"help": "how Hessian-vector products are taken: forward-over-reverse, double backprop, or auto (the first that works)", "choices": HVP_MODES})
     max_length: int = field(default=512, metadata={"help": "tokens per sample; longer prompts are cut on the left"})
     template: str = field(default="auto", metadata={"help": "prompt rendering: the tokenizer's chat template, a plain '### User:' template, or auto (chat when the tokenizer has one)", "choices": TEMPLATES})
@@ -227,52 +229,49 @@ class Unlearner:
         """(f, exact): f(Θ) = R'(Θ) up to a constant, and whether it is R' itself.
 
         When every kept sample fits in `curvature_samples`, f is R' over the edited set. Otherwise the
-        kept samples' part is estimated from a seeded sample with a control variate, so that f's slope
-        at Θ̂ is the one the solve used (from the stationarity of Θ̂, Σ_kept ∇L_i(Θ̂) = −Σ_S ∇L_old(Θ̂) − n·wd·Θ̂):
-            m·f(Θ) = s·Σ_sample [L_i(Θ) − L_i(Θ̂)] + (g_kept − s·g_sample)·(Θ − Θ̂) + Σ_new L(Θ) + (m·wd/2)‖Θ‖²,
-        s = |kept| / |sample|. Without the correction the sample's own slope differs from the solve's,
-        and the search rejected a converged removal step at every scale (measured, BENCHMARKS.md).
+        kept samples' part is the control variate of `_control_variate`, whose slope at Θ̂ is the one the
+        solve used; the sample's own slope differs, and without the correction the search rejected a
+        converged removal step at every scale (measured, BENCHMARKS.md).
         """
-        edited = {e.index for e in request.edits}
-        kept = [x for i, x in enumerate(self.examples) if i not in edited]
-        new = [self.encode(e.new) for e in request.edits if e.new is not None]
-        m = len(kept) + len(new)
-        sample = seeded_subset(kept, self.settings.curvature_samples, self.settings.seed)
-        if len(sample) == len(kept):
+        n_kept = self.n - len({e.index for e in request.edits})
+        if not self.settings.curvature_samples or self.settings.curvature_samples >= n_kept:
             items = self.edited_examples(request)
             return (lambda t: self.retraining_objective(items, t)), True
-        scale = len(kept) / len(sample)
-        old = [self.examples[e.index] for e in request.edits]
-        g_old = self._grad_sum(old, self.theta_hat, "line search: edited samples", False)
-        g_sample = self._grad_sum(sample, self.theta_hat, "line search: kept sample", False)
-        linear = -g_old - self.n * self.weight_decay * self.theta_hat - scale * g_sample
-        base = self._loss_sum(sample, self.theta_hat)
+        cv = self._control_variate(request, "line search", False)
+        m = n_kept + len(cv.new)
+        return (lambda t: cv.data_part(t) / m + 0.5 * self.weight_decay * float(t.square().sum())), False
 
-        def objective(t):
-            val = scale * (self._loss_sum(sample, t) - base) + float(linear @ (t - self.theta_hat))
-            val += self._loss_sum(new, t) if new else 0.0
-            return val / m + 0.5 * self.weight_decay * float(t.square().sum())
-
-        return objective, False
-
-    def _refine(self, request, theta, b, progress):
+    def _control_variate(self, request: EditRequest, desc: str, progress: bool) -> SimpleNamespace:
+        """Σ_kept L_i(Θ) + Σ_new L(Θ), up to a constant, from a seeded sample of the kept records:
+            data_part(Θ) = s·Σ_sample [L_i(Θ) − L_i(Θ̂)] + (g_kept − s·g_sample)·(Θ − Θ̂) + Σ_new L(Θ),
+        s = |kept|/|sample|, g_kept = −Σ_S ∇L_old(Θ̂) − n·wd·Θ̂ by the stationarity of Θ̂, so that its
+        slope at Θ̂ is the one b gives. Shared by the line search and the refinement steps."""
         edited = {e.index for e in request.edits}
-        old = [self.examples[e.index] for e in request.edits]
-        new = [self.encode(e.new) for e in request.edits if e.new is not None]
         kept = [x for i, x in enumerate(self.examples) if i not in edited]
+        new = [self.encode(e.new) for e in request.edits if e.new is not None]
+        old = [self.examples[e.index] for e in request.edits]
         sample = seeded_subset(kept, self.settings.curvature_samples, self.settings.seed)
         scale = len(kept) / len(sample)
-        g_old_hat = self._grad_sum(old, self.theta_hat, "refine: old samples", progress)
-        g_sample_hat = self._grad_sum(sample, self.theta_hat, "refine: kept sample at Θ̂", progress)
-
-        loss_sample_hat = self._loss_sum(sample, self.theta_hat)
+        g_old_hat = self._grad_sum(old, self.theta_hat, f"{desc}: old samples", progress)
+        g_sample_hat = self._grad_sum(sample, self.theta_hat, f"{desc}: kept sample at Θ̂", progress)
         linear = -g_old_hat - self.n * self.weight_decay * self.theta_hat - scale * g_sample_hat
+        base = self._loss_sum(sample, self.theta_hat)
+
+        def data_part(t):
+            val = scale * (self._loss_sum(sample, t) - base) + float(linear @ (t - self.theta_hat))
+            return val + (self._loss_sum(new, t) if new else 0.0)
+
+        return SimpleNamespace(kept=kept, new=new, sample=sample, scale=scale, g_old_hat=g_old_hat,
+                               g_sample_hat=g_sample_hat, data_part=data_part)
+
+    def _refine(self, request, theta, b, progress):
+        cv = self._control_variate(request, "refine", progress)
+        kept, new, sample, scale = cv.kept, cv.new, cv.sample, cv.scale
+        g_old_hat, g_sample_hat = cv.g_old_hat, cv.g_sample_hat
 
         def objective(t):
             """n·R'(Θ) + const under the same stationarity assumption as the gradient, so the two agree."""
-            val = scale * (self._loss_sum(sample, t) - loss_sample_hat) + float(linear @ (t - self.theta_hat))
-            val += self._loss_sum(new, t) if new else 0.0
-            return val + 0.5 * self.n * self.weight_decay * float(t.square().sum())
+            return cv.data_part(t) + 0.5 * self.n * self.weight_decay * float(t.square().sum())
 
         steps, result = [], None
         current = objective(theta)
