@@ -116,6 +116,18 @@ def test_yes_no_metrics(trainable_dir, tmp_path):
     model, tok = load_tiny(trainable_dir / "base")
     m = split_metrics(AdapterEval(load_adapter(model, trainable_dir / "adapter"), tok, "chat"), recs)
     assert set(m) == {"n", "nll", "accuracy", "auc"} and 0 <= m["auc"] <= 1
+    # the one-extra-pass score equals scoring both answers from scratch
+    from llmeraser.evaluate import _response_fields
+    from llmeraser.metrics import roc_auc
+
+    ev = AdapterEval(load_adapter(model, trainable_dir / "adapter"), tok, "chat")
+    def logp(ans):
+        rs = [r.replaced(_response_fields(r, ans)) for r in recs]
+        return [-x * n for x, n in zip(ev.nll(rs), ev._counts(rs))]
+    scores = [a - b for a, b in zip(logp("Yes."), logp("No."))]
+    assert scores[0] != scores[2]  # a model that scores them apart, else AUC says nothing
+    assert m["auc"] == pytest.approx(roc_auc(scores, [1, 0, 1, 0]))
+    assert m["accuracy"] == pytest.approx(sum((s > 0) == y for s, y in zip(scores, [1, 0, 1, 0])) / 4)
 
 
 def test_batched_generation_matches_one_at_a_time(trainable_dir):

@@ -181,6 +181,10 @@ class HessianOperator:
             out += w * self._fixed_product(i, v)
         return out + self.damping * v
 
+    def fixed_batch(self, i: int, v: torch.Tensor) -> torch.Tensor:
+        """(C_B + λI) v for fixed batch i."""
+        return self._fixed_product(i, v) + self.damping * v
+
     def _fixed_product(self, i: int, v: torch.Tensor) -> torch.Tensor:
         """C_B v (undamped) for fixed batch i, through its cached linearisation when allowed."""
         if i not in self._linear and not self._may_cache():

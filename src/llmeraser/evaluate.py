@@ -58,15 +58,19 @@ class AdapterEval:
                 out.append(torch.log_softmax(self.objective.outputs({}, b).float(), -1).cpu())
         return torch.cat(out)
 
-    def yes_no(self, records: list[Record]) -> dict:
-        """Accuracy and AUC of log P(Yes.) − log P(No.), each the summed log-prob of the rendered response."""
-        def total_logp(response):
-            recs = [r.replaced(_response_fields(r, response)) for r in records]
-            return [-nll * n for nll, n in zip(self.nll(recs), self._counts(recs))]
+    def yes_no(self, records: list[Record], nll: list[float] | None = None) -> dict:
+        """Accuracy and AUC of log P(Yes.) − log P(No.), each the summed log-prob of the rendered response.
 
-        yes, no = total_logp("Yes."), total_logp("No.")
-        scores = [a - b for a, b in zip(yes, no)]
-        labels = [int(r.sides()[1].strip() == "Yes.") for r in records]
+        `nll` (each record's mean NLL of its own answer, from `self.nll`) saves one of the two
+        passes: only the other answer is scored afresh.
+        """
+        answers = [r.sides()[1].strip() for r in records]
+        own = nll if nll is not None else self.nll(records)
+        own_logp = [-x * n for x, n in zip(own, self._counts(records))]
+        others = [r.replaced(_response_fields(r, "No." if a == "Yes." else "Yes.")) for r, a in zip(records, answers)]
+        other_logp = [-x * n for x, n in zip(self.nll(others), self._counts(others))]
+        scores = [o - t if a == "Yes." else t - o for a, o, t in zip(answers, own_logp, other_logp)]
+        labels = [int(a == "Yes.") for a in answers]
         return {"accuracy": sum((s > 0) == bool(y) for s, y in zip(scores, labels)) / len(labels),
                 "auc": roc_auc(scores, labels)}
 
@@ -106,7 +110,7 @@ def split_metrics(ev: AdapterEval, records: list[Record], samples: int = 10) -> 
     out = {"n": len(records), "nll": sum(nll) / len(nll)}
     responses = [r.sides()[1].strip() for r in records]
     if all(x in YES_NO for x in responses):
-        out.update(ev.yes_no(records))
+        out.update(ev.yes_no(records, nll))
     else:
         gen = ev.generate(records)
         out["rouge1"] = sum(rouge_n(a, b, 1) for a, b in zip(responses, gen)) / len(gen)

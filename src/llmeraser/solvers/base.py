@@ -101,7 +101,7 @@ def estimate_lambda_max(op: HessianOperator, iters: int, seed: int = 0) -> float
     v /= torch.linalg.vector_norm(v)
     lam = 0.0
     for _ in range(max(1, iters)):
-        w = op(v, op.fixed[0])
+        w = op.fixed_batch(0, v)  # the kept linearisation of batch 0 when there is one: each product is two backwards
         lam = float(torch.dot(v, w))
         n = torch.linalg.vector_norm(w)
         if n == 0:
