@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.paper import SCENARIOS, build_qm, build_rc, build_rc_gen, inject_movie, pick, split
+from benchmarks.paper import QUICK, SCENARIOS, Runner, build_ir, build_qm, build_rc, build_rc_gen, inject_movie, pick, split
 from benchmarks.run import DEFAULT_DATA, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +30,29 @@ def test_split_is_seeded_disjoint_and_tagged():
     assert len(set(ids)) == 40
     assert all(rows[int(r["id"][1:])]["x"] == r["x"] for r in a_train + a_test)
     assert split(rows, 30, 10, seed=1)[0] != a_train
+
+
+def test_runs_reused_only_for_the_same_data_request_and_sizes(tmp_path):
+    """The scaling point at n = n_train is IR's own run, and RC reuses IR's probe, only when nothing differs."""
+    from dataclasses import asdict, replace
+
+    from benchmarks.paper import write_jsonl
+
+    rows, _, req = build_ir([{"id": f"s{i}", "x": i} for i in range(20)], 0)
+    work, results = tmp_path / "work", tmp_path / "results"
+    write_jsonl(work / "IR" / "train.jsonl", rows)
+    write_jsonl(work / "IR" / "request.jsonl", req)
+    results.mkdir()
+    ir = {"sizes": {**asdict(QUICK), "scaling_n": [1, 2]}, "hvp_cost": {"gradient_s": 1.0}, "llmeraser": {"cg": {"seconds_total": 3.0}}}
+    (results / "IR.json").write_text(json.dumps(ir))
+    runner = Runner(tmp_path, work, results, QUICK, mt=None, progress=False)
+    same = write_jsonl(tmp_path / "a" / "train.jsonl", rows), write_jsonl(tmp_path / "a" / "request.jsonl", req)
+    assert runner.ir_run(*same)["llmeraser"]["cg"]["seconds_total"] == 3.0
+    assert runner.probe_for("RC", None, rows) == {"gradient_s": 1.0, "measured_in": "IR"}
+    other_data = write_jsonl(tmp_path / "b" / "train.jsonl", rows[1:]), same[1]
+    assert runner.ir_run(*other_data) is None
+    other_sizes = Runner(tmp_path, work, results, replace(QUICK, epochs=2), mt=None, progress=False)
+    assert other_sizes.ir_run(*same) is None
 
 
 def test_pick_fraction():
