@@ -111,3 +111,18 @@ def test_sampled_line_objective_has_the_slope_the_solve_uses(tiny64, tmp_path):
     items = unl.edited_examples(req)[:3]
     naive = (unl.retraining_objective(items, unl.theta_hat + eps * d) - unl.retraining_objective(items, unl.theta_hat - eps * d)) / (2 * eps)
     assert abs(naive - want) > 0.05 * abs(want)
+
+
+def test_rhs_and_control_variate_share_one_old_gradient(tiny64, tmp_path):
+    """Σ∇L(old) at Θ̂ is computed once per request; b = old − new must leave that shared sum intact."""
+    model, tok, records = tiny64
+    req = load_request(write_jsonl(tmp_path / "r.jsonl", [{"op": "remove", "id": "r1"},
+                                                         {"op": "correct_response", "id": "r2", "new": {"response": "9"}}]), records)
+    unl = Unlearner(model, tok, records, UnlearnSettings(curvature_samples=3, batch_size=2, device="cpu", template="chat"))
+    b = unl.compute_rhs(req, progress=False)
+    old = [unl.examples[e.index] for e in req.edits]
+    new = [unl.encode(e.new) for e in req.edits if e.new is not None]
+    want_old = compute_rhs(unl.objective, unl.params, unl.theta_hat, old, [], 2, progress=False)
+    assert torch.allclose(b, compute_rhs(unl.objective, unl.params, unl.theta_hat, old, new, 2, progress=False))
+    assert torch.allclose(unl.old_grad_hat(req), want_old) and not torch.allclose(want_old, b)
+    assert torch.equal(unl._control_variate(req, "t", False).g_old_hat, unl.old_grad_hat(req))

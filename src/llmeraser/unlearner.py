@@ -22,7 +22,7 @@ from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
 from .modeling import load_adapter, load_base, resolve_device, theta_of, write_adapter
 from .objective import CausalLMObjective
 from .render import TEMPLATES, encode, resolve_template
-from .rhs import compute_rhs, sum_of_gradients
+from .rhs import sum_of_gradients
 from .solvers import SOLVERS, SolveResult, SolverSettings, get_solver
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ class UnlearnSettings:
     newton_steps: int = field(default=1, metadata={"help": "Newton steps on the edited objective; 1 is the paper's single influence update, "
                                                   "each further step re-solves at the new point (experimental, see BENCHMARKS.md)"})
     line_search: bool = field(default=True, metadata={"help": "scale the step by 1, 1/2, 1/4, … until it lowers the retraining objective (mean loss of the "
-                                                    "edited set, on the same sample as the curvature, plus the training L2) by the Armijo rule; "
+                                                    "edited set plus the training L2; with --curvature-samples below the kept records, the kept part is "
+                                                    "estimated on that sample with a control variate) by the Armijo rule; "
                                                     "guards against steps far outside the quadratic model (--no-line-search: take the full step)"})
     seed: int = field(default=0, metadata={"help": "seed for batch sampling"})
     device: str = field(default="auto", metadata={"help": "'cpu', 'cuda' or 'auto'"})
@@ -119,6 +120,7 @@ class Unlearner:
         self.weight_decay = weight_decay
         self.damping = settings.damping + weight_decay  # the L2 term of training is part of the Hessian
         self.examples = [self.encode(r) for r in records]
+        self._old_grads: dict[tuple, torch.Tensor] = {}
 
     @property
     def n(self) -> int:
@@ -131,12 +133,21 @@ class Unlearner:
         return sum_of_gradients(self.objective, self.params, theta, items, self.settings.batch_size, self.device,
                                 desc, progress)
 
+    def old_grad_hat(self, request: EditRequest, progress: bool = True) -> torch.Tensor:
+        """Σ_S ∇L(old) at Θ̂, computed once per request: b and the control variate both need it."""
+        key = tuple(e.index for e in request.edits)
+        if key not in self._old_grads:
+            old = [self.examples[i] for i in key]
+            self._old_grads[key] = self._grad_sum(old, self.theta_hat, "b: old samples", progress)
+        return self._old_grads[key]
+
     def compute_rhs(self, request: EditRequest, progress: bool = True) -> torch.Tensor:
-        """b = Σ_S [∇L(old) − ∇L(new)] at Θ̂, unscaled."""
-        old = [self.examples[e.index] for e in request.edits]
+        """b = Σ_S [∇L(old) − ∇L(new)] at Θ̂, unscaled (as `rhs.compute_rhs`, keeping the old part)."""
+        b = self.old_grad_hat(request, progress).clone()
         new = [self.encode(e.new) for e in request.edits if e.new is not None]
-        return compute_rhs(self.objective, self.params, self.theta_hat, old, new, self.settings.batch_size,
-                           self.device, progress)
+        if new:
+            b -= self._grad_sum(new, self.theta_hat, "b: new samples", progress)
+        return b
 
     def operator(self, theta: torch.Tensor | None = None, items: list | None = None) -> HessianOperator:
         s = self.settings
@@ -249,10 +260,9 @@ class Unlearner:
         edited = {e.index for e in request.edits}
         kept = [x for i, x in enumerate(self.examples) if i not in edited]
         new = [self.encode(e.new) for e in request.edits if e.new is not None]
-        old = [self.examples[e.index] for e in request.edits]
         sample = seeded_subset(kept, self.settings.curvature_samples, self.settings.seed)
         scale = len(kept) / len(sample)
-        g_old_hat = self._grad_sum(old, self.theta_hat, f"{desc}: old samples", progress)
+        g_old_hat = self.old_grad_hat(request, progress)
         g_sample_hat = self._grad_sum(sample, self.theta_hat, f"{desc}: kept sample at Θ̂", progress)
         linear = -g_old_hat - self.n * self.weight_decay * self.theta_hat - scale * g_sample_hat
         base = self._loss_sum(sample, self.theta_hat)
