@@ -147,3 +147,24 @@ def test_batched_generation_matches_one_at_a_time(trainable_dir):
     batched = AdapterEval(model, tok, template, batch_size=6, max_new_tokens=8).generate(records)
     alone = AdapterEval(model, tok, template, batch_size=1, max_new_tokens=8).generate(records)
     assert batched == alone and len(set(alone)) > 1
+
+
+def test_inference_attention_is_sdpa_inside_and_eager_after(tiny64):
+    """Evaluation runs SDPA; the outputs equal eager's, and HVPs after it get eager attention back."""
+    import torch
+
+    from llmeraser.modeling import inference_attention
+    from llmeraser.objective import CausalLMObjective
+    from llmeraser.render import encode
+
+    model, tok, records = tiny64
+    obj = CausalLMObjective(model, tok.pad_token_id)
+    batch = obj.collate([encode(r, tok, "chat", 64) for r in records[:4]], "cpu")
+    config = model.get_base_model().config
+    with torch.no_grad():
+        eager = obj.outputs({}, batch)
+        with inference_attention(model):
+            assert config._attn_implementation == "sdpa"
+            fused = obj.outputs({}, batch)
+    assert config._attn_implementation == "eager"
+    assert torch.allclose(fused, eager, rtol=1e-6, atol=1e-6)

@@ -72,8 +72,11 @@ class Curvature:
     def _ggn(self, v, batch):
         return self.linearise(batch, keep=False)(v)
 
-    def linearise(self, batch: dict, keep: bool = True):
+    def linearise(self, batch: dict, keep: bool = True, head: str = "loss"):
         """v -> G_B v (the GGN) for one batch, with the network's forward pass and the graph of Jᵀ built once.
+
+        head "loss": the loss's Hessian in the outputs; or a function
+        (outputs, batch, v) -> M v, the curvature of a squared distance in the outputs (`reset.OutputReset`).
 
         J v comes from the double-vjp trick: u -> Jᵀu is linear in u, so its vjp with v is J v.
         With `keep`, the graphs are retained and every later product costs two backward passes
@@ -92,7 +95,10 @@ class Curvature:
         def product(v: torch.Tensor) -> torch.Tensor:
             with torch.enable_grad():
                 (jv,) = torch.autograd.grad(jt_u, u, grad_outputs=v.to(self.theta_hat.dtype), retain_graph=keep)
-                (hjv,) = torch.autograd.grad(gz, zd, grad_outputs=jv, retain_graph=keep)
+                if callable(head):
+                    hjv = head(zd, batch, jv)
+                else:
+                    (hjv,) = torch.autograd.grad(gz, zd, grad_outputs=jv, retain_graph=keep)
                 (gv,) = torch.autograd.grad(z, theta, grad_outputs=hjv, retain_graph=keep)
             return gv
 
@@ -146,6 +152,15 @@ class HessianOperator:
         self.cache_batches = cache_batches
         self._linear: dict[int, object] = {}
         self._cost_mb = 0.0  # memory one kept linearisation took, measured on the first
+        # further PSD terms w·E(v) of the objective's curvature that are not averages over training
+        # batches (the removed samples' output reset); every product includes them
+        self.extra: list[tuple[float, object]] = []
+
+    def _extra(self, v: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(v)
+        for w, product in self.extra:
+            out += w * product(v.to(self.curvature.theta_hat.dtype))
+        return out
 
     def _may_cache(self) -> bool:
         """Keep another linearisation only within --cache-batches and with room for two more of them.
@@ -166,8 +181,12 @@ class HessianOperator:
         return self.curvature.objective.collate([self.items[i] for i in idx.tolist()], self.device)
 
     def __call__(self, v: torch.Tensor, batch: dict) -> torch.Tensor:
+        return self._fresh(v, batch) + self.damping * v + self._extra(v)
+
+    def _fresh(self, v: torch.Tensor, batch: dict) -> torch.Tensor:
+        """C_B v (undamped) by a fresh product."""
         self.hvp_count += 1
-        out = self.curvature(v, batch) + self.damping * v
+        out = self.curvature(v, batch)
         if not torch.isfinite(out).all():
             raise NumericalError(
                 "the Hessian-vector product is not finite; check the adapter for NaN/Inf weights, "
@@ -179,16 +198,16 @@ class HessianOperator:
         out = torch.zeros_like(v)
         for i, (w, b) in enumerate(zip(self.fixed_weights, self.fixed)):
             out += w * self._fixed_product(i, v)
-        return out + self.damping * v
+        return out + self.damping * v + self._extra(v)
 
     def fixed_batch(self, i: int, v: torch.Tensor) -> torch.Tensor:
-        """(C_B + λI) v for fixed batch i."""
-        return self._fixed_product(i, v) + self.damping * v
+        """(C_B + λI) v for fixed batch i (plus the extra terms)."""
+        return self._fixed_product(i, v) + self.damping * v + self._extra(v)
 
     def _fixed_product(self, i: int, v: torch.Tensor) -> torch.Tensor:
         """C_B v (undamped) for fixed batch i, through its cached linearisation when allowed."""
         if i not in self._linear and not self._may_cache():
-            return self(v, self.fixed[i]) - self.damping * v
+            return self._fresh(v, self.fixed[i])
         if i not in self._linear:
             before = available_memory_mb(self.device)
             self._linear[i] = self.curvature.linearise(self.fixed[i])
@@ -198,7 +217,7 @@ class HessianOperator:
                 del self._linear[i]
                 self.cache_batches = len(self._linear)
                 log.info("not keeping GGN linearisations: one takes ~%.0f MB", self._cost_mb)
-                return self(v, self.fixed[i]) - self.damping * v
+                return self._fresh(v, self.fixed[i])
         self.hvp_count += 1
         out = self._linear[i](v.to(self.curvature.theta_hat.dtype))
         if not torch.isfinite(out).all():

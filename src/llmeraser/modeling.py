@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -77,6 +78,30 @@ def load_base(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype 
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
     return model, tokenizer
+
+
+@contextmanager
+def inference_attention(model, implementation: str = "sdpa"):
+    """Fused attention for passes that are never differentiated twice (evaluation, generation).
+
+    Models load with eager attention because double backward through SDPA is not implemented on CPU;
+    forward passes under no_grad do not need that, and SDPA is the faster kernel for them.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = getattr(inner.config, "_attn_implementation", None)
+    if before is None or before == implementation or not hasattr(inner, "set_attn_implementation"):
+        yield
+        return
+    try:
+        inner.set_attn_implementation(implementation)
+    except (ValueError, ImportError) as e:  # not available for this model: stay with what it has
+        log.info("attention %s unavailable (%s)", implementation, str(e).splitlines()[0])
+        yield
+        return
+    try:
+        yield
+    finally:
+        inner.set_attn_implementation(before)
 
 
 def adapter_weights_path(adapter_dir: str | Path) -> Path:

@@ -22,6 +22,7 @@ from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
 from .modeling import load_adapter, load_base, resolve_device, theta_of, write_adapter
 from .objective import CausalLMObjective
 from .render import TEMPLATES, encode, resolve_template
+from .reset import OutputReset
 from .rhs import sum_of_gradients
 from .solvers import SOLVERS, SolveResult, SolverSettings, get_solver
 
@@ -34,6 +35,11 @@ CURVATURE_DATA = ("edited", "original")
 class UnlearnSettings:
     curvature: str = field(default="ggn", metadata={"help": "curvature C in (C + λI)Δ = b: 'ggn' (Gauss-Newton, PSD) or 'hessian'", "choices": CURVATURES})
     damping: float = field(default=0.03, metadata={"help": "λ added to C (default measured on SmolLM2, see BENCHMARKS.md); training weight decay from train.json is added to it"})
+    reset_removed: float = field(default=0.0, metadata={"help": "ρ: add ρ·P to the edited objective, P the distance (base model's Fisher, i.e. KL "
+                                                         "to second order) from the removed records' outputs to the base model's outputs on them. "
+                                                         "Where the adapter memorised the removed records their gradient, and with it the paper's "
+                                                         "update, is ~0; P makes the step undo what only they depend on, as retraining from the "
+                                                         "zero adapter does (0: off, the paper's update; needs --curvature ggn)"})
     solver: str = field(default="cg", metadata={"help": "inverse-HVP solver", "choices": tuple(sorted(SOLVERS))})
     batch_size: int = field(default=8, metadata={"help": "samples per gradient / HVP mini-batch"})
     curvature_data: str = field(default="edited", metadata={"help": "data the curvature is taken over: 'edited' (the data after the request, so the update is a Newton step "
@@ -69,6 +75,8 @@ class UnlearnSettings:
             raise InputError(f"--template must be one of {TEMPLATES}")
         if not self.damping >= 0:
             raise InputError("--damping must be >= 0")
+        if not self.reset_removed >= 0 or (self.reset_removed and self.curvature != "ggn"):
+            raise InputError("--reset-removed must be >= 0 and needs --curvature ggn")
         if self.batch_size < 1 or self.max_length < 2 or self.curvature_samples < 0 or self.newton_steps < 1 or self.cache_batches < 0:
             raise InputError("--batch-size and --newton-steps must be >= 1, --max-length >= 2 and --curvature-samples, --cache-batches >= 0")
 
@@ -174,18 +182,37 @@ class Unlearner:
         b = self.compute_rhs(request, progress)
         t1 = time.perf_counter()
         op, rhs, n_eff = self.first_system(request, b)
+        penalty = None
+        reset = self.output_reset(request)
+        if reset is not None:
+            rho = self.settings.reset_removed
+            op.extra.append((rho / n_eff, reset.product))
+            rhs = rhs - rho * reset.grad(self.theta_hat)
+            penalty = (lambda t: rho / n_eff * reset.value(t))
         result = self.solve(rhs, progress, op)
         # the solve was for n_eff·ΔΘ against an unscaled right-hand side
         step = result.delta / n_eff
-        search = self.line_search(request, step, rhs / n_eff) if self.settings.line_search and torch.any(b != 0) else None
+        moves = bool(torch.any(rhs != 0))
+        search = self.line_search(request, step, rhs / n_eff, penalty) if self.settings.line_search and moves else None
         theta = self.theta_hat + (search["scale"] if search else 1.0) * step
         steps = [{"step": 1, "grad_norm": float(b.norm()), "iterations": result.iterations,
                   "final_residual": result.final_residual, "converged": result.converged, "line_search": search}]
-        if self.settings.newton_steps > 1 and torch.any(b != 0):
-            theta, result, more = self._refine(request, theta, b, progress)
+        if self.settings.newton_steps > 1 and moves:
+            theta, result, more = self._refine(request, theta, b, progress, reset)
             steps += more
         t2 = time.perf_counter()
         return theta - self.theta_hat, result, {"b": t1 - t0, "solve": t2 - t1, "rhs_norm": float(b.norm()), "steps": steps}
+
+    def output_reset(self, request: EditRequest) -> OutputReset | None:
+        """The pull of the removed records' outputs toward the base model's (--reset-removed), or None.
+
+        Only removals: pulling a corrected record's old answer toward the base held its new answer
+        back at the same positions (measured, BENCHMARKS.md), and a modified query keeps its answer.
+        """
+        removed = [self.examples[e.index] for e in request.edits if e.op == "remove"]
+        if not self.settings.reset_removed or not removed:
+            return None
+        return OutputReset(self.objective, self.params, self.theta_hat, removed, self.settings.batch_size, self.device)
 
     def edited_examples(self, request: EditRequest) -> list:
         """The training set after the request: kept samples and the new versions of edited ones."""
@@ -215,14 +242,18 @@ class Unlearner:
         """Mean loss over `items` plus the training L2, (wd/2)‖Θ‖²."""
         return self._loss_sum(items, theta) / len(items) + 0.5 * self.weight_decay * float(theta.square().sum())
 
-    def line_search(self, request: EditRequest, step: torch.Tensor, neg_grad: torch.Tensor, max_halvings: int = 10) -> dict:
+    def line_search(self, request: EditRequest, step: torch.Tensor, neg_grad: torch.Tensor, penalty=None,
+                    max_halvings: int = 10) -> dict:
         """Backtracking (Armijo) on R'(Θ̂ + αΔ), the retraining objective, from a seeded sample of the edited set.
 
         ΔΘ solves a quadratic model of R' around Θ̂. At an adapter that memorised its data the model can
         be wrong far from Θ̂ (near-zero curvature, a corrected response with a large gradient), and the
-        full step can wreck the adapter. −∇R'(Θ̂) = `neg_grad` (from b, as in the solve) gives the slope.
+        full step can wreck the adapter. −∇R'(Θ̂) = `neg_grad` (from b, as in the solve) gives the slope;
+        `penalty(Θ)`, when given, is added to R' (the --reset-removed term, whose gradient is in neg_grad).
         """
         objective, exact = self.line_objective(request)
+        if penalty is not None:
+            objective = (lambda t, f=objective: f(t) + penalty(t))
         start = objective(self.theta_hat)
         slope = -float(neg_grad @ step)  # directional derivative of R' along ΔΘ at Θ̂ (< 0: a descent direction)
         trace, alpha = [], 1.0
@@ -274,14 +305,16 @@ class Unlearner:
         return SimpleNamespace(kept=kept, new=new, sample=sample, scale=scale, g_old_hat=g_old_hat,
                                g_sample_hat=g_sample_hat, data_part=data_part)
 
-    def _refine(self, request, theta, b, progress):
+    def _refine(self, request, theta, b, progress, reset=None):
         cv = self._control_variate(request, "refine", progress)
         kept, new, sample, scale = cv.kept, cv.new, cv.sample, cv.scale
         g_old_hat, g_sample_hat = cv.g_old_hat, cv.g_sample_hat
+        m, rho = len(kept) + len(new), self.settings.reset_removed
 
         def objective(t):
-            """n·R'(Θ) + const under the same stationarity assumption as the gradient, so the two agree."""
-            return cv.data_part(t) + 0.5 * self.n * self.weight_decay * float(t.square().sum())
+            """n·R'(Θ) + ρP(Θ) + const under the same stationarity assumption as the gradient, so the two agree."""
+            value = cv.data_part(t) + 0.5 * self.n * self.weight_decay * float(t.square().sum())
+            return value + (rho * reset.value(t) if reset is not None else 0.0)
 
         steps, result = [], None
         current = objective(theta)
@@ -291,12 +324,17 @@ class Unlearner:
             g_new = self._grad_sum(new, theta, "refine: new samples", progress) if new else 0.0
             # n·∇R'(Θ_k), see the class docstring
             grad = scale * (g_sample - g_sample_hat) - g_old_hat + g_new + self.n * self.weight_decay * (theta - self.theta_hat)
+            if reset is not None:
+                grad = grad + rho * reset.grad(theta)
             accepted = False
             for _ in range(4):
                 op = self.operator(theta, kept + new)
                 op.damping += extra
+                if reset is not None:  # its curvature at Θ̂ (the logits' Jacobian changes little between steps)
+                    op.extra.append((rho / m, reset.product))
                 result = self.solve(-grad, progress, op)
-                cand = theta + result.delta / self.n
+                # op is the mean curvature over the m edited samples: x = m·Δ for the summed objective
+                cand = theta + result.delta / m
                 value = objective(cand)
                 if value < current:
                     accepted = True

@@ -1,0 +1,85 @@
+"""Removed records: pull their outputs back toward the base model's (`--reset-removed`, an
+extension of the paper's update).
+
+Why this exists. At an adapter that memorised its data (training loss ~1e-3), a removed sample's
+gradient is ~0, so its influence term in b is ~0 and the edited objective is flat between "remembers
+the removed customer" and "does not": both fit the kept data. Retraining from the zero adapter
+decides that by its implicit bias, which no local model of the loss sees (BENCHMARKS.md, the demo).
+In the lazy-training picture that bias has a closed form: retraining changes the removed inputs'
+outputs by exactly the part of the adapter's effect on them that the kept data do not explain.
+
+The penalty that encodes it, added to the edited objective with weight ρ:
+    P(Θ) = Σ_{removed i} ½ Σ_t (1/T_i) d_tᵀ F⁰_t d_t,   d_t = z_t(Θ) − z_t(Θ₀),
+z_t the logits at the removed record's response tokens, T_i their count, Θ₀ = Θ with every lora_B set
+to zero (the base model exactly), F⁰_t = diag(p⁰) − p⁰p⁰ᵀ the softmax Fisher at the base model's
+prediction p⁰ (so P is the second-order expansion of KL(p⁰ ‖ p_Θ) about the base). The base model's
+Fisher weighs a logit by how likely the base finds its token: a plain squared distance over the
+49,152 logits was all about the bulk of unlikely tokens and did not move the answers at all (measured,
+BENCHMARKS.md). Its Gauss-Newton curvature Jᵀ F⁰ J and gradient Jᵀ F⁰ d join the solve's operator and
+right-hand side; the kept samples' curvature holds their answers in place, so the step resets what the
+removed records alone depend on. The base model is not what retraining predicts for those prompts (that
+is the kept data's generalisation, which this target leaves to the kept samples' curvature), so the term
+is off by default and meant for memorised private data.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .curvature import Curvature
+from .errors import InputError
+
+
+def zero_adapter(params, theta: torch.Tensor) -> torch.Tensor:
+    """Θ₀: Θ with every LoRA B matrix zeroed, which makes the adapter a no-op on the base model."""
+    parts = params.unflatten(theta.clone())
+    names = [n for n in params.names if ".lora_B." in n or n.endswith("lora_B.weight")]
+    if not names:
+        raise InputError("--reset-removed needs a LoRA adapter (no lora_B tensors found in Θ)")
+    for n in names:
+        parts[n].zero_()
+    return params.flatten(parts)
+
+
+class OutputReset:
+    """P(Θ) above over the removed records: value, gradient and Gauss-Newton products at Θ̂."""
+
+    def __init__(self, objective, params, theta_hat: torch.Tensor, examples: list, batch_size: int, device):
+        self.objective, self.params, self.theta_hat = objective, params, theta_hat.detach()
+        self.batches = [objective.collate(examples[i:i + batch_size], device) for i in range(0, len(examples), batch_size)]
+        theta0 = zero_adapter(params, self.theta_hat)
+        with torch.no_grad():
+            self.targets = [objective.outputs(params.unflatten(theta0), b).detach() for b in self.batches]
+        self.probs = [torch.softmax(t.double(), -1).to(t.dtype) for t in self.targets]
+        self._linear = None
+
+    @staticmethod
+    def metric(p0, batch, v):
+        """Σ-weighted F⁰ v per row: (1/T_i)(p⁰ ⊙ v − p⁰ (p⁰ · v))."""
+        w = 1.0 / batch["counts"][batch["rows"]].to(v.dtype)
+        return w[:, None] * (p0 * v - p0 * (p0 * v).sum(-1, keepdim=True))
+
+    def _penalty(self, theta, batch, target, p0):
+        d = self.objective.outputs(self.params.unflatten(theta), batch) - target
+        return 0.5 * (d * self.metric(p0, batch, d)).sum()
+
+    def value(self, theta: torch.Tensor) -> float:
+        with torch.no_grad():
+            return sum(float(self._penalty(theta, *x)) for x in zip(self.batches, self.targets, self.probs))
+
+    def grad(self, theta: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(self.theta_hat)
+        for x in zip(self.batches, self.targets, self.probs):
+            with torch.enable_grad():
+                th = theta.detach().clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(self._penalty(th, *x), th)
+            out += g
+        return out
+
+    def product(self, v: torch.Tensor) -> torch.Tensor:
+        """Σ_i J_iᵀ F⁰_i J_i v at Θ̂ (the penalty's Gauss-Newton curvature), through kept linearisations."""
+        if self._linear is None:
+            curv = Curvature(self.objective, self.params, self.theta_hat, "ggn")
+            self._linear = [curv.linearise(b, head=lambda z, batch, v, p0=p0: self.metric(p0, batch, v))
+                            for b, p0 in zip(self.batches, self.probs)]
+        return sum(f(v) for f in self._linear)
