@@ -54,3 +54,7 @@ def test_demo_quick_on_smollm2(tmp_path):
     orig, unl, re = summary["original"], summary["llmeraser"], summary["retrain"]
     assert unl["forget_nll"] > orig["forget_nll"]  # forgetting moves the right way
     assert re["forget_nll"] > orig["forget_nll"]
+    # with --reset-removed some of the removed customer's fields are no longer produced (measured: 50%, retrain 0%)
+    assert unl["removed_field_reproduced"] < orig["removed_field_reproduced"]
+    # not asserted, because not met yet (BENCHMARKS.md): the corrected phone produced, retained accuracy near
+    # the original's

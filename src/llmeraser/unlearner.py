@@ -201,7 +201,11 @@ class Unlearner:
             theta, result, more = self._refine(request, theta, b, progress, reset)
             steps += more
         t2 = time.perf_counter()
-        return theta - self.theta_hat, result, {"b": t1 - t0, "solve": t2 - t1, "rhs_norm": float(b.norm()), "steps": steps}
+        stage = {"b": t1 - t0, "solve": t2 - t1, "rhs_norm": float(b.norm()), "steps": steps}
+        if reset is not None:  # evidence: how far the removed records' outputs are from the base model's
+            stage["reset_removed"] = {"rho": self.settings.reset_removed, "distance_before": reset.value(self.theta_hat),
+                                      "distance_after": reset.value(theta)}
+        return theta - self.theta_hat, result, stage
 
     def output_reset(self, request: EditRequest) -> OutputReset | None:
         """The pull of the removed records' outputs toward the base model's (--reset-removed), or None.
@@ -429,6 +433,7 @@ def _unlearn(model, tokenizer, adapter, data, request, out, settings, overwrite,
                    **{k: v for k, v in result.info.items()}},
         "rhs_norm": stage["rhs_norm"],
         "newton_steps": stage["steps"],
+        "reset_removed": stage.get("reset_removed"),
         "delta_norm": float(delta.norm()),
         "theta_norm": float(unl.theta_hat.norm()),
         "seconds": {"load": t_load, "b": stage["b"], "solve": stage["solve"]},
