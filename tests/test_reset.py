@@ -85,8 +85,8 @@ def test_reset_forgets_memorised_records_and_keeps_the_rest(tmp_path):
     model.eval()
     request = _removal(records, [0, 1])
 
-    def run(rho):
-        s = UnlearnSettings(reset_removed=rho, curvature_samples=0, max_length=64, template="chat", device="cpu",
+    def run(rho, kappa=0.0):
+        s = UnlearnSettings(reset_removed=rho, anchor_kept=kappa, curvature_samples=0, max_length=64, template="chat", device="cpu",
                             solver_settings=SolverSettings(tol=1e-4, max_iters=100))
         unl = Unlearner(model, tok, records, s)
         delta, _, _ = unl.delta(request, progress=False)
@@ -104,10 +104,18 @@ def test_reset_forgets_memorised_records_and_keeps_the_rest(tmp_path):
     assert reset.value(unl.theta_hat + delta) < 0.7 * before
     assert reset.value(unl.theta_hat + delta0) > 0.85 * before
     assert kept_loss(delta) < removed_loss(delta)  # it forgets the removed records more than the kept ones
+    # --anchor-kept: zero with zero gradient at Θ̂ (curvature only), and it holds the kept records' answers
+    unl_a, delta_a = run(10.0, kappa=10.0)
+    anchor = unl_a.kept_anchor(request)
+    assert anchor.value(unl.theta_hat) == 0.0 and float(anchor.grad(unl.theta_hat).abs().max()) == 0.0
+    assert kept_loss(delta_a) < kept_loss(delta) - 0.1
+    assert reset.value(unl.theta_hat + delta_a) < 0.9 * before
 
 
 def test_reset_needs_ggn():
     with pytest.raises(InputError, match="reset-removed"):
         UnlearnSettings(reset_removed=1.0, curvature="hessian")
+    with pytest.raises(InputError, match="anchor-kept"):
+        UnlearnSettings(anchor_kept=1.0, newton_steps=2)
     with pytest.raises(InputError, match="reset-removed"):
         UnlearnSettings(reset_removed=-1.0)

@@ -51,6 +51,8 @@ DAMPING = 0.03  # the library default, measured in benchmarks/damping_sweep.py
 # --reset-removed ρ: the adapter memorises the customers, so the paper's update alone leaves removed phone
 # numbers in place (BENCHMARKS.md); ρ = 10 kept the most retained answers of 1, 3, 10, 100 on this demo
 RESET_REMOVED = 10.0
+# --anchor-kept is not used: κ = 10 kept every retained answer of the full demo, but on --quick it held the
+# removed customer's fields in place too (BENCHMARKS.md)
 
 
 def build_inputs(cfg: DemoConfig, folder: Path, seed: int = 0):

@@ -35,7 +35,7 @@ def zero_adapter(params, theta: torch.Tensor) -> torch.Tensor:
     parts = params.unflatten(theta.clone())
     names = [n for n in params.names if ".lora_B." in n or n.endswith("lora_B.weight")]
     if not names:
-        raise InputError("--reset-removed needs a LoRA adapter (no lora_B tensors found in Θ)")
+        raise InputError("--reset-removed and --anchor-kept need a LoRA adapter (no lora_B tensors found in Θ)")
     for n in names:
         parts[n].zero_()
     return params.flatten(parts)
@@ -44,13 +44,17 @@ def zero_adapter(params, theta: torch.Tensor) -> torch.Tensor:
 class OutputReset:
     """P(Θ) above over the removed records: value, gradient and Gauss-Newton products at Θ̂."""
 
-    def __init__(self, objective, params, theta_hat: torch.Tensor, examples: list, batch_size: int, device):
+    def __init__(self, objective, params, theta_hat: torch.Tensor, examples: list, batch_size: int, device,
+                 anchor: bool = False):
+        """`anchor`: the target is the adapter's own outputs at Θ̂ instead of the base model's (the
+        --anchor-kept term: zero and flat at Θ̂, it only adds curvature); the metric is F⁰ either way."""
         self.objective, self.params, self.theta_hat = objective, params, theta_hat.detach()
         self.batches = [objective.collate(examples[i:i + batch_size], device) for i in range(0, len(examples), batch_size)]
         theta0 = zero_adapter(params, self.theta_hat)
         with torch.no_grad():
-            self.targets = [objective.outputs(params.unflatten(theta0), b).detach() for b in self.batches]
-        self.probs = [torch.softmax(t.double(), -1).to(t.dtype) for t in self.targets]
+            base = [objective.outputs(params.unflatten(theta0), b).detach() for b in self.batches]
+            self.probs = [torch.softmax(t.double(), -1).to(t.dtype) for t in base]
+            self.targets = [objective.outputs(params.unflatten(self.theta_hat), b).detach() for b in self.batches] if anchor else base
         self._linear = None
 
     @staticmethod

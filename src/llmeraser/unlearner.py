@@ -40,6 +40,11 @@ class UnlearnSettings:
                                                          "Where the adapter memorised the removed records their gradient, and with it the paper's "
                                                          "update, is ~0; P makes the step undo what only they depend on, as retraining from the "
                                                          "zero adapter does (0: off, the paper's update; needs --curvature ggn)"})
+    anchor_kept: float = field(default=0.0, metadata={"help": "κ: add κ·A to the edited objective, A the distance (same base-model Fisher) of the kept "
+                                                       "records' outputs from their outputs before the edit (over the --curvature-samples sample). "
+                                                       "Zero and flat at the start, it only adds curvature: where the adapter memorised its data "
+                                                       "the kept records' own curvature is ~0 (a saturated softmax) and does not hold their "
+                                                       "answers in place (0: off; needs --curvature ggn and --newton-steps 1)"})
     solver: str = field(default="cg", metadata={"help": "inverse-HVP solver", "choices": tuple(sorted(SOLVERS))})
     batch_size: int = field(default=8, metadata={"help": "samples per gradient / HVP mini-batch"})
     curvature_data: str = field(default="edited", metadata={"help": "data the curvature is taken over: 'edited' (the data after the request, so the update is a Newton step "
@@ -77,6 +82,8 @@ class UnlearnSettings:
             raise InputError("--damping must be >= 0")
         if not self.reset_removed >= 0 or (self.reset_removed and self.curvature != "ggn"):
             raise InputError("--reset-removed must be >= 0 and needs --curvature ggn")
+        if not self.anchor_kept >= 0 or (self.anchor_kept and (self.curvature != "ggn" or self.newton_steps > 1)):
+            raise InputError("--anchor-kept must be >= 0 and needs --curvature ggn and --newton-steps 1")
         if self.batch_size < 1 or self.max_length < 2 or self.curvature_samples < 0 or self.newton_steps < 1 or self.cache_batches < 0:
             raise InputError("--batch-size and --newton-steps must be >= 1, --max-length >= 2 and --curvature-samples, --cache-batches >= 0")
 
@@ -182,13 +189,19 @@ class Unlearner:
         b = self.compute_rhs(request, progress)
         t1 = time.perf_counter()
         op, rhs, n_eff = self.first_system(request, b)
-        penalty = None
+        penalties = []
         reset = self.output_reset(request)
         if reset is not None:
             rho = self.settings.reset_removed
             op.extra.append((rho / n_eff, reset.product))
             rhs = rhs - rho * reset.grad(self.theta_hat)
-            penalty = (lambda t: rho / n_eff * reset.value(t))
+            penalties.append(lambda t: rho / n_eff * reset.value(t))
+        anchor = self.kept_anchor(request)
+        if anchor is not None:  # zero gradient at Θ̂: curvature only
+            kappa = self.settings.anchor_kept * anchor.scale
+            op.extra.append((kappa / n_eff, anchor.product))
+            penalties.append(lambda t: kappa / n_eff * anchor.value(t))
+        penalty = (lambda t: sum(f(t) for f in penalties)) if penalties else None
         result = self.solve(rhs, progress, op)
         # the solve was for n_eff·ΔΘ against an unscaled right-hand side
         step = result.delta / n_eff
@@ -217,6 +230,23 @@ class Unlearner:
         if not self.settings.reset_removed or not removed:
             return None
         return OutputReset(self.objective, self.params, self.theta_hat, removed, self.settings.batch_size, self.device)
+
+    def kept_anchor(self, request: EditRequest) -> OutputReset | None:
+        """The kept records' pull toward their own outputs at Θ̂ (--anchor-kept), or None.
+
+        Over the seeded --curvature-samples sample of kept records; `scale` = kept / sample.
+        """
+        if not self.settings.anchor_kept:
+            return None
+        edited = {e.index for e in request.edits}
+        kept = [x for i, x in enumerate(self.examples) if i not in edited]
+        if not kept:
+            return None
+        sample = seeded_subset(kept, self.settings.curvature_samples, self.settings.seed)
+        anchor = OutputReset(self.objective, self.params, self.theta_hat, sample, self.settings.batch_size, self.device,
+                             anchor=True)
+        anchor.scale = len(kept) / len(sample)
+        return anchor
 
     def edited_examples(self, request: EditRequest) -> list:
         """The training set after the request: kept samples and the new versions of edited ones."""
