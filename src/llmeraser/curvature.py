@@ -72,7 +72,7 @@ class Curvature:
     def _ggn(self, v, batch):
         return self.linearise(batch, keep=False)(v)
 
-    def linearise(self, batch: dict, keep: bool = True, head: str = "loss"):
+    def linearise(self, batch: dict, keep: bool = True, head="loss"):
         """v -> G_B v (the GGN) for one batch, with the network's forward pass and the graph of Jᵀ built once.
 
         head "loss": the loss's Hessian in the outputs; or a function
