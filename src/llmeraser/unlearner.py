@@ -38,8 +38,9 @@ class UnlearnSettings:
     reset_removed: float = field(default=0.0, metadata={"help": "ρ: add ρ·P to the edited objective, P the distance (base model's Fisher, i.e. KL "
                                                          "to second order) from the removed records' outputs to the base model's outputs on them. "
                                                          "Where the adapter memorised the removed records their gradient, and with it the paper's "
-                                                         "update, is ~0; P makes the step undo what only they depend on, as retraining from the "
-                                                         "zero adapter does (0: off, the paper's update; needs --curvature ggn)"})
+                                                         "update, is ~0; P makes the step undo what only they depend on. Its target, the base model's "
+                                                         "answer, is not retraining's (which keeps what the kept data generalise to), so it is meant "
+                                                         "for memorised private data (0: off, the paper's update; needs --curvature ggn)"})
     anchor_kept: float = field(default=0.0, metadata={"help": "κ: add κ·A to the edited objective, A the distance (same base-model Fisher) of the kept "
                                                        "records' outputs from their outputs before the edit (over the --curvature-samples sample). "
                                                        "Zero and flat at the start, it only adds curvature: where the adapter memorised its data "
@@ -238,8 +239,7 @@ class Unlearner:
         """
         if not self.settings.anchor_kept:
             return None
-        edited = {e.index for e in request.edits}
-        kept = [x for i, x in enumerate(self.examples) if i not in edited]
+        kept = self.kept_examples(request)
         if not kept:
             return None
         sample = seeded_subset(kept, self.settings.curvature_samples, self.settings.seed)
@@ -248,11 +248,14 @@ class Unlearner:
         anchor.scale = len(kept) / len(sample)
         return anchor
 
+    def kept_examples(self, request: EditRequest) -> list:
+        """The training samples the request does not touch."""
+        edited = {e.index for e in request.edits}
+        return [x for i, x in enumerate(self.examples) if i not in edited]
+
     def edited_examples(self, request: EditRequest) -> list:
         """The training set after the request: kept samples and the new versions of edited ones."""
-        edited = {e.index for e in request.edits}
-        return [x for i, x in enumerate(self.examples) if i not in edited] + \
-            [self.encode(e.new) for e in request.edits if e.new is not None]
+        return self.kept_examples(request) + [self.encode(e.new) for e in request.edits if e.new is not None]
 
     def first_system(self, request: EditRequest, b: torch.Tensor) -> tuple[HessianOperator, torch.Tensor, int]:
         """(operator A, right-hand side r, m) such that ΔΘ = A⁻¹r / m.
@@ -322,8 +325,7 @@ class Unlearner:
             data_part(Θ) = s·Σ_sample [L_i(Θ) − L_i(Θ̂)] + (g_kept − s·g_sample)·(Θ − Θ̂) + Σ_new L(Θ),
         s = |kept|/|sample|, g_kept = −Σ_S ∇L_old(Θ̂) − n·wd·Θ̂ by the stationarity of Θ̂, so that its
         slope at Θ̂ is the one b gives. Shared by the line search and the refinement steps."""
-        edited = {e.index for e in request.edits}
-        kept = [x for i, x in enumerate(self.examples) if i not in edited]
+        kept = self.kept_examples(request)
         new = [self.encode(e.new) for e in request.edits if e.new is not None]
         sample = seeded_subset(kept, self.settings.curvature_samples, self.settings.seed)
         scale = len(kept) / len(sample)
