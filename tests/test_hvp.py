@@ -83,3 +83,36 @@ def test_response_logits_only_match_the_full_projection(tiny64):
     obj.keeps_logits = False
     full = obj.outputs(params.unflatten(theta), batch)
     assert torch.allclose(kept, full, rtol=1e-12, atol=1e-14)  # float64; only the matmul blocking differs
+
+
+def test_ggn_base_is_the_gauss_newton_at_the_base_models_softmax(tiny64):
+    """ggn-base: G⁰ = (1/B) Σ_i Σ_t (1/T_i) J_tᵀ (diag p⁰ − p⁰p⁰ᵀ) J_t with p⁰ the base model's prediction,
+    against explicit Jacobians; and at an adapter whose lora_B is zero it is the GGN itself."""
+    from torch.func import jacrev
+
+    from llmeraser.curvature import Curvature
+    from llmeraser.modeling import theta_of
+    from llmeraser.objective import CausalLMObjective
+    from llmeraser.params import zero_adapter
+    from llmeraser.render import encode
+
+    model, tok, records = tiny64
+    params, theta = theta_of(model)
+    obj = CausalLMObjective(model, tok.pad_token_id)
+    batch = obj.collate([encode(r, tok, "chat", 64) for r in records[:3]], "cpu")
+    v = torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with model.disable_adapter(), torch.no_grad():
+        p0 = torch.softmax(obj.outputs({}, batch), -1)
+    J = jacrev(lambda t: obj.outputs(params.unflatten(t), batch))(theta)  # [rows, vocab, dim]
+    w = 1.0 / batch["counts"][batch["rows"]].double()
+    jv = J @ v
+    expected = sum(wt * J[r].T @ ((torch.diag(p0[r]) - torch.outer(p0[r], p0[r])) @ jv[r]) for r, wt in enumerate(w)) / 3
+    curv = Curvature(obj, params, theta, "ggn-base")
+    assert torch.allclose(curv(v, batch), expected, rtol=1e-6)
+    assert torch.allclose(curv.linearise(batch)(v), expected, rtol=1e-6)  # the kept linearisation agrees
+    # the trained adapter predicts differently from the base, so the two curvatures differ there ...
+    assert not torch.allclose(Curvature(obj, params, theta, "ggn")(v, batch), expected, rtol=1e-2)
+    # ... and coincide where the adapter is a no-op (every lora_B zero)
+    theta0 = zero_adapter(params, theta)
+    assert torch.allclose(Curvature(obj, params, theta0, "ggn-base")(v, batch),
+                          Curvature(obj, params, theta0, "ggn")(v, batch), rtol=1e-10, atol=1e-14)

@@ -19,11 +19,11 @@ from torch.func import jvp
 
 from .errors import NumericalError
 from .objective import Objective
-from .params import AdapterParams
+from .params import AdapterParams, zero_adapter
 
 log = logging.getLogger(__name__)
 
-CURVATURES = ("ggn", "hessian")
+CURVATURES = ("ggn", "ggn-base", "hessian")
 HVP_MODES = ("auto", "fwd_rev", "rev_rev")
 
 
@@ -36,6 +36,19 @@ class Curvature:
             raise ValueError(f"hvp mode must be one of {HVP_MODES}, got {mode!r}")
         self.objective, self.params, self.kind, self.mode = objective, params, kind, mode
         self.theta_hat = theta_hat.detach()
+        self._theta0 = None
+
+    @property
+    def gauss_newton(self) -> bool:
+        return self.kind in ("ggn", "ggn-base")
+
+    def base_probs(self, batch: dict) -> torch.Tensor:
+        """p⁰ at the batch's response positions: the base model's prediction (every lora_B zeroed)."""
+        if self._theta0 is None:
+            self._theta0 = zero_adapter(self.params, self.theta_hat)
+        with torch.no_grad():
+            z0 = self.objective.outputs(self.params.unflatten(self._theta0), batch)
+        return torch.softmax(z0.double(), -1).to(z0.dtype)
 
     def mean_loss(self, theta: torch.Tensor, batch: dict) -> torch.Tensor:
         out = self.objective.outputs(self.params.unflatten(theta), batch)
@@ -44,7 +57,7 @@ class Curvature:
     def __call__(self, v: torch.Tensor, batch: dict) -> torch.Tensor:
         """C_B v for this batch (C = H or G), undamped."""
         v = v.to(self.theta_hat.dtype)
-        if self.kind == "ggn":
+        if self.gauss_newton:
             return self._ggn(v, batch)
         if self.mode == "rev_rev":
             return self._rev_rev(v, batch)
@@ -75,14 +88,18 @@ class Curvature:
     def linearise(self, batch: dict, keep: bool = True, head="loss"):
         """v -> G_B v (the GGN) for one batch, with the network's forward pass and the graph of Jᵀ built once.
 
-        head "loss": the loss's Hessian in the outputs; or a function
-        (outputs, batch, v) -> M v, the curvature of a squared distance in the outputs (`reset.OutputReset`).
+        head "loss": the loss's Hessian in the outputs (at the base model's prediction for ``ggn-base``);
+        or a function (outputs, batch, v) -> M v, the curvature of a squared distance in the outputs
+        (`reset.OutputReset`).
 
         J v comes from the double-vjp trick: u -> Jᵀu is linear in u, so its vjp with v is J v.
         With `keep`, the graphs are retained and every later product costs two backward passes
         instead of a forward and three backwards (the saving CG gets on its fixed batches), at the
         price of holding this batch's activations in memory.
         """
+        if head == "loss" and self.kind == "ggn-base":
+            p0, n = self.base_probs(batch), self.objective.batch_size(batch)
+            head = lambda zd, batch, v: fisher_product(p0, batch, v) / n  # noqa: E731  (mean over the batch, as the loss)
         with torch.enable_grad():
             theta = self.theta_hat.clone().requires_grad_(True)
             z = self.objective.outputs(self.params.unflatten(theta), batch)
@@ -103,6 +120,13 @@ class Curvature:
             return gv
 
         return product
+
+
+def fisher_product(p0: torch.Tensor, batch: dict, v: torch.Tensor) -> torch.Tensor:
+    """Per response token, (1/T_i) F⁰ v = (1/T_i)(p⁰ ⊙ v − p⁰ (p⁰ · v)), T_i its record's token count:
+    the Hessian in the logits of Σ_i (mean token cross-entropy of record i) at prediction p⁰."""
+    w = 1.0 / batch["counts"][batch["rows"]].to(v.dtype)
+    return w[:, None] * (p0 * v - p0 * (p0 * v).sum(-1, keepdim=True))
 
 
 def available_memory_mb(device) -> float:
@@ -168,7 +192,7 @@ class HessianOperator:
         One holds a batch's activations and the graph of Jᵀ; with a fixed count alone, two of them for
         batches of 8 TALLRec prompts (~300 tokens) on SmolLM2-135M ran a 24 GB machine out of memory.
         """
-        if self.curvature.kind != "ggn" or len(self._linear) >= self.cache_batches:
+        if not self.curvature.gauss_newton or len(self._linear) >= self.cache_batches:
             return False
         return not self._linear or available_memory_mb(self.device) > 3 * self._cost_mb
 

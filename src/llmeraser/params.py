@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InputError
+
 
 @dataclass(frozen=True)
 class AdapterParams:
@@ -54,3 +56,15 @@ class AdapterParams:
             groups.setdefault(g, []).append(k)
         parts = [f"{g}: {len(v)} tensors, {sum(v):,} params" for g, v in sorted(groups.items())]
         return f"Θ = {len(self.names)} tensors, {self.numel:,} params ({'; '.join(parts)})"
+
+
+def zero_adapter(params: AdapterParams, theta: torch.Tensor) -> torch.Tensor:
+    """Θ₀: Θ with every LoRA B matrix zeroed, which makes the adapter a no-op on the base model."""
+    parts = params.unflatten(theta.clone())
+    names = [n for n in params.names if ".lora_B." in n or n.endswith("lora_B.weight")]
+    if not names:
+        raise InputError("--reset-removed, --anchor-kept and --curvature ggn-base need a LoRA adapter "
+                         "(no lora_B tensors found in Θ)")
+    for n in names:
+        parts[n].zero_()
+    return params.flatten(parts)

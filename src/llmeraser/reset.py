@@ -26,19 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from .curvature import Curvature
-from .errors import InputError
-
-
-def zero_adapter(params, theta: torch.Tensor) -> torch.Tensor:
-    """Θ₀: Θ with every LoRA B matrix zeroed, which makes the adapter a no-op on the base model."""
-    parts = params.unflatten(theta.clone())
-    names = [n for n in params.names if ".lora_B." in n or n.endswith("lora_B.weight")]
-    if not names:
-        raise InputError("--reset-removed and --anchor-kept need a LoRA adapter (no lora_B tensors found in Θ)")
-    for n in names:
-        parts[n].zero_()
-    return params.flatten(parts)
+from .curvature import Curvature, fisher_product
+from .params import zero_adapter  # noqa: F401  (re-exported: Θ₀ is part of this module's story)
 
 
 class OutputReset:
@@ -60,8 +49,7 @@ class OutputReset:
     @staticmethod
     def metric(p0, batch, v):
         """Σ-weighted F⁰ v per row: (1/T_i)(p⁰ ⊙ v − p⁰ (p⁰ · v))."""
-        w = 1.0 / batch["counts"][batch["rows"]].to(v.dtype)
-        return w[:, None] * (p0 * v - p0 * (p0 * v).sum(-1, keepdim=True))
+        return fisher_product(p0, batch, v)
 
     def _penalty(self, theta, batch, target, p0):
         d = self.objective.outputs(self.params.unflatten(theta), batch) - target

@@ -33,19 +33,22 @@ CURVATURE_DATA = ("edited", "original")
 
 @dataclass
 class UnlearnSettings:
-    curvature: str = field(default="ggn", metadata={"help": "curvature C in (C + λI)Δ = b: 'ggn' (Gauss-Newton, PSD) or 'hessian'", "choices": CURVATURES})
+    curvature: str = field(default="ggn", metadata={"help": "curvature C in (C + λI)Δ = b: 'ggn' (Gauss-Newton, PSD), 'ggn-base' (Gauss-Newton with the "
+                                                "softmax's curvature at the base model's prediction instead of the adapter's: where the adapter "
+                                                "memorised its data its own softmax is saturated, its curvature ~0, and the step to rewrite a "
+                                                "memorised answer unbounded; see BENCHMARKS.md) or 'hessian'", "choices": CURVATURES})
     damping: float = field(default=0.03, metadata={"help": "λ added to C (default measured on SmolLM2, see BENCHMARKS.md); training weight decay from train.json is added to it"})
     reset_removed: float = field(default=0.0, metadata={"help": "ρ: add ρ·P to the edited objective, P the distance (base model's Fisher, i.e. KL "
                                                          "to second order) from the removed records' outputs to the base model's outputs on them. "
                                                          "Where the adapter memorised the removed records their gradient, and with it the paper's "
                                                          "update, is ~0; P makes the step undo what only they depend on. Its target, the base model's "
                                                          "answer, is not retraining's (which keeps what the kept data generalise to), so it is meant "
-                                                         "for memorised private data (0: off, the paper's update; needs --curvature ggn)"})
+                                                         "for memorised private data (0: off, the paper's update; needs a Gauss-Newton --curvature)"})
     anchor_kept: float = field(default=0.0, metadata={"help": "κ: add κ·A to the edited objective, A the distance (same base-model Fisher) of the kept "
                                                        "records' outputs from their outputs before the edit (over the --curvature-samples sample). "
                                                        "Zero and flat at the start, it only adds curvature: where the adapter memorised its data "
                                                        "the kept records' own curvature is ~0 (a saturated softmax) and does not hold their "
-                                                       "answers in place (0: off; needs --curvature ggn and --newton-steps 1)"})
+                                                       "answers in place (0: off; needs a Gauss-Newton --curvature and --newton-steps 1)"})
     solver: str = field(default="cg", metadata={"help": "inverse-HVP solver", "choices": tuple(sorted(SOLVERS))})
     batch_size: int = field(default=8, metadata={"help": "samples per gradient / HVP mini-batch"})
     curvature_data: str = field(default="edited", metadata={"help": "data the curvature is taken over: 'edited' (the data after the request, so the update is a Newton step "
@@ -81,10 +84,11 @@ class UnlearnSettings:
             raise InputError(f"--template must be one of {TEMPLATES}")
         if not self.damping >= 0:
             raise InputError("--damping must be >= 0")
-        if not self.reset_removed >= 0 or (self.reset_removed and self.curvature != "ggn"):
-            raise InputError("--reset-removed must be >= 0 and needs --curvature ggn")
-        if not self.anchor_kept >= 0 or (self.anchor_kept and (self.curvature != "ggn" or self.newton_steps > 1)):
-            raise InputError("--anchor-kept must be >= 0 and needs --curvature ggn and --newton-steps 1")
+        gauss_newton = self.curvature in ("ggn", "ggn-base")
+        if not self.reset_removed >= 0 or (self.reset_removed and not gauss_newton):
+            raise InputError("--reset-removed must be >= 0 and needs --curvature ggn or ggn-base")
+        if not self.anchor_kept >= 0 or (self.anchor_kept and (not gauss_newton or self.newton_steps > 1)):
+            raise InputError("--anchor-kept must be >= 0 and needs --curvature ggn or ggn-base, and --newton-steps 1")
         if self.batch_size < 1 or self.max_length < 2 or self.curvature_samples < 0 or self.newton_steps < 1 or self.cache_batches < 0:
             raise InputError("--batch-size and --newton-steps must be >= 1, --max-length >= 2 and --curvature-samples, --cache-batches >= 0")
 
