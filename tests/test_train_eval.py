@@ -149,11 +149,11 @@ def test_batched_generation_matches_one_at_a_time(trainable_dir):
     assert batched == alone and len(set(alone)) > 1
 
 
-def test_inference_attention_is_sdpa_inside_and_eager_after(tiny64):
+def test_fused_attention_is_sdpa_inside_and_eager_after(tiny64):
     """Evaluation runs SDPA; the outputs equal eager's, and HVPs after it get eager attention back."""
     import torch
 
-    from llmeraser.modeling import inference_attention
+    from llmeraser.modeling import fused_attention
     from llmeraser.objective import CausalLMObjective
     from llmeraser.render import encode
 
@@ -163,7 +163,7 @@ def test_inference_attention_is_sdpa_inside_and_eager_after(tiny64):
     config = model.get_base_model().config
     with torch.no_grad():
         eager = obj.outputs({}, batch)
-        with inference_attention(model):
+        with fused_attention(model):
             assert config._attn_implementation == "sdpa"
             fused = obj.outputs({}, batch)
     assert config._attn_implementation == "eager"

@@ -107,8 +107,13 @@ def test_newton_refinement_descends_on_the_edited_objective(tiny64, tmp_path):
     three, _, stage = run(3)
     steps = stage["steps"]
     assert len(steps) >= 2 and steps[0]["step"] == 1
-    accepted = [s["objective"] for s in steps[1:] if s["accepted"]]
-    assert accepted == sorted(accepted, reverse=True)
+    searches = [s["line_search"] for s in steps[1:]]
+    accepted = [ls for ls in searches if ls["accepted"]]
+    for ls in accepted:  # a refinement step is taken only where it lowers the edited objective
+        chosen = next(t["objective"] for t in ls["trace"] if t["scale"] == ls["scale"])
+        assert chosen < ls["start"] and ls["slope"] < 0
+    starts = [ls["start"] for ls in searches]  # each step starts where the last one ended, lower
+    assert starts == sorted(starts, reverse=True)
     if accepted:
         assert not torch.equal(one, three)
     else:

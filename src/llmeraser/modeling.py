@@ -81,11 +81,13 @@ def load_base(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype 
 
 
 @contextmanager
-def inference_attention(model, implementation: str = "sdpa"):
-    """Fused attention for passes that are never differentiated twice (evaluation, generation).
+def fused_attention(model, implementation: str = "sdpa"):
+    """Fused attention for passes that are never differentiated twice (evaluation, generation,
+    training steps, gradients and loss values in `unlearn`).
 
-    Models load with eager attention because double backward through SDPA is not implemented on CPU;
-    forward passes under no_grad do not need that, and SDPA is the faster kernel for them.
+    Models load with eager attention because double backward through SDPA is not implemented on CPU
+    (curvature products need it); forward passes and single backward passes do not, and SDPA is the
+    faster kernel for them. Graphs built before or after keep the kernel they were built with.
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     before = getattr(inner.config, "_attn_implementation", None)

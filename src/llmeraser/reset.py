@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from .curvature import Curvature, fisher_product
+from .modeling import fused_attention
 from .params import zero_adapter  # noqa: F401  (re-exported: Θ₀ is part of this module's story)
 
 
@@ -56,13 +57,13 @@ class OutputReset:
         return 0.5 * (d * self.metric(p0, batch, d)).sum()
 
     def value(self, theta: torch.Tensor) -> float:
-        with torch.no_grad():
+        with torch.no_grad(), fused_attention(self.objective.model):
             return sum(float(self._penalty(theta, *x)) for x in zip(self.batches, self.targets, self.probs))
 
     def grad(self, theta: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(self.theta_hat)
         for x in zip(self.batches, self.targets, self.probs):
-            with torch.enable_grad():
+            with torch.enable_grad(), fused_attention(self.objective.model):
                 th = theta.detach().clone().requires_grad_(True)
                 (g,) = torch.autograd.grad(self._penalty(th, *x), th)
             out += g

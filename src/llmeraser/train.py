@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .data import Record
 from .errors import InputError
+from .modeling import fused_attention
 from .objective import CausalLMObjective
 from .render import encode, resolve_template
 
@@ -92,27 +93,28 @@ def train_lora(model, tokenizer, records: list[Record], settings: TrainSettings,
     order: list[int] = []
     history, running = [], 0.0
     bar = tqdm(total=total_steps, desc=desc, disable=not progress)
-    for step in range(total_steps):
-        if len(order) < settings.batch_size:
-            perm = list(range(len(examples)))
-            rng.shuffle(perm)
-            order += perm
-        idx, order = order[: settings.batch_size], order[settings.batch_size:]
-        batch = objective.collate([examples[i] for i in idx], device)
-        loss = objective.losses(objective.outputs({}, batch), batch).mean()
-        if ascent:
-            loss = -loss
-        elif settings.weight_decay:
-            loss = loss + 0.5 * settings.weight_decay * sum((p.float() ** 2).sum() for p in params)
-        (loss / settings.grad_accum).backward()
-        running += float(loss.detach()) / settings.grad_accum
-        if (step + 1) % settings.grad_accum == 0 or step + 1 == total_steps:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            history.append(running)
-            bar.set_postfix(loss=f"{running:.4f}")
-            running = 0.0
-        bar.update(1)
+    with fused_attention(model):  # first-order passes only: the fused kernel is faster
+        for step in range(total_steps):
+            if len(order) < settings.batch_size:
+                perm = list(range(len(examples)))
+                rng.shuffle(perm)
+                order += perm
+            idx, order = order[: settings.batch_size], order[settings.batch_size:]
+            batch = objective.collate([examples[i] for i in idx], device)
+            loss = objective.losses(objective.outputs({}, batch), batch).mean()
+            if ascent:
+                loss = -loss
+            elif settings.weight_decay:
+                loss = loss + 0.5 * settings.weight_decay * sum((p.float() ** 2).sum() for p in params)
+            (loss / settings.grad_accum).backward()
+            running += float(loss.detach()) / settings.grad_accum
+            if (step + 1) % settings.grad_accum == 0 or step + 1 == total_steps:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sched.step()
+                history.append(running)
+                bar.set_postfix(loss=f"{running:.4f}")
+                running = 0.0
+            bar.update(1)
     bar.close()
     return history

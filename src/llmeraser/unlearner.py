@@ -19,7 +19,7 @@ from .curvature import CURVATURES, HVP_MODES, Curvature, HessianOperator, seeded
 from .data import EditRequest, Record, load_records, load_request
 from .errors import InputError, NumericalError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
-from .modeling import load_adapter, load_base, resolve_device, theta_of, write_adapter
+from .modeling import fused_attention, load_adapter, load_base, resolve_device, theta_of, write_adapter
 from .objective import CausalLMObjective
 from .render import TEMPLATES, encode, resolve_template
 from .reset import OutputReset
@@ -150,8 +150,9 @@ class Unlearner:
         return encode(record, self.tokenizer, self.template, self.settings.max_length)
 
     def _grad_sum(self, items, theta, desc, progress):
-        return sum_of_gradients(self.objective, self.params, theta, items, self.settings.batch_size, self.device,
-                                desc, progress)
+        with fused_attention(self.model):  # first order: no double backward through attention here
+            return sum_of_gradients(self.objective, self.params, theta, items, self.settings.batch_size, self.device,
+                                    desc, progress)
 
     def old_grad_hat(self, request: EditRequest, progress: bool = True) -> torch.Tensor:
         """Σ_S ∇L(old) at Θ̂, computed once per request: b and the control variate both need it."""
@@ -295,18 +296,12 @@ class Unlearner:
         objective, exact = self.line_objective(request)
         if penalty is not None:
             objective = (lambda t, f=objective: f(t) + penalty(t))
-        start = objective(self.theta_hat)
         slope = -float(neg_grad @ step)  # directional derivative of R' along ΔΘ at Θ̂ (< 0: a descent direction)
-        trace, alpha = [], 1.0
-        for _ in range(max_halvings + 1):
-            value = objective(self.theta_hat + alpha * step)
-            trace.append({"scale": alpha, "objective": value})
-            if value == value and value <= start + 1e-4 * alpha * slope:
-                return {"scale": alpha, "accepted": True, "start": start, "slope": slope, "exact": exact, "trace": trace}
-            alpha /= 2
-        best = min(trace, key=lambda t: t["objective"] if t["objective"] == t["objective"] else float("inf"))
-        log.warning("line search: no scale down to %g lowered the retraining objective; using %g", trace[-1]["scale"], best["scale"])
-        return {"scale": best["scale"], "accepted": False, "start": start, "slope": slope, "exact": exact, "trace": trace}
+        search = backtrack(objective, self.theta_hat, step, slope, max_halvings)
+        if not search["accepted"]:
+            log.warning("line search: no scale down to %g lowered the retraining objective; using %g",
+                        search["trace"][-1]["scale"], search["scale"])
+        return {**search, "exact": exact}
 
     def line_objective(self, request: EditRequest):
         """(f, exact): f(Θ) = R'(Θ) up to a constant, and whether it is R' itself.
@@ -357,8 +352,6 @@ class Unlearner:
             return value + (rho * reset.value(t) if reset is not None else 0.0)
 
         steps, result = [], None
-        current = objective(theta)
-        extra = 0.0  # Levenberg-Marquardt damping on top of λ, raised when a step does not descend
         for k in range(2, self.settings.newton_steps + 1):
             g_sample = self._grad_sum(sample, theta, "refine: kept sample", progress)
             g_new = self._grad_sum(new, theta, "refine: new samples", progress) if new else 0.0
@@ -366,35 +359,45 @@ class Unlearner:
             grad = scale * (g_sample - g_sample_hat) - g_old_hat + g_new + self.n * self.weight_decay * (theta - self.theta_hat)
             if reset is not None:
                 grad = grad + rho * reset.grad(theta)
-            accepted = False
-            for _ in range(4):
-                op = self.operator(theta, kept + new)
-                op.damping += extra
-                if reset is not None:  # its curvature at Θ̂ (the logits' Jacobian changes little between steps)
-                    op.extra.append((rho / m, reset.product))
-                result = self.solve(-grad, progress, op)
-                # op is the mean curvature over the m edited samples: x = m·Δ for the summed objective
-                cand = theta + result.delta / m
-                value = objective(cand)
-                if value < current:
-                    accepted = True
-                    break
-                extra = max(4 * extra, self.damping, 1e-4)
+            op = self.operator(theta, kept + new)
+            if reset is not None:  # its curvature at Θ̂ (the logits' Jacobian changes little between steps)
+                op.extra.append((rho / m, reset.product))
+            result = self.solve(-grad, progress, op)
+            # op is the mean curvature over the m edited samples: x = m·Δ for the summed objective
+            step = result.delta / m
+            # backtracking along the solved direction: a few loss evaluations, where re-solving with more
+            # damping (Levenberg-Marquardt) cost a full solve per try and was rejected four times (BENCHMARKS.md)
+            search = backtrack(objective, theta, step, float(grad @ step))
             steps.append({"step": k, "grad_norm": float(grad.norm()), "iterations": result.iterations,
-                          "final_residual": result.final_residual, "converged": result.converged,
-                          "extra_damping": extra, "accepted": accepted, "objective": value})
-            if not accepted:
+                          "final_residual": result.final_residual, "converged": result.converged, "line_search": search})
+            if not search["accepted"]:
                 break
-            theta, current, extra = cand, value, extra / 4
+            theta = theta + search["scale"] * step
         return theta, result, steps
 
     def _loss_sum(self, items, theta) -> float:
         total = 0.0
-        with torch.no_grad():
+        with torch.no_grad(), fused_attention(self.model):
             for i in range(0, len(items), self.settings.batch_size):
                 batch = self.objective.collate(items[i:i + self.settings.batch_size], self.device)
                 total += float(self.objective.losses(self.objective.outputs(self.params.unflatten(theta), batch), batch).sum())
         return total
+
+
+def backtrack(objective, theta: torch.Tensor, step: torch.Tensor, slope: float, max_halvings: int = 10) -> dict:
+    """Armijo backtracking: the first α in 1, 1/2, … with f(Θ + αΔ) <= f(Θ) + 1e-4·α·slope.
+
+    Without such an α it reports the best α tried and accepted = False (the caller decides)."""
+    start = objective(theta)
+    trace, alpha = [], 1.0
+    for _ in range(max_halvings + 1):
+        value = objective(theta + alpha * step)
+        trace.append({"scale": alpha, "objective": value})
+        if value == value and value <= start + 1e-4 * alpha * slope:
+            return {"scale": alpha, "accepted": True, "start": start, "slope": slope, "trace": trace}
+        alpha /= 2
+    best = min(trace, key=lambda t: t["objective"] if t["objective"] == t["objective"] else float("inf"))
+    return {"scale": best["scale"], "accepted": False, "start": start, "slope": slope, "trace": trace}
 
 
 def _versions() -> dict:
