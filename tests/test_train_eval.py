@@ -1,9 +1,11 @@
 """`train`, baselines and `evaluate` on the tiny model; metric functions against reference packages."""
 
 import json
+import math
 import random
 
 import pytest
+import torch
 from rouge_score import rouge_scorer
 from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
@@ -168,3 +170,34 @@ def test_fused_attention_is_sdpa_inside_and_eager_after(tiny64):
             fused = obj.outputs({}, batch)
     assert config._attn_implementation == "eager"
     assert torch.allclose(fused, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_merged_inner_products_match_the_dense_delta_w():
+    """⟨ΔW_a, ΔW_b⟩ from r-sized products equals the sum over modules of the dense (α/r)(BA − B_oA_o) products."""
+    from llmeraser.evaluate import _cosine_from_gram, _distance_from_gram, merged_inner
+    from llmeraser.metrics import cosine, relative_distance
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"m1": (6, 10), "m2": (12, 5)}  # (out, in), rank 3
+
+    def adapter():
+        w = {}
+        for m, (o, i) in shapes.items():
+            w[f"{m}.lora_A.weight"] = torch.randn(3, i, generator=g, dtype=torch.float64)
+            w[f"{m}.lora_B.weight"] = torch.randn(o, 3, generator=g, dtype=torch.float64)
+        return w
+
+    o, a, b = adapter(), adapter(), adapter()
+    scale = 2.0
+
+    def dense(w):
+        return torch.cat([(scale * (w[f"{m}.lora_B.weight"] @ w[f"{m}.lora_A.weight"]
+                                    - o[f"{m}.lora_B.weight"] @ o[f"{m}.lora_A.weight"])).reshape(-1) for m in shapes])
+
+    da, db = dense(a), dense(b)
+    g_aa, g_bb, g_ab = (merged_inner(x, y, o, scale) for x, y in ((a, a), (b, b), (a, b)))
+    assert g_ab == pytest.approx(float(da @ db), rel=1e-12)
+    assert g_aa == pytest.approx(float(da @ da), rel=1e-12)
+    assert _cosine_from_gram(g_aa, g_bb, g_ab) == pytest.approx(cosine(da, db), rel=1e-10)
+    assert _distance_from_gram(g_aa, g_bb, g_ab) == pytest.approx(relative_distance(da, db), rel=1e-10)
+    assert math.isnan(_cosine_from_gram(0.0, g_bb, 0.0))  # the original itself: no change, as metrics.cosine says
