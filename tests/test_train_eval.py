@@ -172,6 +172,26 @@ def test_fused_attention_is_sdpa_inside_and_eager_after(tiny64):
     assert torch.allclose(fused, eager, rtol=1e-6, atol=1e-6)
 
 
+def test_merged_adapter_gives_the_same_outputs_and_restores_the_base(tiny64):
+    """Evaluation merges the LoRA update into the base weights: same outputs, base weights bit for bit after."""
+    from llmeraser.modeling import merged_adapter
+    from llmeraser.objective import CausalLMObjective
+    from llmeraser.render import encode
+
+    model, tok, records = tiny64
+    obj = CausalLMObjective(model, tok.pad_token_id)
+    batch = obj.collate([encode(r, tok, "chat", 64) for r in records[:4]], "cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        unmerged = obj.outputs({}, batch)
+        with merged_adapter(model):
+            changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+            merged = obj.outputs({}, batch)
+    assert changed and all(".base_layer." in n for n in changed)  # the merge did happen, in the base weights only
+    assert torch.allclose(merged, unmerged, rtol=1e-9, atol=1e-10)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_merged_inner_products_match_the_dense_delta_w():
     """⟨ΔW_a, ΔW_b⟩ from r-sized products equals the sum over modules of the dense (α/r)(BA − B_oA_o) products."""
     from llmeraser.evaluate import _cosine_from_gram, _distance_from_gram, merged_inner

@@ -23,7 +23,8 @@ from .data import Record, load_records, load_request
 from .errors import InputError
 from .fileio import atomic_dir, check_output_dir, write_json
 from .metrics import cosine, exact_match, relative_distance, roc_auc, rouge_l, rouge_n
-from .modeling import adapter_weights_path, fused_attention, load_adapter, load_base, read_adapter_file, resolve_device
+from .modeling import (adapter_weights_path, fused_attention, load_adapter, load_base, merged_adapter, read_adapter_file,
+                       resolve_device)
 from .objective import CausalLMObjective
 from .render import encode, render_text, resolve_template
 
@@ -191,7 +192,7 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None
         t0 = time.perf_counter()
         model = load_adapter(base_model, adapters[name])
         try:
-            with fused_attention(model):  # nothing here is differentiated
+            with fused_attention(model), merged_adapter(model):  # nothing here is differentiated
                 ev = AdapterEval(model, tok, tpl, batch_size, max_length, max_new_tokens)
                 res = {split: split_metrics(ev, recs, keep_samples) for split, recs in splits.items() if recs}
                 if "retrain" in adapters:
