@@ -217,7 +217,9 @@ class Unlearner:
         steps = [{"step": 1, "grad_norm": float(b.norm()), "iterations": result.iterations,
                   "final_residual": result.final_residual, "converged": result.converged, "line_search": search}]
         if self.settings.newton_steps > 1 and moves:
-            theta, result, more = self._refine(request, theta, b, progress, reset)
+            # the reset enters the first step only: ρP is ~100× the data terms there, and later steps that
+            # kept minimising it bought distance to the base with the kept answers (1/16 retained, BENCHMARKS.md)
+            theta, result, more = self._refine(request, theta, b, progress)
             steps += more
         t2 = time.perf_counter()
         stage = {"b": t1 - t0, "solve": t2 - t1, "rhs_norm": float(b.norm()), "steps": steps}
@@ -340,16 +342,15 @@ class Unlearner:
         return SimpleNamespace(kept=kept, new=new, sample=sample, scale=scale, g_old_hat=g_old_hat,
                                g_sample_hat=g_sample_hat, data_part=data_part)
 
-    def _refine(self, request, theta, b, progress, reset=None):
+    def _refine(self, request, theta, b, progress):
         cv = self._control_variate(request, "refine", progress)
         kept, new, sample, scale = cv.kept, cv.new, cv.sample, cv.scale
         g_old_hat, g_sample_hat = cv.g_old_hat, cv.g_sample_hat
-        m, rho = len(kept) + len(new), self.settings.reset_removed
+        m = len(kept) + len(new)
 
         def objective(t):
-            """n·R'(Θ) + ρP(Θ) + const under the same stationarity assumption as the gradient, so the two agree."""
-            value = cv.data_part(t) + 0.5 * self.n * self.weight_decay * float(t.square().sum())
-            return value + (rho * reset.value(t) if reset is not None else 0.0)
+            """n·R'(Θ) + const under the same stationarity assumption as the gradient, so the two agree."""
+            return cv.data_part(t) + 0.5 * self.n * self.weight_decay * float(t.square().sum())
 
         steps, result = [], None
         for k in range(2, self.settings.newton_steps + 1):
@@ -357,11 +358,7 @@ class Unlearner:
             g_new = self._grad_sum(new, theta, "refine: new samples", progress) if new else 0.0
             # n·∇R'(Θ_k), see the class docstring
             grad = scale * (g_sample - g_sample_hat) - g_old_hat + g_new + self.n * self.weight_decay * (theta - self.theta_hat)
-            if reset is not None:
-                grad = grad + rho * reset.grad(theta)
             op = self.operator(theta, kept + new)
-            if reset is not None:  # its curvature at Θ̂ (the logits' Jacobian changes little between steps)
-                op.extra.append((rho / m, reset.product))
             result = self.solve(-grad, progress, op)
             # op is the mean curvature over the m edited samples: x = m·Δ for the summed objective
             step = result.delta / m
