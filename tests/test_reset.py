@@ -6,7 +6,7 @@ from torch.func import jacrev
 
 from llmeraser.data import EditRequest, Edit
 from llmeraser.errors import InputError
-from llmeraser.modeling import theta_of
+from llmeraser.modeling import fused_attention, theta_of
 from llmeraser.objective import CausalLMObjective
 from llmeraser.render import encode
 from llmeraser.reset import OutputReset, zero_adapter
@@ -47,7 +47,8 @@ def test_penalty_gradient_and_curvature_match_autograd(tiny64):
         p0 = torch.softmax(z0, -1)
         F = [torch.diag(p) - torch.outer(p, p) for p in p0]
         w = 1.0 / b["counts"][b["rows"]].double()
-        d = obj.outputs(params.unflatten(point), b) - z0
+        with fused_attention(model):  # the kernel value() runs (and its targets were made) with
+            d = obj.outputs(params.unflatten(point), b) - z0
         by_hand += sum(0.5 * float(wt * dt @ Ft @ dt) for wt, dt, Ft in zip(w, d, F))
         explicit.append((b, w, F))
     assert reset.value(point) == pytest.approx(by_hand, rel=1e-10)

@@ -41,7 +41,8 @@ class OutputReset:
         self.objective, self.params, self.theta_hat = objective, params, theta_hat.detach()
         self.batches = [objective.collate(examples[i:i + batch_size], device) for i in range(0, len(examples), batch_size)]
         theta0 = zero_adapter(params, self.theta_hat)
-        with torch.no_grad():
+        # the same attention kernel as value() and grad(), so that d is exactly 0 at the target
+        with torch.no_grad(), fused_attention(objective.model):
             base = [objective.outputs(params.unflatten(theta0), b).detach() for b in self.batches]
             self.probs = [torch.softmax(t.double(), -1).to(t.dtype) for t in base]
             self.targets = [objective.outputs(params.unflatten(self.theta_hat), b).detach() for b in self.batches] if anchor else base
