@@ -5,6 +5,13 @@
 * ``ggn``: the Gauss-Newton matrix G_B = Jᵀ (∇²_z ℓ_B) J, with z the model outputs and
   ℓ_B the mean batch loss as a function of z. It drops the term with the second derivative
   of the network, so for a convex loss of z it is positive semi-definite by construction.
+* ``ggn-base``: the same with ∇²_z ℓ taken at the *base model's* prediction p⁰ (every lora_B zeroed)
+  instead of the adapter's: G⁰_B = Jᵀ F⁰ J, F⁰ = diag(p⁰) − p⁰p⁰ᵀ per response token. At an adapter
+  that memorised its data the softmax is saturated (p ≈ one-hot on the trained token), ∇²_z ℓ ≈ 0
+  there, and the Newton step that rewrites a memorised answer is as long as the damping allows (on the
+  demo the line search rejected the converged correction step, its half and its quarter; BENCHMARKS.md).
+  The base model's softmax is not saturated on private fields, so F⁰ measures a step by how far it moves
+  the answers (the second-order expansion of KL(p⁰ ‖ p_Θ)).
 
 Θ̂ is a detached tensor held by the operator; the live model is never written to.
 """
@@ -23,7 +30,8 @@ from .params import AdapterParams, zero_adapter
 
 log = logging.getLogger(__name__)
 
-CURVATURES = ("ggn", "ggn-base", "hessian")
+GAUSS_NEWTON = ("ggn", "ggn-base")
+CURVATURES = GAUSS_NEWTON + ("hessian",)
 HVP_MODES = ("auto", "fwd_rev", "rev_rev")
 
 
@@ -40,7 +48,7 @@ class Curvature:
 
     @property
     def gauss_newton(self) -> bool:
-        return self.kind in ("ggn", "ggn-base")
+        return self.kind in GAUSS_NEWTON
 
     def base_probs(self, batch: dict) -> torch.Tensor:
         """p⁰ at the batch's response positions: the base model's prediction (every lora_B zeroed)."""

@@ -48,14 +48,9 @@ class OutputReset:
             self.targets = [objective.outputs(params.unflatten(self.theta_hat), b).detach() for b in self.batches] if anchor else base
         self._linear = None
 
-    @staticmethod
-    def metric(p0, batch, v):
-        """Σ-weighted F⁰ v per row: (1/T_i)(p⁰ ⊙ v − p⁰ (p⁰ · v))."""
-        return fisher_product(p0, batch, v)
-
     def _penalty(self, theta, batch, target, p0):
         d = self.objective.outputs(self.params.unflatten(theta), batch) - target
-        return 0.5 * (d * self.metric(p0, batch, d)).sum()
+        return 0.5 * (d * fisher_product(p0, batch, d)).sum()
 
     def value(self, theta: torch.Tensor) -> float:
         with torch.no_grad(), fused_attention(self.objective.model):
@@ -63,17 +58,17 @@ class OutputReset:
 
     def grad(self, theta: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(self.theta_hat)
-        for x in zip(self.batches, self.targets, self.probs):
-            with torch.enable_grad(), fused_attention(self.objective.model):
+        with torch.enable_grad(), fused_attention(self.objective.model):
+            for x in zip(self.batches, self.targets, self.probs):
                 th = theta.detach().clone().requires_grad_(True)
                 (g,) = torch.autograd.grad(self._penalty(th, *x), th)
-            out += g
+                out += g
         return out
 
     def product(self, v: torch.Tensor) -> torch.Tensor:
         """Σ_i J_iᵀ F⁰_i J_i v at Θ̂ (the penalty's Gauss-Newton curvature), through kept linearisations."""
         if self._linear is None:
             curv = Curvature(self.objective, self.params, self.theta_hat, "ggn")
-            self._linear = [curv.linearise(b, head=lambda z, batch, v, p0=p0: self.metric(p0, batch, v))
+            self._linear = [curv.linearise(b, head=lambda z, batch, v, p0=p0: fisher_product(p0, batch, v))
                             for b, p0 in zip(self.batches, self.probs)]
         return sum(f(v) for f in self._linear)

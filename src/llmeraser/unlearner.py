@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 
 from . import __version__
-from .curvature import CURVATURES, HVP_MODES, Curvature, HessianOperator, seeded_subset
+from .curvature import CURVATURES, GAUSS_NEWTON, HVP_MODES, Curvature, HessianOperator, seeded_subset
 from .data import EditRequest, Record, load_records, load_request
 from .errors import InputError, NumericalError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
@@ -84,7 +84,7 @@ class UnlearnSettings:
             raise InputError(f"--template must be one of {TEMPLATES}")
         if not self.damping >= 0:
             raise InputError("--damping must be >= 0")
-        gauss_newton = self.curvature in ("ggn", "ggn-base")
+        gauss_newton = self.curvature in GAUSS_NEWTON
         if not self.reset_removed >= 0 or (self.reset_removed and not gauss_newton):
             raise InputError("--reset-removed must be >= 0 and needs --curvature ggn or ggn-base")
         if not self.anchor_kept >= 0 or (self.anchor_kept and (not gauss_newton or self.newton_steps > 1)):
@@ -219,7 +219,7 @@ class Unlearner:
         if self.settings.newton_steps > 1 and moves:
             # the reset enters the first step only: ρP is ~100× the data terms there, and later steps that
             # kept minimising it bought distance to the base with the kept answers (1/16 retained, BENCHMARKS.md)
-            theta, result, more = self._refine(request, theta, b, progress)
+            theta, result, more = self._refine(request, theta, progress)
             steps += more
         t2 = time.perf_counter()
         stage = {"b": t1 - t0, "solve": t2 - t1, "rhs_norm": float(b.norm()), "steps": steps}
@@ -342,7 +342,7 @@ class Unlearner:
         return SimpleNamespace(kept=kept, new=new, sample=sample, scale=scale, g_old_hat=g_old_hat,
                                g_sample_hat=g_sample_hat, data_part=data_part)
 
-    def _refine(self, request, theta, b, progress):
+    def _refine(self, request, theta, progress):
         cv = self._control_variate(request, "refine", progress)
         kept, new, sample, scale = cv.kept, cv.new, cv.sample, cv.scale
         g_old_hat, g_sample_hat = cv.g_old_hat, cv.g_sample_hat
