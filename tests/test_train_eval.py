@@ -146,9 +146,29 @@ def test_batched_generation_matches_one_at_a_time(trainable_dir):
     records = load_records(trainable_dir / "train.jsonl")[:6]
     records[0] = records[0].replaced({"prompt": "a much longer question than the others, about " + records[0].sides()[0][-1]["content"]})
     template = resolve_template(tok, "auto")
-    batched = AdapterEval(model, tok, template, batch_size=6, max_new_tokens=8).generate(records)
-    alone = AdapterEval(model, tok, template, batch_size=1, max_new_tokens=8).generate(records)
+    # batches of 4 in order of prompt length: the long first prompt is answered in the second batch
+    batched = AdapterEval(model, tok, template, max_new_tokens=8, generate_batch_size=4).generate(records)
+    alone = AdapterEval(model, tok, template, max_new_tokens=8, generate_batch_size=1).generate(records)
     assert batched == alone and len(set(alone)) > 1
+
+
+def test_nll_and_log_probs_from_one_pass_match_each_record_alone(trainable_dir):
+    """The shared forward's NLLs and its log-probs of the first `keep` records (across a batch boundary)
+    are what scoring each record on its own gives."""
+    from llmeraser.data import load_records
+    from llmeraser.evaluate import AdapterEval
+    from llmeraser.modeling import load_adapter
+
+    from helpers import load_tiny
+
+    model, tok = load_tiny(trainable_dir / "base")
+    ev = AdapterEval(load_adapter(model, trainable_dir / "adapter"), tok, "chat", batch_size=4)
+    records = load_records(trainable_dir / "train.jsonl")[:7]
+    nll, lp = ev.nll_and_log_probs(records, 5)
+    alone = [ev.nll_and_log_probs([r], 1) for r in records]
+    assert nll == pytest.approx([a[0][0] for a in alone], rel=1e-5)
+    assert torch.allclose(lp, torch.cat([a[1] for a in alone[:5]]), atol=1e-5)
+    assert ev.nll_and_log_probs(records, 0)[1] is None
 
 
 def test_fused_attention_is_sdpa_inside_and_eager_after(tiny64):

@@ -34,9 +34,11 @@ YES_NO = ("Yes.", "No.")
 class AdapterEval:
     """Metrics for one loaded PEFT model."""
 
-    def __init__(self, model, tok, template, batch_size=8, max_length=512, max_new_tokens=32):
+    def __init__(self, model, tok, template, batch_size=8, max_length=512, max_new_tokens=32, generate_batch_size=None):
         self.model, self.tok, self.template = model, tok, template
         self.batch_size, self.max_length, self.max_new_tokens = batch_size, max_length, max_new_tokens
+        # a decoding step reads every weight whatever the batch, so wider batches cost little more per step
+        self.generate_batch_size = generate_batch_size or 4 * batch_size
         self.objective = CausalLMObjective(model, tok.pad_token_id)
 
     def _batches(self, records):
@@ -45,19 +47,24 @@ class AdapterEval:
                                           for r in records[i:i + self.batch_size]], next(self.model.parameters()).device)
 
     def nll(self, records: list[Record]) -> list[float]:
-        out = []
+        return self.nll_and_log_probs(records, 0)[0]
+
+    def nll_and_log_probs(self, records: list[Record], keep: int) -> tuple[list[float], torch.Tensor | None]:
+        """Each record's mean response NLL, and log p at every response position of the first `keep`
+        records ([tokens, vocab], for KL), from one forward pass."""
+        nll, lp, seen = [], [], 0
         with torch.no_grad():
             for b in self._batches(records):
-                out += self.objective.losses(self.objective.outputs({}, b), b).tolist()
-        return out
+                z = self.objective.outputs({}, b)
+                nll += self.objective.losses(z, b).tolist()
+                if seen < keep:
+                    lp.append(torch.log_softmax(z[b["rows"] + seen < keep].float(), -1).cpu())
+                seen += b["n"]
+        return nll, (torch.cat(lp) if lp else None)
 
     def log_probs(self, records: list[Record]) -> torch.Tensor:
         """log p at every response position, [tokens, vocab], for KL."""
-        out = []
-        with torch.no_grad():
-            for b in self._batches(records):
-                out.append(torch.log_softmax(self.objective.outputs({}, b).float(), -1).cpu())
-        return torch.cat(out)
+        return self.nll_and_log_probs(records, len(records))[1]
 
     def yes_no(self, records: list[Record], nll: list[float] | None = None) -> dict:
         """Accuracy and AUC of log P(Yes.) − log P(No.), each the summed log-prob of the rendered response.
@@ -79,20 +86,25 @@ class AdapterEval:
         return [encode(r, self.tok, self.template, self.max_length).n_response for r in records]
 
     def generate(self, records: list[Record]) -> list[str]:
-        """Greedy answers, batched with left padding (positions come from the attention mask)."""
-        outs = []
+        """Greedy answers, batched with left padding (positions come from the attention mask).
+
+        Prompts are batched in order of length, so a batch pads little, and answered in input order."""
         device = next(self.model.parameters()).device
         pad = self.tok.pad_token_id
+        heads = [self.tok(render_text(self.tok, r.sides()[0], "", self.template)[0], add_special_tokens=False)
+                 ["input_ids"][-self.max_length:] for r in records]
+        order = sorted(range(len(heads)), key=lambda i: len(heads[i]))
+        outs: list[str] = [""] * len(heads)
         with torch.no_grad():
-            for i in range(0, len(records), self.batch_size):
-                heads = [self.tok(render_text(self.tok, r.sides()[0], "", self.template)[0], add_special_tokens=False)
-                         ["input_ids"][-self.max_length:] for r in records[i:i + self.batch_size]]
-                width = max(len(h) for h in heads)
-                ids = torch.tensor([[pad] * (width - len(h)) + h for h in heads], device=device)
-                mask = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in heads], device=device)
+            for i in range(0, len(order), self.generate_batch_size):
+                chunk = order[i:i + self.generate_batch_size]
+                width = max(len(heads[j]) for j in chunk)
+                ids = torch.tensor([[pad] * (width - len(heads[j])) + heads[j] for j in chunk], device=device)
+                mask = torch.tensor([[0] * (width - len(heads[j])) + [1] * len(heads[j]) for j in chunk], device=device)
                 gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
                                           do_sample=False, pad_token_id=pad)
-                outs += [self.tok.decode(g[width:], skip_special_tokens=True).strip() for g in gen]
+                for j, g in zip(chunk, gen):
+                    outs[j] = self.tok.decode(g[width:], skip_special_tokens=True).strip()
         return outs
 
 
@@ -104,16 +116,23 @@ def _response_fields(record: Record, response: str) -> dict:
     return {"messages": record.fields["messages"][:-1] + [{"role": "assistant", "content": response}]}
 
 
-def split_metrics(ev: AdapterEval, records: list[Record], samples: int = 10) -> dict:
+def is_yes_no(records: list[Record]) -> bool:
+    """Scored as Yes./No. classification (accuracy, AUC) rather than by generation."""
+    return all(r.sides()[1].strip() in YES_NO for r in records)
+
+
+def split_metrics(ev: AdapterEval, records: list[Record], samples: int = 10, nll: list[float] | None = None,
+                  generated: list[str] | None = None) -> dict:
+    """Metrics of one split; `nll` and `generated`, when given, are the split's, computed by the caller."""
     if not records:
         return {}
-    nll = ev.nll(records)
+    nll = nll if nll is not None else ev.nll(records)
     out = {"n": len(records), "nll": sum(nll) / len(nll)}
     responses = [r.sides()[1].strip() for r in records]
-    if all(x in YES_NO for x in responses):
+    if is_yes_no(records):
         out.update(ev.yes_no(records, nll))
     else:
-        gen = ev.generate(records)
+        gen = generated if generated is not None else ev.generate(records)
         out["rouge1"] = sum(rouge_n(a, b, 1) for a, b in zip(responses, gen)) / len(gen)
         out["rouge2"] = sum(rouge_n(a, b, 2) for a, b in zip(responses, gen)) / len(gen)
         out["rougeL"] = sum(rouge_l(a, b) for a, b in zip(responses, gen)) / len(gen)
@@ -185,7 +204,6 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None
         splits["retain"] = [splits["retain"][i] for i in idx]
     base_model, tok = model_and_tokenizer or load_base(base, resolve_device(device))
     tpl = resolve_template(tok, template)
-    kl_sets = {"forget": splits["forget"][:kl_samples], "test": splits["test"][:kl_samples]}
     order = sorted(adapters, key=lambda n: n != "retrain")  # retrain first: the others' KL needs it
     methods, reference = {}, {}
     for name in tqdm(order, desc="evaluate", disable=not progress):
@@ -194,13 +212,23 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None
         try:
             with fused_attention(model), merged_adapter(model):  # nothing here is differentiated
                 ev = AdapterEval(model, tok, tpl, batch_size, max_length, max_new_tokens)
-                res = {split: split_metrics(ev, recs, keep_samples) for split, recs in splits.items() if recs}
+                # one forward per split gives its NLLs and the log-probs KL needs; one generation pass
+                # answers every split (fewer, fuller batches than one pass per split)
+                kl_keep = {s: min(kl_samples, len(recs)) if "retrain" in adapters and s in ("forget", "test") else 0
+                           for s, recs in splits.items()}
+                scored = {s: ev.nll_and_log_probs(recs, kl_keep[s]) for s, recs in splits.items() if recs}
+                to_generate = [s for s, recs in splits.items() if recs and not is_yes_no(recs)]
+                answers = ev.generate([r for s in to_generate for r in splits[s]])
+                generated, at = {}, 0
+                for s in to_generate:
+                    generated[s], at = answers[at:at + len(splits[s])], at + len(splits[s])
+                res = {s: split_metrics(ev, splits[s], keep_samples, scored[s][0], generated.get(s)) for s in scored}
                 if "retrain" in adapters:
                     kl = {}
-                    for split, recs in kl_sets.items():
-                        if not recs:
+                    for split in ("forget", "test"):
+                        if not kl_keep[split]:
                             continue
-                        lp = ev.log_probs(recs)
+                        lp = scored[split][1]
                         if name == "retrain":
                             reference[split] = lp
                         kl[f"kl_{split}"] = float((reference[split].exp() * (reference[split] - lp)).sum(-1).mean())

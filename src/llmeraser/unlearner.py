@@ -8,7 +8,7 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -63,6 +63,9 @@ class UnlearnSettings:
     template: str = field(default="auto", metadata={"help": "prompt rendering: the tokenizer's chat template, a plain '### User:' template, or auto (chat when the tokenizer has one)", "choices": TEMPLATES})
     newton_steps: int = field(default=1, metadata={"help": "Newton steps on the edited objective; 1 is the paper's single influence update, "
                                                   "each further step re-solves at the new point (experimental, see BENCHMARKS.md)"})
+    refine_iters: int = field(default=0, metadata={"help": "solver iteration cap in each Newton step after the first (0: as --max-iters). The "
+                                                   "first step carries the request; later steps finish it from a point close to the answer, "
+                                                   "and a few CG iterations gave them a direction the backtracking accepted in full (BENCHMARKS.md)"})
     line_search: bool = field(default=True, metadata={"help": "scale the step by 1, 1/2, 1/4, … until it lowers the retraining objective (mean loss of the "
                                                     "edited set plus the training L2; with --curvature-samples below the kept records, the kept part is "
                                                     "estimated on that sample with a control variate) by the Armijo rule; "
@@ -89,8 +92,8 @@ class UnlearnSettings:
             raise InputError("--reset-removed must be >= 0 and needs --curvature ggn or ggn-base")
         if not self.anchor_kept >= 0 or (self.anchor_kept and (not gauss_newton or self.newton_steps > 1)):
             raise InputError("--anchor-kept must be >= 0 and needs --curvature ggn or ggn-base, and --newton-steps 1")
-        if self.batch_size < 1 or self.max_length < 2 or self.curvature_samples < 0 or self.newton_steps < 1 or self.cache_batches < 0:
-            raise InputError("--batch-size and --newton-steps must be >= 1, --max-length >= 2 and --curvature-samples, --cache-batches >= 0")
+        if self.batch_size < 1 or self.max_length < 2 or self.curvature_samples < 0 or self.newton_steps < 1 or self.cache_batches < 0 or self.refine_iters < 0:
+            raise InputError("--batch-size and --newton-steps must be >= 1, --max-length >= 2 and --curvature-samples, --cache-batches, --refine-iters >= 0")
 
 
 @dataclass
@@ -177,11 +180,15 @@ class Unlearner:
         return HessianOperator(curv, self.examples if items is None else items, s.batch_size, self.damping,
                                s.curvature_samples, s.seed, self.device, s.cache_batches)
 
-    def solve(self, b: torch.Tensor, progress: bool = True, op: HessianOperator | None = None) -> SolveResult:
+    def solve(self, b: torch.Tensor, progress: bool = True, op: HessianOperator | None = None,
+              max_iters: int | None = None) -> SolveResult:
         if not torch.any(b != 0):  # the request changes nothing the loss sees: Δ = 0 exactly
             return SolveResult(torch.zeros_like(b), 0, [(0, 0.0)], True, {"zero_rhs": True})
         op = op or self.operator()
-        result = get_solver(self.settings.solver, self.settings.solver_settings).solve(op, b, progress)
+        solver_settings = self.settings.solver_settings
+        if max_iters:
+            solver_settings = replace(solver_settings, max_iters=max_iters)
+        result = get_solver(self.settings.solver, solver_settings).solve(op, b, progress)
         result.info["hvps"] = op.hvp_count
         result.info["hvp_mode"] = op.curvature.mode
         if result.info.get("diverged"):
@@ -359,7 +366,7 @@ class Unlearner:
             # n·∇R'(Θ_k), see the class docstring
             grad = scale * (g_sample - g_sample_hat) - g_old_hat + g_new + self.n * self.weight_decay * (theta - self.theta_hat)
             op = self.operator(theta, kept + new)
-            result = self.solve(-grad, progress, op)
+            result = self.solve(-grad, progress, op, self.settings.refine_iters or None)
             # op is the mean curvature over the m edited samples: x = m·Δ for the summed objective
             step = result.delta / m
             # backtracking along the solved direction: a few loss evaluations, where re-solving with more
