@@ -98,9 +98,9 @@ def test_newton_refinement_descends_on_the_edited_objective(tiny64, tmp_path):
     req = load_request(write_jsonl(tmp_path / "r.jsonl", [{"op": "remove", "id": "r1"},
                                                          {"op": "correct_response", "id": "r2", "new": {"response": "9"}}]), records)
 
-    def run(steps):
+    def run(steps, refine_iters=0):
         s = UnlearnSettings(damping=0.5, newton_steps=steps, curvature_samples=0, device="cpu", template="chat",
-                            solver_settings=SolverSettings(tol=1e-6, max_iters=200))
+                            refine_iters=refine_iters, solver_settings=SolverSettings(tol=1e-6, max_iters=200))
         return Unlearner(model, tok, records, s).delta(req, progress=False)
 
     one, _, _ = run(1)
@@ -118,3 +118,7 @@ def test_newton_refinement_descends_on_the_edited_objective(tiny64, tmp_path):
         assert not torch.equal(one, three)
     else:
         assert torch.equal(one, three)
+    # --refine-iters caps the solver in the steps after the first only
+    capped = run(3, refine_iters=1)[2]["steps"]
+    assert capped[0]["iterations"] == steps[0]["iterations"] > 1
+    assert all(st["iterations"] == 1 for st in capped[1:]) and len(capped) >= 2

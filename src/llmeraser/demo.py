@@ -41,14 +41,17 @@ class DemoConfig:
     retain_samples: int
     baseline_steps: int
     newton_steps: int
+    refine_iters: int = 0  # CG iterations in the Newton steps after the first (0: cg_iters)
+    lr: float = 5e-3
 
 
-FULL = DemoConfig(customers=12, removed=2, corrected=2, modified=2, epochs=20, cg_iters=10, retain_samples=0, baseline_steps=10,
-                  newton_steps=3)
-QUICK = DemoConfig(customers=4, removed=1, corrected=1, modified=1, epochs=30, cg_iters=5, retain_samples=0, baseline_steps=5,
-                   newton_steps=5)
+FULL = DemoConfig(customers=8, removed=2, corrected=2, modified=2, epochs=20, cg_iters=10, retain_samples=0, baseline_steps=10,
+                  newton_steps=3, refine_iters=5)
+# 15 epochs at 1e-2 memorised all 8 records (mean NLL 0.015); 12 at 1.5e-2 did not (3/8; BENCHMARKS.md)
+QUICK = DemoConfig(customers=4, removed=1, corrected=1, modified=1, epochs=15, cg_iters=5, retain_samples=0, baseline_steps=5,
+                   newton_steps=3, refine_iters=3, lr=1e-2)
 # LoRA on every linear layer: q/v alone did not memorise 4-digit phone numbers in 10 epochs (measured)
-RECIPE = dict(rank=8, alpha=16, lr=5e-3, batch_size=8, seed=0,
+RECIPE = dict(rank=8, alpha=16, batch_size=8, seed=0,
               target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 DAMPING = 0.03  # the library default, measured in benchmarks/damping_sweep.py
 # --reset-removed ρ: the adapter memorises the customers, so the paper's update alone leaves removed phone
@@ -132,7 +135,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
         f"remove {cfg.removed} customers, correct {cfg.corrected} phone numbers, strip {cfg.modified} account numbers from queries")
     say("loading SmolLM2-135M-Instruct (embedded)" if base == "smollm2" else f"loading {base}")
     mt = load_base(base, "cpu")
-    recipe = TrainSettings(epochs=cfg.epochs, **RECIPE)
+    recipe = TrainSettings(epochs=cfg.epochs, lr=cfg.lr, **RECIPE)
     original = out / "original"
     cached = {"original": trained_with(original, base=base, arguments=recipe.to_dict(), data_sha256=sha256_file(data))}
     if cached["original"]:
@@ -142,7 +145,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
         train(base, data, original, recipe, overwrite=True, progress=progress, model_and_tokenizer=mt)
     adapters = {"original": original}
     work = out / "adapters"
-    settings = UnlearnSettings(damping=DAMPING, reset_removed=RESET_REMOVED, curvature=CURVATURE, newton_steps=cfg.newton_steps, solver="cg", curvature_samples=0, device="cpu",
+    settings = UnlearnSettings(damping=DAMPING, reset_removed=RESET_REMOVED, curvature=CURVATURE, newton_steps=cfg.newton_steps, refine_iters=cfg.refine_iters, solver="cg", curvature_samples=0, device="cpu",
                                solver_settings=SolverSettings(tol=0.05, max_iters=cfg.cg_iters))
     say("llmeraser unlearn")
     adapters["llmeraser"] = unlearn(base, original, data, request, work / "llmeraser", settings, overwrite=True,

@@ -359,7 +359,7 @@ class Unlearner:
             """n·R'(Θ) + const under the same stationarity assumption as the gradient, so the two agree."""
             return cv.data_part(t) + 0.5 * self.n * self.weight_decay * float(t.square().sum())
 
-        steps, result = [], None
+        steps, result, value = [], None, None
         for k in range(2, self.settings.newton_steps + 1):
             g_sample = self._grad_sum(sample, theta, "refine: kept sample", progress)
             g_new = self._grad_sum(new, theta, "refine: new samples", progress) if new else 0.0
@@ -371,12 +371,13 @@ class Unlearner:
             step = result.delta / m
             # backtracking along the solved direction: a few loss evaluations, where re-solving with more
             # damping (Levenberg-Marquardt) cost a full solve per try and was rejected four times (BENCHMARKS.md)
-            search = backtrack(objective, theta, step, float(grad @ step))
+            search = backtrack(objective, theta, step, float(grad @ step), start=value)  # f(Θ_k): the last accepted value
             steps.append({"step": k, "grad_norm": float(grad.norm()), "iterations": result.iterations,
                           "final_residual": result.final_residual, "converged": result.converged, "line_search": search})
             if not search["accepted"]:
                 break
             theta = theta + search["scale"] * step
+            value = search["trace"][-1]["objective"]
         return theta, result, steps
 
     def _loss_sum(self, items, theta) -> float:
@@ -388,11 +389,13 @@ class Unlearner:
         return total
 
 
-def backtrack(objective, theta: torch.Tensor, step: torch.Tensor, slope: float, max_halvings: int = 10) -> dict:
+def backtrack(objective, theta: torch.Tensor, step: torch.Tensor, slope: float, max_halvings: int = 10,
+              start: float | None = None) -> dict:
     """Armijo backtracking: the first α in 1, 1/2, … with f(Θ + αΔ) <= f(Θ) + 1e-4·α·slope.
 
-    Without such an α it reports the best α tried and accepted = False (the caller decides)."""
-    start = objective(theta)
+    `start`, when known, is f(Θ). Without such an α it reports the best α tried and accepted = False
+    (the caller decides)."""
+    start = objective(theta) if start is None else start
     trace, alpha = [], 1.0
     for _ in range(max_halvings + 1):
         value = objective(theta + alpha * step)
