@@ -45,11 +45,12 @@ class DemoConfig:
     lr: float = 5e-3
 
 
-FULL = DemoConfig(customers=8, removed=2, corrected=2, modified=2, epochs=20, cg_iters=10, retain_samples=0, baseline_steps=10,
-                  newton_steps=3, refine_iters=5)
-# 15 epochs at 1e-2 memorised all 8 records (mean NLL 0.015); 12 at 1.5e-2 did not (3/8; BENCHMARKS.md)
+FULL = DemoConfig(customers=12, removed=2, corrected=2, modified=2, epochs=20, cg_iters=10, retain_samples=0, baseline_steps=10,
+                  newton_steps=3)
+# 15 epochs at 1e-2 memorised all 8 records (mean NLL 0.015) in half the time of 30 at 5e-3; 12 at 1.5e-2 did not
+# (3/8; BENCHMARKS.md)
 QUICK = DemoConfig(customers=4, removed=1, corrected=1, modified=1, epochs=15, cg_iters=5, retain_samples=0, baseline_steps=5,
-                   newton_steps=3, refine_iters=3, lr=1e-2)
+                   newton_steps=5, lr=1e-2)
 # LoRA on every linear layer: q/v alone did not memorise 4-digit phone numbers in 10 epochs (measured)
 RECIPE = dict(rank=8, alpha=16, batch_size=8, seed=0,
               target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
