@@ -51,3 +51,40 @@ def test_smollm2_from_the_cache_equals_the_gguf_conversion(tmp_path, monkeypatch
     msgs = [{"role": "user", "content": "hi"}]
     assert tok.apply_chat_template(msgs, tokenize=False) == tok2.apply_chat_template(msgs, tokenize=False)
     assert tok2.pad_token_id == tok.pad_token_id and cached.generation_config.eos_token_id == direct.generation_config.eos_token_id
+
+
+def test_a_damaged_cache_entry_is_converted_again(tmp_path, monkeypatch):
+    """A cache folder that does not load is removed and the GGUF converted again (here: a stub loader)."""
+    import llmeraser.modeling as modeling
+
+    monkeypatch.setenv("LLMERASER_CACHE_DIR", str(tmp_path / "c"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"weights")
+    entry = converted_gguf_dir(str(gguf))
+    entry.mkdir(parents=True)
+    (entry / "model.safetensors").write_text("not a checkpoint")
+    calls = []
+
+    class Stub:
+        @staticmethod
+        def from_pretrained(folder, **kw):
+            calls.append((folder, kw.get("gguf_file")))
+            if kw.get("gguf_file") is None:
+                raise OSError("damaged")
+            return Stub()
+
+        pad_token_id, eos_token = 0, "</s>"
+
+        def to(self, device):
+            return self
+
+        def eval(self):
+            return self
+
+    import transformers
+    monkeypatch.setattr(transformers, "AutoTokenizer", Stub)
+    monkeypatch.setattr(transformers, "AutoModelForCausalLM", Stub)
+    monkeypatch.setattr(modeling, "save_converted", lambda model, tok, folder: (folder / "model.safetensors").write_text("ok"))
+    modeling.load_base(str(gguf))
+    assert calls[0] == (str(entry), None) and calls[-1] == (str(tmp_path), "m.gguf")
+    assert (entry / "model.safetensors").read_text() == "ok"  # the conversion replaced the damaged entry

@@ -71,16 +71,26 @@ def load_base(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype 
     if gguf:
         converted = converted_gguf_dir(os.path.join(folder, gguf))
         if converted is not None and (converted / "model.safetensors").is_file():
-            folder = str(converted)  # converted before: load its safetensors (seconds, not half a minute)
-        else:
-            kw["gguf_file"] = gguf
+            try:  # converted before: load its safetensors (seconds, not half a minute)
+                tokenizer = AutoTokenizer.from_pretrained(str(converted), **kw)
+                model = AutoModelForCausalLM.from_pretrained(str(converted), attn_implementation="eager", dtype=dtype, **kw)
+                return _ready(model, tokenizer, device)
+            except (OSError, ValueError) as e:  # a damaged cache entry: convert again, as on a first load
+                log.warning("the cached conversion in %s did not load (%s); converting %s again",
+                            converted, str(e).splitlines()[0], gguf)
+                shutil.rmtree(converted, ignore_errors=True)
+        kw["gguf_file"] = gguf
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
         model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=dtype, **kw)
     except (OSError, ValueError) as e:
         raise InputError(f"--base {spec}: could not load the model ({str(e).splitlines()[0]})") from None
-    if "gguf_file" in kw and converted is not None and dtype == torch.float32:
+    if converted is not None and dtype == torch.float32:
         write_converted(converted, lambda tmp: save_converted(model, tokenizer, tmp))
+    return _ready(model, tokenizer, device)
+
+
+def _ready(model, tokenizer, device):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
