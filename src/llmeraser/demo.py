@@ -63,8 +63,9 @@ RESET_REMOVED = 10.0
 CURVATURE = "ggn-base"
 # DemoConfig.newton_steps: further Newton steps on the edited objective (the reset enters the first only). One
 # step moved the corrected answers only part of the way (their loss is far from quadratic at a memorised
-# adapter); three produced both corrected phone numbers of the full demo and kept every retained answer, while
-# --quick, with 5 CG iterations a step, was still on its way after three (BENCHMARKS.md)
+# adapter); three produced both corrected phone numbers of the full demo on an original trained earlier, but
+# on a freshly trained one leave them a digit off, and a fourth brought a removed phone number back, so three
+# stay; --quick, with 5 CG iterations a step, was still on its way after three (BENCHMARKS.md)
 # --anchor-kept is not used: κ = 10 kept every retained answer of the full demo, but on --quick it held the
 # removed customer's fields in place too (BENCHMARKS.md)
 
