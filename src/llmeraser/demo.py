@@ -41,7 +41,6 @@ class DemoConfig:
     retain_samples: int
     baseline_steps: int
     newton_steps: int
-    refine_iters: int = 0  # CG iterations in the Newton steps after the first (0: cg_iters)
     lr: float = 5e-3
 
 
@@ -147,7 +146,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
         train(base, data, original, recipe, overwrite=True, progress=progress, model_and_tokenizer=mt)
     adapters = {"original": original}
     work = out / "adapters"
-    settings = UnlearnSettings(damping=DAMPING, reset_removed=RESET_REMOVED, curvature=CURVATURE, newton_steps=cfg.newton_steps, refine_iters=cfg.refine_iters, solver="cg", curvature_samples=0, device="cpu",
+    settings = UnlearnSettings(damping=DAMPING, reset_removed=RESET_REMOVED, curvature=CURVATURE, newton_steps=cfg.newton_steps, solver="cg", curvature_samples=0, device="cpu",
                                solver_settings=SolverSettings(tol=0.05, max_iters=cfg.cg_iters))
     say("llmeraser unlearn")
     adapters["llmeraser"] = unlearn(base, original, data, request, work / "llmeraser", settings, overwrite=True,

@@ -62,10 +62,6 @@ class AdapterEval:
                 seen += b["n"]
         return nll, (torch.cat(lp) if lp else None)
 
-    def log_probs(self, records: list[Record]) -> torch.Tensor:
-        """log p at every response position, [tokens, vocab], for KL."""
-        return self.nll_and_log_probs(records, len(records))[1]
-
     def yes_no(self, records: list[Record], nll: list[float] | None = None) -> dict:
         """Accuracy and AUC of log P(Yes.) − log P(No.), each the summed log-prob of the rendered response.
 
@@ -204,6 +200,9 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None
         splits["retain"] = [splits["retain"][i] for i in idx]
     base_model, tok = model_and_tokenizer or load_base(base, resolve_device(device))
     tpl = resolve_template(tok, template)
+    # records per split whose next-token distributions are compared with retrain's (KL)
+    kl_keep = {s: min(kl_samples, len(recs)) if "retrain" in adapters and s in ("forget", "test") else 0
+               for s, recs in splits.items()}
     order = sorted(adapters, key=lambda n: n != "retrain")  # retrain first: the others' KL needs it
     methods, reference = {}, {}
     for name in tqdm(order, desc="evaluate", disable=not progress):
@@ -214,8 +213,6 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None
                 ev = AdapterEval(model, tok, tpl, batch_size, max_length, max_new_tokens)
                 # one forward per split gives its NLLs and the log-probs KL needs; one generation pass
                 # answers every split (fewer, fuller batches than one pass per split)
-                kl_keep = {s: min(kl_samples, len(recs)) if "retrain" in adapters and s in ("forget", "test") else 0
-                           for s, recs in splits.items()}
                 scored = {s: ev.nll_and_log_probs(recs, kl_keep[s]) for s, recs in splits.items() if recs}
                 to_generate = [s for s, recs in splits.items() if recs and not is_yes_no(recs)]
                 answers = ev.generate([r for s in to_generate for r in splits[s]])

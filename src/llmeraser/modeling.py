@@ -111,7 +111,9 @@ def converted_gguf_dir(gguf_path: str) -> Path | None:
 
     Dequantising the embedded SmolLM2 GGUF and building its tokenizer took 34 s of every command's start;
     loading the converted float32 safetensors takes 4 s (BENCHMARKS.md). The conversion is what
-    transformers gives for the GGUF, saved unchanged, so both paths yield the same weights.
+    transformers gives for the GGUF, saved unchanged, so both paths yield the same weights. Hashing the
+    98 MB file costs about 1 s a load (measured); a key from size and mtime would be free but can name a
+    rewritten file's stale conversion.
     """
     import transformers
 
