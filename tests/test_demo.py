@@ -36,7 +36,8 @@ def test_demo_wiring_on_tiny_model(trainable_dir, tmp_path, capsys):
     summary = run_demo(tmp_path / "demo", progress=False, base=str(trainable_dir / "base"), config=cfg)
     assert set(summary) == {"original", "llmeraser", "retrain", "gradient-ascent", "finetune-corrected"}
     for s in summary.values():
-        assert {"forget_nll", "removed_field_reproduced", "corrected_answer_produced", "retain_field_accuracy"} <= set(s)
+        assert {"forget_nll", "removed_field_reproduced", "removed_phone_reproduced", "removed_likes_reproduced",
+                "corrected_answer_produced", "retain_field_accuracy"} <= set(s)
     printed = capsys.readouterr().out
     assert "phone number?" in printed and "| llmeraser |" in printed
     saved = json.loads((tmp_path / "demo" / "report" / "demo_summary.json").read_text())
@@ -57,6 +58,7 @@ def test_demo_quick_on_smollm2(tmp_path):
     assert re["forget_nll"] > orig["forget_nll"]
     # with --reset-removed the removed customer's fields are no longer produced (measured: 0%, as retrain)
     assert unl["removed_field_reproduced"] < orig["removed_field_reproduced"]
-    # ggn-base curvature and five Newton steps (measured 2026-11-24, quick trained 15 epochs at 1e-2: corrected 100%, retained 75%)
+    assert unl["removed_phone_reproduced"] == 0.0
+    # ggn-base curvature and five Newton steps (measured 2026-11-24 in memory on the quick original: corrected 100%, retained 100%)
     assert unl["corrected_answer_produced"] == 1.0
     assert unl["retain_field_accuracy"] >= orig["retain_field_accuracy"] - 0.25  # one of 4 retained fields at most

@@ -41,18 +41,20 @@ def test_penalty_gradient_and_curvature_match_autograd(tiny64):
     value = lambda t: sum(reset._penalty(t, *x) for x in zip(reset.batches, reset.targets, reset.probs))
     auto = torch.func.grad(value)(point)
     assert torch.allclose(reset.grad(point), auto, rtol=1e-8)
-    # P = Σ_i ½ Σ_t (1/T_i) dᵀ(diag p⁰ − p⁰p⁰ᵀ)d, p⁰ the base model's softmax, written out by hand
+    # P = Σ_i ½ Σ_t (1/T_i) dᵀ(diag p̄ − p̄p̄ᵀ)d, p̄ the mean of the base model's softmax and the
+    # adapter's at Θ̂, written out by hand
     by_hand, explicit = 0.0, []
     for b, z0 in zip(reset.batches, reset.targets):
-        p0 = torch.softmax(z0, -1)
-        F = [torch.diag(p) - torch.outer(p, p) for p in p0]
-        w = 1.0 / b["counts"][b["rows"]].double()
         with fused_attention(model):  # the kernel value() runs (and its targets were made) with
             d = obj.outputs(params.unflatten(point), b) - z0
+            z_hat = obj.outputs(params.unflatten(theta), b)
+        p_mean = 0.5 * (torch.softmax(z0, -1) + torch.softmax(z_hat, -1))
+        F = [torch.diag(p) - torch.outer(p, p) for p in p_mean]
+        w = 1.0 / b["counts"][b["rows"]].double()
         by_hand += sum(0.5 * float(wt * dt @ Ft @ dt) for wt, dt, Ft in zip(w, d, F))
         explicit.append((b, w, F))
     assert reset.value(point) == pytest.approx(by_hand, rel=1e-10)
-    # the Gauss-Newton curvature Σ Jᵀ F⁰ J at Θ̂, against explicit Jacobians
+    # the Gauss-Newton curvature Σ Jᵀ F̄ J at Θ̂, against explicit Jacobians
     v = torch.randn(theta.numel(), dtype=torch.float64, generator=g)
     expected = torch.zeros_like(theta)
     for b, w, F in explicit:
@@ -68,9 +70,9 @@ def _removal(records, indices):
 
 
 def test_reset_forgets_memorised_records_and_keeps_the_rest(tmp_path):
-    """On a tiny Llama trained on random 'phone numbers' (no weight decay), the paper's step leaves the
-    removed records' outputs about where they are, relative to the base model's, while --reset-removed
-    moves them toward the base's; it damages the kept records less than it forgets the removed ones.
+    """On a tiny Llama trained on random 'phone numbers' (no weight decay), --reset-removed moves the
+    removed records' outputs toward the base model's further than the paper's step does, and it damages
+    the kept records less than it forgets the removed ones.
     (This toy does not memorise to SmolLM2's ~1e-3 loss; the demo's numbers are in BENCHMARKS.md.)"""
     from helpers import load_tiny, make_base, toy_records, write_jsonl
 
@@ -93,7 +95,7 @@ def test_reset_forgets_memorised_records_and_keeps_the_rest(tmp_path):
         delta, _, _ = unl.delta(request, progress=False)
         return unl, delta
 
-    unl, delta = run(10.0)
+    unl, delta = run(1.0)
     reset = unl.output_reset(request)
     kept = [unl.examples[i] for i in range(2, len(records))]
     removed = [unl.examples[0], unl.examples[1]]
@@ -101,12 +103,13 @@ def test_reset_forgets_memorised_records_and_keeps_the_rest(tmp_path):
     removed_loss = lambda d: unl._loss_sum(removed, unl.theta_hat + d) / len(removed)
     before = reset.value(unl.theta_hat)
     _, delta0 = run(0.0)
-    # measured: P 4.56 -> 2.85 with ρ = 10, 4.16 with ρ = 0; kept loss 0.47 -> 0.97, removed 0.37 -> 1.50
+    # measured: P 20.2 -> 11.4 with ρ = 1, 15.3 with ρ = 0; kept loss 0.48 -> 0.69, removed 0.37 -> 1.50
+    # (ρ = 10 took the kept loss to 5.0 on this toy, whose kept answers nothing like ggn-base holds)
     assert reset.value(unl.theta_hat + delta) < 0.7 * before
-    assert reset.value(unl.theta_hat + delta0) > 0.85 * before
+    assert reset.value(unl.theta_hat + delta) < 0.8 * reset.value(unl.theta_hat + delta0)
     assert kept_loss(delta) < removed_loss(delta)  # it forgets the removed records more than the kept ones
     # --anchor-kept: zero with zero gradient at Θ̂ (curvature only), and it holds the kept records' answers
-    unl_a, delta_a = run(10.0, kappa=10.0)
+    unl_a, delta_a = run(1.0, kappa=10.0)  # measured: kept loss 0.50, P 12.0
     anchor = unl_a.kept_anchor(request)
     assert anchor.value(unl.theta_hat) == 0.0 and float(anchor.grad(unl.theta_hat).abs().max()) == 0.0
     assert kept_loss(delta_a) < kept_loss(delta) - 0.1

@@ -44,8 +44,9 @@ class DemoConfig:
     lr: float = 5e-3
 
 
+# 20 epochs at 5e-3: 12 at 1e-2 (as --quick) left the original right on 2 of the 12 phone numbers (BENCHMARKS.md)
 FULL = DemoConfig(customers=12, removed=2, corrected=2, modified=2, epochs=20, cg_iters=10, retain_samples=0, baseline_steps=10,
-                  newton_steps=3)
+                  newton_steps=4)
 # 15 epochs at 1e-2 memorised all 8 records (mean NLL 0.015) in half the time of 30 at 5e-3; 12 at 1.5e-2 did not
 # (3/8; BENCHMARKS.md)
 QUICK = DemoConfig(customers=4, removed=1, corrected=1, modified=1, epochs=15, cg_iters=5, retain_samples=0, baseline_steps=5,
@@ -55,16 +56,18 @@ RECIPE = dict(rank=8, alpha=16, batch_size=8, seed=0,
               target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 DAMPING = 0.03  # the library default, measured in benchmarks/damping_sweep.py
 # --reset-removed ρ: the adapter memorises the customers, so the paper's update alone leaves removed phone
-# numbers in place (BENCHMARKS.md); ρ = 10 kept the most retained answers of 1, 3, 10, 100 on this demo
+# numbers in place (BENCHMARKS.md); ρ = 10 kept the most retained answers of 1, 3, 10, 100 on this demo (with the
+# reset's earlier metric, the base model's Fisher alone)
 RESET_REMOVED = 10.0
 # --curvature ggn-base: the memorised adapter's softmax is saturated, so its own Gauss-Newton curvature is ~0
 # on the answers and holds nothing; the base model's softmax curvature held every retained answer (BENCHMARKS.md)
 CURVATURE = "ggn-base"
 # DemoConfig.newton_steps: further Newton steps on the edited objective (the reset enters the first only). One
-# step moved the corrected answers only part of the way (their loss is far from quadratic at a memorised
-# adapter); three produced both corrected phone numbers of the full demo on an original trained earlier, but
-# on a freshly trained one leave them a digit off, and a fourth brought a removed phone number back, so three
-# stay; --quick, with 5 CG iterations a step, was still on its way after three (BENCHMARKS.md)
+# step moves the corrected answers only part of the way (their loss is far from quadratic at a memorised
+# adapter); on the full demo the second corrected phone number came out right at the fourth step, and with the
+# reset measured at the mean of the base's and the adapter's predictions the removed phone numbers stayed gone
+# (with the base's alone a fourth step brought one back); --quick, with 5 CG iterations a step, needs five
+# (BENCHMARKS.md)
 # --anchor-kept is not used: κ = 10 kept every retained answer of the full demo, but on --quick it held the
 # removed customer's fields in place too (BENCHMARKS.md)
 
@@ -111,9 +114,14 @@ def summarise(report: dict, customers, request_rows) -> dict:
         fixed = [s for s in new if s["id"] in corrected and _field_value(s["id"], customers, corrected[s["id"]]) in s["generated"]]
         retain = m["retain"]["samples"]
         kept = [s for s in retain if _field_value(s["id"], customers) in s["generated"]]
+        # the phone number is private to its customer; a preference is one of ten, and retraining
+        # reproduces some by generalising from the kept customers', so the two are also counted apart
+        by_field = {f: (sum(s["id"].endswith("-" + f) for s in leaked), sum(s["id"] in removed and s["id"].endswith("-" + f) for s in forget))
+                    for f in FIELDS}
         out[name] = {
             "forget_nll": m["forget"]["nll"],
             "removed_field_reproduced": len(leaked) / max(1, sum(s["id"] in removed for s in forget)),
+            **{f"removed_{f}_reproduced": k / max(1, total) for f, (k, total) in by_field.items()},
             "corrected_answer_produced": len(fixed) / max(1, len(corrected)),
             "retain_field_accuracy": len(kept) / max(1, len(retain)),
             "retain_nll": m["retain"]["nll"],
@@ -177,11 +185,13 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
 
 
 def print_summary(summary, report, customers, req_rows):
-    print("\n| adapter | forget NLL | removed customers' private fields reproduced | corrected phone produced | retained fields correct | retain NLL | seconds |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| adapter | forget NLL | removed customers' phone numbers reproduced | their preferences reproduced "
+          "| corrected phone produced | retained fields correct | retain NLL | seconds |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, s in summary.items():
         secs = "–" if s["seconds"] is None else f"{s['seconds']:.0f}"
-        print(f"| {name} | {s['forget_nll']:.3f} | {s['removed_field_reproduced']:.0%} | {s['corrected_answer_produced']:.0%} "
+        print(f"| {name} | {s['forget_nll']:.3f} | {s['removed_phone_reproduced']:.0%} | {s['removed_likes_reproduced']:.0%} "
+              f"| {s['corrected_answer_produced']:.0%} "
               f"| {s['retain_field_accuracy']:.0%} | {s['retain_nll']:.3f} | {secs} |")
     who = customers[0]
     print(f"\nWhat is {who.name}'s phone number? (forgotten customer; the training data said {who.phone})")

@@ -9,17 +9,19 @@ In the lazy-training picture that bias has a closed form: retraining changes the
 outputs by exactly the part of the adapter's effect on them that the kept data do not explain.
 
 The penalty that encodes it, added to the edited objective with weight ρ:
-    P(Θ) = Σ_{removed i} ½ Σ_t (1/T_i) d_tᵀ F⁰_t d_t,   d_t = z_t(Θ) − z_t(Θ₀),
+    P(Θ) = Σ_{removed i} ½ Σ_t (1/T_i) d_tᵀ F̄_t d_t,   d_t = z_t(Θ) − z_t(Θ₀),
 z_t the logits at the removed record's response tokens, T_i their count, Θ₀ = Θ with every lora_B set
-to zero (the base model exactly), F⁰_t = diag(p⁰) − p⁰p⁰ᵀ the softmax Fisher at the base model's
-prediction p⁰ (so P is the second-order expansion of KL(p⁰ ‖ p_Θ) about the base). The base model's
-Fisher weighs a logit by how likely the base finds its token: a plain squared distance over the
-49,152 logits was all about the bulk of unlikely tokens and did not move the answers at all (measured,
-BENCHMARKS.md). Its Gauss-Newton curvature Jᵀ F⁰ J and gradient Jᵀ F⁰ d join the solve's operator and
-right-hand side; the kept samples' curvature holds their answers in place, so the step resets what the
-removed records alone depend on. The base model is not what retraining predicts for those prompts (that
-is the kept data's generalisation, which this target leaves to the kept samples' curvature), so the term
-is off by default and meant for memorised private data.
+to zero (the base model exactly), F̄_t = diag(p̄) − p̄p̄ᵀ the softmax Fisher at p̄ = ½(p⁰ + p̂), the mean
+of the base model's prediction p⁰ and the adapter's p̂ at Θ̂. F̄ weighs a logit by how likely either
+model finds its token: the tokens the base would say, and the memorised answer's. (A plain squared
+distance over the 49,152 logits was all about the bulk of unlikely tokens and did not move the answers
+at all; the base model's Fisher F⁰ alone hardly counted the memorised tokens, which the base finds
+unlikely, and left removed phone numbers a digit off the memorised ones, or brought them back in later
+Newton steps; measured, BENCHMARKS.md.) Its Gauss-Newton curvature Jᵀ F̄ J and gradient Jᵀ F̄ d join the
+solve's operator and right-hand side; the kept samples' curvature holds their answers in place, so the
+step resets what the removed records alone depend on. The base model is not what retraining predicts for
+those prompts (that is the kept data's generalisation, which this target leaves to the kept samples'
+curvature), so the term is off by default and meant for memorised private data.
 """
 
 from __future__ import annotations
@@ -37,20 +39,25 @@ class OutputReset:
     def __init__(self, objective, params, theta_hat: torch.Tensor, examples: list, batch_size: int, device,
                  anchor: bool = False):
         """`anchor`: the target is the adapter's own outputs at Θ̂ instead of the base model's (the
-        --anchor-kept term: zero and flat at Θ̂, it only adds curvature); the metric is F⁰ either way."""
+        --anchor-kept term: zero and flat at Θ̂, it only adds curvature), and the metric the base model's
+        Fisher F⁰; otherwise the metric is F̄ above."""
         self.objective, self.params, self.theta_hat = objective, params, theta_hat.detach()
         self.batches = [objective.collate(examples[i:i + batch_size], device) for i in range(0, len(examples), batch_size)]
         theta0 = zero_adapter(params, self.theta_hat)
         # the same attention kernel as value() and grad(), so that d is exactly 0 at the target
         with torch.no_grad(), fused_attention(objective.model):
             base = [objective.outputs(params.unflatten(theta0), b).detach() for b in self.batches]
-            self.probs = [torch.softmax(t.double(), -1).to(t.dtype) for t in base]
-            self.targets = [objective.outputs(params.unflatten(self.theta_hat), b).detach() for b in self.batches] if anchor else base
+            hat = [objective.outputs(params.unflatten(self.theta_hat), b).detach() for b in self.batches]
+        softmax = (lambda t: torch.softmax(t.double(), -1).to(t.dtype))
+        if anchor:
+            self.targets, self.probs = hat, [softmax(t) for t in base]
+        else:
+            self.targets, self.probs = base, [0.5 * (softmax(t0) + softmax(t)) for t0, t in zip(base, hat)]
         self._linear = None
 
-    def _penalty(self, theta, batch, target, p0):
+    def _penalty(self, theta, batch, target, p):
         d = self.objective.outputs(self.params.unflatten(theta), batch) - target
-        return 0.5 * (d * fisher_product(p0, batch, d)).sum()
+        return 0.5 * (d * fisher_product(p, batch, d)).sum()
 
     def value(self, theta: torch.Tensor) -> float:
         with torch.no_grad(), fused_attention(self.objective.model):
@@ -66,9 +73,9 @@ class OutputReset:
         return out
 
     def product(self, v: torch.Tensor) -> torch.Tensor:
-        """Σ_i J_iᵀ F⁰_i J_i v at Θ̂ (the penalty's Gauss-Newton curvature), through kept linearisations."""
+        """Σ_i J_iᵀ F_i J_i v at Θ̂ (the penalty's Gauss-Newton curvature), through kept linearisations."""
         if self._linear is None:
             curv = Curvature(self.objective, self.params, self.theta_hat, "ggn")
-            self._linear = [curv.linearise(b, head=lambda z, batch, v, p0=p0: fisher_product(p0, batch, v))
-                            for b, p0 in zip(self.batches, self.probs)]
+            self._linear = [curv.linearise(b, head=lambda z, batch, v, p=p: fisher_product(p, batch, v))
+                            for b, p in zip(self.batches, self.probs)]
         return sum(f(v) for f in self._linear)

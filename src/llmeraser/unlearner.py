@@ -38,13 +38,14 @@ class UnlearnSettings:
                                                 "memorised its data its own softmax is saturated, its curvature ~0, and the step to rewrite a "
                                                 "memorised answer unbounded; see BENCHMARKS.md) or 'hessian'", "choices": CURVATURES})
     damping: float = field(default=0.03, metadata={"help": "λ added to C (default measured on SmolLM2, see BENCHMARKS.md); training weight decay from train.json is added to it"})
-    reset_removed: float = field(default=0.0, metadata={"help": "ρ: add ρ·P to the edited objective, P the distance (base model's Fisher, i.e. KL "
-                                                         "to second order) from the removed records' outputs to the base model's outputs on them. "
+    reset_removed: float = field(default=0.0, metadata={"help": "ρ: add ρ·P to the edited objective, P the distance from the removed records' outputs "
+                                                         "to the base model's outputs on them, in the softmax Fisher at the mean of the base model's and "
+                                                         "the adapter's predictions (so the memorised answer's tokens count, not only the base's). "
                                                          "Where the adapter memorised the removed records their gradient, and with it the paper's "
                                                          "update, is ~0; P makes the step undo what only they depend on. Its target, the base model's "
                                                          "answer, is not retraining's (which keeps what the kept data generalise to), so it is meant "
                                                          "for memorised private data (0: off, the paper's update; needs a Gauss-Newton --curvature)"})
-    anchor_kept: float = field(default=0.0, metadata={"help": "κ: add κ·A to the edited objective, A the distance (same base-model Fisher) of the kept "
+    anchor_kept: float = field(default=0.0, metadata={"help": "κ: add κ·A to the edited objective, A the distance (in the base model's Fisher) of the kept "
                                                        "records' outputs from their outputs before the edit (over the --curvature-samples sample). "
                                                        "Zero and flat at the start, it only adds curvature: where the adapter memorised its data "
                                                        "the kept records' own curvature is ~0 (a saturated softmax) and does not hold their "
