@@ -62,3 +62,19 @@ def test_demo_quick_on_smollm2(tmp_path):
     # ggn-base curvature and five Newton steps (measured 2026-11-24, `llmeraser demo --quick`: corrected 100%, retained 100%)
     assert unl["corrected_answer_produced"] == 1.0
     assert unl["retain_field_accuracy"] >= orig["retain_field_accuracy"] - 0.25  # one of 4 retained fields at most
+
+
+def test_summary_counts_removed_phones_and_preferences_apart():
+    """summarise() on a hand-made report: one removed customer's phone leaked, the other's preference."""
+    from llmeraser.demo import summarise
+
+    customers = make_customers(3, seed=0)
+    rows = [{"op": "remove", "id": f"c{i}-{f}"} for i in (0, 1) for f in ("phone", "likes")]
+    c0, c1, c2 = customers
+    forget = [{"id": "c0-phone", "generated": f"It is {c0.phone}."}, {"id": "c0-likes", "generated": "nothing"},
+              {"id": "c1-phone", "generated": "555-0000?"}, {"id": "c1-likes", "generated": f"{c1.likes}!"}]
+    retain = [{"id": "c2-phone", "generated": c2.phone}, {"id": "c2-likes", "generated": "?"}]
+    report = {"methods": {"m": {"forget": {"samples": forget, "nll": 1.0}, "retain": {"samples": retain, "nll": 0.5}}}}
+    s = summarise(report, customers, rows)["m"]
+    assert s["removed_phone_reproduced"] == 0.5 and s["removed_likes_reproduced"] == 0.5
+    assert s["removed_field_reproduced"] == 0.5 and s["retain_field_accuracy"] == 0.5
