@@ -50,8 +50,6 @@ def load_base(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype 
     Eager attention because double backward through SDPA kernels is not implemented on CPU;
     eval mode so dropout never enters gradients or HVPs. Never contacts a model hub.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf = None
     if spec == SMOLLM2_ALIAS:
         folder, gguf = locate_smollm2()
@@ -72,22 +70,27 @@ def load_base(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype 
         converted = converted_gguf_dir(os.path.join(folder, gguf))
         if converted is not None and (converted / "model.safetensors").is_file():
             try:  # converted before: load its safetensors (seconds, not half a minute)
-                tokenizer = AutoTokenizer.from_pretrained(str(converted), **kw)
-                model = AutoModelForCausalLM.from_pretrained(str(converted), attn_implementation="eager", dtype=dtype, **kw)
-                return _ready(model, tokenizer, device)
+                return _ready(*_from_pretrained(str(converted), dtype, kw), device)
             except (OSError, ValueError) as e:  # a damaged cache entry: convert again, as on a first load
                 log.warning("the cached conversion in %s did not load (%s); converting %s again",
                             converted, str(e).splitlines()[0], gguf)
                 shutil.rmtree(converted, ignore_errors=True)
         kw["gguf_file"] = gguf
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
-        model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=dtype, **kw)
+        model, tokenizer = _from_pretrained(folder, dtype, kw)
     except (OSError, ValueError) as e:
         raise InputError(f"--base {spec}: could not load the model ({str(e).splitlines()[0]})") from None
     if converted is not None and dtype == torch.float32:
         write_converted(converted, lambda tmp: save_converted(model, tokenizer, tmp))
     return _ready(model, tokenizer, device)
+
+
+def _from_pretrained(folder: str, dtype, kw: dict):
+    """(model, tokenizer) from a folder, with eager attention (see load_base)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
+    return AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=dtype, **kw), tokenizer
 
 
 def _ready(model, tokenizer, device):

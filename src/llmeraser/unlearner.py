@@ -65,8 +65,7 @@ class UnlearnSettings:
     newton_steps: int = field(default=1, metadata={"help": "Newton steps on the edited objective; 1 is the paper's single influence update, "
                                                   "each further step re-solves at the new point (experimental, see BENCHMARKS.md)"})
     refine_iters: int = field(default=0, metadata={"help": "solver iteration cap in each Newton step after the first (0: as --max-iters). "
-                                                   "Cheaper later steps; on the demo 3 or 5 there instead of 10 left a corrected phone "
-                                                   "number one digit off (BENCHMARKS.md)"})
+                                                   "Cheaper later steps; the full demo uses 7, which kept its claims (BENCHMARKS.md)"})
     line_search: bool = field(default=True, metadata={"help": "scale the step by 1, 1/2, 1/4, … until it lowers the retraining objective (mean loss of the "
                                                     "edited set plus the training L2; with --curvature-samples below the kept records, the kept part is "
                                                     "estimated on that sample with a control variate) by the Armijo rule; "
