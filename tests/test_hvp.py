@@ -73,6 +73,10 @@ def test_cached_ggn_linearisation_matches_fresh_products(tiny64):
         v = torch.randn(theta.numel(), dtype=torch.float64, generator=g)
         assert close(cached.full(v), fresh.full(v))
     assert len(cached._linear) == 2  # 3 fixed batches, 2 of them cached
+    cached.release()  # a finished Newton step drops its graphs; a later product rebuilds them
+    assert not cached._linear
+    assert close(cached.full(v), fresh.full(v))
+    assert len(cached._linear) == 2
 
 
 def test_response_logits_only_match_the_full_projection(tiny64):

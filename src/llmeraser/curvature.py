@@ -204,6 +204,14 @@ class HessianOperator:
             return False
         return not self._linear or available_memory_mb(self.device) > 3 * self._cost_mb
 
+    def release(self) -> None:
+        """Drop the kept linearisations (each holds a batch's activations); later products rebuild them.
+
+        A Newton step's operator is done once its solve is: holding its graphs while the next step builds
+        its own doubled the demo's memory, and the next step's builds then had to get fresh pages from the
+        system, which cost 8–22 s a build on this VM against ~3 s when reusing freed ones (BENCHMARKS.md)."""
+        self._linear.clear()
+
     @property
     def dim(self) -> int:
         return self.curvature.theta_hat.numel()

@@ -79,3 +79,7 @@ class OutputReset:
             self._linear = [curv.linearise(b, head=lambda z, batch, v, p=p: fisher_product(p, batch, v))
                             for b, p in zip(self.batches, self.probs)]
         return sum(f(v) for f in self._linear)
+
+    def release(self) -> None:
+        """Drop the kept linearisations of `product` (value and grad do not need them)."""
+        self._linear = None

@@ -216,6 +216,9 @@ class Unlearner:
             penalties.append(lambda t: kappa / n_eff * anchor.value(t))
         penalty = (lambda t: sum(f(t) for f in penalties)) if penalties else None
         result = self.solve(rhs, progress, op)
+        op.release()
+        if reset is not None:
+            reset.release()
         # the solve was for n_eff·ΔΘ against an unscaled right-hand side
         step = result.delta / n_eff
         moves = bool(torch.any(rhs != 0))
@@ -367,6 +370,7 @@ class Unlearner:
             grad = scale * (g_sample - g_sample_hat) - g_old_hat + g_new + self.n * self.weight_decay * (theta - self.theta_hat)
             op = self.operator(theta, kept + new)
             result = self.solve(-grad, progress, op, self.settings.refine_iters or None)
+            op.release()
             # op is the mean curvature over the m edited samples: x = m·Δ for the summed objective
             step = result.delta / m
             # backtracking along the solved direction: a few loss evaluations, where re-solving with more
