@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import shutil
+from dataclasses import replace
 
 import pytest
 
@@ -41,10 +43,16 @@ def test_demo_wiring_on_tiny_model(trainable_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "phone number?" in printed and "| llmeraser |" in printed
     saved = json.loads((tmp_path / "demo" / "report" / "demo_summary.json").read_text())
-    assert saved["cached"] == {"original": False, "retrain": False}
-    # a second run reuses the trained original adapter
+    others = ("original", "retrain", "gradient-ascent", "finetune-corrected")
+    assert saved["cached"] == dict.fromkeys(others, False)
+    # a second run reuses the trained original and the baselines; unlearn runs again
     run_demo(tmp_path / "demo", progress=False, base=str(trainable_dir / "base"), config=cfg)
-    assert json.loads((tmp_path / "demo" / "report" / "demo_summary.json").read_text())["cached"] == {"original": True, "retrain": True}
+    assert json.loads((tmp_path / "demo" / "report" / "demo_summary.json").read_text())["cached"] == dict.fromkeys(others, True)
+    # a moved folder keeps its cache (keyed by content, not path); other baseline steps redo the cheap baselines
+    shutil.copytree(tmp_path / "demo", tmp_path / "moved")
+    run_demo(tmp_path / "moved", progress=False, base=str(trainable_dir / "base"), config=replace(cfg, baseline_steps=2))
+    assert json.loads((tmp_path / "moved" / "report" / "demo_summary.json").read_text())["cached"] == {
+        "original": True, "retrain": True, "gradient-ascent": False, "finetune-corrected": False}
 
 
 @pytest.mark.slow

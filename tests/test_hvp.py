@@ -120,3 +120,24 @@ def test_ggn_base_is_the_gauss_newton_at_the_base_models_softmax(tiny64):
     theta0 = zero_adapter(params, theta)
     assert torch.allclose(Curvature(obj, params, theta0, "ggn-base")(v, batch),
                           Curvature(obj, params, theta0, "ggn")(v, batch), rtol=1e-10, atol=1e-14)
+
+
+def test_fixed_batches_are_grouped_by_length_and_average_every_sample(tiny64):
+    """Batches of similar length pad less; the operator is still the mean over samples of C_i v (a slow
+    loop of one-sample products)."""
+    model, tok, records = tiny64
+    params, theta = theta_of(model)
+    obj = CausalLMObjective(model, tok.pad_token_id)
+    # cut to varied lengths (prompts are cut on the left), so the grouping matters
+    items = [encode(r, tok, "chat", 20 + 3 * (i % 5)) for i, r in enumerate(records[:10])]
+    assert len({len(e.input_ids) for e in items}) == 5
+    curv = Curvature(obj, params, theta, "ggn")
+    op = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=0)
+    widths = [b["input_ids"].shape[1] for b in op.fixed]
+    assert widths == sorted(widths)
+    padded = sum(b["input_ids"].numel() for b in op.fixed)
+    unsorted = sum(len(items[i:i + 4]) * max(len(e.input_ids) for e in items[i:i + 4]) for i in range(0, 10, 4))
+    assert padded <= unsorted
+    v = torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    slow = sum(curv(v, obj.collate([e], "cpu")) for e in items) / len(items) + 0.1 * v
+    assert close(op.full(v), slow)

@@ -122,3 +122,16 @@ def test_newton_refinement_descends_on_the_edited_objective(tiny64, tmp_path):
     capped = run(3, refine_iters=1)[2]["steps"]
     assert capped[0]["iterations"] == steps[0]["iterations"] > 1
     assert all(st["iterations"] == 1 for st in capped[1:]) and len(capped) >= 2
+
+
+def test_unconverged_solve_warns_unless_a_capped_refinement_step(tiny_dir, tmp_path, capsys):
+    """A first step stopped short of --tol is reported; later steps capped by --refine-iters stop by design."""
+    req = write_jsonl(tmp_path / "req.jsonl", [{"op": "correct_response", "id": "r4", "new": {"response": "1234"}}])
+    # --quiet silences progress bars, not warnings
+    assert run_cli(tiny_dir, req, tmp_path / "a", "--max-iters", "1", "--tol", "1e-12") == 0
+    assert "in Newton step 1 the solver stopped" in capsys.readouterr().err
+    assert run_cli(tiny_dir, req, tmp_path / "b", "--max-iters", "300", "--tol", "1e-3", "--newton-steps", "2",
+                   "--refine-iters", "1") == 0
+    meta = json.loads((tmp_path / "b" / "unlearn.json").read_text())
+    assert meta["newton_steps"][0]["converged"] and not meta["newton_steps"][1]["converged"]
+    assert "stopped" not in capsys.readouterr().err

@@ -13,7 +13,7 @@ from pathlib import Path
 from .data import apply_request, load_records, load_request
 from .errors import InputError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
-from .modeling import load_adapter, load_base, resolve_device
+from .modeling import adapter_weights_path, load_adapter, load_base, resolve_device
 from .train import TrainSettings, add_lora, train_lora
 from .unlearner import _versions, peak_memory_mb
 
@@ -46,13 +46,17 @@ def train(base: str, data, out, settings: TrainSettings | None = None, overwrite
     return out
 
 
-def trained_with(adapter: str | Path, **expected) -> bool:
-    """Whether `adapter` holds a finished `train` run whose train.json has these values (recipe
-    'arguments', 'data_sha256', 'request_sha256', ...): callers that cache adapters reuse it then."""
-    meta = Path(adapter) / "train.json"
-    if not meta.is_file():
+def trained_with(adapter: str | Path, meta: str = "train.json", **expected) -> bool:
+    """Whether `adapter` holds a finished run whose `meta` json (train.json of `train` and `retrain`,
+    baseline.json of the cheap baselines) has these values (recipe 'arguments', 'data_sha256',
+    'request_sha256', ...): callers that cache adapters reuse it then."""
+    path = Path(adapter) / meta
+    if not path.is_file():
         return False
-    saved = json.loads(meta.read_text())
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError:
+        return False
     return all(saved.get(k) == v for k, v in expected.items())
 
 
@@ -79,7 +83,8 @@ def baseline(name: str, base: str, adapter, data, request, out, overwrite: bool 
         edited.write_text("".join(json.dumps(r) + "\n" for r in rows))
         try:
             return train(base, edited, out, recipe, overwrite, device, progress, model_and_tokenizer,
-                         extra={"baseline": "retrain", "request_sha256": req.sha256, "original_data": str(Path(data).resolve())})
+                         extra={"baseline": "retrain", "request_sha256": req.sha256, "original_data": str(Path(data).resolve()),
+                                "original_data_sha256": sha256_file(data)})
         finally:
             edited.unlink(missing_ok=True)
     # each cheap baseline handles its own part of a mixed request and leaves the rest as it is
@@ -101,6 +106,7 @@ def baseline(name: str, base: str, adapter, data, request, out, overwrite: bool 
         model.save_pretrained(tmp)
         write_json(tmp / "baseline.json", {
             "baseline": name, "adapter": str(Path(adapter).resolve()), "request_sha256": req.sha256,
+            "adapter_sha256": sha256_file(adapter_weights_path(adapter)), "data_sha256": sha256_file(data),
             "steps": steps, "lr": settings.lr, "samples": len(targets), "edits_ignored": len(req.edits) - len(targets), "loss_history": history, "seconds": seconds,
             "peak_memory_mb": peak_memory_mb(next(model.parameters()).device), "versions": _versions()})
     model.unload()

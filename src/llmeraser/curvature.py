@@ -25,7 +25,7 @@ from torch.func import grad as func_grad
 from torch.func import jvp
 
 from .errors import NumericalError
-from .objective import Objective
+from .objective import Objective, by_length
 from .params import AdapterParams, zero_adapter
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ class HessianOperator:
         self.curvature, self.items, self.batch_size, self.damping = curvature, items, batch_size, damping
         self.device = device
         self.generator = torch.Generator().manual_seed(seed)
-        chosen = seeded_subset(items, curvature_samples, seed)
+        chosen = by_length(seeded_subset(items, curvature_samples, seed))
         k = len(chosen)
         collate = curvature.objective.collate
         self.fixed = [collate(chosen[i:i + batch_size], device) for i in range(0, k, batch_size)]

@@ -30,6 +30,7 @@ import torch
 
 from .curvature import Curvature, fisher_product
 from .modeling import fused_attention
+from .objective import by_length
 from .params import zero_adapter  # noqa: F401  (re-exported: Θ₀ is part of this module's story)
 
 
@@ -42,6 +43,7 @@ class OutputReset:
         --anchor-kept term: zero and flat at Θ̂, it only adds curvature), and the metric the base model's
         Fisher F⁰; otherwise the metric is F̄ above."""
         self.objective, self.params, self.theta_hat = objective, params, theta_hat.detach()
+        examples = by_length(examples)
         self.batches = [objective.collate(examples[i:i + batch_size], device) for i in range(0, len(examples), batch_size)]
         theta0 = zero_adapter(params, self.theta_hat)
         # the same attention kernel as value() and grad(), so that d is exactly 0 at the target

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import NumericalError
-from .objective import Objective
+from .objective import Objective, by_length
 from .params import AdapterParams
 
 
@@ -18,6 +18,7 @@ def sum_of_gradients(objective: Objective, params: AdapterParams, theta_hat: tor
                      batch_size: int, device="cpu", desc: str = "gradients", progress: bool = True) -> torch.Tensor:
     """Σ_i ∇_Θ L(z_i; Θ̂) over `items`, batched (one backward per batch of per-sample loss sums)."""
     total = torch.zeros_like(theta_hat)
+    items = by_length(items)
     batches = range(0, len(items), batch_size)
     for start in tqdm(batches, desc=desc, disable=not progress or len(batches) < 2, leave=False):
         batch = objective.collate(items[start:start + batch_size], device)
