@@ -241,3 +241,30 @@ def test_merged_inner_products_match_the_dense_delta_w():
     assert _cosine_from_gram(g_aa, g_bb, g_ab) == pytest.approx(cosine(da, db), rel=1e-10)
     assert _distance_from_gram(g_aa, g_bb, g_ab) == pytest.approx(relative_distance(da, db), rel=1e-10)
     assert math.isnan(_cosine_from_gram(0.0, g_bb, 0.0))  # the original itself: no change, as metrics.cosine says
+
+
+def test_evaluate_cache_reuses_unchanged_adapters_only(trainable_dir, trained, tmp_path):
+    """Cached metrics equal fresh ones; a changed adapter is evaluated again, with its KL against retrain."""
+    from llmeraser.evaluate import evaluate
+
+    base, data, req = trainable_dir / "base", trainable_dir / "train.jsonl", trained / "req.jsonl"
+    cli("baseline", "retrain", "--base", base, "--adapter", trained / "original", "--data", data, "--request", req,
+        "--out", tmp_path / "retrain")
+    for steps in (1, 2):
+        cli("baseline", "gradient-ascent", "--base", base, "--adapter", trained / "original", "--data", data,
+            "--request", req, "--out", tmp_path / f"ga{steps}", "--steps", steps)
+    adapters = {"original": trained / "original", "retrain": tmp_path / "retrain", "ga": tmp_path / "ga1"}
+    run = lambda out, named, cache: evaluate(str(base), named, data, req, tmp_path / out, max_new_tokens=4, device="cpu",
+                                             progress=False, cache_dir=cache)["methods"]
+    # as json text: NaN (the original's cosine with itself) compares equal there
+    strip = lambda m: json.dumps({k: v for k, v in m.items() if k not in ("cached", "eval_seconds")}, sort_keys=True)
+    first = run("r1", adapters, tmp_path / "cache")
+    again = run("r2", adapters, tmp_path / "cache")
+    assert all(again[n].get("cached") for n in adapters) and not any(first[n].get("cached") for n in adapters)
+    assert {n: strip(m) for n, m in again.items()} == {n: strip(m) for n, m in first.items()}
+    changed = {**adapters, "ga": tmp_path / "ga2"}
+    mixed = run("r3", changed, tmp_path / "cache")
+    fresh = run("r4", changed, None)
+    assert mixed["original"].get("cached") and mixed["retrain"].get("cached") and not mixed["ga"].get("cached")
+    assert mixed["ga"]["vs_retrain"]["kl_forget"] == pytest.approx(fresh["ga"]["vs_retrain"]["kl_forget"], rel=1e-6)
+    assert mixed["ga"]["forget"] == fresh["ga"]["forget"] and mixed["ga"]["forget"] != first["ga"]["forget"]

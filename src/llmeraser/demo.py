@@ -186,7 +186,9 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
                                   steps=cfg.baseline_steps, progress=progress, model_and_tokenizer=mt)
     say("evaluate")
     report = evaluate(base, adapters, data, request, out / "report", overwrite=True, progress=progress,
-                      model_and_tokenizer=mt, max_new_tokens=20, retain_samples=cfg.retain_samples, keep_samples=1000)
+                      model_and_tokenizer=mt, max_new_tokens=20, retain_samples=cfg.retain_samples, keep_samples=1000,
+                      cache_dir=work / ".evaluation")  # a rerun evaluates only adapters whose weights changed
+    cached["evaluation"] = sorted(n for n, m in report["methods"].items() if m.get("cached"))
     summary = summarise(report, customers, req_rows)
     write_json(out / "report" / "demo_summary.json", {"summary": summary, "config": vars(cfg), "quick": quick,
                                                       "seconds_total": time.perf_counter() - t_start, "cached": cached})

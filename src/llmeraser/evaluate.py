@@ -11,6 +11,7 @@ mean KL(retrain ‖ adapter) of next-token distributions on the forget and test 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .data import Record, load_records, load_request
 from .errors import InputError
-from .fileio import atomic_dir, check_output_dir, write_json
+from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
 from .metrics import cosine, exact_match, relative_distance, roc_auc, rouge_l, rouge_n
 from .modeling import (adapter_weights_path, fused_attention, load_adapter, load_base, merged_adapter, read_adapter_file,
                        resolve_device)
@@ -187,8 +188,12 @@ def parse_named(specs: list[str]) -> dict[str, Path]:
 def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None, original: str = "original",
              max_new_tokens: int = 32, kl_samples: int = 32, batch_size: int = 8, max_length: int = 512,
              template: str = "auto", device: str = "auto", overwrite: bool = False, progress: bool = True,
-             model_and_tokenizer=None, retain_samples: int = 0, keep_samples: int = 10) -> dict:
-    """Evaluate named adapters; `retain_samples` > 0 evaluates a seeded sample of that many retained records."""
+             model_and_tokenizer=None, retain_samples: int = 0, keep_samples: int = 10, cache_dir=None) -> dict:
+    """Evaluate named adapters; `retain_samples` > 0 evaluates a seeded sample of that many retained records.
+
+    `cache_dir`: a folder of each adapter's last metrics, keyed by everything they depend on (the adapter's
+    weights, data, request, test set, base, these settings and, for the KL, retrain's weights); an adapter
+    whose key matches is not evaluated again (the demo's rerun re-evaluates only adapters whose weights changed)."""
     out = check_output_dir(out, overwrite, inputs=tuple(adapters.values()) + (data, request))
     records = load_records(data)
     req = load_request(request, records)
@@ -205,7 +210,23 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None
                for s, recs in splits.items()}
     order = sorted(adapters, key=lambda n: n != "retrain")  # retrain first: the others' KL needs it
     methods, reference = {}, {}
+    keys = _cache_keys(adapters, (data, request, test), dict(base=base, max_new_tokens=max_new_tokens, kl_samples=kl_samples,
+                       batch_size=batch_size, max_length=max_length, template=tpl, retain_samples=retain_samples,
+                       keep_samples=keep_samples)) if cache_dir else {}
+    cached = {name: _cached(cache_dir, name, keys[name]) for name in keys}
+    if cached.get("retrain") is not None and any(cached[n] is None for n in adapters) and any(kl_keep.values()):
+        # the others' KL needs retrain's next-token log-probs on the forget and test samples: one forward pass
+        model = load_adapter(base_model, adapters["retrain"])
+        try:
+            with fused_attention(model), merged_adapter(model):
+                ev = AdapterEval(model, tok, tpl, batch_size, max_length, max_new_tokens)
+                reference = {s: ev.nll_and_log_probs(splits[s], k)[1] for s, k in kl_keep.items() if k}
+        finally:
+            model.unload()
     for name in tqdm(order, desc="evaluate", disable=not progress):
+        if cached.get(name) is not None:
+            methods[name] = {**cached[name], "cached": True}
+            continue
         t0 = time.perf_counter()
         model = load_adapter(base_model, adapters[name])
         try:
@@ -235,6 +256,9 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None
         res.update(_cost(adapters[name]))
         res["eval_seconds"] = time.perf_counter() - t0
         methods[name] = res
+        if cache_dir:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            write_json(Path(cache_dir) / f"{name}.json", {"key": keys[name], "result": res})
     if "retrain" in adapters and original in adapters:
         _parameter_space(adapters, original, methods)
     report = {"methods": {n: methods[n] for n in adapters}, "splits": {k: len(v) for k, v in splits.items()},
@@ -246,6 +270,26 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None
 
         plot_report(report, adapters, tmp)
     return report
+
+
+def _cache_keys(adapters: dict, files: tuple, settings: dict) -> dict[str, str]:
+    """Per adapter, a SHA-256 of all its metrics depend on (KL: also retrain's weights)."""
+    from . import __version__
+
+    common = {"files": [sha256_file(f) if f else None for f in files], "settings": settings, "version": __version__}
+    weights = {n: sha256_file(adapter_weights_path(a)) + sha256_file(Path(a) / "adapter_config.json") for n, a in adapters.items()}
+    ref = weights.get("retrain")
+    return {n: hashlib.sha256(json.dumps({**common, "weights": w, "retrain": ref}, sort_keys=True).encode()).hexdigest()
+            for n, w in weights.items()}
+
+
+def _cached(cache_dir, name: str, key: str) -> dict | None:
+    p = Path(cache_dir) / f"{name}.json"
+    try:
+        saved = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved["result"] if isinstance(saved, dict) and saved.get("key") == key else None
 
 
 def _parameter_space(adapters, original, methods):
