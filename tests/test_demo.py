@@ -56,7 +56,7 @@ def test_demo_wiring_on_tiny_model(trainable_dir, tmp_path, capsys):
     run_demo(tmp_path / "moved", progress=False, base=str(trainable_dir / "base"), config=replace(cfg, baseline_steps=2))
     assert json.loads((tmp_path / "moved" / "report" / "demo_summary.json").read_text())["cached"] == {
         "original": True, "retrain": True, "gradient-ascent": False, "finetune-corrected": False,
-        "evaluation": ["original", "retrain"]}
+        "evaluation": ["llmeraser", "original", "retrain"]}
 
 
 @pytest.mark.slow
