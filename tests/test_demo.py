@@ -51,6 +51,9 @@ def test_demo_wiring_on_tiny_model(trainable_dir, tmp_path, capsys):
     # unlearn is deterministic: its new adapter is bit for bit the last one, so its metrics are reused too
     assert again["cached"] == {**dict.fromkeys(others, True), "evaluation": sorted(others + ("llmeraser",))}
     assert again["summary"]["retrain"] == saved["summary"]["retrain"]
+    # the seconds shown are this run's unlearn, not the cached evaluation's
+    secs = json.loads((tmp_path / "demo" / "adapters" / "llmeraser" / "unlearn.json").read_text())["seconds"]
+    assert again["summary"]["llmeraser"]["seconds"] == pytest.approx(sum(v for k, v in secs.items() if k != "load"))
     # a moved folder keeps its cache (keyed by content, not path); other baseline steps redo the cheap baselines
     shutil.copytree(tmp_path / "demo", tmp_path / "moved")
     run_demo(tmp_path / "moved", progress=False, base=str(trainable_dir / "base"), config=replace(cfg, baseline_steps=2))

@@ -67,10 +67,10 @@ RESET_REMOVED = 10.0
 CURVATURE = "ggn-base"
 # DemoConfig.newton_steps: further Newton steps on the edited objective (the reset enters the first only). One
 # step moves the corrected answers only part of the way (their loss is far from quadratic at a memorised
-# adapter); on the full demo both corrected phone numbers came out right by the fourth step (the third, with
-# later CG capped at 7), and with the reset measured at the mean of the base's and the adapter's predictions the
-# removed phone numbers stayed gone (with the base's alone a fourth step brought one back); --quick, with 5 CG
-# iterations a step, needs five (BENCHMARKS.md)
+# adapter); on the full demo both corrected phone numbers came out right by the third step (CG ≤ 5 after the
+# first; with a cap of 3, one was still wrong after four), and with the reset measured at the mean of the base's
+# and the adapter's predictions the removed phone numbers stayed gone (with the base's alone a fourth step brought
+# one back); --quick, with 5 CG iterations a step, needs five (BENCHMARKS.md)
 # --anchor-kept is not used: κ = 10 kept every retained answer of the full demo, but on --quick it held the
 # removed customer's fields in place too (BENCHMARKS.md)
 

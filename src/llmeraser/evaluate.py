@@ -224,8 +224,8 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None
         finally:
             model.unload()
     for name in tqdm(order, desc="evaluate", disable=not progress):
-        if cached.get(name) is not None:
-            methods[name] = {**cached[name], "cached": True}
+        if cached.get(name) is not None:  # the adapter's own cost is read again: a rerun may have made it anew
+            methods[name] = {**cached[name], **_cost(adapters[name]), "cached": True}
             continue
         t0 = time.perf_counter()
         model = load_adapter(base_model, adapters[name])
