@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -192,7 +193,7 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None
     """Evaluate named adapters; `retain_samples` > 0 evaluates a seeded sample of that many retained records.
 
     `cache_dir`: a folder of each adapter's last metrics, keyed by everything they depend on (the adapter's
-    weights, data, request, test set, base, these settings and, for the KL, retrain's weights); an adapter
+    weights, data, request, test set, the base by its name, these settings and, for the KL, retrain's weights); an adapter
     whose key matches is not evaluated again (the demo's rerun re-evaluates only adapters whose weights changed)."""
     out = check_output_dir(out, overwrite, inputs=tuple(adapters.values()) + (data, request))
     records = load_records(data)
@@ -258,7 +259,9 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None
         methods[name] = res
         if cache_dir:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            write_json(Path(cache_dir) / f"{name}.json", {"key": keys[name], "result": res})
+            tmp = Path(cache_dir) / f".{name}.json.tmp"
+            write_json(tmp, {"key": keys[name], "result": res})
+            os.replace(tmp, Path(cache_dir) / f"{name}.json")  # a reader never sees half an entry
     if "retrain" in adapters and original in adapters:
         _parameter_space(adapters, original, methods)
     report = {"methods": {n: methods[n] for n in adapters}, "splits": {k: len(v) for k, v in splits.items()},
@@ -289,7 +292,7 @@ def _cached(cache_dir, name: str, key: str) -> dict | None:
         saved = json.loads(p.read_text())
     except (OSError, ValueError):
         return None
-    return saved["result"] if isinstance(saved, dict) and saved.get("key") == key else None
+    return saved.get("result") if isinstance(saved, dict) and saved.get("key") == key else None
 
 
 def _parameter_space(adapters, original, methods):
