@@ -209,7 +209,7 @@ class HessianOperator:
 
         A Newton step's operator is done once its solve is: holding its graphs while the next step builds
         its own doubled the demo's memory, and the next step's builds then had to get fresh pages from the
-        system, which cost 8–22 s a build on this VM against ~3 s when reusing freed ones (BENCHMARKS.md)."""
+        system, which cost 8–22 s a build on this VM against 3–6 s when reusing freed ones (BENCHMARKS.md)."""
         self._linear.clear()
 
     @property

@@ -149,7 +149,9 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
     mt = load_base(base, "cpu")
     recipe = TrainSettings(epochs=cfg.epochs, lr=cfg.lr, **RECIPE)
     original = out / "original"
-    cached = {"original": trained_with(original, base=base, arguments=recipe.to_dict(), data_sha256=sha256_file(data))}
+    # the caches below are keyed by content: a copied or moved demo folder keeps them
+    data_sha256, request_sha256 = sha256_file(data), sha256_file(request)
+    cached = {"original": trained_with(original, base=base, arguments=recipe.to_dict(), data_sha256=data_sha256)}
     if cached["original"]:
         say(f"original adapter cached in {original}")
     else:
@@ -163,8 +165,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
     adapters["llmeraser"] = unlearn(base, original, data, request, work / "llmeraser", settings, overwrite=True,
                                     progress=progress, model_and_tokenizer=mt).out
     retrain = work / "retrain"
-    cached["retrain"] = trained_with(retrain, base=base, arguments=recipe.to_dict(), request_sha256=sha256_file(request),
-                                     original_data_sha256=sha256_file(data))
+    cached["retrain"] = trained_with(retrain, base=base, arguments=recipe.to_dict(), request_sha256=request_sha256,
+                                     original_data_sha256=data_sha256)
     if cached["retrain"]:
         say(f"retrained adapter cached in {retrain} (it depends only on the data, the request and the recipe)")
         adapters["retrain"] = retrain
@@ -176,7 +178,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
     for name in ("gradient-ascent", "finetune-corrected"):
         # like retrain, a function of the original, the data, the request and its steps alone
         cached[name] = trained_with(work / name, "baseline.json", baseline=name, adapter_sha256=original_sha256,
-                                    data_sha256=sha256_file(data), request_sha256=sha256_file(request), steps=cfg.baseline_steps)
+                                    data_sha256=data_sha256, request_sha256=request_sha256, steps=cfg.baseline_steps)
         if cached[name]:
             say(f"{name} adapter cached in {work / name}")
             adapters[name] = work / name
