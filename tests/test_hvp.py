@@ -141,3 +141,54 @@ def test_fixed_batches_are_grouped_by_length_and_average_every_sample(tiny64):
     v = torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     slow = sum(curv(v, obj.collate([e], "cpu")) for e in items) / len(items) + 0.1 * v
     assert close(op.full(v), slow)
+
+
+@pytest.mark.parametrize("kind", ["ggn", "ggn-base"])
+def test_operator_gradient_through_its_linearisations_is_the_sum_of_gradients(tiny64, kind):
+    """A Newton step takes its gradient from the linearisations its products use (kept or not); it is
+    Σ_i ∇L_i and Σ_i L_i over the fixed batches, and the kept graphs still serve the products after it."""
+    from llmeraser.rhs import sum_of_gradients
+
+    model, tok, records = tiny64
+    params, theta = theta_of(model)
+    obj = CausalLMObjective(model, tok.pad_token_id)
+    items = [encode(r, tok, "chat", 64) for r in records[:10]]
+    curv = Curvature(obj, params, theta, kind)
+    op = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=2)
+    grad, loss = op.loss_gradient()
+    assert len(op._linear) == 2  # two batches through kept linearisations, the third through a fresh one
+    assert close(grad, sum_of_gradients(obj, params, theta, items, 4, progress=False))
+    with torch.no_grad():
+        expected = float(obj.losses(obj.outputs(params.unflatten(theta), obj.collate(items, "cpu")), obj.collate(items, "cpu")).sum())
+    assert abs(loss - expected) <= 1e-10 * abs(expected)
+    fresh = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=0)
+    v = torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert close(op.full(v), fresh.full(v))
+
+
+def test_base_probs_are_computed_once_for_every_newton_steps_operator(tiny64):
+    """p⁰ (lora_B zeroed) does not depend on the LoRA weights: a later step's operator at another Θ reuses it,
+    with the same products as without the cache; Θ with non-LoRA tensors is not cached."""
+    from llmeraser.curvature import BaseProbsCache
+    from llmeraser.params import AdapterParams
+
+    obj, params, theta, batch = setup(tiny64)
+    cache = BaseProbsCache()
+    calls = []
+    outputs = obj.outputs
+    obj.outputs = lambda p, b: calls.append(1) or outputs(p, b)
+    try:
+        v = torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+        first = Curvature(obj, params, theta, "ggn-base", base_cache=cache)(v, batch)
+        assert close(first, Curvature(obj, params, theta, "ggn-base")(v, batch))
+        moved = theta + 0.1 * torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+        calls.clear()
+        again = Curvature(obj, params, moved, "ggn-base", base_cache=cache)(v, batch)
+        assert len(calls) == 1  # the product's own forward only; p⁰ came from the cache
+        calls.clear()
+        assert close(again, Curvature(obj, params, moved, "ggn-base")(v, batch))
+        assert len(calls) == 2  # without the cache: p⁰'s forward and the product's
+    finally:
+        obj.outputs = outputs
+    assert not BaseProbsCache.usable(AdapterParams(params.names + ("base_model.lm_head.modules_to_save.weight",),
+                                                   params.shapes + (torch.Size([2, 2]),)))

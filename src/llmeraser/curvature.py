@@ -37,7 +37,7 @@ HVP_MODES = ("auto", "fwd_rev", "rev_rev")
 
 class Curvature:
     def __init__(self, objective: Objective, params: AdapterParams, theta_hat: torch.Tensor,
-                 kind: str = "ggn", mode: str = "auto"):
+                 kind: str = "ggn", mode: str = "auto", base_cache: "BaseProbsCache | None" = None):
         if kind not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {kind!r}")
         if mode not in HVP_MODES:
@@ -45,6 +45,7 @@ class Curvature:
         self.objective, self.params, self.kind, self.mode = objective, params, kind, mode
         self.theta_hat = theta_hat.detach()
         self._theta0 = None
+        self.base_cache = base_cache
 
     @property
     def gauss_newton(self) -> bool:
@@ -52,11 +53,17 @@ class Curvature:
 
     def base_probs(self, batch: dict) -> torch.Tensor:
         """p⁰ at the batch's response positions: the base model's prediction (every lora_B zeroed)."""
+        cache = self.base_cache if self.base_cache is not None and self.base_cache.usable(self.params) else None
+        if cache is not None and (hit := cache.get(batch)) is not None:
+            return hit
         if self._theta0 is None:
             self._theta0 = zero_adapter(self.params, self.theta_hat)
         with torch.no_grad():
             z0 = self.objective.outputs(self.params.unflatten(self._theta0), batch)
-        return torch.softmax(z0.double(), -1).to(z0.dtype)
+        p0 = torch.softmax(z0.double(), -1).to(z0.dtype)
+        if cache is not None:
+            cache.put(batch, p0)
+        return p0
 
     def mean_loss(self, theta: torch.Tensor, batch: dict) -> torch.Tensor:
         out = self.objective.outputs(self.params.unflatten(theta), batch)
@@ -127,7 +134,47 @@ class Curvature:
                 (gv,) = torch.autograd.grad(z, theta, grad_outputs=hjv, retain_graph=keep)
             return gv
 
+        def loss_gradient() -> tuple[torch.Tensor, float]:
+            """(Σ_i ∇L_i, Σ_i L_i) over the batch at Θ̂: one backward through the graph the products use,
+            where a separate gradient costs a forward and a backward."""
+            with torch.enable_grad():
+                zl = z.detach().requires_grad_(True)
+                losses = self.objective.losses(zl, batch)
+                (gz_sum,) = torch.autograd.grad(losses.sum(), zl)
+                (g,) = torch.autograd.grad(z, theta, grad_outputs=gz_sum, retain_graph=keep)
+            return g, float(losses.detach().sum())
+
+        product.loss_gradient = loss_gradient
         return product
+
+
+class BaseProbsCache:
+    """p⁰ per batch, shared by the operators of successive Newton steps.
+
+    p⁰ is the base model's prediction, the same at every Θ when Θ holds only LoRA A and B (B = 0 makes A
+    irrelevant), so each Newton step's operator was recomputing one forward per batch for nothing (~1 s a
+    batch of 8 on the demo). With other tensors in Θ (modules_to_save) p⁰ moves with them: no caching.
+    Bounded by `max_bytes`: long responses make p⁰ large ([response tokens, vocabulary] per batch)."""
+
+    def __init__(self, max_bytes: int = 2**29):
+        self.max_bytes, self.used, self._store = max_bytes, 0, {}
+
+    @staticmethod
+    def usable(params: AdapterParams) -> bool:
+        return all(".lora_A." in n or ".lora_B." in n for n in params.names)
+
+    @staticmethod
+    def _key(batch: dict) -> tuple:
+        return tuple((tuple(batch[k].shape), batch[k].cpu().numpy().tobytes()) for k in ("input_ids", "attention_mask", "rows", "cols"))
+
+    def get(self, batch: dict) -> torch.Tensor | None:
+        return self._store.get(self._key(batch))
+
+    def put(self, batch: dict, p0: torch.Tensor) -> None:
+        size = p0.numel() * p0.element_size()
+        if self.used + size <= self.max_bytes:
+            self._store[self._key(batch)] = p0
+            self.used += size
 
 
 def fisher_product(p0: torch.Tensor, batch: dict, v: torch.Tensor) -> torch.Tensor:
@@ -244,10 +291,10 @@ class HessianOperator:
         """(C_B + λI) v for fixed batch i (plus the extra terms)."""
         return self._fixed_product(i, v) + self.damping * v + self._extra(v)
 
-    def _fixed_product(self, i: int, v: torch.Tensor) -> torch.Tensor:
-        """C_B v (undamped) for fixed batch i, through its cached linearisation when allowed."""
+    def _kept_linearisation(self, i: int):
+        """Fixed batch i's kept linearisation, built now if allowed; None where it may not be kept."""
         if i not in self._linear and not self._may_cache():
-            return self._fresh(v, self.fixed[i])
+            return None
         if i not in self._linear:
             before = available_memory_mb(self.device)
             self._linear[i] = self.curvature.linearise(self.fixed[i])
@@ -257,7 +304,30 @@ class HessianOperator:
                 del self._linear[i]
                 self.cache_batches = len(self._linear)
                 log.info("not keeping GGN linearisations: one takes ~%.0f MB", self._cost_mb)
-                return self._fresh(v, self.fixed[i])
+                return None
+        return self._linear[i]
+
+    def loss_gradient(self) -> tuple[torch.Tensor, float]:
+        """(Σ ∇L_i, Σ L_i) over every sample of the fixed batches at Θ̂ (sums, not means; Gauss-Newton only).
+
+        Through the linearisations the solve's products then reuse: a Newton step needs its gradient
+        and its curvature at the same point, on the same batches when they cover the edited set."""
+        if not self.curvature.gauss_newton:
+            raise ValueError("loss_gradient needs a Gauss-Newton curvature")
+        grad, loss = torch.zeros_like(self.curvature.theta_hat), 0.0
+        for i, batch in enumerate(self.fixed):
+            lin = self._kept_linearisation(i) or self.curvature.linearise(batch, keep=False)
+            g, value = lin.loss_gradient()
+            grad += g
+            loss += value
+        if not torch.isfinite(grad).all():
+            raise NumericalError("the gradient is not finite; check the adapter weights and the data")
+        return grad, loss
+
+    def _fixed_product(self, i: int, v: torch.Tensor) -> torch.Tensor:
+        """C_B v (undamped) for fixed batch i, through its cached linearisation when allowed."""
+        if self._kept_linearisation(i) is None:
+            return self._fresh(v, self.fixed[i])
         self.hvp_count += 1
         out = self._linear[i](v.to(self.curvature.theta_hat.dtype))
         if not torch.isfinite(out).all():

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 
 from . import __version__
-from .curvature import CURVATURES, GAUSS_NEWTON, HVP_MODES, Curvature, HessianOperator, seeded_subset
+from .curvature import CURVATURES, GAUSS_NEWTON, HVP_MODES, BaseProbsCache, Curvature, HessianOperator, seeded_subset
 from .data import EditRequest, Record, load_records, load_request
 from .errors import InputError, NumericalError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
@@ -144,6 +144,7 @@ class Unlearner:
         self.damping = settings.damping + weight_decay  # the L2 term of training is part of the Hessian
         self.examples = [self.encode(r) for r in records]
         self._old_grads: dict[tuple, torch.Tensor] = {}
+        self._base_probs = BaseProbsCache()  # ggn-base: every Newton step's operator sees the same batches
 
     @property
     def n(self) -> int:
@@ -176,7 +177,7 @@ class Unlearner:
     def operator(self, theta: torch.Tensor | None = None, items: list | None = None) -> HessianOperator:
         s = self.settings
         theta = self.theta_hat if theta is None else theta
-        curv = Curvature(self.objective, self.params, theta, s.curvature, s.hvp_mode)
+        curv = Curvature(self.objective, self.params, theta, s.curvature, s.hvp_mode, self._base_probs)
         return HessianOperator(curv, self.examples if items is None else items, s.batch_size, self.damping,
                                s.curvature_samples, s.seed, self.device, s.cache_batches)
 
@@ -364,11 +365,17 @@ class Unlearner:
 
         steps, result, value = [], None, None
         for k in range(2, self.settings.newton_steps + 1):
-            g_sample = self._grad_sum(sample, theta, "refine: kept sample", progress)
-            g_new = self._grad_sum(new, theta, "refine: new samples", progress) if new else 0.0
-            # n·∇R'(Θ_k), see the class docstring
-            grad = scale * (g_sample - g_sample_hat) - g_old_hat + g_new + self.n * self.weight_decay * (theta - self.theta_hat)
             op = self.operator(theta, kept + new)
+            if self._gradient_from_operator(m):
+                # Σ_kept G_i(Θ_k) + Σ_new G(Θ_k) through the linearisations the solve then reuses: one
+                # backward a batch instead of a forward and a backward (sample = kept here, scale = 1)
+                g_sample_and_new = op.loss_gradient()[0]
+            else:
+                g_sample_and_new = scale * self._grad_sum(sample, theta, "refine: kept sample", progress)
+                if new:
+                    g_sample_and_new += self._grad_sum(new, theta, "refine: new samples", progress)
+            # n·∇R'(Θ_k), see the class docstring
+            grad = g_sample_and_new - scale * g_sample_hat - g_old_hat + self.n * self.weight_decay * (theta - self.theta_hat)
             result = self.solve(-grad, progress, op, self.settings.refine_iters or None)
             op.release()
             # op is the mean curvature over the m edited samples: x = m·Δ for the summed objective
@@ -383,6 +390,11 @@ class Unlearner:
             theta = theta + search["scale"] * step
             value = search["trace"][-1]["objective"]
         return theta, result, steps
+
+    def _gradient_from_operator(self, m: int) -> bool:
+        """Whether a refinement step's operator over the m edited samples holds all of them (so its
+        linearisations give the step's gradient too): a Gauss-Newton curvature over every sample."""
+        return self.settings.curvature in GAUSS_NEWTON and (not self.settings.curvature_samples or self.settings.curvature_samples >= m)
 
     def _loss_sum(self, items, theta) -> float:
         total = 0.0
