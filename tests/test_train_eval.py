@@ -268,3 +268,31 @@ def test_evaluate_cache_reuses_unchanged_adapters_only(trainable_dir, trained, t
     assert mixed["original"].get("cached") and mixed["retrain"].get("cached") and not mixed["ga"].get("cached")
     assert mixed["ga"]["vs_retrain"]["kl_forget"] == pytest.approx(fresh["ga"]["vs_retrain"]["kl_forget"], rel=1e-6)
     assert mixed["ga"]["forget"] == fresh["ga"]["forget"] and mixed["ga"]["forget"] != first["ga"]["forget"]
+
+
+def test_layers_adapts_only_those_layers_through_train_retrain_and_unlearn(trainable_dir, trained, tmp_path):
+    """--layers 1: LoRA on layer 1 of the 2-layer model only; retrain reads it from train.json, unlearn keeps it."""
+    recipe = [*RECIPE[:5], "20", *RECIPE[6:]]  # 20 epochs: the test is about where the tensors are
+    cli("train", "--base", trainable_dir / "base", "--data", trainable_dir / "train.jsonl", "--out", tmp_path / "top",
+        *recipe, "--layers", "1")
+    keys = set(load_file(str(tmp_path / "top" / "adapter_model.safetensors")))
+    assert keys and all(".layers.1." in k for k in keys)
+    assert json.loads((tmp_path / "top" / "train.json").read_text())["arguments"]["layers"] == [1]
+    cli("baseline", "retrain", "--base", trainable_dir / "base", "--adapter", tmp_path / "top", "--data",
+        trainable_dir / "train.jsonl", "--request", trained / "req.jsonl", "--out", tmp_path / "retrain")
+    assert set(load_file(str(tmp_path / "retrain" / "adapter_model.safetensors"))) == keys
+    cli("unlearn", "--base", trainable_dir / "base", "--adapter", tmp_path / "top", "--data", trainable_dir / "train.jsonl",
+        "--request", trained / "req.jsonl", "--out", tmp_path / "unlearned", "--curvature-samples", "0")
+    new = load_file(str(tmp_path / "unlearned" / "adapter_model.safetensors"))
+    old = load_file(str(tmp_path / "top" / "adapter_model.safetensors"))
+    assert set(new) == keys and any(not torch.equal(new[k], old[k]) for k in keys)
+
+
+@pytest.mark.parametrize("layers, message", [(["5"], "the base model has layers 0 to 1"),
+                                             (["x"], "give layer indices as integers"),
+                                             (["-1"], "layer indices start at 0")])
+def test_bad_layers_name_the_problem(trainable_dir, tmp_path, capsys, layers, message):
+    code = main(["train", "--base", str(trainable_dir / "base"), "--data", str(trainable_dir / "train.jsonl"),
+                 "--out", str(tmp_path / "out"), "--layers", *layers, "--device", "cpu", "--quiet"])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -28,6 +28,9 @@ class TrainSettings:
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale alpha / r)"})
     target_modules: tuple[str, ...] = field(default=("q_proj", "v_proj"), metadata={"help": "module names to adapt"})
     modules_to_save: tuple[str, ...] = field(default=(), metadata={"help": "modules trained in full and saved with the adapter (e.g. lm_head); part of Θ"})
+    layers: tuple[int, ...] = field(default=(), metadata={"help": "indices of the transformer layers to adapt (PEFT's layers_to_transform; "
+                                                          "default: all). Adapting only the top layers ends every backward pass, in "
+                                                          "training and in unlearn's curvature products, at the lowest adapted layer"})
     epochs: float = field(default=3.0, metadata={"help": "passes over the data"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate: linear warm-up over 5% of updates, then linear decay to 0"})
     batch_size: int = field(default=8, metadata={"help": "samples per step"})
@@ -40,6 +43,12 @@ class TrainSettings:
     def __post_init__(self):
         self.target_modules = tuple(self.target_modules)
         self.modules_to_save = tuple(self.modules_to_save)
+        try:
+            self.layers = tuple(sorted({int(x) for x in self.layers}))
+        except (TypeError, ValueError):
+            raise InputError(f"--layers {list(self.layers)}: give layer indices as integers, e.g. --layers 15 16 17") from None
+        if any(i < 0 for i in self.layers):
+            raise InputError(f"--layers {list(self.layers)}: layer indices start at 0")
         if self.rank < 1 or self.batch_size < 1 or self.grad_accum < 1 or not self.epochs > 0 or not self.lr > 0:
             raise InputError("--rank, --batch-size, --grad-accum must be >= 1 and --epochs, --lr > 0")
         if self.weight_decay < 0:
@@ -49,6 +58,7 @@ class TrainSettings:
         d = asdict(self)
         d["target_modules"] = list(self.target_modules)
         d["modules_to_save"] = list(self.modules_to_save)
+        d["layers"] = list(self.layers)
         return d
 
 
@@ -58,11 +68,16 @@ def add_lora(base_model, settings: TrainSettings):
     torch.manual_seed(settings.seed)
     cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0,
                      target_modules=list(settings.target_modules), task_type="CAUSAL_LM",
-                     modules_to_save=list(settings.modules_to_save) or None)
+                     modules_to_save=list(settings.modules_to_save) or None,
+                     layers_to_transform=list(settings.layers) or None)
+    n_layers = getattr(getattr(base_model, "config", None), "num_hidden_layers", None)
+    if settings.layers and n_layers is not None and max(settings.layers) >= n_layers:
+        raise InputError(f"--layers {list(settings.layers)}: the base model has layers 0 to {n_layers - 1}")
     try:
         return get_peft_model(base_model, cfg)
     except ValueError as e:
-        raise InputError(f"--target-modules {list(settings.target_modules)}: {str(e).splitlines()[0]}") from None
+        raise InputError(f"--target-modules {list(settings.target_modules)}"
+                         + (f" --layers {list(settings.layers)}" if settings.layers else "") + f": {str(e).splitlines()[0]}") from None
 
 
 def train_lora(model, tokenizer, records: list[Record], settings: TrainSettings, progress: bool = True,
