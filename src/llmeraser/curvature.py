@@ -65,6 +65,14 @@ class Curvature:
             cache.put(batch, p0)
         return p0
 
+    def loss_gradient(self, batch: dict) -> tuple[torch.Tensor, float]:
+        """(Σ_i ∇L_i, Σ_i L_i) over the batch at Θ̂, by one forward and one backward."""
+        with torch.enable_grad():
+            theta = self.theta_hat.clone().requires_grad_(True)
+            losses = self.objective.losses(self.objective.outputs(self.params.unflatten(theta), batch), batch)
+            (g,) = torch.autograd.grad(losses.sum(), theta)
+        return g, float(losses.detach().sum())
+
     def mean_loss(self, theta: torch.Tensor, batch: dict) -> torch.Tensor:
         out = self.objective.outputs(self.params.unflatten(theta), batch)
         return self.objective.losses(out, batch).mean()
@@ -308,16 +316,15 @@ class HessianOperator:
         return self._linear[i]
 
     def loss_gradient(self) -> tuple[torch.Tensor, float]:
-        """(Σ ∇L_i, Σ L_i) over every sample of the fixed batches at Θ̂ (sums, not means; Gauss-Newton only).
+        """(Σ ∇L_i, Σ L_i) over every sample of the fixed batches at Θ̂ (sums, not means).
 
-        Through the linearisations the solve's products then reuse: a Newton step needs its gradient
-        and its curvature at the same point, on the same batches when they cover the edited set."""
-        if not self.curvature.gauss_newton:
-            raise ValueError("loss_gradient needs a Gauss-Newton curvature")
+        Through the linearisations the solve's products then reuse, where they are kept: a Newton step
+        needs its gradient and its curvature at the same point, on the same batches when they cover the
+        edited set. Other batches take a plain gradient (a linearisation built only for it costs more)."""
         grad, loss = torch.zeros_like(self.curvature.theta_hat), 0.0
         for i, batch in enumerate(self.fixed):
-            lin = self._kept_linearisation(i) or self.curvature.linearise(batch, keep=False)
-            g, value = lin.loss_gradient()
+            lin = self._kept_linearisation(i)
+            g, value = lin.loss_gradient() if lin is not None else self.curvature.loss_gradient(batch)
             grad += g
             loss += value
         if not torch.isfinite(grad).all():
