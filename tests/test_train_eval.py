@@ -104,6 +104,23 @@ def test_evaluate_report(trainable_dir, trained, tmp_path):
         assert (tmp_path / "report" / f).is_file()
 
 
+def test_evaluate_retain_samples(tiny_dir, tmp_path, capsys):
+    """--retain-samples evaluates a seeded sample of the retained records, the same for every adapter."""
+    req = write_jsonl(tmp_path / "req.jsonl", [{"op": "remove", "id": "r1"}])
+    args = ["evaluate", "--base", tiny_dir / "base", "--data", tiny_dir / "train.jsonl", "--request", req,
+            "--adapter", f"original={tiny_dir / 'adapter'}", "--adapter", f"again={tiny_dir / 'adapter'}"]
+    cli(*args, "--out", tmp_path / "all")
+    cli(*args, "--out", tmp_path / "some", "--retain-samples", "4")
+    every = json.loads((tmp_path / "all" / "report.json").read_text())["methods"]
+    some = json.loads((tmp_path / "some" / "report.json").read_text())["methods"]
+    assert every["original"]["retain"]["n"] == 11 and some["original"]["retain"]["n"] == 4
+    assert some["original"]["retain"]["nll"] == some["again"]["retain"]["nll"]  # the same sample for both
+    assert some["original"]["retain"]["nll"] != every["original"]["retain"]["nll"]
+    assert main([str(a) for a in args] + ["--out", str(tmp_path / "bad"), "--retain-samples", "-1", "--quiet"]) != 0
+    assert "--retain-samples -1: give a count >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_yes_no_metrics(trainable_dir, tmp_path):
     """Yes./No. splits get accuracy and AUC instead of generation metrics."""
     from llmeraser.data import load_records

@@ -195,6 +195,8 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None
     `cache_dir`: a folder of each adapter's last metrics, keyed by everything they depend on (the adapter's
     weights, data, request, test set, the base by its name, these settings and, for the KL, retrain's weights); an adapter
     whose key matches is not evaluated again (the demo's rerun re-evaluates only adapters whose weights changed)."""
+    if retain_samples < 0:
+        raise InputError(f"--retain-samples {retain_samples}: give a count >= 0 (0 evaluates every retained record)")
     out = check_output_dir(out, overwrite, inputs=tuple(adapters.values()) + (data, request))
     records = load_records(data)
     req = load_request(request, records)
