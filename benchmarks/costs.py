@@ -93,9 +93,10 @@ def _cached_product_s(ggn: Curvature, batch: dict, v, repeats: int, warm_up: boo
 
 def hvp_cost(model, tokenizer, records, batch_size: int = 8, max_length: int = 512, repeats: int = 3, warm_up: bool = True,
              products: bool = True) -> dict:
-    """Median seconds of a plain gradient, a fresh GGN product, a cached-linearisation GGN product and a
-    double-backprop Hessian product on the same batch of `records`, and each as a multiple of the gradient;
-    and the peak memory a gradient (a training step's forward and backward) and a GGN product add."""
+    """Median seconds of a plain gradient, a fresh GGN product (J v by forward mode where it works, as unlearn
+    takes it; and by the double-vjp trick), a cached-linearisation GGN product and a double-backprop Hessian
+    product on the same batch of `records`, and each as a multiple of the gradient; and the peak memory a
+    gradient (a training step's forward and backward) and each fresh GGN product add."""
     params, theta = theta_of(model)
     obj = CausalLMObjective(model, tokenizer.pad_token_id)
     tpl = resolve_template(tokenizer, "auto")
@@ -116,13 +117,17 @@ def hvp_cost(model, tokenizer, records, batch_size: int = 8, max_length: int = 5
     head = {"batch_size": batch["n"], "tokens": int(batch["attention_mask"].sum()), "gradient_peak_mb": grad_mem.peak_mb}
     if not products:  # only what a training step costs in memory
         return head
+    ggn_vjp = Curvature(obj, params, theta, "ggn", "rev_rev")
     with PeakMemory(device) as ggn_mem:
         ggn(v, batch)
-    out = {**head, "ggn_peak_mb": ggn_mem.peak_mb,
+    with PeakMemory(device) as vjp_mem:
+        ggn_vjp(v, batch)
+    out = {**head, "ggn_peak_mb": ggn_mem.peak_mb, "ggn_mode": ggn.mode, "ggn_double_vjp_peak_mb": vjp_mem.peak_mb,
            "gradient_s": _timed(gradient, repeats, warm_up),
            "ggn_s": _timed(lambda: ggn(v, batch), repeats, warm_up),
+           "ggn_double_vjp_s": _timed(lambda: ggn_vjp(v, batch), repeats, warm_up),
            "ggn_cached_s": _cached_product_s(ggn, batch, v, repeats, warm_up),
            "hessian_rev_rev_s": _timed(lambda: hess(v, batch), repeats, warm_up)}
-    for k in ("ggn", "ggn_cached", "hessian_rev_rev"):
+    for k in ("ggn", "ggn_double_vjp", "ggn_cached", "hessian_rev_rev"):
         out[f"{k}_over_gradient"] = out[f"{k}_s"] / out["gradient_s"]
     return out

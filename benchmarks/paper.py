@@ -142,6 +142,15 @@ def build_rc_gen(train_rows, seed):
     return corrupted, train_rows, req
 
 
+def relative_distance(a: Path, b: Path) -> float:
+    """‖Θ_a − Θ_b‖ / ‖Θ_b‖ over two saved adapters' weights."""
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(str(x / "adapter_model.safetensors")) for x in (a, b))
+    diff = sum(float((wa[k].double() - wb[k].double()).pow(2).sum()) for k in wb)
+    return (diff / sum(float(w.double().pow(2).sum()) for w in wb.values())) ** 0.5
+
+
 def llmeraser_settings(sizes: Sizes, solver: str) -> UnlearnSettings:
     iters = sizes.cg_iters if solver == "cg" else sizes.stochastic_iters
     return UnlearnSettings(solver=solver, curvature_samples=sizes.curvature_samples, max_length=sizes.max_length, device="cpu",
@@ -201,6 +210,14 @@ class Runner:
                               overwrite=True, progress=self.progress, model_and_tokenizer=self.mt)
             runs[solver] = {**res.meta, "stage_peak_mb": mem.peak_mb}
             adapters[f"llmeraser-{solver}"] = res.out
+        if name == "IR":  # the memory-lean setting: the same maths, so only its cost and its distance to cg are recorded
+            self.say(f"{name}: llmeraser (cg, --cache-batches 0)")
+            lean = replace(llmeraser_settings(s, "cg"), cache_batches=0)
+            with PeakMemory() as mem:
+                res = unlearn("smollm2", original, data, request, d / "llmeraser-cg-lean", lean,
+                              overwrite=True, progress=self.progress, model_and_tokenizer=self.mt)
+            runs["cg, --cache-batches 0"] = {**res.meta, "stage_peak_mb": mem.peak_mb,
+                                             "relative_distance_to_cg": relative_distance(res.out, adapters["llmeraser-cg"])}
         self.say(f"{name}: {cheap}")
         adapters[cheap] = baseline(cheap, "smollm2", original, data, request, d / cheap, overwrite=True,
                                    steps=s.baseline_steps, progress=self.progress, model_and_tokenizer=self.mt)
@@ -235,7 +252,8 @@ class Runner:
                 "final_relative_residual": meta["solver"]["final_residual"], "converged": meta["solver"]["converged"],
                 "hvps": meta["solver"].get("hvps"), "line_search_scale": (meta["newton_steps"][0].get("line_search") or {}).get("scale"),
                 "solver_settings": meta["settings"]["solver_settings"],
-                "peak_mb": meta["stage_peak_mb"], "peak_over_training": meta["stage_peak_mb"] / train_peak if train_peak > 0 else None}
+                "peak_mb": meta["stage_peak_mb"], "peak_over_training": meta["stage_peak_mb"] / train_peak if train_peak > 0 else None,
+                **({"relative_distance_to_cg": meta["relative_distance_to_cg"]} if "relative_distance_to_cg" in meta else {})}
 
     def probe_for(self, name: str, original: Path, rows) -> dict:
         """The HVP cost probe; RC reuses IR's (the same tallrec-book samples at the same sizes: ~5 min saved)."""

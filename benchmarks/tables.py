@@ -46,10 +46,15 @@ def cost(r: dict) -> list[str]:
         lines.append(f"| {solver} | {s['b']:.1f} | {s['solve']:.1f} | {s.get('save', 0):.1f} | {c['seconds_total']:.1f} | {r['retrain_seconds']:.0f} "
                      f"| {c['speedup_vs_retrain']:.1f}× | {c['solver_iterations']} | {c['final_relative_residual']:.3f} | {_f(c['line_search_scale'])} "
                      f"| {c['peak_mb']:.0f} | {r['training_peak_mb']:.0f} |")
-    lines.append(f"\nOne batch of {h['batch_size']} ({h['tokens']} tokens): gradient {h['gradient_s']:.2f} s; GGN product {h['ggn_s']:.2f} s "
-                 f"({h['ggn_over_gradient']:.2f}×); with the kept linearisation {h['ggn_cached_s']:.2f} s ({h['ggn_cached_over_gradient']:.2f}×); "
+    vjp = ""
+    if "ggn_double_vjp_s" in h:  # results before the forward-mode GGN product have only the double-vjp one
+        vjp = (f"; by the double-vjp trick {h['ggn_double_vjp_s']:.2f} s ({h['ggn_double_vjp_over_gradient']:.2f}×, "
+               f"peak {h['ggn_double_vjp_peak_mb']:.0f} MB)")
+    lines.append(f"\nOne batch of {h['batch_size']} ({h['tokens']} tokens): gradient {h['gradient_s']:.2f} s; fresh GGN product "
+                 f"({h.get('ggn_mode', 'rev_rev')}) {h['ggn_s']:.2f} s ({h['ggn_over_gradient']:.2f}×){vjp}; with the kept linearisation "
+                 f"{h['ggn_cached_s']:.2f} s ({h['ggn_cached_over_gradient']:.2f}×); "
                  f"Hessian by double backprop {h['hessian_rev_rev_s']:.2f} s ({h['hessian_rev_rev_over_gradient']:.2f}×). "
-                 f"Peak memory added: gradient {h['gradient_peak_mb']:.0f} MB, GGN product {h['ggn_peak_mb']:.0f} MB.")
+                 f"Peak memory added: gradient {h['gradient_peak_mb']:.0f} MB, fresh GGN product {h['ggn_peak_mb']:.0f} MB.")
     return lines
 
 

@@ -125,5 +125,6 @@ def test_quick_run_writes_every_field(tmp_path):
             assert COST_FIELDS <= set(c) and {"b", "solve", "save"} <= set(c["seconds"])
             assert c["seconds_total"] > 0 and c["final_relative_residual"] >= 0
         assert r["retrain_seconds"] > 0 and r["training_peak_mb"] is not None and "ggn_peak_mb" in r["hvp_cost"]
-        assert {"gradient_s", "ggn_s", "ggn_cached_s", "ggn_over_gradient"} <= set(r["hvp_cost"])
+        assert {"gradient_s", "ggn_s", "ggn_cached_s", "ggn_over_gradient", "ggn_mode", "ggn_double_vjp_s",
+                "ggn_double_vjp_peak_mb"} <= set(r["hvp_cost"])
     assert "### IR" in (results / "paper.md").read_text()

@@ -36,15 +36,19 @@ def test_hvp_matches_explicit_hessian(tiny64, mode):
     assert torch.linalg.eigvalsh(H)[0] < 0
 
 
-def test_ggn_matches_explicit_jt_hz_j(tiny64):
+@pytest.mark.parametrize("mode", ["fwd_rev", "rev_rev", "auto"])
+def test_ggn_matches_explicit_jt_hz_j(tiny64, mode):
+    """J v by forward mode (fwd_rev, which auto picks where it works) or by the double-vjp trick (rev_rev)."""
     obj, params, theta, batch = setup(tiny64)
     z = obj.outputs(params.unflatten(theta), batch)
     J = jacrev(lambda t: obj.outputs(params.unflatten(t), batch))(theta).reshape(z.numel(), -1)
     Hz = hessian(lambda zz: obj.losses(zz, batch).mean())(z.detach()).reshape(z.numel(), z.numel())
     G = J.T @ Hz @ J
     v = torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    gv = Curvature(obj, params, theta, "ggn")(v, batch)
+    curv = Curvature(obj, params, theta, "ggn", mode)
+    gv = curv(v, batch)
     assert close(gv, G @ v)
+    assert curv.mode == ("rev_rev" if mode == "rev_rev" else "fwd_rev")
     assert torch.linalg.eigvalsh((G + G.T) / 2)[0] > -1e-10  # PSD by construction
     # and it is not the Hessian
     hv = Curvature(obj, params, theta, "hessian")(v, batch)
@@ -113,6 +117,7 @@ def test_ggn_base_is_the_gauss_newton_at_the_base_models_softmax(tiny64):
     expected = sum(wt * J[r].T @ ((torch.diag(p0[r]) - torch.outer(p0[r], p0[r])) @ jv[r]) for r, wt in enumerate(w)) / 3
     curv = Curvature(obj, params, theta, "ggn-base")
     assert torch.allclose(curv(v, batch), expected, rtol=1e-6)
+    assert torch.allclose(Curvature(obj, params, theta, "ggn-base", "rev_rev")(v, batch), expected, rtol=1e-6)
     assert torch.allclose(curv.linearise(batch)(v), expected, rtol=1e-6)  # the kept linearisation agrees
     # the trained adapter predicts differently from the base, so the two curvatures differ there ...
     assert not torch.allclose(Curvature(obj, params, theta, "ggn")(v, batch), expected, rtol=1e-2)
@@ -184,10 +189,10 @@ def test_base_probs_are_computed_once_for_every_newton_steps_operator(tiny64):
         moved = theta + 0.1 * torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(7))
         calls.clear()
         again = Curvature(obj, params, moved, "ggn-base", base_cache=cache)(v, batch)
-        assert len(calls) == 1  # the product's own forward only; p⁰ came from the cache
+        assert len(calls) == 2  # the product's own passes only (forward mode, then a forward for Jᵀ); p⁰ came from the cache
         calls.clear()
         assert close(again, Curvature(obj, params, moved, "ggn-base")(v, batch))
-        assert len(calls) == 2  # without the cache: p⁰'s forward and the product's
+        assert len(calls) == 3  # without the cache: p⁰'s forward and the product's two
     finally:
         obj.outputs = outputs
     assert not BaseProbsCache.usable(AdapterParams(params.names + ("base_model.lm_head.modules_to_save.weight",),
