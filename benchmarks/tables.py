@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 ORDER = ("IR", "QM", "RC", "RC-gen")
+MIN_GAP = 0.02  # AUC or ROUGE (a fraction): smaller corrupted → retrain gaps are not judged
 
 
 def _f(x, digits=3):
@@ -129,8 +130,12 @@ def targets(folder: Path) -> list[str]:
             else:
                 key = "rougeL" if gen else "auc"
                 for split in ("test", "forget_new"):  # forget_new: the corrected samples (not an issue target; the clearer signal)
-                    if abs(m["retrain"][split][key] - m["original"][split][key]) > 1e-12:
-                        row(f"share of the corrupted → retrain {split} {key} gap recovered{'' if split == 'test' else ' (the ½ bar applied to the corrected samples)'}",
+                    gap = abs(m["retrain"][split][key] - m["original"][split][key])
+                    what = f"share of the corrupted → retrain {split} {key} gap recovered"
+                    if gap < MIN_GAP:  # a share of a gap this small is noise (one pair of 96 test samples moves AUC ~0.01)
+                        rows.append(f"| {what} | {where} | gap {gap:.3f} < {MIN_GAP}: nothing to recover | – |")
+                    else:
+                        row(f"{what}{'' if split == 'test' else ' (the ½ bar applied to the corrected samples)'}",
                             where, recovered(m, method, split, key), 0.5, "{:.0%}", low_is_good=False)
         for solver, c in r["llmeraser"].items():
             row("unlearn peak memory ≤ 1.5× a training step", f"{name}, {solver}", c["peak_over_training"], 1.5, "{:.2f}×")
