@@ -120,7 +120,9 @@ def test_quick_run_writes_every_field(tmp_path):
             assert metric in m["test"]
             if name == "IR":
                 assert "auc" in m["forget"]
-        assert set(r["llmeraser"]) == {"cg", "stochastic"}
+        assert set(r["llmeraser"]) == {"cg", "stochastic"} | ({"cg, --cache-batches 0"} if name == "IR" else set())
+        if name == "IR":  # recomputing every product is the same maths as keeping linearisations: the same adapter
+            assert r["llmeraser"]["cg, --cache-batches 0"]["relative_distance_to_cg"] < 1e-4
         for c in r["llmeraser"].values():
             assert COST_FIELDS <= set(c) and {"b", "solve", "save"} <= set(c["seconds"])
             assert c["seconds_total"] > 0 and c["final_relative_residual"] >= 0
