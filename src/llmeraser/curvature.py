@@ -113,7 +113,7 @@ class Curvature:
 
     def _ggn_fwd(self, v, batch):
         """G_B v with J v from one forward-mode pass (no graph kept) and Jᵀ(∇²_z ℓ J v) from a forward and a
-        backward: the memory of one gradient. The double-vjp trick (`_ggn`) holds the graph of u -> Jᵀu
+        backward: about a gradient's memory. The double-vjp trick (`_ggn`) holds the graph of u -> Jᵀu
         with create_graph: 3.6× a gradient's memory against 1.6× for this, on a batch of 8 TALLRec prompts, where this
         took 2.5× a gradient's time against 1.8× on the CPU (BENCHMARKS.md, eleventh session)."""
         def outputs(t):

@@ -60,7 +60,7 @@ class UnlearnSettings:
                                                      "each holds one batch's activations, and another is kept only while free memory stays above "
                                                      "three times what the first took (0: recompute every product)"})
     hvp_mode: str = field(default="auto", metadata={"help": "how a fresh curvature product is taken: fwd_rev (forward mode where it helps: the Hessian by forward-over-reverse, "
-                                             "the GGN's J v by a forward-mode pass, holding a gradient's memory), rev_rev (backward passes only: double "
+                                             "the GGN's J v by a forward-mode pass, about a gradient's memory), rev_rev (backward passes only: double "
                                              "backprop, the GGN's J v by the double-vjp trick) or auto (the first that works)", "choices": HVP_MODES})
     max_length: int = field(default=512, metadata={"help": "tokens per sample; longer prompts are cut on the left"})
     template: str = field(default="auto", metadata={"help": "prompt rendering: the tokenizer's chat template, a plain '### User:' template, or auto (chat when the tokenizer has one)", "choices": TEMPLATES})
