@@ -142,13 +142,13 @@ def build_rc_gen(train_rows, seed):
     return corrupted, train_rows, req
 
 
-def relative_distance(a: Path, b: Path) -> float:
+def adapter_distance(a: Path, b: Path) -> float:
     """‖Θ_a − Θ_b‖ / ‖Θ_b‖ over two saved adapters' weights."""
-    from safetensors.torch import load_file
+    from llmeraser.evaluate import _flat
+    from llmeraser.metrics import relative_distance
+    from llmeraser.modeling import adapter_weights_path, read_adapter_file
 
-    wa, wb = (load_file(str(x / "adapter_model.safetensors")) for x in (a, b))
-    diff = sum(float((wa[k].double() - wb[k].double()).pow(2).sum()) for k in wb)
-    return (diff / sum(float(w.double().pow(2).sum()) for w in wb.values())) ** 0.5
+    return relative_distance(*(_flat(read_adapter_file(adapter_weights_path(x))) for x in (a, b)))
 
 
 def llmeraser_settings(sizes: Sizes, solver: str) -> UnlearnSettings:
@@ -217,7 +217,7 @@ class Runner:
                 res = unlearn("smollm2", original, data, request, d / "llmeraser-cg-lean", lean,
                               overwrite=True, progress=self.progress, model_and_tokenizer=self.mt)
             runs["cg, --cache-batches 0"] = {**res.meta, "stage_peak_mb": mem.peak_mb,
-                                             "relative_distance_to_cg": relative_distance(res.out, adapters["llmeraser-cg"])}
+                                             "relative_distance_to_cg": adapter_distance(res.out, adapters["llmeraser-cg"])}
         self.say(f"{name}: {cheap}")
         adapters[cheap] = baseline(cheap, "smollm2", original, data, request, d / cheap, overwrite=True,
                                    steps=s.baseline_steps, progress=self.progress, model_and_tokenizer=self.mt)

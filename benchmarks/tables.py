@@ -33,7 +33,7 @@ def fidelity(r: dict) -> list[str]:
         for key in [("test", "rougeL" if gen else "auc"), ("forget_new", "rougeL" if gen else "auc")]:
             orig, ret = m["original"][key[0]][key[1]], m["retrain"][key[0]][key[1]]
             for name in m:
-                if name.startswith("llmeraser") and ret != orig:
+                if name.startswith("llmeraser") and abs(ret - orig) >= MIN_GAP:
                     lines.append(f"\n{name} recovers {recovered(m, name, *key):.0%} of the {key[0]} {key[1]} gap between the "
                                  f"corrupted original and retrain ({orig:.3f} → {ret:.3f}).")
     return lines

@@ -128,15 +128,20 @@ class Curvature:
             (gv,) = torch.autograd.grad(outputs(theta), theta, grad_outputs=hjv)
         return gv
 
-    def _loss_head(self, z: torch.Tensor, batch: dict):
-        """u -> (∇²_z ℓ_B) u at outputs z, ℓ_B the mean batch loss (at the base model's prediction for ggn-base)."""
+    def _loss_head(self, z: torch.Tensor, batch: dict, keep: bool = False):
+        """u -> (∇²_z ℓ_B) u at outputs z, ℓ_B the mean batch loss (at the base model's prediction for ggn-base),
+        differentiating only the loss head (cheap: no network pass); `keep` lets it be called more than once."""
         if self.kind == "ggn-base":
             p0, n = self.base_probs(batch), self.objective.batch_size(batch)
-            return lambda u: fisher_product(p0, batch, u) / n
+            return lambda u: fisher_product(p0, batch, u) / n  # mean over the batch, as the loss
         with torch.enable_grad():
             zd = z.detach().requires_grad_(True)
             (gz,) = torch.autograd.grad(self.objective.losses(zd, batch).mean(), zd, create_graph=True)
-        return lambda u: torch.autograd.grad(gz, zd, grad_outputs=u)[0]
+
+        def product(u):
+            with torch.enable_grad():
+                return torch.autograd.grad(gz, zd, grad_outputs=u, retain_graph=keep)[0]
+        return product
 
     def linearise(self, batch: dict, keep: bool = True, head="loss"):
         """v -> G_B v (the GGN) for one batch, with the network's forward pass and the graph of Jᵀ built once.
@@ -150,26 +155,21 @@ class Curvature:
         instead of a forward and three backwards (the saving CG gets on its fixed batches), at the
         price of holding this batch's activations in memory.
         """
-        if head == "loss" and self.kind == "ggn-base":
-            p0, n = self.base_probs(batch), self.objective.batch_size(batch)
-            head = lambda zd, batch, v: fisher_product(p0, batch, v) / n  # noqa: E731  (mean over the batch, as the loss)
         with torch.enable_grad():
             theta = self.theta_hat.clone().requires_grad_(True)
             z = self.objective.outputs(self.params.unflatten(theta), batch)
             u = torch.zeros_like(z, requires_grad=True)
             (jt_u,) = torch.autograd.grad(z, theta, grad_outputs=u, create_graph=True)
-            # (∇²_z ℓ_B) J v, differentiating only the loss head (cheap: no network pass)
-            zd = z.detach().requires_grad_(True)
-            (gz,) = torch.autograd.grad(self.objective.losses(zd, batch).mean(), zd, create_graph=True)
+        if callable(head):
+            zd = z.detach()
+            out_curvature = lambda w: head(zd, batch, w)  # noqa: E731
+        else:
+            out_curvature = self._loss_head(z, batch, keep)
 
         def product(v: torch.Tensor) -> torch.Tensor:
             with torch.enable_grad():
                 (jv,) = torch.autograd.grad(jt_u, u, grad_outputs=v.to(self.theta_hat.dtype), retain_graph=keep)
-                if callable(head):
-                    hjv = head(zd, batch, jv)
-                else:
-                    (hjv,) = torch.autograd.grad(gz, zd, grad_outputs=jv, retain_graph=keep)
-                (gv,) = torch.autograd.grad(z, theta, grad_outputs=hjv, retain_graph=keep)
+                (gv,) = torch.autograd.grad(z, theta, grad_outputs=out_curvature(jv), retain_graph=keep)
             return gv
 
         def loss_gradient() -> tuple[torch.Tensor, float]:
