@@ -151,11 +151,16 @@ def adapter_distance(a: Path, b: Path) -> float:
     return relative_distance(*(_flat(read_adapter_file(adapter_weights_path(x))) for x in (a, b)))
 
 
+def is_quick(sizes: Sizes) -> bool:
+    """The smoke sizes, whatever scaling_n was given (--scaling-n replaces it)."""
+    return replace(sizes, scaling_n=QUICK.scaling_n) == QUICK
+
+
 def llmeraser_settings(sizes: Sizes, solver: str) -> UnlearnSettings:
     iters = sizes.cg_iters if solver == "cg" else sizes.stochastic_iters
     return UnlearnSettings(solver=solver, curvature_samples=sizes.curvature_samples, max_length=sizes.max_length, device="cpu",
                            solver_settings=SolverSettings(tol=0.05, max_iters=iters, check_every=max(2, iters // 4),
-                                                          power_iters=2 if sizes is QUICK else 4))
+                                                          power_iters=2 if is_quick(sizes) else 4))
 
 
 class Runner:
@@ -274,7 +279,7 @@ class Runner:
             records = load_records(write_jsonl(self.work / "probe.jsonl", rows[:8]))
             # one timed call after a warm-up: at full size each product takes 10-40 s on the CPU machine
             return hvp_cost(model, self.mt[1], records, max_length=self.sizes.max_length, repeats=1,
-                            warm_up=self.sizes is not QUICK, products=products)
+                            warm_up=not is_quick(self.sizes), products=products)
         finally:
             model.unload()
 
@@ -317,10 +322,23 @@ class Runner:
                 and self.same_sizes(r["sizes"]))
         return r if same else None
 
+    def recorded_points(self) -> list[dict]:
+        """The points of results/scaling.json when it was run with this recipe at these sizes: a run for some
+        n (--scaling-n) adds to them, so the largest points, hours each on a CPU, can be measured in separate runs.
+        Each point's retrain and llmeraser seconds come from one run on one machine, and carry its date."""
+        p = self.results / "scaling.json"
+        if not p.is_file():
+            return []
+        r = json.loads(p.read_text())
+        if r.get("recipe") != self.recipe.to_dict() or not self.same_sizes(r["sizes"]):
+            return []
+        return [{"date": r["date"], **pt} for pt in r["points"]]
+
     def scaling(self) -> dict:
         """IR 5% at each n: seconds of llmeraser (cg) against retraining, same recipe and machine."""
         book = load_tallrec(self.root, "tallrec-book")
         points = []
+        kept = self.recorded_points()
         for n in self.sizes.scaling_n:
             d = self.work / "scaling" / f"n{n}"
             tr, _ = split(book, n, 0)
@@ -330,7 +348,7 @@ class Runner:
             if same:  # n = n_train is the IR scenario's own data and request: its run is this point
                 self.say(f"scaling: n = {n}: the IR scenario's run")
                 points.append({"n": n, "edits": len(req_rows), "retrain_seconds": same["retrain_seconds"],
-                               **same["llmeraser"]["cg"], "measured_in": "IR"})
+                               **same["llmeraser"]["cg"], "measured_in": "IR", "date": same["date"]})
                 continue
             self.say(f"scaling: n = {n}: original")
             original = self.train(data, d / "original")
@@ -343,8 +361,12 @@ class Runner:
             retrain = self.retrain(original, data, request, d / "retrain")
             retrain_s = json.loads((retrain / "train.json").read_text())["seconds"]
             points.append({"n": n, "edits": len(req_rows), "retrain_seconds": retrain_s,
-                           **self.cost_row({**res.meta, "stage_peak_mb": mem.peak_mb}, retrain_s, train_peak)})
-        result = {"scenario": "scaling", "sizes": asdict(self.sizes), "recipe": self.recipe.to_dict(), "seed": SEED,
+                           **self.cost_row({**res.meta, "stage_peak_mb": mem.peak_mb}, retrain_s, train_peak),
+                           "date": time.strftime("%Y-%m-%d")})
+        run = {p["n"] for p in points}
+        points = sorted(points + [p for p in kept if p["n"] not in run], key=lambda p: p["n"])
+        sizes = {**asdict(self.sizes), "scaling_n": [p["n"] for p in points]}
+        result = {"scenario": "scaling", "sizes": sizes, "recipe": self.recipe.to_dict(), "seed": SEED,
                   "points": points, "date": time.strftime("%Y-%m-%d")}
         write_json(self.results / "scaling.json", result)
         return result

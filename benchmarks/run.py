@@ -14,10 +14,18 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data"
+
+
+def size(text: str) -> int:
+    n = int(text)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"{n}: a training set needs at least 2 samples (one to remove, one to keep)")
+    return n
 
 
 def parse(argv=None):
@@ -28,6 +36,9 @@ def parse(argv=None):
     ap.add_argument("--suite", choices=("paper",), default="paper", help="which benchmark suite (only 'paper' so far)")
     ap.add_argument("--quick", action="store_true", help="every scenario at a tiny size (a smoke run, minutes; numbers mean nothing)")
     ap.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS), help="which scenarios to run (default: all)")
+    ap.add_argument("--scaling-n", nargs="+", type=size, default=None, metavar="N",
+                    help="training-set sizes for the scaling scenario (default: the suite's; the points of an earlier run "
+                         "with the same recipe and sizes are kept, so large n can be measured one at a time)")
     ap.add_argument("--data-root", type=Path, default=DEFAULT_DATA, help=f"folder with tallrec-book/, tallrec-movie/, dialogsum/ (default: {DEFAULT_DATA})")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder for adapters and splits (default: benchmarks/work/paper or work/quick)")
     ap.add_argument("--results", type=Path, default=None, help="where result files go (default: benchmarks/results, or work/quick/results with --quick)")
@@ -54,6 +65,8 @@ def main(argv=None) -> int:
     from .tables import render
 
     sizes = QUICK if args.quick else FULL
+    if args.scaling_n:
+        sizes = replace(sizes, scaling_n=tuple(args.scaling_n))
     work = args.work or HERE / "work" / ("quick" if args.quick else "paper")
     results = args.results or (work / "results" if args.quick else HERE / "results")
     results.mkdir(parents=True, exist_ok=True)
