@@ -227,26 +227,32 @@ class Runner:
         adapters[cheap] = baseline(cheap, "smollm2", original, data, request, d / cheap, overwrite=True,
                                    steps=s.baseline_steps, progress=self.progress, model_and_tokenizer=self.mt)
         self.say(f"{name}: evaluate")
-        max_new = s.max_new_tokens if name == "RC-gen" else 4
-        report = evaluate("smollm2", adapters, data, request, d / "report", test=test, overwrite=True, progress=self.progress,
-                          model_and_tokenizer=self.mt, max_new_tokens=max_new, max_length=s.max_length,
-                          retain_samples=s.retain_eval, keep_samples=3)
+        metrics = self.metrics(adapters, data, request, test, d / "report", s.max_new_tokens if name == "RC-gen" else 4)
         retrain_s = json.loads((adapters["retrain"] / "train.json").read_text())["seconds"]
         result = {
             "scenario": name, "sizes": asdict(s), "recipe": self.recipe.to_dict(), "seed": SEED,
             "n": len(trained_rows), "edits": len(req_rows), "test": len(test_rows),
-            "metrics": {m: {k: v for k, v in r.items() if k in ("forget", "forget_new", "retain", "test", "vs_retrain")}
-                        for m, r in report["methods"].items()},
+            "metrics": metrics,
             "llmeraser": {solver: self.cost_row(meta, retrain_s, train_peak) for solver, meta in runs.items()},
             "retrain_seconds": retrain_s, "training_peak_mb": train_peak, "hvp_cost": probe,
             "date": time.strftime("%Y-%m-%d"),
         }
-        for m in result["metrics"].values():  # generated samples make the file long and say little here
+        write_json(self.results / f"{name}.json", result)
+        return result
+
+    def metrics(self, adapters: dict, data: Path, request: Path, test: Path, out: Path, max_new: int) -> dict:
+        """Each adapter's metrics on the forget, corrected, retained (a sample) and test sets."""
+        s = self.sizes
+        report = evaluate("smollm2", adapters, data, request, out, test=test, overwrite=True, progress=self.progress,
+                          model_and_tokenizer=self.mt, max_new_tokens=max_new, max_length=s.max_length,
+                          retain_samples=s.retain_eval, keep_samples=3)
+        metrics = {m: {k: v for k, v in r.items() if k in ("forget", "forget_new", "retain", "test", "vs_retrain")}
+                   for m, r in report["methods"].items()}
+        for m in metrics.values():  # generated samples make the file long and say little here
             for split in m.values():
                 if isinstance(split, dict):
                     split.pop("samples", None)
-        write_json(self.results / f"{name}.json", result)
-        return result
+        return metrics
 
     @staticmethod
     def cost_row(meta: dict, retrain_s: float, train_peak: float) -> dict:
@@ -341,7 +347,8 @@ class Runner:
         kept = self.recorded_points()
         for n in self.sizes.scaling_n:
             d = self.work / "scaling" / f"n{n}"
-            tr, _ = split(book, n, 0)
+            # the train rows are the same for any test size (split takes them first); larger n gets a larger test set
+            tr, te = split(book, n, min(len(book) - n, max(self.sizes.n_test, n // 8)))
             rows, _, req_rows = build_ir(tr, SEED)
             data, request = write_jsonl(d / "train.jsonl", rows), write_jsonl(d / "request.jsonl", req_rows)
             same = self.ir_run(data, request)
@@ -360,9 +367,12 @@ class Runner:
             self.say(f"scaling: n = {n}: retrain")
             retrain = self.retrain(original, data, request, d / "retrain")
             retrain_s = json.loads((retrain / "train.json").read_text())["seconds"]
+            self.say(f"scaling: n = {n}: evaluate ({len(te)} test samples)")
+            metrics = self.metrics({"original": original, "retrain": retrain, "llmeraser-cg": res.out}, data, request,
+                                   write_jsonl(d / "test.jsonl", te), d / "report", max_new=4)
             points.append({"n": n, "edits": len(req_rows), "retrain_seconds": retrain_s,
                            **self.cost_row({**res.meta, "stage_peak_mb": mem.peak_mb}, retrain_s, train_peak),
-                           "date": time.strftime("%Y-%m-%d")})
+                           "test": len(te), "metrics": metrics, "date": time.strftime("%Y-%m-%d")})
         run = {p["n"] for p in points}
         points = sorted(points + [p for p in kept if p["n"] not in run], key=lambda p: p["n"])
         sizes = {**asdict(self.sizes), "scaling_n": [p["n"] for p in points]}

@@ -52,6 +52,15 @@ def missing_data(root: Path, scenarios) -> list[str]:
     return sorted({need[s] for s in scenarios if not (root / need[s]).is_file()})
 
 
+def record_run(path: Path, run: dict) -> None:
+    """Append this run to run.json's list: a later run of some scenarios must not erase what the others cost."""
+    runs = []
+    if path.is_file():
+        old = json.loads(path.read_text())
+        runs = old["runs"] if "runs" in old else [old]  # the first format held one run
+    path.write_text(json.dumps({"runs": runs + [run]}, indent=1))
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     missing = missing_data(args.data_root, args.scenarios)
@@ -80,8 +89,8 @@ def main(argv=None) -> int:
         timings[name] = time.perf_counter() - t
         runner.say(f"{name} done in {timings[name]:.0f}s")
     (results / "paper.md").write_text(render(results))
-    (results / "run.json").write_text(json.dumps({"quick": args.quick, "scenarios": args.scenarios, "seconds": timings,
-                                                  "seconds_total": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d")}, indent=1))
+    record_run(results / "run.json", {"quick": args.quick, "scenarios": args.scenarios, "scaling_n": list(sizes.scaling_n),
+                                      "seconds": timings, "seconds_total": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d")})
     print(render(results))
     print(f"results in {results}; total {time.perf_counter() - t0:.0f}s")
     return 0

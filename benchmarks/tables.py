@@ -67,9 +67,12 @@ def cost(r: dict) -> list[str]:
 
 
 def scaling(r: dict, folder: Path) -> list[str]:
-    lines = ["| n | edits | llmeraser (cg) s | retrain s | retrain / llmeraser |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| n | edits | llmeraser (cg) s | b s | solve s | retrain s | retrain / llmeraser | peak MB (unlearn) | measured |",
+             "| --- " * 9 + "|"]
     for p in r["points"]:
-        lines.append(f"| {p['n']} | {p['edits']} | {p['seconds_total']:.1f} | {p['retrain_seconds']:.0f} | {p['speedup_vs_retrain']:.1f}× |")
+        s = p["seconds"]
+        lines.append(f"| {p['n']} | {p['edits']} | {p['seconds_total']:.1f} | {s['b']:.1f} | {s['solve']:.1f} | {p['retrain_seconds']:.0f} "
+                     f"| {p['speedup_vs_retrain']:.1f}× | {p['peak_mb']:.0f} | {p.get('date', r['date'])} |")
     try:
         import matplotlib
 
@@ -109,6 +112,9 @@ def targets(folder: Path) -> list[str]:
     def row(target, where, value, limit, fmt="{:.3f}", low_is_good=True):
         if value is None:
             return
+        if value != value:  # NaN: an AUC on a set with one class only (a tiny forget set)
+            rows.append(f"| {target} | {where} | undefined (one class in the set) | – |")
+            return
         met = value <= limit if low_is_good else value >= limit
         rows.append(f"| {target} | {where} | {fmt.format(value)} | {'met' if met else '**missed**'} |")
 
@@ -147,6 +153,10 @@ def targets(folder: Path) -> list[str]:
     p = folder / "scaling.json"
     if p.is_file():
         pts = json.loads(p.read_text())["points"]
+        for pt in (x for x in pts if "metrics" in x):  # IR at a larger n: the fidelity targets there too
+            m = pt["metrics"]
+            row("test AUC within 0.01 of retrain", f"IR at n = {pt['n']}, llmeraser-cg", _gap(m, "llmeraser-cg", "test", "auc"), 0.01)
+            row("forget-set AUC within 0.05 of retrain", f"IR at n = {pt['n']}, llmeraser-cg", _gap(m, "llmeraser-cg", "forget", "auc"), 0.05)
         last = max(pts, key=lambda x: x["n"])
         row("≥ 20× cheaper than retrain at n = 2048", f"scaling, largest n measured = {last['n']}", last["speedup_vs_retrain"], 20,
             "{:.1f}×", low_is_good=False)
@@ -169,4 +179,7 @@ def render(folder: Path) -> str:
     if p.is_file():
         r = json.loads(p.read_text())
         out += [f"### scaling ({r['date']})", ""] + scaling(r, folder) + [""]
+        for pt in (x for x in r["points"] if "metrics" in x):
+            out += [f"### IR at n = {pt['n']} (the scaling point: {pt['edits']} edits, test {pt['test']}; {pt['date']})", ""]
+            out += fidelity({"scenario": "IR", "metrics": pt["metrics"]}) + [""]
     return "\n".join(out)

@@ -55,6 +55,25 @@ def test_runs_reused_only_for_the_same_data_request_and_sizes(tmp_path):
     assert other_sizes.ir_run(*same) is None
 
 
+def test_scaling_keeps_earlier_points_only_for_the_same_recipe_and_sizes(tmp_path):
+    """--scaling-n 2048 adds a point to an earlier run's; a run with another recipe or sizes is not mixed in."""
+    from dataclasses import asdict, replace
+
+    results = tmp_path / "results"
+    results.mkdir()
+    runner = Runner(tmp_path, tmp_path / "work", results, QUICK, mt=None, progress=False)
+    assert runner.recorded_points() == []
+    earlier = {"sizes": {**asdict(QUICK), "scaling_n": [8, 16]}, "recipe": runner.recipe.to_dict(), "date": "2026-01-02",
+               "points": [{"n": 8, "seconds_total": 1.0}, {"n": 16, "seconds_total": 2.0, "date": "2026-01-01"}]}
+    (results / "scaling.json").write_text(json.dumps(earlier))
+    assert runner.recorded_points() == [{"n": 8, "seconds_total": 1.0, "date": "2026-01-02"},
+                                        {"n": 16, "seconds_total": 2.0, "date": "2026-01-01"}]
+    assert Runner(tmp_path, tmp_path / "work", results, replace(QUICK, scaling_n=(64,)), mt=None, progress=False).recorded_points()
+    assert Runner(tmp_path, tmp_path / "work", results, replace(QUICK, epochs=3), mt=None, progress=False).recorded_points() == []
+    (results / "scaling.json").write_text(json.dumps({**earlier, "recipe": {**earlier["recipe"], "lr": 1.0}}))
+    assert runner.recorded_points() == []
+
+
 def test_pick_fraction():
     assert len(pick(256, 0.05, 0)) == 13 and len(pick(10, 0.01, 0)) == 1
     assert pick(100, 0.3, 0) == pick(100, 0.3, 0)
@@ -111,8 +130,11 @@ def test_quick_run_writes_every_field(tmp_path):
         if name == "scaling":
             assert len(r["points"]) >= 2
             for p in r["points"]:
-                assert COST_FIELDS | {"n", "retrain_seconds"} <= set(p)
+                assert COST_FIELDS | {"n", "retrain_seconds", "date"} <= set(p)
                 assert {"b", "solve", "save"} <= set(p["seconds"])
+                if "measured_in" not in p:  # a point of its own is evaluated too: IR's fidelity at that n
+                    assert set(p["metrics"]) == {"original", "retrain", "llmeraser-cg"} and p["test"] > 0
+                    assert all("auc" in m["test"] and "auc" in m["forget"] for m in p["metrics"].values())
             continue
         assert {"original", "retrain", "llmeraser-cg", "llmeraser-stochastic"} <= set(r["metrics"])
         metric = "rougeL" if name == "RC-gen" else "auc"
@@ -130,3 +152,13 @@ def test_quick_run_writes_every_field(tmp_path):
         assert {"gradient_s", "ggn_s", "ggn_cached_s", "ggn_over_gradient", "ggn_mode", "ggn_double_vjp_s",
                 "ggn_double_vjp_peak_mb"} <= set(r["hvp_cost"])
     assert "### IR" in (results / "paper.md").read_text()
+
+
+def test_run_json_keeps_earlier_runs(tmp_path):
+    from benchmarks.run import record_run
+
+    p = tmp_path / "run.json"
+    p.write_text(json.dumps({"scenarios": ["IR"], "seconds_total": 5.0}))  # the first format: one run
+    record_run(p, {"scenarios": ["scaling"], "seconds_total": 7.0})
+    record_run(p, {"scenarios": ["RC"], "seconds_total": 1.0})
+    assert [r["seconds_total"] for r in json.loads(p.read_text())["runs"]] == [5.0, 7.0, 1.0]
