@@ -54,11 +54,13 @@ def missing_data(root: Path, scenarios) -> list[str]:
 
 def record_run(path: Path, run: dict) -> None:
     """Append this run to run.json's list: a later run of some scenarios must not erase what the others cost."""
+    from llmeraser.fileio import write_json
+
     runs = []
     if path.is_file():
         old = json.loads(path.read_text())
         runs = old["runs"] if "runs" in old else [old]  # the first format held one run
-    path.write_text(json.dumps({"runs": runs + [run]}, indent=1))
+    write_json(path, {"runs": runs + [run]})
 
 
 def main(argv=None) -> int:

@@ -22,9 +22,13 @@ def sha256_file(path: str | Path) -> str:
 
 
 def write_json(path: str | Path, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    """Write through a temporary sibling and rename, so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=False, default=str)
         f.write("\n")
+    os.replace(tmp, path)
 
 
 def check_output_dir(out: str | Path, overwrite: bool, inputs: tuple = ()) -> Path:
