@@ -162,3 +162,27 @@ def test_run_json_keeps_earlier_runs(tmp_path):
     record_run(p, {"scenarios": ["scaling"], "seconds_total": 7.0})
     record_run(p, {"scenarios": ["RC"], "seconds_total": 1.0})
     assert [r["seconds_total"] for r in json.loads(p.read_text())["runs"]] == [5.0, 7.0, 1.0]
+
+
+def test_targets_mark_an_auc_of_one_class_undefined_not_missed(tmp_path):
+    from benchmarks.tables import targets
+
+    def m(test, forget):
+        return {"test": {"auc": test}, "forget": {"auc": forget}}
+
+    point = {"n": 16, "speedup_vs_retrain": 0.5,
+             "metrics": {"original": m(0.5, 1.0), "retrain": m(0.6, float("nan")), "llmeraser-cg": m(0.58, float("nan"))}}
+    (tmp_path / "scaling.json").write_text(json.dumps({"points": [point]}))
+    rows = "\n".join(targets(tmp_path))
+    assert "| forget-set AUC within 0.05 of retrain | IR at n = 16, llmeraser-cg | undefined (one class in the set) | – |" in rows
+    assert "| test AUC within 0.01 of retrain | IR at n = 16, llmeraser-cg | 0.020 | **missed** |" in rows
+
+
+def test_write_json_leaves_nothing_behind_when_it_fails(tmp_path):
+    from llmeraser.fileio import write_json
+
+    p = tmp_path / "r.json"
+    write_json(p, {"a": 1})
+    with pytest.raises(TypeError):  # a tuple key cannot be written as JSON: fails halfway through the dump
+        write_json(p, {"b": 2, (1, 2): 3})
+    assert json.loads(p.read_text()) == {"a": 1} and [x.name for x in tmp_path.iterdir()] == ["r.json"]
