@@ -121,6 +121,21 @@ def test_evaluate_retain_samples(tiny_dir, tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+def test_retain_sample_is_not_the_curvature_sample():
+    """The retained records evaluate scores are not, by construction, the ones `unlearn` took curvature on
+    (both used to be the first k of a seed-0 permutation of the same kept records)."""
+    from llmeraser.curvature import seeded_subset
+    from llmeraser.data import Record
+    from llmeraser.evaluate import retain_sample
+
+    recs = [Record(f"s{i}", {"prompt": f"q{i}", "response": "Yes."}, "prompt", None) for i in range(300)]
+    sample = retain_sample(recs, 16)
+    assert len(sample) == 16 and sample == [r for r in recs if r in sample]  # data order
+    assert {r.id for r in retain_sample(list(reversed(recs)), 16)} == {r.id for r in sample}  # by id, not position
+    for seed in range(5):
+        assert len({r.id for r in sample} & {r.id for r in seeded_subset(recs, 16, seed)}) <= 6
+
+
 def test_yes_no_metrics(trainable_dir, tmp_path):
     """Yes./No. splits get accuracy and AUC instead of generation metrics."""
     from llmeraser.data import load_records

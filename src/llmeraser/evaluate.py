@@ -186,6 +186,17 @@ def parse_named(specs: list[str]) -> dict[str, Path]:
     return named
 
 
+def retain_sample(records: list[Record], k: int) -> list[Record]:
+    """k retained records, in data order, chosen by a hash of their ids.
+
+    Not a seeded permutation: `unlearn` takes its curvature sample as the first records of a seeded
+    permutation of the same kept records (seed 0 by default), so a permutation here with that seed
+    scored exactly the records the curvature was fitted on (measured: 16 of the paper suite's 32).
+    """
+    chosen = set(sorted(range(len(records)), key=lambda i: hashlib.sha256(records[i].id.encode()).hexdigest())[:k])
+    return [r for i, r in enumerate(records) if i in chosen]
+
+
 def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None, original: str = "original",
              max_new_tokens: int = 32, kl_samples: int = 32, batch_size: int = 8, max_length: int = 512,
              template: str = "auto", device: str = "auto", overwrite: bool = False, progress: bool = True,
@@ -204,8 +215,7 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None
     splits = {"forget": [e.old for e in req.edits], "forget_new": [e.new for e in req.edits if e.new is not None],
               "retain": [r for i, r in enumerate(records) if i not in edited], "test": load_records(test) if test else []}
     if retain_samples and len(splits["retain"]) > retain_samples:
-        idx = sorted(torch.randperm(len(splits["retain"]), generator=torch.Generator().manual_seed(0))[:retain_samples].tolist())
-        splits["retain"] = [splits["retain"][i] for i in idx]
+        splits["retain"] = retain_sample(splits["retain"], retain_samples)
     base_model, tok = model_and_tokenizer or load_base(base, resolve_device(device))
     tpl = resolve_template(tok, template)
     # records per split whose next-token distributions are compared with retrain's (KL)
