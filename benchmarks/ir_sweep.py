@@ -8,7 +8,7 @@ search and an evaluation of the removed samples and a sample of retained ones th
 curvature sample (the suite's retain sample of 32 shares the curvature sample's seed, so it holds the 16
 records the curvature was taken on). Writes benchmarks/results/ir_sweep.json, one row per setting, appended.
 
-Usage: python -m benchmarks.ir_sweep [--n 2048] [--grid damping=0.01,curvature_samples=64 ...] [--test]
+Usage: python -m benchmarks.ir_sweep [--n 2048] [--epochs E] [--grid damping=0.01,curvature_samples=64 ...] [--test]
 """
 
 from __future__ import annotations
@@ -77,13 +77,17 @@ def main():
     ap.add_argument("--grid", nargs="*", default=["damping=0.03"],
                     help="settings to try, each as key=value pairs joined by commas; keys are UnlearnSettings fields "
                          "and the solver's max_iters and tol (default: the suite's settings)")
+    ap.add_argument("--epochs", type=float, default=None,
+                    help="the recipe's epoch count when the point was trained with `benchmarks.run --epochs E` (its own folders)")
     ap.add_argument("--retain", type=int, default=48, help="retained samples to score, none from the curvature sample")
     ap.add_argument("--test", action="store_true", help="score the point's test set too (slower)")
     args = ap.parse_args()
-    d = WORK / f"n{args.n}"
+    tag = f"epochs{args.epochs:g}" if args.epochs is not None and args.epochs != FULL.epochs else ""
+    d = WORK.parent / tag / "scaling" / f"n{args.n}"
     if not (d / "original").is_dir() or not (d / "retrain").is_dir():
         raise SystemExit(f"{d} has no trained original and retrain; run "
-                         f"`python -m benchmarks.run --suite paper --scenarios scaling --scaling-n {args.n}` first")
+                         f"`python -m benchmarks.run --suite paper --scenarios scaling --scaling-n {args.n}"
+                         + (f" --epochs {args.epochs:g}" if tag else "") + "` first")
     records = load_records(d / "train.jsonl")
     request = load_request(d / "request.jsonl", records)
     test = load_records(d / "test.jsonl") if args.test else None
@@ -102,7 +106,7 @@ def main():
     params, theta_hat = unl.params, unl.theta_hat.clone()
     score = Scorer(model, tok, unl.template, forget, retain, test)
     results = json.loads(OUT.read_text()) if OUT.is_file() else {}
-    point = results.setdefault(f"n{args.n}", {"n": args.n, "edits": len(forget), "retain": len(retain), "rows": []})
+    point = results.setdefault(f"n{args.n}" + (f"-{tag}" if tag else ""), {"n": args.n, "edits": len(forget), "retain": len(retain), "rows": []})
     for ref in ("original", "retrain"):
         key = ref + ("+test" if test else "")
         if key not in point:

@@ -21,6 +21,13 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data"
 
 
+def epochs(text: str) -> float:
+    e = float(text)
+    if not e > 0:
+        raise argparse.ArgumentTypeError(f"{text}: give a positive number of epochs")
+    return e
+
+
 def size(text: str) -> int:
     n = int(text)
     if n < 2:
@@ -39,6 +46,10 @@ def parse(argv=None):
     ap.add_argument("--scaling-n", nargs="+", type=size, default=None, metavar="N",
                     help="training-set sizes for the scaling scenario (default: the suite's; the points of an earlier run "
                          "with the same recipe and sizes are kept, so large n can be measured one at a time)")
+    ap.add_argument("--epochs", type=epochs, default=None,
+                    help="training epochs for every adapter (default: the suite's 4, a recipe that memorises; the paper "
+                         "trains fewer). Another value gets its own --work and --results folders, work/paper/epochsE and "
+                         "results/epochsE, so the suite's results and cached adapters stay as they are")
     ap.add_argument("--data-root", type=Path, default=DEFAULT_DATA, help=f"folder with tallrec-book/, tallrec-movie/, dialogsum/ (default: {DEFAULT_DATA})")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder for adapters and splits (default: benchmarks/work/paper or work/quick)")
     ap.add_argument("--results", type=Path, default=None, help="where result files go (default: benchmarks/results, or work/quick/results with --quick)")
@@ -63,6 +74,22 @@ def record_run(path: Path, run: dict) -> None:
     write_json(path, {"runs": runs + [run]})
 
 
+def plan(args, sizes):
+    """(sizes, work folder, results folder) for these flags. A recipe other than the suite's (--epochs) gets
+    folders of its own: the cached adapters are reused by recipe, and results/ holds the suite's own run."""
+    if args.scaling_n:
+        sizes = replace(sizes, scaling_n=tuple(args.scaling_n))
+    tag = ""
+    if args.epochs is not None and args.epochs != sizes.epochs:
+        sizes, tag = replace(sizes, epochs=args.epochs), f"epochs{args.epochs:g}"
+    work = args.work or HERE / "work" / ("quick" if args.quick else "paper") / tag
+    if args.results:
+        results = args.results
+    else:
+        results = work / "results" if args.quick else HERE / "results" / tag
+    return sizes, work, results
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     missing = missing_data(args.data_root, args.scenarios)
@@ -75,11 +102,7 @@ def main(argv=None) -> int:
     from .paper import FULL, QUICK, Runner
     from .tables import render
 
-    sizes = QUICK if args.quick else FULL
-    if args.scaling_n:
-        sizes = replace(sizes, scaling_n=tuple(args.scaling_n))
-    work = args.work or HERE / "work" / ("quick" if args.quick else "paper")
-    results = args.results or (work / "results" if args.quick else HERE / "results")
+    sizes, work, results = plan(args, QUICK if args.quick else FULL)
     results.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     mt = load_base("smollm2", "cpu")

@@ -186,3 +186,18 @@ def test_write_json_leaves_nothing_behind_when_it_fails(tmp_path):
     with pytest.raises(TypeError):  # a tuple key cannot be written as JSON: fails halfway through the dump
         write_json(p, {"b": 2, (1, 2): 3})
     assert json.loads(p.read_text()) == {"a": 1} and [x.name for x in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_another_epoch_count_gets_its_own_folders():
+    """--epochs other than the suite's must not reuse (and retrain over) the suite's cached adapters or
+    replace its committed results; the suite's own count keeps the suite's folders."""
+    from benchmarks.paper import FULL
+    from benchmarks.run import HERE, parse, plan
+
+    sizes, work, results = plan(parse(["--epochs", "1", "--scaling-n", "2048"]), FULL)
+    assert sizes.epochs == 1 and sizes.scaling_n == (2048,)
+    assert work == HERE / "work" / "paper" / "epochs1" and results == HERE / "results" / "epochs1"
+    sizes, work, results = plan(parse(["--epochs", str(FULL.epochs)]), FULL)
+    assert sizes == FULL and work == HERE / "work" / "paper" and results == HERE / "results"
+    with pytest.raises(SystemExit):
+        parse(["--epochs", "0"])
