@@ -81,6 +81,7 @@ def main():
                     help="the recipe's epoch count when the point was trained with `benchmarks.run --epochs E` (its own folders)")
     ap.add_argument("--retain", type=int, default=48, help="retained samples to score, none from the curvature sample")
     ap.add_argument("--test", action="store_true", help="score the point's test set too (slower)")
+    ap.add_argument("--table", action="store_true", help="print the recorded rows of this point as a markdown table and stop")
     args = ap.parse_args()
     tag = f"epochs{args.epochs:g}" if args.epochs is not None and args.epochs != FULL.epochs else ""
     d = WORK.parent / tag / "scaling" / f"n{args.n}"
@@ -88,6 +89,9 @@ def main():
         raise SystemExit(f"{d} has no trained original and retrain; run "
                          f"`python -m benchmarks.run --suite paper --scenarios scaling --scaling-n {args.n}"
                          + (f" --epochs {args.epochs:g}" if tag else "") + "` first")
+    if args.table:
+        point = json.loads(OUT.read_text())[f"n{args.n}" + (f"-{tag}" if tag else "")]
+        return print(table(point))
     records = load_records(d / "train.jsonl")
     request = load_request(d / "request.jsonl", records)
     test = load_records(d / "test.jsonl") if args.test else None
@@ -139,6 +143,27 @@ def main():
         print(json.dumps(row), flush=True)
         write_json(OUT, results)
     write_json(OUT, results)
+    print(table(point))
+
+
+def table(point: dict) -> str:
+    """The point's rows as a markdown table, with the original and retrain first."""
+    def cells(m):
+        out = [f"{m['forget']['auc']:.3f}", f"{m['forget']['nll']:.3f}", f"{m['retain']['auc']:.3f}", f"{m['retain']['nll']:.3f}"]
+        return out + [f"{m['test']['auc']:.3f}" if "test" in m else "–"]
+    head = ["adapter", "forget AUC", "forget NLL", "retain AUC", "retain NLL", "test AUC", "CG iterations", "residual",
+            "step scale", "solve s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for ref in ("original", "retrain"):
+        m = point.get(ref + "+test") or point[ref]
+        lines.append("| " + " | ".join([ref] + cells(m) + ["–"] * 4) + " |")
+    for r in point["rows"]:
+        st = r["steps"][-1]
+        name = "llmeraser " + ", ".join(f"{k} {v:g}" if not isinstance(v, str) else f"{k} {v}" for k, v in r["setting"].items())
+        scale = (st.get("line_search") or {}).get("scale", 1.0)
+        lines.append("| " + " | ".join([name] + cells(r["metrics"]) + [str(st["iterations"]), f"{st['final_residual']:.3f}",
+                                                                       f"{scale:g}", f"{r['seconds_solve']:.0f}"]) + " |")
+    return "\n".join(lines)
 
 
 def flat_from_file(model, params, saved: dict) -> torch.Tensor:
