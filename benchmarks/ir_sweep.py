@@ -5,8 +5,7 @@ leaves the n = 2048 original and retrained adapters in benchmarks/work/paper/sca
 costs two CPU-hours; this script reuses them and tries `unlearn` settings against them. It loads the model
 once and computes b once (b does not depend on the settings); each setting then costs one solve, a line
 search and an evaluation of the removed samples and a sample of retained ones that is disjoint from the
-curvature sample (the suite's retain sample of 32 shares the curvature sample's seed, so it holds the 16
-records the curvature was taken on). Writes benchmarks/results/ir_sweep.json, one row per setting, appended.
+curvature sample, so no scored record is one the curvature was taken on. Writes benchmarks/results/ir_sweep.json, one row per setting, appended.
 
 Usage: python -m benchmarks.ir_sweep [--n 2048] [--epochs E] [--grid damping=0.01,curvature_samples=64 ...] [--test]
 """
