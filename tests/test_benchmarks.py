@@ -201,3 +201,19 @@ def test_another_epoch_count_gets_its_own_folders():
     assert sizes == FULL and work == HERE / "work" / "paper" and results == HERE / "results"
     with pytest.raises(SystemExit):
         parse(["--epochs", "0"])
+
+
+def test_ir_sweep_settings_land_where_the_solver_reads_them():
+    """--grid 'damping=0.003,max_iters=8' changes the damping and the CG cap and nothing else of the suite's settings."""
+    from dataclasses import replace as dc_replace
+
+    from benchmarks.ir_sweep import parse_setting, settings_for
+    from benchmarks.paper import FULL, llmeraser_settings
+
+    base = llmeraser_settings(FULL, "cg")
+    spec = parse_setting("damping=0.003,max_iters=8,curvature=ggn-base")
+    assert spec == {"damping": 0.003, "max_iters": 8, "curvature": "ggn-base"}
+    s = settings_for(base, spec)
+    assert (s.damping, s.solver_settings.max_iters, s.curvature) == (0.003, 8, "ggn-base")
+    assert s == dc_replace(base, damping=0.003, curvature="ggn-base",
+                           solver_settings=dc_replace(base.solver_settings, max_iters=8))
