@@ -84,13 +84,16 @@ def main():
     args = ap.parse_args()
     tag = f"epochs{args.epochs:g}" if args.epochs is not None and args.epochs != FULL.epochs else ""
     d = WORK.parent / tag / "scaling" / f"n{args.n}"
+    key = f"n{args.n}" + (f"-{tag}" if tag else "")
+    if args.table:
+        recorded = json.loads(OUT.read_text()) if OUT.is_file() else {}
+        if key not in recorded:
+            raise SystemExit(f"{OUT} has no rows for {key}; run this script without --table first")
+        return print(table(recorded[key]))
     if not (d / "original").is_dir() or not (d / "retrain").is_dir():
         raise SystemExit(f"{d} has no trained original and retrain; run "
                          f"`python -m benchmarks.run --suite paper --scenarios scaling --scaling-n {args.n}"
                          + (f" --epochs {args.epochs:g}" if tag else "") + "` first")
-    if args.table:
-        point = json.loads(OUT.read_text())[f"n{args.n}" + (f"-{tag}" if tag else "")]
-        return print(table(point))
     records = load_records(d / "train.jsonl")
     request = load_request(d / "request.jsonl", records)
     test = load_records(d / "test.jsonl") if args.test else None
@@ -109,7 +112,7 @@ def main():
     params, theta_hat = unl.params, unl.theta_hat.clone()
     score = Scorer(model, tok, unl.template, forget, retain, test)
     results = json.loads(OUT.read_text()) if OUT.is_file() else {}
-    point = results.setdefault(f"n{args.n}" + (f"-{tag}" if tag else ""), {"n": args.n, "edits": len(forget), "retain": len(retain), "rows": []})
+    point = results.setdefault(key, {"n": args.n, "edits": len(forget), "retain": len(retain), "rows": []})
     for ref in ("original", "retrain"):
         key = ref + ("+test" if test else "")
         if key not in point:

@@ -225,7 +225,7 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None
     methods, reference = {}, {}
     keys = _cache_keys(adapters, (data, request, test), dict(base=base, max_new_tokens=max_new_tokens, kl_samples=kl_samples,
                        batch_size=batch_size, max_length=max_length, template=tpl, retain_samples=retain_samples,
-                       keep_samples=keep_samples)) if cache_dir else {}
+                       retain_sampling="id-sha256", keep_samples=keep_samples)) if cache_dir else {}
     cached = {name: _cached(cache_dir, name, keys[name]) for name in keys}
     if cached.get("retrain") is not None and any(cached[n] is None for n in adapters) and any(kl_keep.values()):
         # the others' KL needs retrain's next-token log-probs on the forget and test samples: one forward pass
