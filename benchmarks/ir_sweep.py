@@ -114,13 +114,12 @@ def main():
     results = json.loads(OUT.read_text()) if OUT.is_file() else {}
     point = results.setdefault(key, {"n": args.n, "edits": len(forget), "retain": len(retain), "rows": []})
     for ref in ("original", "retrain"):
-        key = ref + ("+test" if test else "")
-        if key not in point:
-            retrained = read_adapter_file(adapter_weights_path(d / ref))
-            flat = theta_hat if ref == "original" else flat_from_file(model, params, retrained)
+        ref_key = ref + ("+test" if test else "")
+        if ref_key not in point:
+            flat = theta_hat if ref == "original" else flat_from_file(model, params, theta_hat, d / ref)
             load_theta(model, params, flat)
-            point[key] = score()
-            print(ref, json.dumps(point[key]), flush=True)
+            point[ref_key] = score()
+            print(ref, json.dumps(point[ref_key]), flush=True)
     load_theta(model, params, theta_hat)
     t = time.perf_counter()
     unl.old_grad_hat(request)
@@ -168,17 +167,15 @@ def table(point: dict) -> str:
     return "\n".join(lines)
 
 
-def flat_from_file(model, params, saved: dict) -> torch.Tensor:
-    """Θ of a saved adapter file in the layout of `params` (PEFT's file keys lack the adapter name)."""
+def flat_from_file(model, params, current: torch.Tensor, adapter_dir: Path) -> torch.Tensor:
+    """Θ of a saved adapter in the layout of `params` (PEFT's file keys lack the adapter name); the model
+    is left holding `current`."""
     from peft import set_peft_model_state_dict
 
+    set_peft_model_state_dict(model, read_adapter_file(adapter_weights_path(adapter_dir)))
     named = dict(model.named_parameters())
-    keep = {n: named[n].detach().clone() for n in params.names}
-    set_peft_model_state_dict(model, saved)
     flat = params.flatten({n: named[n].detach() for n in params.names}).clone()
-    with torch.no_grad():
-        for n, v in keep.items():
-            named[n].copy_(v)
+    load_theta(model, params, current)
     return flat
 
 
