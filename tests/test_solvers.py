@@ -91,3 +91,34 @@ def test_cg_stops_on_negative_curvature(problem):
     op = HessianOperator(curv, items, batch_size=4, damping=0.0, curvature_samples=0)
     res = get_solver("cg", SolverSettings(tol=1e-8, max_iters=300)).solve(op, b, progress=False)
     assert not res.converged and "negative_curvature_at" in res.info
+
+
+def test_cg_shifted_matches_separate_solves(problem):
+    # one Krylov run must give every shifted system's solution, each as exact as its own CG run
+    curv, items, damping, b, x_true, A = problem
+    op = HessianOperator(curv, items, batch_size=4, damping=damping, curvature_samples=0, seed=0)
+    shifts = (0.02, 0.3, 3.0)
+    results = get_solver("cg", SolverSettings(tol=1e-10, max_iters=300)).solve_shifted(op, b, shifts, progress=False)
+    assert len(results) == 4
+    eye = torch.eye(len(b), dtype=A.dtype)
+    for res, s in zip(results, (0.0,) + shifts):
+        want = torch.linalg.solve(A + s * eye, b)
+        assert rel_err(res.delta, want) < 1e-6, (s, rel_err(res.delta, want))
+        # the reported residual is the shifted system's own
+        true_res = float(torch.linalg.vector_norm((A + s * eye) @ res.delta - b) / torch.linalg.vector_norm(b))
+        assert abs(res.final_residual - true_res) < 1e-6 + 1e-3 * true_res, (s, res.final_residual, true_res)
+    # a more damped system converges no later: its residual is below the seed's at every iteration
+    for (k0, r0), (k1, r1) in zip(results[0].residuals, results[3].residuals):
+        assert r1 <= r0 + 1e-12
+
+
+def test_cg_shifted_early_iterates(problem):
+    # stopped after 3 iterations, each shift's iterate is its own CG's third iterate (same Krylov space)
+    curv, items, damping, b, x_true, A = problem
+    op = HessianOperator(curv, items, batch_size=4, damping=damping, curvature_samples=0, seed=0)
+    solver = get_solver("cg", SolverSettings(tol=1e-12, max_iters=3))
+    shifted = solver.solve_shifted(op, b, (0.5,), progress=False)[1]
+    op2 = HessianOperator(curv, items, batch_size=4, damping=damping + 0.5, curvature_samples=0, seed=0)
+    alone = solver.solve(op2, b, progress=False)
+    assert rel_err(shifted.delta, alone.delta) < 1e-8
+    assert abs(shifted.final_residual - alone.final_residual) < 1e-8

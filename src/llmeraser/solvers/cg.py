@@ -17,12 +17,31 @@ class ConjugateGradient(Solver):
     default_iters = 50
 
     def solve(self, op, b, progress=True):
+        return self.solve_shifted(op, b, (), progress)[0]
+
+    def solve_shifted(self, op, b, shifts, progress=True) -> list[SolveResult]:
+        """x_σ = (C + λI + σI)⁻¹ b for σ = 0 and every σ in `shifts` (each > 0), in one run.
+
+        Multi-shift CG (Jegerlehner 1996, hep-lat/9612014): the Krylov space of b under C + λI is the
+        same for every shift, so the shifted systems reuse the seed system's products and cost only
+        vector updates. Their residuals are ζ_σ times the seed's, with |ζ_σ| <= 1, so they converge no
+        later than the seed (the least damped, hardest system); the run stops on the seed's residual.
+        Returns one SolveResult per shift, the seed's (σ = 0) first.
+        """
+        shifts = [float(s) for s in shifts]
+        if any(not s > 0 for s in shifts):
+            raise ValueError("shifts must be > 0")
         bnorm = torch.linalg.vector_norm(b)
         x = torch.zeros_like(b)
         r = b.clone()
         p = r.clone()
         rs = torch.dot(r, r)
-        residuals, converged, info = [(0, 1.0)], False, {}
+        xs = [torch.zeros_like(b) for _ in shifts]
+        ps = [b.clone() for _ in shifts]
+        zeta, zeta_old = [1.0] * len(shifts), [1.0] * len(shifts)
+        alpha_old, beta_old = 1.0, 0.0
+        residuals = [[(0, 1.0)] for _ in range(len(shifts) + 1)]
+        converged, info = False, {}
         bar = self._bar(progress, self.max_iters)
         k = 0
         for k in range(1, self.max_iters + 1):
@@ -32,18 +51,33 @@ class ConjugateGradient(Solver):
                 info["negative_curvature_at"] = k
                 k -= 1
                 break
-            alpha = rs / pap
+            alpha = float(rs / pap)
+            for j, s in enumerate(shifts):
+                denom = alpha * beta_old * (zeta_old[j] - zeta[j]) + zeta_old[j] * alpha_old * (1.0 + s * alpha)
+                zeta_new = zeta[j] * zeta_old[j] * alpha_old / denom
+                xs[j] += (alpha * zeta_new / zeta[j]) * ps[j]
+                zeta_old[j], zeta[j] = zeta[j], zeta_new
             x += alpha * p
             r -= alpha * ap
             rs_new = torch.dot(r, r)
+            beta = float(rs_new / rs)
             rel = float(torch.sqrt(rs_new) / bnorm)
-            residuals.append((k, rel))
+            residuals[0].append((k, rel))
+            for j in range(len(shifts)):
+                residuals[j + 1].append((k, abs(zeta[j]) * rel))
+                # p_σ = ζ_σ r + β (ζ_σ/ζ_σ,old)² p_σ, with ζ already advanced
+                ps[j] = zeta[j] * r + (beta * (zeta[j] / zeta_old[j]) ** 2) * ps[j]
             bar.update(1)
             bar.set_postfix(residual=f"{rel:.2e}")
             if rel < self.settings.tol:
                 converged = True
                 break
-            p = r + (rs_new / rs) * p
+            p = r + beta * p
             rs = rs_new
+            alpha_old, beta_old = alpha, beta
         bar.close()
-        return SolveResult(x, k, residuals, converged, info)
+        out = [SolveResult(x, k, residuals[0], converged, info)]
+        for j, s in enumerate(shifts):
+            res = residuals[j + 1]
+            out.append(SolveResult(xs[j], k, res, converged or res[-1][1] < self.settings.tol, {**info, "shift": s}))
+        return out
