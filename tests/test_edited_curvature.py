@@ -145,3 +145,45 @@ def test_refinement_gradient_from_the_operator_equals_separate_gradients(tiny64,
     for a, b in zip(stage["steps"], stage_slow["steps"]):
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-6 * b["grad_norm"]
     assert torch.linalg.vector_norm(fast - slow) <= 1e-6 * torch.linalg.vector_norm(slow)
+
+
+def test_damping_grid_keeps_the_lambda_whose_step_lowers_the_objective_most(tiny64, tmp_path):
+    """--damping-grid: one multi-shift CG run, then each λ's line-searched step scored on R'. Every row must
+    equal what a run with that λ alone gives, and the kept step must be the row with the lowest R'."""
+    model, tok, records = tiny64
+    req = load_request(write_jsonl(tmp_path / "r.jsonl", [{"op": "remove", "id": "r1"},
+                                                         {"op": "correct_response", "id": "r2", "new": {"response": "9"}}]), records)
+    common = dict(curvature="ggn", curvature_samples=0, batch_size=4, device="cpu", template="chat", solver="cg",
+                  solver_settings=SolverSettings(tol=1e-10, max_iters=400))
+    grid = (1e-4, 0.03, 3.0)
+    unl = Unlearner(model, tok, records, UnlearnSettings(damping=0.03, damping_grid=(3.0, 1e-4), **common), weight_decay=0.01)
+    delta, _, stage = unl.delta(req, progress=False)
+    rows = stage["steps"][0]["damping_selection"]
+    assert [r["damping"] for r in rows] == list(grid)
+    singles = {}
+    for lam in grid:
+        alone = Unlearner(model, tok, records, UnlearnSettings(damping=lam, **common), weight_decay=0.01)
+        d, _, st = alone.delta(req, progress=False)
+        search = st["steps"][0]["line_search"]
+        singles[lam] = (d, min(t["objective"] for t in search["trace"]), search["scale"])
+    for row in rows:
+        d, value, scale = singles[row["damping"]]
+        assert row["scale"] == scale and abs(row["objective"] - value) <= 1e-9 * max(1.0, abs(value)), (row, value, scale)
+    values = [r["objective"] for r in rows]
+    assert max(values) - min(values) > 1e-4  # the grid spans steps the objective tells apart
+    chosen = [r for r in rows if r["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["objective"] == min(values)
+    d_best = singles[chosen[0]["damping"]][0]
+    assert torch.linalg.vector_norm(delta - d_best) <= 1e-6 * torch.linalg.vector_norm(d_best)
+    assert unl.damping == chosen[0]["damping"] + 0.01  # later Newton steps use the chosen λ
+
+
+def test_damping_grid_needs_cg_and_numbers():
+    import pytest
+
+    from llmeraser.errors import InputError
+    with pytest.raises(InputError, match="needs --solver cg"):
+        UnlearnSettings(damping_grid=(0.01,), solver="stochastic")
+    with pytest.raises(InputError, match="give numbers"):
+        UnlearnSettings(damping_grid=("0.01", "x"))
+    assert UnlearnSettings(damping=0.03, damping_grid=("0.01", "0.03")).dampings == (0.01, 0.03)

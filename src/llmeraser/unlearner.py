@@ -38,6 +38,13 @@ class UnlearnSettings:
                                                 "memorised its data its own softmax is saturated, its curvature ~0, and the step to rewrite a "
                                                 "memorised answer unbounded; see BENCHMARKS.md) or 'hessian'", "choices": CURVATURES})
     damping: float = field(default=0.03, metadata={"help": "λ added to C (default measured on SmolLM2, see BENCHMARKS.md); training weight decay from train.json is added to it"})
+    damping_grid: tuple[float, ...] = field(default=(), metadata={"help": "more λ to try beside --damping, all in the same CG run (multi-shift CG: the "
+                                                             "shifted systems reuse its curvature products, so a λ costs vector updates, "
+                                                             "not HVPs; the run stops when the least damped system converges). Each λ's "
+                                                             "step is line-searched on the retraining objective and the one that lowers it "
+                                                             "most is kept: a small λ lets the step go far in directions only the edited "
+                                                             "samples used, a large one keeps it where the quadratic model holds, and "
+                                                             "which is right depends on the edit (BENCHMARKS.md). Needs --solver cg"})
     reset_removed: float = field(default=0.0, metadata={"help": "ρ: add ρ·P to the edited objective, P the distance from the removed records' outputs "
                                                          "to the base model's outputs on them, in the softmax Fisher at the mean of the base model's and "
                                                          "the adapter's predictions (so the memorised answer's tokens count, not only the base's). "
@@ -76,6 +83,11 @@ class UnlearnSettings:
     device: str = field(default="auto", metadata={"help": "'cpu', 'cuda' or 'auto'"})
     solver_settings: SolverSettings = field(default_factory=SolverSettings)
 
+    @property
+    def dampings(self) -> tuple[float, ...]:
+        """Every λ to try, smallest first: --damping and --damping-grid."""
+        return tuple(sorted({self.damping, *self.damping_grid}))
+
     def __post_init__(self):
         if self.curvature not in CURVATURES:
             raise InputError(f"--curvature must be one of {CURVATURES}")
@@ -89,6 +101,15 @@ class UnlearnSettings:
             raise InputError(f"--template must be one of {TEMPLATES}")
         if not self.damping >= 0:
             raise InputError("--damping must be >= 0")
+        try:
+            self.damping_grid = tuple(float(x) for x in self.damping_grid)
+        except ValueError:
+            raise InputError(f"--damping-grid {list(self.damping_grid)}: give numbers, e.g. --damping-grid 0.003 0.01") from None
+        if any(not x >= 0 for x in self.damping_grid):
+            raise InputError(f"--damping-grid {list(self.damping_grid)}: every λ must be >= 0")
+        if len(self.dampings) > 1 and self.solver != "cg":
+            raise InputError("--damping-grid needs --solver cg (its shifted systems share one CG run); "
+                             f"with --solver {self.solver} give one --damping")
         gauss_newton = self.curvature in GAUSS_NEWTON
         if not self.reset_removed >= 0 or (self.reset_removed and not gauss_newton):
             raise InputError("--reset-removed must be >= 0 and needs --curvature ggn or ggn-base")
@@ -143,7 +164,9 @@ class Unlearner:
         self.params, self.theta_hat = theta_of(model)
         self.objective = CausalLMObjective(model, tokenizer.pad_token_id)
         self.weight_decay = weight_decay
-        self.damping = settings.damping + weight_decay  # the L2 term of training is part of the Hessian
+        # the L2 term of training is part of the Hessian; with --damping-grid the operator carries the
+        # smallest λ (the others are shifts of it) until `select_damping` sets the chosen one
+        self.damping = settings.dampings[0] + weight_decay
         self.examples = [self.encode(r) for r in records]
         self._old_grads: dict[tuple, torch.Tensor] = {}
         self._base_probs = BaseProbsCache()  # ggn-base: every Newton step's operator sees the same batches
@@ -185,19 +208,26 @@ class Unlearner:
 
     def solve(self, b: torch.Tensor, progress: bool = True, op: HessianOperator | None = None,
               max_iters: int | None = None) -> SolveResult:
+        return self.solve_shifted(b, (), progress, op, max_iters)[0]
+
+    def solve_shifted(self, b: torch.Tensor, shifts: tuple[float, ...], progress: bool = True,
+                      op: HessianOperator | None = None, max_iters: int | None = None) -> list[SolveResult]:
+        """x for (op + σI) x = b, σ = 0 first and then each of `shifts` (> 0; cg only), in one solver run."""
         if not torch.any(b != 0):  # the request changes nothing the loss sees: Δ = 0 exactly
-            return SolveResult(torch.zeros_like(b), 0, [(0, 0.0)], True, {"zero_rhs": True})
+            return [SolveResult(torch.zeros_like(b), 0, [(0, 0.0)], True, {"zero_rhs": True}) for _ in range(len(shifts) + 1)]
         op = op or self.operator()
         solver_settings = self.settings.solver_settings
         if max_iters:
             solver_settings = replace(solver_settings, max_iters=max_iters)
-        result = get_solver(self.settings.solver, solver_settings).solve(op, b, progress)
-        result.info["hvps"] = op.hvp_count
-        result.info["hvp_mode"] = op.curvature.mode
-        if result.info.get("diverged"):
-            raise NumericalError(f"the {self.settings.solver} solver diverged (residual {result.final_residual:.3g}); "
+        solver = get_solver(self.settings.solver, solver_settings)
+        results = solver.solve_shifted(op, b, shifts, progress) if shifts else [solver.solve(op, b, progress)]
+        for result in results:
+            result.info["hvps"] = op.hvp_count
+            result.info["hvp_mode"] = op.curvature.mode
+        if results[0].info.get("diverged"):
+            raise NumericalError(f"the {self.settings.solver} solver diverged (residual {results[0].final_residual:.3g}); "
                                  "use --solver cg, --curvature ggn or a larger --damping")
-        return result
+        return results
 
     def delta(self, request: EditRequest, progress: bool = True) -> tuple[torch.Tensor, SolveResult, dict]:
         """ΔΘ and the last solve's result, with seconds per stage and per-step diagnostics."""
@@ -218,17 +248,20 @@ class Unlearner:
             op.extra.append((kappa / n_eff, anchor.product))
             penalties.append(lambda t: kappa / n_eff * anchor.value(t))
         penalty = (lambda t: sum(f(t) for f in penalties)) if penalties else None
-        result = self.solve(rhs, progress, op)
+        # op carries the smallest λ; the others are shifts of it, solved in the same run
+        shifts = tuple(lam - self.settings.dampings[0] for lam in self.settings.dampings[1:])
+        results = self.solve_shifted(rhs, shifts, progress, op)
         op.release()
         if reset is not None:
             reset.release()
-        # the solve was for n_eff·ΔΘ against an unscaled right-hand side
-        step = result.delta / n_eff
         moves = bool(torch.any(rhs != 0))
-        search = self.line_search(request, step, rhs / n_eff, penalty) if self.settings.line_search and moves else None
+        # the solve was for n_eff·ΔΘ against an unscaled right-hand side
+        result, step, search, selection = self.select_damping(request, results, n_eff, rhs / n_eff, penalty, moves)
         theta = self.theta_hat + (search["scale"] if search else 1.0) * step
         steps = [{"step": 1, "grad_norm": float(b.norm()), "iterations": result.iterations,
                   "final_residual": result.final_residual, "converged": result.converged, "line_search": search}]
+        if selection:
+            steps[0]["damping_selection"] = selection
         if self.settings.newton_steps > 1 and moves:
             # the reset enters the first step only: ρP is ~100× the data terms there, and later steps that
             # kept minimising it bought distance to the base with the kept answers (1/16 retained, BENCHMARKS.md)
@@ -299,6 +332,43 @@ class Unlearner:
         """Mean loss over `items` plus the training L2, (wd/2)‖Θ‖²."""
         return self._loss_sum(items, theta) / len(items) + 0.5 * self.weight_decay * float(theta.square().sum())
 
+    def select_damping(self, request: EditRequest, results: list[SolveResult], n_eff: int, neg_grad: torch.Tensor,
+                       penalty, moves: bool):
+        """(result, step, line search, selection) for the λ of `settings.dampings` whose line-searched step
+        lowers the retraining objective most; one λ: the usual line search, and no selection.
+
+        Sets `self.damping` to the chosen λ (plus the training weight decay), which later Newton steps use.
+        A λ whose search finds no descent is kept only when no λ does; ties go to the larger λ.
+        """
+        lams = self.settings.dampings
+        if len(results) == 1:
+            step = results[0].delta / n_eff
+            search = self.line_search(request, step, neg_grad, penalty) if self.settings.line_search and moves else None
+            return results[0], step, search, None
+        objective, exact = self.line_objective(request, penalty) if moves else (None, True)
+        start, rows = None, []
+        for lam, res in zip(lams, results):
+            step = res.delta / n_eff
+            search = None
+            if moves:  # without the line search only the full step is scored, and taken
+                search = backtrack(objective, self.theta_hat, step, -float(neg_grad @ step),
+                                   10 if self.settings.line_search else 0, start=start)
+                search["exact"] = exact
+                start = search["start"]
+            value = min(t["objective"] for t in search["trace"]) if search else 0.0
+            rows.append((lam, res, step, search, value))
+        accepted = [r for r in rows if r[3] is None or r[3]["accepted"]] or rows[-1:]
+        best = min(reversed(accepted), key=lambda r: r[4])  # reversed: a tie goes to the larger λ
+        lam, result, step, search, _ = best
+        self.damping = lam + self.weight_decay
+        selection = [{"damping": r[0], "iterations": r[1].iterations, "final_residual": r[1].final_residual,
+                      "scale": r[3]["scale"] if r[3] else 1.0, "accepted": r[3]["accepted"] if r[3] else True,
+                      "objective": r[4], "delta_norm": float(r[2].norm()), "chosen": r is best} for r in rows]
+        if search is not None and not search["accepted"]:
+            log.warning("line search: no λ in %s and no scale lowered the retraining objective; using λ = %g at scale %g",
+                        lams, lam, search["scale"])
+        return result, step, search, selection
+
     def line_search(self, request: EditRequest, step: torch.Tensor, neg_grad: torch.Tensor, penalty=None,
                     max_halvings: int = 10) -> dict:
         """Backtracking (Armijo) on R'(Θ̂ + αΔ), the retraining objective, from a seeded sample of the edited set.
@@ -308,9 +378,7 @@ class Unlearner:
         full step can wreck the adapter. −∇R'(Θ̂) = `neg_grad` (from b, as in the solve) gives the slope;
         `penalty(Θ)`, when given, is added to R' (the --reset-removed term, whose gradient is in neg_grad).
         """
-        objective, exact = self.line_objective(request)
-        if penalty is not None:
-            objective = (lambda t, f=objective: f(t) + penalty(t))
+        objective, exact = self.line_objective(request, penalty)
         slope = -float(neg_grad @ step)  # directional derivative of R' along ΔΘ at Θ̂ (< 0: a descent direction)
         search = backtrack(objective, self.theta_hat, step, slope, max_halvings)
         if not search["accepted"]:
@@ -318,8 +386,8 @@ class Unlearner:
                         search["trace"][-1]["scale"], search["scale"])
         return {**search, "exact": exact}
 
-    def line_objective(self, request: EditRequest):
-        """(f, exact): f(Θ) = R'(Θ) up to a constant, and whether it is R' itself.
+    def line_objective(self, request: EditRequest, penalty=None):
+        """(f, exact): f(Θ) = R'(Θ) up to a constant, and whether it is R' itself; `penalty(Θ)` is added.
 
         When every kept sample fits in `curvature_samples`, f is R' over the edited set. Otherwise the
         kept samples' part is the control variate of `_control_variate`, whose slope at Θ̂ is the one the
@@ -329,10 +397,14 @@ class Unlearner:
         n_kept = self.n - len({e.index for e in request.edits})
         if not self.settings.curvature_samples or self.settings.curvature_samples >= n_kept:
             items = self.edited_examples(request)
-            return (lambda t: self.retraining_objective(items, t)), True
-        cv = self._control_variate(request, "line search", False)
-        m = n_kept + len(cv.new)
-        return (lambda t: cv.data_part(t) / m + 0.5 * self.weight_decay * float(t.square().sum())), False
+            f, exact = (lambda t: self.retraining_objective(items, t)), True
+        else:
+            cv = self._control_variate(request, "line search", False)
+            m = n_kept + len(cv.new)
+            f, exact = (lambda t: cv.data_part(t) / m + 0.5 * self.weight_decay * float(t.square().sum())), False
+        if penalty is None:
+            return f, exact
+        return (lambda t: f(t) + penalty(t)), exact
 
     def _control_variate(self, request: EditRequest, desc: str, progress: bool) -> SimpleNamespace:
         """Σ_kept L_i(Θ) + Σ_new L(Θ), up to a constant, from a seeded sample of the kept records:
@@ -489,6 +561,7 @@ def _unlearn(model, tokenizer, adapter, data, request, out, settings, overwrite,
         "counts": req.counts,
         "parameters": unl.params.numel,
         "settings": asdict(settings),
+        "damping": unl.damping - wd,  # the chosen λ where --damping-grid gave several
         "damping_total": unl.damping,
         "training_weight_decay": wd,
         "template": unl.template,
