@@ -34,11 +34,15 @@ WORK = Path(__file__).parent / "work" / "paper" / "scaling"
 
 
 def parse_setting(spec: str) -> dict:
-    """'damping=0.01,curvature_samples=64,max_iters=16' -> {'damping': 0.01, ...}."""
+    """'damping=0.01,curvature_samples=64,max_iters=16' -> {'damping': 0.01, ...};
+    'damping_grid=0.003:0.01' -> {'damping_grid': (0.003, 0.01)}."""
     out = {}
     for part in filter(None, spec.split(",")):
         k, v = part.split("=")
-        out[k] = v if k == "curvature" else (int(v) if k in ("curvature_samples", "max_iters", "newton_steps", "refine_iters") else float(v))
+        if k == "damping_grid":
+            out[k] = tuple(float(x) for x in v.split(":"))
+        else:
+            out[k] = v if k == "curvature" else (int(v) if k in ("curvature_samples", "max_iters", "newton_steps", "refine_iters") else float(v))
     return out
 
 
@@ -160,11 +164,20 @@ def table(point: dict) -> str:
         lines.append("| " + " | ".join([ref] + cells(m) + ["–"] * 4) + " |")
     for r in point["rows"]:
         st = r["steps"][-1]
-        name = "llmeraser " + ", ".join(f"{k} {v:g}" if not isinstance(v, str) else f"{k} {v}" for k, v in r["setting"].items())
+        name = "llmeraser " + ", ".join(f"{k} {_fmt(v)}" for k, v in r["setting"].items())
+        chosen = [c for c in st.get("damping_selection") or () if c["chosen"]]
+        if chosen:
+            name += f" (chose λ = {chosen[0]['damping']:g})"
         scale = (st.get("line_search") or {}).get("scale", 1.0)
         lines.append("| " + " | ".join([name] + cells(r["metrics"]) + [str(st["iterations"]), f"{st['final_residual']:.3f}",
                                                                        f"{scale:g}", f"{r['seconds_solve']:.0f}"]) + " |")
     return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, tuple):
+        return "/".join(f"{x:g}" for x in v)
+    return v if isinstance(v, str) else f"{v:g}"
 
 
 def flat_from_file(model, params, current: torch.Tensor, adapter_dir: Path) -> torch.Tensor:

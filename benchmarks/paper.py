@@ -262,6 +262,8 @@ class Runner:
                 "speedup_vs_retrain": retrain_s / total, "solver_iterations": meta["solver"]["iterations"],
                 "final_relative_residual": meta["solver"]["final_residual"], "converged": meta["solver"]["converged"],
                 "hvps": meta["solver"].get("hvps"), "line_search_scale": (meta["newton_steps"][0].get("line_search") or {}).get("scale"),
+                "damping": meta.get("damping", meta["settings"]["damping"]),
+                "damping_selection": meta["newton_steps"][0].get("damping_selection"),
                 "solver_settings": meta["settings"]["solver_settings"],
                 "peak_mb": meta["stage_peak_mb"], "peak_over_training": meta["stage_peak_mb"] / train_peak if train_peak > 0 else None,
                 **({"relative_distance_to_cg": meta["relative_distance_to_cg"]} if "relative_distance_to_cg" in meta else {})}

@@ -45,14 +45,22 @@ def recovered(m: dict, name: str, split: str, key: str) -> float:
     return (m[name][split][key] - orig) / (ret - orig)
 
 
+def _lam(c: dict) -> str:
+    """The λ used; with a grid, the chosen one and the others tried."""
+    sel = c.get("damping_selection")
+    if sel:
+        return f"{c['damping']:g} of " + "/".join(f"{x['damping']:g}" for x in sel)
+    return f"{c['damping']:g}" if c.get("damping") is not None else "–"
+
+
 def cost(r: dict) -> list[str]:
     h = r["hvp_cost"]
-    lines = [f"| {r['scenario']} solver | b s | solve s | save s | total s | retrain s | retrain / llmeraser | iterations | final rel. residual | line-search scale | peak MB (unlearn) | peak MB (training step) |",
-             "| --- " * 12 + "|"]
+    lines = [f"| {r['scenario']} solver | b s | solve s | save s | total s | retrain s | retrain / llmeraser | iterations | final rel. residual | λ | line-search scale | peak MB (unlearn) | peak MB (training step) |",
+             "| --- " * 13 + "|"]
     for solver, c in r["llmeraser"].items():
         s = c["seconds"]
         lines.append(f"| {solver} | {s['b']:.1f} | {s['solve']:.1f} | {s.get('save', 0):.1f} | {c['seconds_total']:.1f} | {r['retrain_seconds']:.0f} "
-                     f"| {c['speedup_vs_retrain']:.1f}× | {c['solver_iterations']} | {c['final_relative_residual']:.3f} | {_f(c['line_search_scale'])} "
+                     f"| {c['speedup_vs_retrain']:.1f}× | {c['solver_iterations']} | {c['final_relative_residual']:.3f} | {_lam(c)} | {_f(c['line_search_scale'])} "
                      f"| {c['peak_mb']:.0f} | {r['training_peak_mb']:.0f} |")
     vjp = ""
     if "ggn_double_vjp_s" in h:  # results before the forward-mode GGN product have only the double-vjp one

@@ -217,3 +217,5 @@ def test_ir_sweep_settings_land_where_the_solver_reads_them():
     assert (s.damping, s.solver_settings.max_iters, s.curvature) == (0.003, 8, "ggn-base")
     assert s == dc_replace(base, damping=0.003, curvature="ggn-base",
                            solver_settings=dc_replace(base.solver_settings, max_iters=8))
+    grid = settings_for(base, parse_setting("damping_grid=0.003:0.01"))
+    assert grid.dampings == (0.003, 0.01, base.damping)
