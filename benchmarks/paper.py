@@ -156,9 +156,16 @@ def is_quick(sizes: Sizes) -> bool:
     return replace(sizes, scaling_n=QUICK.scaling_n) == QUICK
 
 
+# CG tries these λ beside the default 0.03 in its one run and keeps the step that lowers the retraining
+# objective most: IR at n = 2048 wants 0.003, RC at n = 128 loses retained samples with it (BENCHMARKS.md).
+# The stochastic solver has no shifted form, so it keeps the one λ.
+DAMPING_GRID = (0.003, 0.01)
+
+
 def llmeraser_settings(sizes: Sizes, solver: str) -> UnlearnSettings:
     iters = sizes.cg_iters if solver == "cg" else sizes.stochastic_iters
     return UnlearnSettings(solver=solver, curvature_samples=sizes.curvature_samples, max_length=sizes.max_length, device="cpu",
+                           damping_grid=DAMPING_GRID if solver == "cg" else (),
                            solver_settings=SolverSettings(tol=0.05, max_iters=iters, check_every=max(2, iters // 4),
                                                           power_iters=2 if is_quick(sizes) else 4))
 
@@ -330,6 +337,10 @@ class Runner:
                 and self.same_sizes(r["sizes"]))
         return r if same else None
 
+    def unlearn_record(self) -> dict:
+        """The scaling points' `unlearn` settings, as they read back from JSON."""
+        return json.loads(json.dumps(asdict(llmeraser_settings(self.sizes, "cg"))))
+
     def recorded_points(self) -> list[dict]:
         """The points of results/scaling.json when it was run with this recipe at these sizes: a run for some
         n (--scaling-n) adds to them, so the largest points, hours each on a CPU, can be measured in separate runs.
@@ -338,8 +349,8 @@ class Runner:
         if not p.is_file():
             return []
         r = json.loads(p.read_text())
-        if r.get("recipe") != self.recipe.to_dict() or not self.same_sizes(r["sizes"]):
-            return []
+        if r.get("recipe") != self.recipe.to_dict() or not self.same_sizes(r["sizes"]) or r.get("unlearn") != self.unlearn_record():
+            return []  # a point measured with other unlearn settings (e.g. before --damping-grid) is not kept
         return [{"date": r["date"], **pt} for pt in r["points"]]
 
     def scaling(self) -> dict:
@@ -379,6 +390,6 @@ class Runner:
         points = sorted(points + [p for p in kept if p["n"] not in run], key=lambda p: p["n"])
         sizes = {**asdict(self.sizes), "scaling_n": [p["n"] for p in points]}
         result = {"scenario": "scaling", "sizes": sizes, "recipe": self.recipe.to_dict(), "seed": SEED,
-                  "points": points, "date": time.strftime("%Y-%m-%d")}
+                  "unlearn": self.unlearn_record(), "points": points, "date": time.strftime("%Y-%m-%d")}
         write_json(self.results / "scaling.json", result)
         return result

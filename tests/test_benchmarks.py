@@ -56,7 +56,7 @@ def test_runs_reused_only_for_the_same_data_request_and_sizes(tmp_path):
 
 
 def test_scaling_keeps_earlier_points_only_for_the_same_recipe_and_sizes(tmp_path):
-    """--scaling-n 2048 adds a point to an earlier run's; a run with another recipe or sizes is not mixed in."""
+    """--scaling-n 2048 adds a point to an earlier run's; a run with another recipe, sizes or unlearn settings is not mixed in."""
     from dataclasses import asdict, replace
 
     results = tmp_path / "results"
@@ -64,13 +64,18 @@ def test_scaling_keeps_earlier_points_only_for_the_same_recipe_and_sizes(tmp_pat
     runner = Runner(tmp_path, tmp_path / "work", results, QUICK, mt=None, progress=False)
     assert runner.recorded_points() == []
     earlier = {"sizes": {**asdict(QUICK), "scaling_n": [8, 16]}, "recipe": runner.recipe.to_dict(), "date": "2026-01-02",
-               "points": [{"n": 8, "seconds_total": 1.0}, {"n": 16, "seconds_total": 2.0, "date": "2026-01-01"}]}
+               "unlearn": runner.unlearn_record(), "points": [{"n": 8, "seconds_total": 1.0}, {"n": 16, "seconds_total": 2.0, "date": "2026-01-01"}]}
     (results / "scaling.json").write_text(json.dumps(earlier))
     assert runner.recorded_points() == [{"n": 8, "seconds_total": 1.0, "date": "2026-01-02"},
                                         {"n": 16, "seconds_total": 2.0, "date": "2026-01-01"}]
     assert Runner(tmp_path, tmp_path / "work", results, replace(QUICK, scaling_n=(64,)), mt=None, progress=False).recorded_points()
     assert Runner(tmp_path, tmp_path / "work", results, replace(QUICK, epochs=3), mt=None, progress=False).recorded_points() == []
     (results / "scaling.json").write_text(json.dumps({**earlier, "recipe": {**earlier["recipe"], "lr": 1.0}}))
+    assert runner.recorded_points() == []
+    # points measured with other unlearn settings (a file from before --damping-grid has none recorded)
+    (results / "scaling.json").write_text(json.dumps({**earlier, "unlearn": {**earlier["unlearn"], "damping_grid": []}}))
+    assert runner.recorded_points() == []
+    (results / "scaling.json").write_text(json.dumps({k: v for k, v in earlier.items() if k != "unlearn"}))
     assert runner.recorded_points() == []
 
 
