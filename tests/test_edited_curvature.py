@@ -187,3 +187,23 @@ def test_damping_grid_needs_cg_and_numbers():
     with pytest.raises(InputError, match="give numbers"):
         UnlearnSettings(damping_grid=("0.01", "x"))
     assert UnlearnSettings(damping=0.03, damping_grid=("0.01", "0.03")).dampings == (0.01, 0.03)
+
+
+def test_damping_grid_without_line_search_scores_full_steps(tiny64, tmp_path):
+    """--no-line-search with a grid: each λ's full step is scored once and the chosen one is taken in full."""
+    model, tok, records = tiny64
+    req = load_request(write_jsonl(tmp_path / "r.jsonl", [{"op": "remove", "id": "r1"}]), records)
+    common = dict(curvature="ggn", curvature_samples=0, batch_size=4, device="cpu", template="chat", solver="cg",
+                  line_search=False, solver_settings=SolverSettings(tol=1e-10, max_iters=400))
+    unl = Unlearner(model, tok, records, UnlearnSettings(damping=0.03, damping_grid=(1e-4, 3.0), **common))
+    delta, _, stage = unl.delta(req, progress=False)
+    rows = stage["steps"][0]["damping_selection"]
+    assert all(r["scale"] == 1.0 for r in rows)
+    best = min(rows, key=lambda r: r["objective"])
+    assert best["chosen"]
+    alone = Unlearner(model, tok, records, UnlearnSettings(damping=best["damping"], **common))
+    d, _, _ = alone.delta(req, progress=False)
+    assert torch.linalg.vector_norm(delta - d) <= 1e-6 * torch.linalg.vector_norm(d)
+    # each row's objective is R' at Θ̂ + Δ_λ, the full step
+    items = unl.edited_examples(req)
+    assert abs(best["objective"] - unl.retraining_objective(items, unl.theta_hat + d)) < 1e-9

@@ -122,3 +122,14 @@ def test_cg_shifted_early_iterates(problem):
     alone = solver.solve(op2, b, progress=False)
     assert rel_err(shifted.delta, alone.delta) < 1e-8
     assert abs(shifted.final_residual - alone.final_residual) < 1e-8
+
+
+def test_cg_shifted_survives_a_shift_that_converges_long_before_the_seed(problem):
+    # a huge shift's ζ shrinks by ~1e-30 an iteration and underflowed to 0 (ZeroDivisionError) before it was frozen
+    curv, items, damping, b, x_true, A = problem
+    op = HessianOperator(curv, items, batch_size=4, damping=damping, curvature_samples=0, seed=0)
+    seed, big = get_solver("cg", SolverSettings(tol=1e-9, max_iters=300)).solve_shifted(op, b, (1e30,), progress=False)
+    assert seed.iterations > 11, seed.iterations  # long enough for ζ to pass 1e-308 without the freeze
+    want = torch.linalg.solve(A + 1e30 * torch.eye(len(b), dtype=A.dtype), b)
+    assert rel_err(big.delta, want) < 1e-9 and big.converged
+    assert rel_err(seed.delta, x_true) < 1e-5

@@ -5,6 +5,11 @@ import torch
 from .base import SolveResult, Solver
 
 
+# a shifted system whose residual is this many times the seed's is solved far below any tolerance; it is
+# left alone from then on, because its ζ keeps shrinking geometrically and would underflow to 0
+TINY = 1e-100
+
+
 class ConjugateGradient(Solver):
     """Conjugate gradients on (C + λI) x = b, C over the operator's fixed training batches.
 
@@ -39,6 +44,7 @@ class ConjugateGradient(Solver):
         xs = [torch.zeros_like(b) for _ in shifts]
         ps = [b.clone() for _ in shifts]
         zeta, zeta_old = [1.0] * len(shifts), [1.0] * len(shifts)
+        frozen = [False] * len(shifts)
         alpha_old, beta_old = 1.0, 0.0
         residuals = [[(0, 1.0)] for _ in range(len(shifts) + 1)]
         converged, info = False, {}
@@ -53,6 +59,10 @@ class ConjugateGradient(Solver):
                 break
             alpha = float(rs / pap)
             for j, s in enumerate(shifts):
+                if abs(zeta[j]) < TINY:  # solved to far below any tolerance; ζ would underflow to 0 next
+                    frozen[j] = True
+                if frozen[j]:
+                    continue
                 denom = alpha * beta_old * (zeta_old[j] - zeta[j]) + zeta_old[j] * alpha_old * (1.0 + s * alpha)
                 zeta_new = zeta[j] * zeta_old[j] * alpha_old / denom
                 xs[j] += (alpha * zeta_new / zeta[j]) * ps[j]
@@ -64,6 +74,8 @@ class ConjugateGradient(Solver):
             rel = float(torch.sqrt(rs_new) / bnorm)
             residuals[0].append((k, rel))
             for j in range(len(shifts)):
+                if frozen[j]:  # its x and residual stay
+                    continue
                 residuals[j + 1].append((k, abs(zeta[j]) * rel))
                 # p_σ = ζ_σ r + β (ζ_σ/ζ_σ,old)² p_σ, with ζ already advanced
                 ps[j] = zeta[j] * r + (beta * (zeta[j] / zeta_old[j]) ** 2) * ps[j]
