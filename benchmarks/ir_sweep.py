@@ -7,7 +7,7 @@ once and computes b once (b does not depend on the settings); each setting then 
 search and an evaluation of the removed samples and a sample of retained ones that is disjoint from the
 curvature sample, so no scored record is one the curvature was taken on. Writes benchmarks/results/ir_sweep.json, one row per setting, appended.
 
-Usage: python -m benchmarks.ir_sweep [--n 2048] [--epochs E] [--grid damping=0.01,curvature_samples=64 ...] [--test]
+Usage: python -m benchmarks.ir_sweep [--n 2048] [--epochs E] [--grid damping=0.01,curvature_samples=64 damping_grid=0.003:0.01 ...] [--test]
 """
 
 from __future__ import annotations
@@ -79,7 +79,9 @@ def main():
     ap.add_argument("--n", type=int, default=2048, help="the scaling point whose cached adapters to use")
     ap.add_argument("--grid", nargs="*", default=["damping=0.03"],
                     help="settings to try, each as key=value pairs joined by commas; keys are UnlearnSettings fields "
-                         "and the solver's max_iters and tol (default: the suite's settings)")
+                         "and the solver's max_iters and tol; damping_grid takes λ values joined by ':' (every other setting "
+                         "is the suite's, with one λ: the default damping=0.03 is the suite's CG without its grid, "
+                         "damping_grid=0.003:0.01 is the suite's CG)")
     ap.add_argument("--epochs", type=float, default=None,
                     help="the recipe's epoch count when the point was trained with `benchmarks.run --epochs E` (its own folders)")
     ap.add_argument("--retain", type=int, default=48, help="retained samples to score, none from the curvature sample")
@@ -103,7 +105,9 @@ def main():
     test = load_records(d / "test.jsonl") if args.test else None
     removed = {e.index for e in request.edits}
     kept = [r for i, r in enumerate(records) if i not in removed]
-    base_settings = llmeraser_settings(FULL, "cg")
+    # one λ unless a setting names a grid, so every row is what its spec says (the suite's own CG adds
+    # damping_grid=0.003:0.01)
+    base_settings = replace(llmeraser_settings(FULL, "cg"), damping_grid=())
     # the curvature sample is seeded_subset(kept, curvature_samples, seed); score retained samples outside the largest one tried
     largest = max([base_settings.curvature_samples] + [parse_setting(g).get("curvature_samples", 0) for g in args.grid])
     curv_ids = {r.id for r in seeded_subset(kept, largest, base_settings.seed)}
