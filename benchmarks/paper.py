@@ -157,8 +157,8 @@ def is_quick(sizes: Sizes) -> bool:
 
 
 # CG tries these λ beside the default 0.03 in its one run and keeps the step that lowers the retraining
-# objective most: IR at n = 2048 wants 0.003, RC at n = 128 loses retained samples with it (BENCHMARKS.md).
-# The stochastic solver has no shifted form, so it keeps the one λ.
+# objective most: no one λ suited every edit (λ = 0.003 moved IR at n = 2048 furthest and cost RC at n = 128
+# its retained samples; BENCHMARKS.md). The stochastic solver has no shifted form, so it keeps the one λ.
 DAMPING_GRID = (0.003, 0.01)
 
 

@@ -24,14 +24,15 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = "--" + f.name.replace("_", "-")
         hint = str(hints[f.name])
-        help_text = f.metadata["help"] + (f" (default: {default})" if default is not None else "")
-        typ = int if "int" in hint else float if "float" in hint else str
+        shown = "none" if default == () else default
+        help_text = f.metadata["help"] + (f" (default: {shown})" if default is not None else "")
         if isinstance(default, tuple):
             # values stay strings here: the dataclass converts them and names a bad one in its error
             parser.add_argument(flag, nargs="+", default=default, metavar=f.name.upper(), help=help_text.replace("%", "%%"))
         elif isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
+            typ = int if "int" in hint else float if "float" in hint else str
             parser.add_argument(flag, type=typ, default=default, choices=f.metadata.get("choices"),
                                 metavar=f.name.upper() if "choices" not in f.metadata else None,
                                 help=help_text.replace("%", "%%"))
