@@ -42,7 +42,7 @@ def parse_setting(spec: str) -> dict:
         if k == "damping_grid":
             out[k] = tuple(float(x) for x in v.split(":"))
         else:
-            out[k] = v if k == "curvature" else (int(v) if k in ("curvature_samples", "max_iters", "newton_steps", "refine_iters") else float(v))
+            out[k] = v if k == "curvature" else (int(v) if k in ("curvature_samples", "line_search_samples", "max_iters", "newton_steps", "refine_iters") else float(v))
     return out
 
 

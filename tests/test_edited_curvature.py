@@ -207,3 +207,28 @@ def test_damping_grid_without_line_search_scores_full_steps(tiny64, tmp_path):
     # each row's objective is R' at Θ̂ + Δ_λ, the full step
     items = unl.edited_examples(req)
     assert abs(best["objective"] - unl.retraining_objective(items, unl.theta_hat + d)) < 1e-9
+
+
+def test_line_search_sample_of_its_own_keeps_the_solves_slope(tiny64, tmp_path):
+    """--line-search-samples k: the objective is estimated on k kept samples (holding the curvature sample), and its
+    slope at Θ̂ is still the solve's, while its values differ from the curvature-sample estimate away from Θ̂."""
+    model, tok, records = tiny64
+    req = load_request(write_jsonl(tmp_path / "r.jsonl", [{"op": "remove", "id": "r1"},
+                                                         {"op": "correct_response", "id": "r2", "new": {"response": "9"}}]), records)
+    kw = dict(curvature_samples=3, batch_size=2, device="cpu", template="chat")
+    small = Unlearner(model, tok, records, UnlearnSettings(**kw), weight_decay=0.1)
+    large = Unlearner(model, tok, records, UnlearnSettings(line_search_samples=7, **kw), weight_decay=0.1)
+    (f_small, _), (f_large, exact) = small.line_objective(req), large.line_objective(req)
+    assert not exact
+    b = large.compute_rhs(req, progress=False)
+    _, rhs, m = large.first_system(req, b)
+    d = torch.randn(large.theta_hat.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    eps = 1e-5
+    slope = (f_large(large.theta_hat + eps * d) - f_large(large.theta_hat - eps * d)) / (2 * eps)
+    want = float(-(rhs / m) @ d)
+    assert abs(slope - want) <= 3e-3 * abs(want)  # float32 softmax noise (see the test above); a wrong slope is off by > 5%
+    far = large.theta_hat + 0.5 * d / d.norm()
+    assert abs((f_large(far) - f_large(large.theta_hat)) - (f_small(far) - f_small(large.theta_hat))) > 1e-6
+    # as many samples as kept records: the exact objective
+    assert large.line_objective(req)[1] is False
+    assert Unlearner(model, tok, records, UnlearnSettings(line_search_samples=len(records), **kw)).line_objective(req)[1]

@@ -62,6 +62,10 @@ class UnlearnSettings:
     curvature_data: str = field(default="edited", metadata={"help": "data the curvature is taken over: 'edited' (the data after the request, so the update is a Newton step "
                                                       "on the retraining objective, as in Guo et al. 2020) or 'original' (the paper's H of the training loss)", "choices": CURVATURE_DATA})
     curvature_samples: int = field(default=128, metadata={"help": "training samples in the fixed batches for CG and the residual (0: all)"})
+    line_search_samples: int = field(default=0, metadata={"help": "kept samples the line search (and the --damping-grid choice) estimates the "
+                                                          "retraining objective's kept part on (0: the --curvature-samples sample). A larger "
+                                                          "seeded sample holds that one and more: records whose loss the solve did not "
+                                                          "model, at one loss pass per sample and step tried (experimental)"})
     cache_batches: int = field(default=4, metadata={"help": "fixed curvature batches whose Gauss-Newton linearisation is kept in memory between CG iterations, "
                                                      "so each later product costs two backward passes instead of a forward and three backwards; "
                                                      "each holds one batch's activations, and another is kept only while free memory stays above "
@@ -115,8 +119,8 @@ class UnlearnSettings:
             raise InputError("--reset-removed must be >= 0 and needs --curvature ggn or ggn-base")
         if not self.anchor_kept >= 0 or (self.anchor_kept and (not gauss_newton or self.newton_steps > 1)):
             raise InputError("--anchor-kept must be >= 0 and needs --curvature ggn or ggn-base, and --newton-steps 1")
-        if self.batch_size < 1 or self.max_length < 2 or self.curvature_samples < 0 or self.newton_steps < 1 or self.cache_batches < 0 or self.refine_iters < 0:
-            raise InputError("--batch-size and --newton-steps must be >= 1, --max-length >= 2 and --curvature-samples, --cache-batches, --refine-iters >= 0")
+        if self.batch_size < 1 or self.max_length < 2 or self.curvature_samples < 0 or self.newton_steps < 1 or self.cache_batches < 0 or self.refine_iters < 0 or self.line_search_samples < 0:
+            raise InputError("--batch-size and --newton-steps must be >= 1, --max-length >= 2 and --curvature-samples, --line-search-samples, --cache-batches, --refine-iters >= 0")
 
 
 @dataclass
@@ -395,25 +399,26 @@ class Unlearner:
         converged removal step at every scale (measured, BENCHMARKS.md).
         """
         n_kept = self.n - len({e.index for e in request.edits})
-        if not self.settings.curvature_samples or self.settings.curvature_samples >= n_kept:
+        size = self.settings.line_search_samples or self.settings.curvature_samples
+        if not size or size >= n_kept:
             items = self.edited_examples(request)
             f, exact = (lambda t: self.retraining_objective(items, t)), True
         else:
-            cv = self._control_variate(request, "line search", False)
+            cv = self._control_variate(request, "line search", False, size)
             m = n_kept + len(cv.new)
             f, exact = (lambda t: cv.data_part(t) / m + 0.5 * self.weight_decay * float(t.square().sum())), False
         if penalty is None:
             return f, exact
         return (lambda t: f(t) + penalty(t)), exact
 
-    def _control_variate(self, request: EditRequest, desc: str, progress: bool) -> SimpleNamespace:
+    def _control_variate(self, request: EditRequest, desc: str, progress: bool, size: int | None = None) -> SimpleNamespace:
         """Σ_kept L_i(Θ) + Σ_new L(Θ), up to a constant, from a seeded sample of the kept records:
             data_part(Θ) = s·Σ_sample [L_i(Θ) − L_i(Θ̂)] + (g_kept − s·g_sample)·(Θ − Θ̂) + Σ_new L(Θ),
         s = |kept|/|sample|, g_kept = −Σ_S ∇L_old(Θ̂) − n·wd·Θ̂ by the stationarity of Θ̂, so that its
         slope at Θ̂ is the one b gives. Shared by the line search and the refinement steps."""
         kept = self.kept_examples(request)
         new = [self.encode(e.new) for e in request.edits if e.new is not None]
-        sample = seeded_subset(kept, self.settings.curvature_samples, self.settings.seed)
+        sample = seeded_subset(kept, size or self.settings.curvature_samples, self.settings.seed)
         scale = len(kept) / len(sample)
         g_old_hat = self.old_grad_hat(request, progress)
         g_sample_hat = self._grad_sum(sample, self.theta_hat, f"{desc}: kept sample at Θ̂", progress)
