@@ -179,7 +179,7 @@ def table(point: dict) -> str:
 
 
 def _fmt(v) -> str:
-    if isinstance(v, tuple):
+    if isinstance(v, (tuple, list)):  # a grid: a tuple when just parsed, a list when read back from the JSON
         return "/".join(f"{x:g}" for x in v)
     return v if isinstance(v, str) else f"{v:g}"
 

@@ -224,3 +224,17 @@ def test_ir_sweep_settings_land_where_the_solver_reads_them():
                            solver_settings=dc_replace(base.solver_settings, max_iters=8))
     grid = settings_for(base, parse_setting("damping_grid=0.003:0.01"))
     assert grid.dampings == (0.003, 0.01, base.damping)
+
+
+def test_ir_sweep_table_reads_grid_rows_back_from_json():
+    """A damping_grid row is a tuple when run and a list once read back from ir_sweep.json; --table prints both."""
+    from benchmarks.ir_sweep import table
+
+    metrics = {"forget": {"auc": 0.9, "nll": 0.1}, "retain": {"auc": 0.8, "nll": 0.2}}
+    step = {"iterations": 8, "final_residual": 0.05, "line_search": {"scale": 1.0},
+            "damping_selection": [{"damping": 0.003, "chosen": False}, {"damping": 0.01, "chosen": True}]}
+    row = {"setting": {"damping_grid": (0.003, 0.01), "max_iters": 8}, "metrics": metrics, "steps": [step], "seconds_solve": 10.0}
+    point = {"original": metrics, "retrain": metrics, "rows": [row]}
+    text = table(json.loads(json.dumps(point)))
+    assert "damping_grid 0.003/0.01, max_iters 8 (chose λ = 0.01)" in text
+    assert text == table(point)
