@@ -233,3 +233,28 @@ def test_line_search_sample_of_its_own_keeps_the_solves_slope(tiny64, tmp_path):
     # as many samples as kept records: the exact objective
     assert large.line_objective(req)[1] is False
     assert Unlearner(model, tok, records, UnlearnSettings(line_search_samples=len(records), **kw)).line_objective(req)[1]
+
+
+def test_damping_grid_ignores_a_nan_full_step(tiny64, tmp_path, monkeypatch):
+    """A λ whose full step gives a NaN objective (float32 overflow far from Θ̂) and whose half step is accepted is
+    scored by its half step; a NaN must not win or poison the choice."""
+    model, tok, records = tiny64
+    req = load_request(write_jsonl(tmp_path / "r.jsonl", [{"op": "remove", "id": "r1"}]), records)
+    common = dict(curvature="ggn", curvature_samples=0, batch_size=4, device="cpu", template="chat", solver="cg",
+                  solver_settings=SolverSettings(tol=1e-10, max_iters=400))
+    unl = Unlearner(model, tok, records, UnlearnSettings(damping=0.03, damping_grid=(1e-4,), **common))
+    real, exact = unl.line_objective(req)
+    lengths = []
+
+    def objective(t):
+        d = float((t - unl.theta_hat).norm())
+        lengths.append(d)
+        return float("nan") if d > 0.99 * max(lengths) and len(lengths) == 2 else real(t)
+
+    monkeypatch.setattr(unl, "line_objective", lambda request, penalty=None: (objective, exact))
+    _, _, stage = unl.delta(req, progress=False)
+    rows = stage["steps"][0]["damping_selection"]
+    assert rows[0]["scale"] < 1.0  # λ = 1e-4: its full step (the second call) was NaN
+    assert all(r["objective"] == r["objective"] for r in rows)  # no NaN recorded as a row's value
+    chosen = [r for r in rows if r["chosen"]]
+    assert chosen[0]["objective"] == min(r["objective"] for r in rows)

@@ -359,7 +359,8 @@ class Unlearner:
                                    10 if self.settings.line_search else 0, start=start)
                 search["exact"] = exact
                 start = search["start"]
-            value = min(t["objective"] for t in search["trace"]) if search else 0.0
+            # the objective at the scale the search settled on (min() over the trace would return a NaN of a wild full step)
+            value = next(t["objective"] for t in search["trace"] if t["scale"] == search["scale"]) if search else 0.0
             rows.append((lam, res, step, search, value))
         accepted = [r for r in rows if r[3] is None or r[3]["accepted"]] or rows[-1:]
         best = min(reversed(accepted), key=lambda r: r[4])  # reversed: a tie goes to the larger λ
