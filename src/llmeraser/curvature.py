@@ -261,8 +261,9 @@ class HessianOperator:
         self.generator = torch.Generator().manual_seed(seed)
         chosen = by_length(seeded_subset(items, curvature_samples, seed))
         k = len(chosen)
-        collate = curvature.objective.collate
-        self.fixed = [collate(chosen[i:i + batch_size], device) for i in range(0, k, batch_size)]
+        collate, prepare = curvature.objective.collate, curvature.objective.prepare
+        # every product passes over these batches: `prepare` keeps what does not depend on Θ
+        self.fixed = [prepare(collate(chosen[i:i + batch_size], device)) for i in range(0, k, batch_size)]
         self.fixed_weights = [curvature.objective.batch_size(b) / k for b in self.fixed]
         self.hvp_count = 0
         # GGN products on the fixed batches reuse one linearisation per batch (built on first use)

@@ -7,6 +7,9 @@ masked); empirical risk R = mean over samples. Every caller reduces per-sample l
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
 from abc import ABC, abstractmethod
 
 import torch
@@ -14,6 +17,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from .render import Example
+
+log = logging.getLogger(__name__)
 
 
 def by_length(items: list) -> list:
@@ -49,6 +54,10 @@ class Objective(ABC):
     def batch_size(self, batch: dict) -> int:
         return int(batch["n"])
 
+    def prepare(self, batch: dict) -> dict:
+        """Make a batch that will be evaluated many times cheaper to evaluate (see CausalLMObjective)."""
+        return batch
+
 
 class CausalLMObjective(Objective):
     """A (PEFT) causal LM; outputs are the logits at the positions that predict response tokens."""
@@ -57,6 +66,79 @@ class CausalLMObjective(Objective):
         self.model = model
         self.pad_id = pad_id
         self.keeps_logits = True
+        self._layers, self._prefix = None, 0  # the decoder's layer list, and how many of them Θ leaves frozen
+        self._checked = False
+
+    def freeze_prefix(self, names) -> int:
+        """Let `prepare` cache the hidden states after the decoder layers that hold no tensor of Θ.
+
+        `names` are Θ's parameter names. When every one lies in a decoder layer (LoRA on the top layers,
+        as the suite's and the demo's recipes put it), the layers below the lowest of them compute the
+        same hidden states at every Θ, so a batch evaluated many times (CG's fixed batches, the line
+        search's sample) runs them once. Returns the number of layers skipped (0: Θ has a tensor outside
+        the decoder layers, e.g. embeddings, and nothing is cached)."""
+        where = [re.match(r"^(.*\.layers)\.(\d+)\.", n) for n in names]
+        containers = {m.group(1) for m in where if m}
+        if not names or not all(where) or len(containers) != 1:
+            self._layers, self._prefix = None, 0
+            return 0
+        layers = dict(self.model.named_modules()).get(containers.pop())
+        if not isinstance(layers, torch.nn.ModuleList):
+            return 0
+        self._layers, self._prefix = layers, min(int(m.group(2)) for m in where)
+        return self._prefix
+
+    def prepare(self, batch: dict) -> dict:
+        """Store the frozen layers' output in `batch` (see `freeze_prefix`), so later `outputs` start
+        above them. The first prepared batch checks that starting there gives the same logits as the
+        whole model; where it does not (an architecture that transforms its input embeddings, say) the
+        shortcut is switched off for good and every batch runs the whole model."""
+        if not self._prefix or "prefix" in batch:
+            return batch
+        with torch.no_grad():
+            try:
+                batch["prefix"] = self._prefix_states(batch)
+                if not self._checked:
+                    full, short = self._logits(batch, {}, skip=False), self._logits(batch, {}, skip=True)
+                    if full.shape != short.shape or not torch.allclose(full, short, rtol=1e-4, atol=1e-4):
+                        raise ValueError(f"logits differ by {float((full - short).abs().max()):.3g}")
+                    self._checked = True
+            except (ValueError, RuntimeError, TypeError, AttributeError) as e:
+                log.info("not caching the frozen layers' hidden states (%s); running the whole model", e)
+                self._prefix = 0
+                batch.pop("prefix", None)
+        return batch
+
+    def _prefix_states(self, batch: dict) -> torch.Tensor:
+        """The hidden states entering decoder layer `_prefix`: the model run up to there and stopped."""
+        seen = []
+
+        def catch(module, args, kwargs):
+            seen.append(args[0] if args else kwargs["hidden_states"])
+            raise _Stop
+
+        handle = self._layers[self._prefix].register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if not seen:
+            raise ValueError("the model never reached its first adapted layer")
+        return seen[0].detach()
+
+    @contextlib.contextmanager
+    def _skipping(self):
+        """The frozen layers replaced by pass-throughs (their outputs are in the batch's "prefix")."""
+        kept = [self._layers[i] for i in range(self._prefix)]
+        try:
+            for i, layer in enumerate(kept):
+                self._layers[i] = _PassThrough(layer)
+            yield
+        finally:
+            for i, layer in enumerate(kept):
+                self._layers[i] = layer
 
     def collate(self, items: list[Example], device) -> dict:
         width = max(len(e.input_ids) for e in items)
@@ -88,18 +170,48 @@ class CausalLMObjective(Objective):
         }
 
     def outputs(self, params, batch):
-        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-        if self.keeps_logits:
-            try:
-                out = functional_call(self.model, params, args=(), kwargs={**kwargs, "logits_to_keep": batch["keep"]}, strict=False)
-                return out.logits[batch["rows"], batch["where"]]  # [response tokens in batch, vocab]
-            except TypeError:  # a model without `logits_to_keep`: project every position
-                self.keeps_logits = False
-        out = functional_call(self.model, params, args=(), kwargs=kwargs, strict=False)
-        return out.logits[batch["rows"], batch["cols"]]
+        return self._logits(batch, params, skip="prefix" in batch and self._prefix > 0)
+
+    def _logits(self, batch, params, skip: bool):
+        kwargs = {"attention_mask": batch["attention_mask"], "use_cache": False}
+        # above the frozen layers the model starts from their stored output, passed as its input embeddings
+        kwargs.update({"inputs_embeds": batch["prefix"]} if skip else {"input_ids": batch["input_ids"]})
+        with self._skipping() if skip else contextlib.nullcontext():
+            if self.keeps_logits:
+                try:
+                    out = functional_call(self.model, params, args=(), kwargs={**kwargs, "logits_to_keep": batch["keep"]}, strict=False)
+                    return out.logits[batch["rows"], batch["where"]]  # [response tokens in batch, vocab]
+                except TypeError:  # a model without `logits_to_keep`: project every position
+                    self.keeps_logits = False
+            out = functional_call(self.model, params, args=(), kwargs=kwargs, strict=False)
+            return out.logits[batch["rows"], batch["cols"]]
 
     def losses(self, outputs, batch):
         nll = F.cross_entropy(outputs.float() if outputs.dtype in (torch.float16, torch.bfloat16) else outputs,
                               batch["targets"], reduction="none")
         per_sample = torch.zeros(batch["n"], dtype=nll.dtype, device=nll.device).index_add(0, batch["rows"], nll)
         return per_sample / batch["counts"].to(nll.dtype)
+
+
+class _Stop(Exception):
+    """Raised by the hook that stops a forward pass at the first adapted layer."""
+
+
+class _PassThrough(torch.nn.Module):
+    """A decoder layer that returns its input: stands in for a frozen layer whose output is cached.
+
+    The layer itself is held outside the module tree (its parameters are not this module's), and other
+    attributes the decoder reads from its layers (e.g. `attention_type`) come from it."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.__dict__["_layer"] = layer
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_layer"], name)

@@ -44,10 +44,11 @@ class OutputReset:
         Fisher F⁰; otherwise the metric is F̄ above."""
         self.objective, self.params, self.theta_hat = objective, params, theta_hat.detach()
         examples = by_length(examples)
-        self.batches = [objective.collate(examples[i:i + batch_size], device) for i in range(0, len(examples), batch_size)]
         theta0 = zero_adapter(params, self.theta_hat)
         # the same attention kernel as value() and grad(), so that d is exactly 0 at the target
         with torch.no_grad(), fused_attention(objective.model):
+            self.batches = [objective.prepare(objective.collate(examples[i:i + batch_size], device))
+                            for i in range(0, len(examples), batch_size)]
             base = [objective.outputs(params.unflatten(theta0), b).detach() for b in self.batches]
             hat = [objective.outputs(params.unflatten(self.theta_hat), b).detach() for b in self.batches]
         softmax = (lambda t: torch.softmax(t.double(), -1).to(t.dtype))

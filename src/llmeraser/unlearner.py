@@ -29,6 +29,8 @@ from .solvers import SOLVERS, SolveResult, SolverSettings, get_solver
 log = logging.getLogger(__name__)
 
 CURVATURE_DATA = ("edited", "original")
+# bytes of stored hidden states (the layers below the adapter) a loss evaluation's batches may hold
+PREFIX_BUDGET = 2**28
 
 
 @dataclass
@@ -167,6 +169,8 @@ class Unlearner:
         self.template = resolve_template(tokenizer, settings.template)
         self.params, self.theta_hat = theta_of(model)
         self.objective = CausalLMObjective(model, tokenizer.pad_token_id)
+        # batches evaluated many times (CG's, the line search's) skip the layers below the adapter's lowest
+        self.objective.freeze_prefix(self.params.names)
         self.weight_decay = weight_decay
         # the L2 term of training is part of the Hessian; with --damping-grid the operator carries the
         # smallest λ (the others are shifts of it) until `select_damping` sets the chosen one
@@ -403,14 +407,22 @@ class Unlearner:
         size = self.settings.line_search_samples or self.settings.curvature_samples
         if not size or size >= n_kept:
             items = self.edited_examples(request)
-            f, exact = (lambda t: self.retraining_objective(items, t)), True
+            batches = self._batches(items)
+            f = _Objective(lambda t: self._loss_of(batches, t) / len(items) + 0.5 * self.weight_decay * float(t.square().sum()))
+            exact = True
         else:
             cv = self._control_variate(request, "line search", False, size)
             m = n_kept + len(cv.new)
-            f, exact = (lambda t: cv.data_part(t) / m + 0.5 * self.weight_decay * float(t.square().sum())), False
+            f = _Objective(lambda t, **kw: cv.data_part(t, **kw) / m + 0.5 * self.weight_decay * float(t.square().sum()))
+            # at Θ̂ the sample's part is 0 by construction: R'(Θ̂) needs only the new samples' losses
+            f.start = f(self.theta_hat, sample=False)
+            exact = False
         if penalty is None:
             return f, exact
-        return (lambda t: f(t) + penalty(t)), exact
+        g = _Objective(lambda t: f(t) + penalty(t))
+        if f.start is not None:
+            g.start = f.start + penalty(self.theta_hat)
+        return g, exact
 
     def _control_variate(self, request: EditRequest, desc: str, progress: bool, size: int | None = None) -> SimpleNamespace:
         """Σ_kept L_i(Θ) + Σ_new L(Θ), up to a constant, from a seeded sample of the kept records:
@@ -424,11 +436,13 @@ class Unlearner:
         g_old_hat = self.old_grad_hat(request, progress)
         g_sample_hat = self._grad_sum(sample, self.theta_hat, f"{desc}: kept sample at Θ̂", progress)
         linear = -g_old_hat - self.n * self.weight_decay * self.theta_hat - scale * g_sample_hat
-        base = self._loss_sum(sample, self.theta_hat)
+        sample_batches, new_batches = self._batches(sample), self._batches(new)
+        base = self._loss_of(sample_batches, self.theta_hat)
 
-        def data_part(t):
-            val = scale * (self._loss_sum(sample, t) - base) + float(linear @ (t - self.theta_hat))
-            return val + (self._loss_sum(new, t) if new else 0.0)
+        def data_part(t, sample=True):
+            """`sample=False` at Θ̂ only, where the sample's term is exactly 0 (the same passes as `base`)."""
+            val = scale * (self._loss_of(sample_batches, t) - base) + float(linear @ (t - self.theta_hat)) if sample else 0.0
+            return val + (self._loss_of(new_batches, t) if new else 0.0)
 
         return SimpleNamespace(kept=kept, new=new, sample=sample, scale=scale, g_old_hat=g_old_hat,
                                g_sample_hat=g_sample_hat, data_part=data_part)
@@ -477,21 +491,49 @@ class Unlearner:
         return self.settings.curvature in GAUSS_NEWTON and (not self.settings.curvature_samples or self.settings.curvature_samples >= m)
 
     def _loss_sum(self, items, theta) -> float:
-        total = 0.0
-        items = by_length(items)
+        return self._loss_of(self._batches(items, prepare=False), theta)
+
+    def _batches(self, items, prepare: bool = True) -> list[dict]:
+        """`items` in batches by length, for loss values at many Θ. With `prepare`, each of the first
+        batches up to PREFIX_BUDGET bytes stores the output of the layers below the adapter, so later
+        passes start above them (`CausalLMObjective.prepare`; with the attention kernel the loss passes use)."""
+        items, bs, out, used = by_length(items), self.settings.batch_size, [], 0
         with torch.no_grad(), fused_attention(self.model):
-            for i in range(0, len(items), self.settings.batch_size):
-                batch = self.objective.collate(items[i:i + self.settings.batch_size], self.device)
+            for i in range(0, len(items), bs):
+                batch = self.objective.collate(items[i:i + bs], self.device)
+                if prepare and used < PREFIX_BUDGET:
+                    batch = self.objective.prepare(batch)
+                    if "prefix" in batch:
+                        used += batch["prefix"].numel() * batch["prefix"].element_size()
+                out.append(batch)
+        return out
+
+    def _loss_of(self, batches: list[dict], theta) -> float:
+        total = 0.0
+        with torch.no_grad(), fused_attention(self.model):
+            for batch in batches:
                 total += float(self.objective.losses(self.objective.outputs(self.params.unflatten(theta), batch), batch).sum())
         return total
+
+
+class _Objective:
+    """A line-search objective f(Θ), with `start` = f(Θ̂) where it is known without a pass."""
+
+    def __init__(self, f):
+        self.f, self.start = f, None
+
+    def __call__(self, theta, **kw):
+        return self.f(theta, **kw)
 
 
 def backtrack(objective, theta: torch.Tensor, step: torch.Tensor, slope: float, max_halvings: int = 10,
               start: float | None = None) -> dict:
     """Armijo backtracking: the first α in 1, 1/2, … with f(Θ + αΔ) <= f(Θ) + 1e-4·α·slope.
 
-    `start`, when known, is f(Θ). Without such an α it reports the best α tried and accepted = False
-    (the caller decides)."""
+    `start`, when known, is f(Θ) (else `objective.start` where it has one). Without such an α it
+    reports the best α tried and accepted = False (the caller decides)."""
+    if start is None:
+        start = getattr(objective, "start", None)
     start = objective(theta) if start is None else start
     trace, alpha = [], 1.0
     for _ in range(max_halvings + 1):
