@@ -17,19 +17,25 @@ from .params import AdapterParams
 def sum_of_gradients(objective: Objective, params: AdapterParams, theta_hat: torch.Tensor, items: list,
                      batch_size: int, device="cpu", desc: str = "gradients", progress: bool = True) -> torch.Tensor:
     """Σ_i ∇_Θ L(z_i; Θ̂) over `items`, batched (one backward per batch of per-sample loss sums)."""
-    total = torch.zeros_like(theta_hat)
     items = by_length(items)
-    batches = range(0, len(items), batch_size)
-    for start in tqdm(batches, desc=desc, disable=not progress or len(batches) < 2, leave=False):
-        batch = objective.collate(items[start:start + batch_size], device)
+    batches = (objective.collate(items[i:i + batch_size], device) for i in range(0, len(items), batch_size))
+    return gradient_sum(objective, params, theta_hat, batches, desc, progress, total=-(-len(items) // batch_size))
+
+
+def gradient_sum(objective: Objective, params: AdapterParams, theta_hat: torch.Tensor, batches, desc: str = "gradients",
+                 progress: bool = True, total: int | None = None) -> torch.Tensor:
+    """Σ_i ∇_Θ L(z_i; Θ̂) over already collated (perhaps prepared) batches."""
+    out = torch.zeros_like(theta_hat)
+    total = len(batches) if total is None else total
+    for batch in tqdm(batches, desc=desc, total=total, disable=not progress or total < 2, leave=False):
         with torch.enable_grad():
             theta = theta_hat.detach().clone().requires_grad_(True)
             loss_sum = objective.losses(objective.outputs(params.unflatten(theta), batch), batch).sum()
             (g,) = torch.autograd.grad(loss_sum, theta)
-        total += g
-    if not torch.isfinite(total).all():
+        out += g
+    if not torch.isfinite(out).all():
         raise NumericalError(f"{desc}: the gradient is not finite; check the adapter weights and the data")
-    return total
+    return out
 
 
 def compute_rhs(objective: Objective, params: AdapterParams, theta_hat: torch.Tensor, old_items: list,

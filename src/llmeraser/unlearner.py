@@ -23,7 +23,7 @@ from .modeling import fused_attention, load_adapter, load_base, resolve_device, 
 from .objective import CausalLMObjective, by_length
 from .render import TEMPLATES, encode, resolve_template
 from .reset import OutputReset
-from .rhs import sum_of_gradients
+from .rhs import gradient_sum, sum_of_gradients
 from .solvers import SOLVERS, SolveResult, SolverSettings, get_solver
 
 log = logging.getLogger(__name__)
@@ -434,9 +434,11 @@ class Unlearner:
         sample = seeded_subset(kept, size or self.settings.curvature_samples, self.settings.seed)
         scale = len(kept) / len(sample)
         g_old_hat = self.old_grad_hat(request, progress)
-        g_sample_hat = self._grad_sum(sample, self.theta_hat, f"{desc}: kept sample at Θ̂", progress)
-        linear = -g_old_hat - self.n * self.weight_decay * self.theta_hat - scale * g_sample_hat
         sample_batches, new_batches = self._batches(sample), self._batches(new)
+        with fused_attention(self.model):
+            g_sample_hat = gradient_sum(self.objective, self.params, self.theta_hat, sample_batches,
+                                        f"{desc}: kept sample at Θ̂", progress)
+        linear = -g_old_hat - self.n * self.weight_decay * self.theta_hat - scale * g_sample_hat
         base = self._loss_of(sample_batches, self.theta_hat)
 
         def data_part(t, sample=True):
