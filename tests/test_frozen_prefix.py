@@ -127,3 +127,12 @@ def test_unlearn_with_the_shortcut_equals_unlearn_without(top2, monkeypatch):
     assert torch.allclose(delta_fast, delta_slow, rtol=1e-8, atol=1e-12)
     rows = zip(stage_fast["steps"][0]["damping_selection"], stage_slow["steps"][0]["damping_selection"])
     assert all(abs(a["objective"] - b["objective"]) < 1e-10 and a["chosen"] == b["chosen"] for a, b in rows)
+
+
+@pytest.mark.parametrize("cache", [0, 1])
+def test_unlearn_records_how_many_linearisations_it_kept(top2, cache):
+    model, tok, records, root = top2
+    write_jsonl(root / "request1.jsonl", [{"op": "remove", "id": "r3"}])
+    req = load_request(root / "request1.jsonl", records)
+    _, result, _ = Unlearner(model, tok, records, UnlearnSettings(cache_batches=cache)).delta(req, progress=False)
+    assert result.info["kept_linearisations"] == cache

@@ -232,6 +232,9 @@ class Unlearner:
         for result in results:
             result.info["hvps"] = op.hvp_count
             result.info["hvp_mode"] = op.curvature.mode
+            # how many fixed batches kept their linearisation: decided by free memory, and worth ~1/3 of a
+            # product each on the CPU, so it explains run-to-run differences in the solve's seconds
+            result.info["kept_linearisations"] = len(op._linear)
         if results[0].info.get("diverged"):
             raise NumericalError(f"the {self.settings.solver} solver diverged (residual {results[0].final_residual:.3g}); "
                                  "use --solver cg, --curvature ggn or a larger --damping")
