@@ -136,3 +136,16 @@ def test_unlearn_records_how_many_linearisations_it_kept(top2, cache):
     req = load_request(root / "request1.jsonl", records)
     _, result, _ = Unlearner(model, tok, records, UnlearnSettings(cache_batches=cache)).delta(req, progress=False)
     assert result.info["kept_linearisations"] == cache
+
+
+def test_backtrack_takes_the_known_value_only_at_the_point_it_belongs_to():
+    from llmeraser.unlearner import _Objective, backtrack
+
+    calls = []
+    theta = torch.zeros(2, dtype=torch.float64)
+    f = _Objective(lambda t: calls.append(t) or float((t - 1).square().sum()), at=theta)
+    f.start = 2.0  # f(0)
+    assert backtrack(f, theta, torch.ones(2, dtype=torch.float64), -4.0)["accepted"] and len(calls) == 1
+    calls.clear()
+    backtrack(f, theta.clone(), torch.ones(2, dtype=torch.float64), -4.0)  # another Θ: its value is computed
+    assert len(calls) == 2

@@ -416,13 +416,14 @@ class Unlearner:
         else:
             cv = self._control_variate(request, "line search", False, size)
             m = n_kept + len(cv.new)
-            f = _Objective(lambda t, **kw: cv.data_part(t, **kw) / m + 0.5 * self.weight_decay * float(t.square().sum()))
+            f = _Objective(lambda t, **kw: cv.data_part(t, **kw) / m + 0.5 * self.weight_decay * float(t.square().sum()),
+                           at=self.theta_hat)
             # at Θ̂ the sample's part is 0 by construction: R'(Θ̂) needs only the new samples' losses
             f.start = f(self.theta_hat, sample=False)
             exact = False
         if penalty is None:
             return f, exact
-        g = _Objective(lambda t: f(t) + penalty(t))
+        g = _Objective(lambda t: f(t) + penalty(t), at=f.at)
         if f.start is not None:
             g.start = f.start + penalty(self.theta_hat)
         return g, exact
@@ -522,10 +523,10 @@ class Unlearner:
 
 
 class _Objective:
-    """A line-search objective f(Θ), with `start` = f(Θ̂) where it is known without a pass."""
+    """A line-search objective f(Θ), with `start` = f(`at`) where it is known without a pass."""
 
-    def __init__(self, f):
-        self.f, self.start = f, None
+    def __init__(self, f, at: torch.Tensor | None = None):
+        self.f, self.start, self.at = f, None, at
 
     def __call__(self, theta, **kw):
         return self.f(theta, **kw)
@@ -535,10 +536,10 @@ def backtrack(objective, theta: torch.Tensor, step: torch.Tensor, slope: float, 
               start: float | None = None) -> dict:
     """Armijo backtracking: the first α in 1, 1/2, … with f(Θ + αΔ) <= f(Θ) + 1e-4·α·slope.
 
-    `start`, when known, is f(Θ) (else `objective.start` where it has one). Without such an α it
-    reports the best α tried and accepted = False (the caller decides)."""
-    if start is None:
-        start = getattr(objective, "start", None)
+    `start`, when known, is f(Θ) (else `objective.start` where the objective knows its value at this very Θ).
+    Without such an α it reports the best α tried and accepted = False (the caller decides)."""
+    if start is None and getattr(objective, "at", None) is theta:
+        start = objective.start
     start = objective(theta) if start is None else start
     trace, alpha = [], 1.0
     for _ in range(max_halvings + 1):
