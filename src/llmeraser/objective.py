@@ -79,13 +79,11 @@ class CausalLMObjective(Objective):
         the decoder layers, e.g. embeddings, and nothing is cached)."""
         where = [re.match(r"^(.*\.layers)\.(\d+)\.", n) for n in names]
         containers = {m.group(1) for m in where if m}
-        if not names or not all(where) or len(containers) != 1:
+        layers = dict(self.model.named_modules()).get(containers.pop()) if len(containers) == 1 and all(where) else None
+        if isinstance(layers, torch.nn.ModuleList):
+            self._layers, self._prefix = layers, min(int(m.group(2)) for m in where)
+        else:
             self._layers, self._prefix = None, 0
-            return 0
-        layers = dict(self.model.named_modules()).get(containers.pop())
-        if not isinstance(layers, torch.nn.ModuleList):
-            return 0
-        self._layers, self._prefix = layers, min(int(m.group(2)) for m in where)
         return self._prefix
 
     def prepare(self, batch: dict) -> dict:

@@ -339,9 +339,10 @@ class Unlearner:
         m = len(items)
         return self.operator(items=items), b + (self.n - m) * self.weight_decay * self.theta_hat, m
 
-    def retraining_objective(self, items, theta: torch.Tensor) -> float:
-        """Mean loss over `items` plus the training L2, (wd/2)‖Θ‖²."""
-        return self._loss_sum(items, theta) / len(items) + 0.5 * self.weight_decay * float(theta.square().sum())
+    def retraining_objective(self, items, theta: torch.Tensor, batches: list[dict] | None = None) -> float:
+        """Mean loss over `items` plus the training L2, (wd/2)‖Θ‖²; `batches`: `items` already batched."""
+        batches = self._batches(items, prepare=False) if batches is None else batches
+        return self._loss_of(batches, theta) / len(items) + 0.5 * self.weight_decay * float(theta.square().sum())
 
     def select_damping(self, request: EditRequest, results: list[SolveResult], n_eff: int, neg_grad: torch.Tensor,
                        penalty, moves: bool):
@@ -411,7 +412,7 @@ class Unlearner:
         if not size or size >= n_kept:
             items = self.edited_examples(request)
             batches = self._batches(items)
-            f = _Objective(lambda t: self._loss_of(batches, t) / len(items) + 0.5 * self.weight_decay * float(t.square().sum()))
+            f = _Objective(lambda t: self.retraining_objective(items, t, batches))
             exact = True
         else:
             cv = self._control_variate(request, "line search", False, size)
