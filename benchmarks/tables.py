@@ -75,12 +75,12 @@ def cost(r: dict) -> list[str]:
 
 
 def scaling(r: dict, folder: Path) -> list[str]:
-    lines = ["| n | edits | llmeraser (cg) s | b s | solve s | retrain s | retrain / llmeraser | peak MB (unlearn) | measured |",
-             "| --- " * 9 + "|"]
+    lines = ["| n | edits | llmeraser (cg) s | b s | solve s | retrain s | retrain / llmeraser | kept linearisations | peak MB (unlearn) | measured |",
+             "| --- " * 10 + "|"]
     for p in r["points"]:
         s = p["seconds"]
         lines.append(f"| {p['n']} | {p['edits']} | {p['seconds_total']:.1f} | {s['b']:.1f} | {s['solve']:.1f} | {p['retrain_seconds']:.0f} "
-                     f"| {p['speedup_vs_retrain']:.1f}× | {p['peak_mb']:.0f} | {p.get('date', r['date'])} |")
+                     f"| {p['speedup_vs_retrain']:.1f}× | {_f(p.get('kept_linearisations'))} | {p['peak_mb']:.0f} | {p.get('date', r['date'])} |")
     try:
         import matplotlib
 

@@ -120,7 +120,7 @@ def test_missing_data_is_a_clear_skip(tmp_path, capsys):
 
 
 COST_FIELDS = {"seconds", "seconds_total", "speedup_vs_retrain", "solver_iterations", "final_relative_residual",
-               "converged", "peak_mb", "peak_over_training"}
+               "converged", "peak_mb", "peak_over_training", "kept_linearisations"}
 
 
 @pytest.mark.slow

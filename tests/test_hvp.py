@@ -83,6 +83,29 @@ def test_cached_ggn_linearisation_matches_fresh_products(tiny64):
     assert len(cached._linear) == 2
 
 
+@pytest.mark.parametrize("total, kept", [(2.5, 1), (1.5, 0)])
+def test_a_linearisation_is_kept_while_a_fresh_products_room_is_left(tiny64, monkeypatch, total, kept):
+    """Free memory falls by C per kept linearisation (a fake meter): the first stays when C is left beside
+    it (free 2.5C before building it), is dropped with 0.5C left (1.5C), and no second is started (3C
+    needed); the products agree with fresh ones either way."""
+    import llmeraser.curvature as curvature_module
+
+    model, tok, records = tiny64
+    params, theta = theta_of(model)
+    obj = CausalLMObjective(model, tok.pad_token_id)
+    items = [encode(r, tok, "chat", 64) for r in records[:10]]
+    curv = Curvature(obj, params, theta, "ggn")
+    op = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=3)
+    cost = 1000.0
+    monkeypatch.setattr(curvature_module, "available_memory_mb", lambda device: (total - len(op._linear)) * cost)
+    v = torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    out = op.full(v)
+    assert len(op._linear) == kept and op._cost_mb == cost
+    assert op.cache_batches == (3 if kept else 0)  # a dropped one stops caching for this operator
+    fresh = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=0)
+    assert close(out, fresh.full(v))
+
+
 def test_response_logits_only_match_the_full_projection(tiny64):
     """Projecting only the response positions onto the vocabulary changes nothing but the cost."""
     obj, params, theta, batch = setup(tiny64)

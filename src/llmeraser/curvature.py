@@ -237,6 +237,17 @@ def available_memory_mb(device) -> float:
     return float("inf")  # unknown: trust --cache-batches
 
 
+def room_beside_kept(free_mb: float, cost_mb: float) -> bool:
+    """Whether a just-built linearisation may stay: what is left must hold a fresh product on another batch.
+
+    A fresh product builds at most what one kept linearisation holds (the same forward and Jᵀ graph,
+    freed as it goes): the HVP probes peaked at 2.7–3.8 GB where a kept one took ~7.8 GB. So one
+    linearisation's worth of free memory is enough. The bar was 2×: at n = 2048 a probe measured 15.1 GB
+    free against 7.9 GB taken, just under it, and without the kept one each CG iteration cost ~3 s more
+    (BENCHMARKS.md). Starting *another* still needs 3× (`_may_cache`): two kept ran 24 GB out of memory."""
+    return free_mb >= cost_mb
+
+
 def seeded_subset(items: list, k: int | None, seed: int) -> list:
     """The first k items of a seeded permutation (all of them, permuted, when k is 0 or None)."""
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -338,7 +349,7 @@ class HessianOperator:
             before = available_memory_mb(self.device)
             self._linear[i] = self.curvature.linearise(self.fixed[i])
             self._cost_mb = max(self._cost_mb, before - available_memory_mb(self.device))
-            if available_memory_mb(self.device) < 2 * self._cost_mb:
+            if not room_beside_kept(available_memory_mb(self.device), self._cost_mb):
                 # holding it would leave too little for the other batches' fresh products: stop caching
                 del self._linear[i]
                 self.cache_batches = len(self._linear)
