@@ -183,6 +183,38 @@ def test_targets_mark_an_auc_of_one_class_undefined_not_missed(tmp_path):
     assert "| test AUC within 0.01 of retrain | IR at n = 16, llmeraser-cg | 0.020 | **missed** |" in rows
 
 
+def test_targets_show_the_paired_interval_and_whether_the_test_set_settles_the_bar(tmp_path):
+    """RC-gen-like rows: a constant 2-point gap is settled (interval [−2, −2] outside ±1); a gap of mixed
+    per-record signs reaches both sides of the 1-point bar; results without per-record scores show no interval."""
+    from benchmarks.tables import targets
+
+    ids = [f"t{i}" for i in range(16)]
+    base = [0.3 + 0.01 * i for i in range(16)]
+    noisy = [x + (0.1 if i % 2 else -0.12) for i, x in enumerate(base)]
+
+    def split(vals, with_samples=True):
+        out = {k: sum(vals) / 16 for k in ("rouge1", "rouge2", "rougeL")}
+        if with_samples:
+            out["by_sample"] = {"id": ids, "rouge1": vals, "rouge2": vals, "rougeL": vals}
+        return out
+
+    def scenario(method_vals, with_samples=True):
+        m = {"original": {"test": split(base, with_samples), "forget_new": {"rougeL": 0.1}},
+             "retrain": {"test": split(base, with_samples), "forget_new": {"rougeL": 0.1}},
+             "llmeraser-cg": {"test": split(method_vals, with_samples), "forget_new": {"rougeL": 0.1}}}
+        return {"metrics": m, "llmeraser": {}, "hvp_cost": {"measured_in": "IR"}}
+
+    (tmp_path / "RC-gen.json").write_text(json.dumps(scenario([x - 0.02 for x in base])))
+    rows = "\n".join(targets(tmp_path))
+    assert "| test rougeL within 1 point of retrain | RC-gen, llmeraser-cg | 2.00 points (llmeraser − retrain 95% paired interval -2.000 to -2.000) | **missed** |" in rows
+    (tmp_path / "RC-gen.json").write_text(json.dumps(scenario(noisy)))
+    rows = "\n".join(targets(tmp_path))
+    assert "rougeL within 1 point of retrain | RC-gen, llmeraser-cg | 1.00 points (llmeraser − retrain" in rows
+    assert "reaches both sides of the bar) |" in rows
+    (tmp_path / "RC-gen.json").write_text(json.dumps(scenario(noisy, with_samples=False)))
+    assert "| test rougeL within 1 point of retrain | RC-gen, llmeraser-cg | 1.00 points | " in "\n".join(targets(tmp_path))
+
+
 def test_write_json_leaves_nothing_behind_when_it_fails(tmp_path):
     from llmeraser.fileio import write_json
 

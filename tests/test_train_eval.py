@@ -60,6 +60,32 @@ def test_auc_matches_sklearn():
         assert roc_auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
 
 
+def test_paired_bootstrap_interval_of_a_difference():
+    """Known answers: no difference gives [0, 0]; a constant shift c gives exactly [c, c] (every resample); on
+    400 normal differences the interval holds the mean and is 2·1.96·sd/√n wide to within 15%; resamples
+    where an AUC is undefined (one class) are left out; the same seed gives the same interval."""
+    from llmeraser.metrics import paired_bootstrap
+
+    rng = random.Random(1)
+    a = [rng.random() for _ in range(16)]
+    mean_diff = lambda x, y: lambda idx: sum(x[i] - y[i] for i in idx) / len(idx)  # noqa: E731
+    assert paired_bootstrap(mean_diff(a, a), 16) == (0.0, 0.0, 0.0)
+    point, lo, hi = paired_bootstrap(mean_diff([x + 0.25 for x in a], a), 16)
+    assert point == pytest.approx(0.25) and lo == pytest.approx(0.25) and hi == pytest.approx(0.25)
+    d = [rng.gauss(0.3, 1.0) for _ in range(400)]
+    zeros = [0.0] * 400
+    point, lo, hi = paired_bootstrap(mean_diff(d, zeros), 400)
+    mean = sum(d) / 400
+    sd = (sum((x - mean) ** 2 for x in d) / 399) ** 0.5
+    assert point == pytest.approx(mean) and lo < mean < hi
+    assert hi - lo == pytest.approx(2 * 1.96 * sd / 400 ** 0.5, rel=0.15)
+    assert paired_bootstrap(mean_diff(d, zeros), 400) == (point, lo, hi)
+    labels, s1, s2 = [1, 0, 0, 0, 0, 0], [0.9, 0.1, 0.2, 0.3, 0.4, 0.5], [0.1, 0.9, 0.2, 0.3, 0.4, 0.5]
+    auc = lambda s, idx: roc_auc([s[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
+    point, lo, hi = paired_bootstrap(lambda idx: auc(s1, idx) - auc(s2, idx), 6)
+    assert point == pytest.approx(1.0 - 0.0) and lo == hi == pytest.approx(1.0)  # every defined resample: 1 − 0
+
+
 def test_rouge_matches_rouge_score_package():
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
     pairs = [("#Person1# asks the doctor about breathing trouble.", "Person1 has trouble breathing, asks doctor."),
@@ -91,8 +117,14 @@ def test_evaluate_report(trainable_dir, trained, tmp_path):
     for name, m in report["methods"].items():
         for split in ("forget", "retain", "test"):
             assert {"nll", "rouge1", "rouge2", "rougeL", "exact_match"} <= set(m[split]), (name, split)
+            each = m[split]["by_sample"]
+            assert len(each["id"]) == m[split]["n"]
+            for k in ("rouge1", "rouge2", "rougeL"):
+                assert sum(each[k]) / len(each[k]) == pytest.approx(m[split][k])
         assert {"cosine_param", "rel_dist_param", "cosine_merged", "rel_dist_merged", "kl_forget", "kl_test"} <= set(m["vs_retrain"])
         assert m["seconds"] is not None and m["peak_mb"] is not None
+    # every adapter's per-record scores are in the same record order: they pair up
+    assert len({tuple(m["forget"]["by_sample"]["id"]) for m in report["methods"].values()}) == 1
     r = report["methods"]["retrain"]["vs_retrain"]
     assert r["cosine_param"] == pytest.approx(1.0) and r["rel_dist_param"] == 0.0
     assert r["cosine_merged"] == pytest.approx(1.0) and r["rel_dist_merged"] == 0.0
@@ -149,7 +181,7 @@ def test_yes_no_metrics(trainable_dir, tmp_path):
     recs = load_records(write_jsonl(tmp_path / "yn.jsonl", rows))
     model, tok = load_tiny(trainable_dir / "base")
     m = split_metrics(AdapterEval(load_adapter(model, trainable_dir / "adapter"), tok, "chat"), recs)
-    assert set(m) == {"n", "nll", "accuracy", "auc"} and 0 <= m["auc"] <= 1
+    assert set(m) == {"n", "nll", "accuracy", "auc", "by_sample"} and 0 <= m["auc"] <= 1
     # the one-extra-pass score equals scoring both answers from scratch
     from llmeraser.evaluate import _response_fields
     from llmeraser.metrics import roc_auc
@@ -161,6 +193,10 @@ def test_yes_no_metrics(trainable_dir, tmp_path):
     scores = [a - b for a, b in zip(logp("Yes."), logp("No."))]
     assert scores[0] != scores[2]  # a model that scores them apart, else AUC says nothing
     assert m["auc"] == pytest.approx(roc_auc(scores, [1, 0, 1, 0]))
+    # per-record scores, in record order, give the split's figures back (paired intervals use them)
+    each = m["by_sample"]
+    assert each["id"] == [r.id for r in recs] and each["label"] == [1, 0, 1, 0]
+    assert each["score"] == pytest.approx(scores) and roc_auc(each["score"], each["label"]) == m["auc"]
     assert m["accuracy"] == pytest.approx(sum((s > 0) == y for s, y in zip(scores, [1, 0, 1, 0])) / 4)
 
 

@@ -78,7 +78,7 @@ class AdapterEval:
         scores = [o - t if a == "Yes." else t - o for a, o, t in zip(answers, own_logp, other_logp)]
         labels = [int(a == "Yes.") for a in answers]
         return {"accuracy": sum((s > 0) == bool(y) for s, y in zip(scores, labels)) / len(labels),
-                "auc": roc_auc(scores, labels)}
+                "auc": roc_auc(scores, labels), "by_sample": {"id": [r.id for r in records], "score": scores, "label": labels}}
 
     def _counts(self, records):
         return [encode(r, self.tok, self.template, self.max_length).n_response for r in records]
@@ -131,10 +131,13 @@ def split_metrics(ev: AdapterEval, records: list[Record], samples: int = 10, nll
         out.update(ev.yes_no(records, nll))
     else:
         gen = generated if generated is not None else ev.generate(records)
-        out["rouge1"] = sum(rouge_n(a, b, 1) for a, b in zip(responses, gen)) / len(gen)
-        out["rouge2"] = sum(rouge_n(a, b, 2) for a, b in zip(responses, gen)) / len(gen)
-        out["rougeL"] = sum(rouge_l(a, b) for a, b in zip(responses, gen)) / len(gen)
+        each = {"rouge1": [rouge_n(a, b, 1) for a, b in zip(responses, gen)],
+                "rouge2": [rouge_n(a, b, 2) for a, b in zip(responses, gen)],
+                "rougeL": [rouge_l(a, b) for a, b in zip(responses, gen)]}
+        out.update({k: sum(v) / len(v) for k, v in each.items()})
         out["exact_match"] = sum(exact_match(a, b) for a, b in zip(responses, gen)) / len(gen)
+        # per record, in split order: two adapters' scores pair up by id (paired intervals on small test sets)
+        out["by_sample"] = {"id": [r.id for r in records], **each}
         out["samples"] = [{"id": r.id, "prompt": r.sides()[0][-1]["content"], "reference": a, "generated": b}
                           for r, a, b in zip(records[:samples], responses, gen)]
     return out
@@ -225,7 +228,7 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None
     methods, reference = {}, {}
     keys = _cache_keys(adapters, (data, request, test), dict(base=base, max_new_tokens=max_new_tokens, kl_samples=kl_samples,
                        batch_size=batch_size, max_length=max_length, template=tpl, retain_samples=retain_samples,
-                       retain_sampling="id-sha256", keep_samples=keep_samples)) if cache_dir else {}
+                       retain_sampling="id-sha256", keep_samples=keep_samples, by_sample=1)) if cache_dir else {}
     cached = {name: _cached(cache_dir, name, keys[name]) for name in keys}
     if cached.get("retrain") is not None and any(cached[n] is None for n in adapters) and any(kl_keep.values()):
         # the others' KL needs retrain's next-token log-probs on the forget and test samples: one forward pass

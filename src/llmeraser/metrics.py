@@ -1,8 +1,11 @@
-"""Metric functions with no model in them: ROC-AUC, ROUGE-N/L F1, exact match, vector similarity."""
+"""Metric functions with no model in them: ROC-AUC, ROUGE-N/L F1, exact match, vector similarity,
+and a paired bootstrap interval for the difference of two adapters' metric on the same records."""
 
 from __future__ import annotations
 
+import random
 import re
+from typing import Callable
 
 import torch
 
@@ -79,3 +82,23 @@ def relative_distance(a: torch.Tensor, reference: torch.Tensor) -> float:
     nr = torch.linalg.vector_norm(reference)
     d = torch.linalg.vector_norm(a - reference)
     return float(d / nr) if nr > 0 else (0.0 if d == 0 else float("inf"))
+
+
+def paired_bootstrap(difference: Callable[[list[int]], float], n: int, reps: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, float, float]:
+    """(difference on all n records, low, high): the percentile interval of `difference(idx)` over `reps`
+    resamples idx of the n records drawn with replacement, the same idx for both adapters.
+
+    Pairing matters: two adapters scored on the same 16 test dialogues differ far less from resample to
+    resample than either mean does, so the interval is of the difference itself. Resamples where the
+    statistic is undefined (nan: an AUC on a resample holding one class) are left out."""
+    if n < 1:
+        raise ValueError("paired_bootstrap needs at least one record")
+    rng = random.Random(seed)
+    values = sorted(v for v in (difference([rng.randrange(n) for _ in range(n)]) for _ in range(reps)) if v == v)
+    point = difference(list(range(n)))
+    if not values:
+        return point, float("nan"), float("nan")
+    tail = (1 - level) / 2
+    pick = lambda q: values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]  # noqa: E731
+    return point, pick(tail), pick(1 - tail)
