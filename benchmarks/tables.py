@@ -149,7 +149,8 @@ def targets(folder: Path) -> list[str]:
             _, lo, hi = interval
             # a gap target |d| ≤ limit is settled by this test set only when the interval of d is inside or outside the band
             unsettled = not (-limit <= lo and hi <= limit) and not (hi < -limit or lo > limit)
-            shown += (f" (llmeraser − retrain 95% paired interval {lo:+.3f} to {hi:+.3f}"
+            d = 2 if "points" in fmt else 3
+            shown += (f" (llmeraser − retrain 95% paired interval {lo:+.{d}f} to {hi:+.{d}f}"
                       f"{': reaches both sides of the bar' if unsettled else ''})")
         rows.append(f"| {target} | {where} | {shown} | {'met' if met else '**missed**'} |")
 

@@ -206,7 +206,7 @@ def test_targets_show_the_paired_interval_and_whether_the_test_set_settles_the_b
 
     (tmp_path / "RC-gen.json").write_text(json.dumps(scenario([x - 0.02 for x in base])))
     rows = "\n".join(targets(tmp_path))
-    assert "| test rougeL within 1 point of retrain | RC-gen, llmeraser-cg | 2.00 points (llmeraser − retrain 95% paired interval -2.000 to -2.000) | **missed** |" in rows
+    assert "| test rougeL within 1 point of retrain | RC-gen, llmeraser-cg | 2.00 points (llmeraser − retrain 95% paired interval -2.00 to -2.00) | **missed** |" in rows
     (tmp_path / "RC-gen.json").write_text(json.dumps(scenario(noisy)))
     rows = "\n".join(targets(tmp_path))
     assert "rougeL within 1 point of retrain | RC-gen, llmeraser-cg | 1.00 points (llmeraser − retrain" in rows
