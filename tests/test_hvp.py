@@ -21,6 +21,15 @@ def setup(tiny64):
     return obj, params, theta, batch
 
 
+def operator_inputs(tiny64, kind="ggn"):
+    """(obj, params, theta, items, curvature) for HessianOperator tests: 10 records, so batches of 4 make 3."""
+    model, tok, records = tiny64
+    params, theta = theta_of(model)
+    obj = CausalLMObjective(model, tok.pad_token_id)
+    items = [encode(r, tok, "chat", 64) for r in records[:10]]
+    return obj, params, theta, items, Curvature(obj, params, theta, kind)
+
+
 def close(a, b):
     return torch.linalg.vector_norm(a - b) <= RTOL * torch.linalg.vector_norm(b)
 
@@ -65,11 +74,7 @@ def test_hvp_leaves_model_untouched(tiny64):
 
 def test_cached_ggn_linearisation_matches_fresh_products(tiny64):
     """The operator's kept linearisation gives the same G v, call after call, as a fresh product."""
-    model, tok, records = tiny64
-    params, theta = theta_of(model)
-    obj = CausalLMObjective(model, tok.pad_token_id)
-    items = [encode(r, tok, "chat", 64) for r in records[:10]]
-    curv = Curvature(obj, params, theta, "ggn")
+    obj, params, theta, items, curv = operator_inputs(tiny64)
     cached = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=2)
     fresh = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=0)
     g = torch.Generator().manual_seed(3)
@@ -90,11 +95,7 @@ def test_a_linearisation_is_kept_while_a_fresh_products_room_is_left(tiny64, mon
     needed); the products agree with fresh ones either way."""
     import llmeraser.curvature as curvature_module
 
-    model, tok, records = tiny64
-    params, theta = theta_of(model)
-    obj = CausalLMObjective(model, tok.pad_token_id)
-    items = [encode(r, tok, "chat", 64) for r in records[:10]]
-    curv = Curvature(obj, params, theta, "ggn")
+    obj, params, theta, items, curv = operator_inputs(tiny64)
     op = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=3)
     cost = 1000.0
     monkeypatch.setattr(curvature_module, "available_memory_mb", lambda device: (total - len(op._linear)) * cost)
@@ -177,11 +178,7 @@ def test_operator_gradient_through_its_linearisations_is_the_sum_of_gradients(ti
     Σ_i ∇L_i and Σ_i L_i over the fixed batches, and the kept graphs still serve the products after it."""
     from llmeraser.rhs import sum_of_gradients
 
-    model, tok, records = tiny64
-    params, theta = theta_of(model)
-    obj = CausalLMObjective(model, tok.pad_token_id)
-    items = [encode(r, tok, "chat", 64) for r in records[:10]]
-    curv = Curvature(obj, params, theta, kind)
+    obj, params, theta, items, curv = operator_inputs(tiny64, kind)
     op = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=2)
     grad, loss = op.loss_gradient()
     assert len(op._linear) == 2  # two batches through kept linearisations, the third through a fresh one
