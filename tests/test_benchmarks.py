@@ -270,3 +270,19 @@ def test_ir_sweep_table_reads_grid_rows_back_from_json():
     text = table(json.loads(json.dumps(point)))
     assert "damping_grid 0.003/0.01, max_iters 8 (chose λ = 0.01)" in text
     assert text == table(point)
+
+
+def test_recorded_runs_are_reused_across_rc_gen_test_sizes_only():
+    """IR's run and the scaling points are reused when only RC-gen's test-set size changed (it picks no
+    training or tallrec sample), and not when a size that shapes their runs did."""
+    from dataclasses import asdict
+    from dataclasses import replace as dc_replace
+
+    from benchmarks.paper import FULL, Runner
+
+    runner = Runner(Path("."), Path("."), Path("."), FULL, mt=None, progress=False)
+    assert runner.same_sizes(asdict(dc_replace(FULL, n_gen_test=16)))
+    assert runner.same_sizes(asdict(dc_replace(FULL, scaling_n=(2048,))))
+    assert not runner.same_sizes(asdict(dc_replace(FULL, n_train=64)))
+    assert not runner.same_sizes(asdict(dc_replace(FULL, n_test=48)))
+    assert not runner.same_sizes(asdict(dc_replace(FULL, n_gen_train=32)))
