@@ -286,3 +286,24 @@ def test_recorded_runs_are_reused_across_rc_gen_test_sizes_only():
     assert not runner.same_sizes(asdict(dc_replace(FULL, n_train=64)))
     assert not runner.same_sizes(asdict(dc_replace(FULL, n_test=48)))
     assert not runner.same_sizes(asdict(dc_replace(FULL, n_gen_train=32)))
+
+
+def test_a_training_steps_peak_is_the_least_of_its_measures():
+    """One outsized reading (the allocator taking more from the system than the step needs) must not set the
+    denominator of every memory ratio: the probe records three measured gradients and uses the least."""
+    import time
+
+    import torch
+
+    from benchmarks.costs import gradient_peaks_mb
+
+    sizes = iter([600, 150, 300])
+
+    def gradient():  # holds n MB of touched pages for a while, as a backward pass holds its activations
+        x = torch.ones(next(sizes) * 2**18)
+        time.sleep(0.05)
+        del x
+
+    peaks = gradient_peaks_mb(gradient, "cpu", measures=3)
+    assert len(peaks) == 3 and peaks[0] > 450 and peaks[2] > 200
+    assert 100 < min(peaks) < 200, peaks
