@@ -221,7 +221,7 @@ class Runner:
             self.say(f"{name}: llmeraser ({solver})")
             with PeakMemory() as mem:
                 res = unlearn("smollm2", original, data, request, d / f"llmeraser-{solver}", llmeraser_settings(s, solver),
-                              overwrite=True, progress=self.progress, model_and_tokenizer=self.mt)
+                              overwrite=True, progress=self.progress, model_and_tokenizer=self.mt, allow_unconverged=True)
             runs[solver] = {**res.meta, "stage_peak_mb": mem.peak_mb}
             adapters[f"llmeraser-{solver}"] = res.out
         if name == "IR":  # the memory-lean setting: the same maths, so only its cost and its distance to cg are recorded
@@ -229,7 +229,7 @@ class Runner:
             lean = replace(llmeraser_settings(s, "cg"), cache_batches=0)
             with PeakMemory() as mem:
                 res = unlearn("smollm2", original, data, request, d / "llmeraser-cg-lean", lean,
-                              overwrite=True, progress=self.progress, model_and_tokenizer=self.mt)
+                              overwrite=True, progress=self.progress, model_and_tokenizer=self.mt, allow_unconverged=True)
             runs["cg, --cache-batches 0"] = {**res.meta, "stage_peak_mb": mem.peak_mb,
                                              "relative_distance_to_cg": adapter_distance(res.out, adapters["llmeraser-cg"])}
         self.say(f"{name}: {cheap}")
@@ -381,7 +381,7 @@ class Runner:
             self.say(f"scaling: n = {n}: llmeraser (cg)")
             with PeakMemory() as mem:
                 res = unlearn("smollm2", original, data, request, d / "llmeraser-cg", llmeraser_settings(self.sizes, "cg"),
-                              overwrite=True, progress=self.progress, model_and_tokenizer=self.mt)
+                              overwrite=True, progress=self.progress, model_and_tokenizer=self.mt, allow_unconverged=True)
             self.say(f"scaling: n = {n}: retrain")
             retrain = self.retrain(original, data, request, d / "retrain")
             retrain_s = json.loads((retrain / "train.json").read_text())["seconds"]

@@ -42,12 +42,12 @@ def test_demo_wiring_on_tiny_model(trainable_dir, tmp_path, capsys):
                 "corrected_answer_produced", "retain_field_accuracy"} <= set(s)
     printed = capsys.readouterr().out
     assert "phone number?" in printed and "| llmeraser |" in printed
-    saved = json.loads((tmp_path / "demo" / "report" / "demo_summary.json").read_text())
+    saved = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     others = ("original", "retrain", "gradient-ascent", "finetune-corrected")
     assert saved["cached"] == {**dict.fromkeys(others, False), "evaluation": []}
     # a second run reuses the trained original, the baselines and their evaluations; unlearn runs again
     run_demo(tmp_path / "demo", progress=False, base=str(trainable_dir / "base"), config=cfg)
-    again = json.loads((tmp_path / "demo" / "report" / "demo_summary.json").read_text())
+    again = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     # unlearn is deterministic: its new adapter is bit for bit the last one, so its metrics are reused too
     assert again["cached"] == {**dict.fromkeys(others, True), "evaluation": sorted(others + ("llmeraser",))}
     assert again["summary"]["retrain"] == saved["summary"]["retrain"]
@@ -57,7 +57,7 @@ def test_demo_wiring_on_tiny_model(trainable_dir, tmp_path, capsys):
     # a moved folder keeps its cache (keyed by content, not path); other baseline steps redo the cheap baselines
     shutil.copytree(tmp_path / "demo", tmp_path / "moved")
     run_demo(tmp_path / "moved", progress=False, base=str(trainable_dir / "base"), config=replace(cfg, baseline_steps=2))
-    assert json.loads((tmp_path / "moved" / "report" / "demo_summary.json").read_text())["cached"] == {
+    assert json.loads((tmp_path / "moved" / "demo_summary.json").read_text())["cached"] == {
         "original": True, "retrain": True, "gradient-ascent": False, "finetune-corrected": False,
         "evaluation": ["llmeraser", "original", "retrain"]}
 

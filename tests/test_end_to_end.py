@@ -56,7 +56,8 @@ def test_remove_moves_forget_loss_like_retraining(tmp_path):
     re_forget, _ = mean_losses(retrained, tok, [forget, kept])
 
     res = unlearn(str(tmp_path / "base"), tmp_path / "adapter", data, req_path, tmp_path / "out",
-                  UnlearnSettings(damping=0.0, curvature_samples=0, batch_size=48, device="cpu"), progress=False)
+                  UnlearnSettings(damping=0.0, curvature_samples=0, batch_size=48, device="cpu"), progress=False,
+                  allow_unconverged=True)  # CG at λ = wd alone stops near tol; the claim is the outcome
     assert res.meta["damping_total"] == 0.1  # the training weight decay, read from train.json
     model, tok = load_tiny(tmp_path / "base")
     new_forget, new_retain = mean_losses(load_adapter(model, tmp_path / "out"), tok, [forget, kept])

@@ -25,6 +25,16 @@ def test_write_converted_is_atomic(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["gguf-x"]
 
 
+def test_a_killed_conversions_staging_folder_is_removed_by_the_next(tmp_path):
+    """A conversion killed mid-write leaves `.tmp-*` with a partial model; its lock is free, so the next goes."""
+    dead = tmp_path / "cache" / ".tmp-dead"
+    dead.mkdir(parents=True)
+    (dead / ".lock").write_text("")
+    (dead / "model.safetensors").write_text("half")
+    assert write_converted(tmp_path / "cache" / "gguf-x", lambda tmp: (tmp / "model.safetensors").write_text("whole"))
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["gguf-x"]
+
+
 def test_cache_key_follows_the_file_content_and_can_be_turned_off(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMERASER_CACHE_DIR", str(tmp_path / "c"))
     f = tmp_path / "m.gguf"

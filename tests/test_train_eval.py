@@ -105,7 +105,7 @@ def test_evaluate_report(trainable_dir, trained, tmp_path):
     cli("baseline", "gradient-ascent", "--base", base, "--adapter", trained / "original", "--data", data,
         "--request", req, "--out", tmp_path / "ga", "--steps", "3")
     cli("unlearn", "--base", base, "--adapter", trained / "original", "--data", data, "--request", req,
-        "--out", tmp_path / "llmeraser", "--curvature-samples", "0")
+        "--out", tmp_path / "llmeraser", "--curvature-samples", "0", "--allow-unconverged")
     test = write_jsonl(tmp_path / "test.jsonl", [{"prompt": "phone of zed?", "response": "1234"},
                                                 {"instruction": "Like it?", "input": "x", "output": "Yes."}][:1])
     cli("evaluate", "--base", base, "--data", data, "--request", req, "--test", test, "--out", tmp_path / "report",

@@ -75,9 +75,17 @@ def test_existing_out_is_refused_unless_overwrite(tiny_dir, tmp_path, capsys):
     (out / "keep.txt").write_text("mine")
     assert run_cli(tiny_dir, req, out) == 2
     assert "already exists" in capsys.readouterr().err
+    assert run_cli(tiny_dir, req, out, "--overwrite") == 2  # not a folder llmeraser wrote
+    assert "replaces only a folder llmeraser wrote" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
-    assert run_cli(tiny_dir, req, out, "--overwrite") == 0
-    assert (out / "adapter_model.safetensors").is_file() and not (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    assert run_cli(tiny_dir, req, out) == 0
+    first = (out / "unlearn.json").read_text()
+    assert run_cli(tiny_dir, req, out) == 2  # an llmeraser output, but no --overwrite
+    assert run_cli(tiny_dir, req, out, "--overwrite", "--damping", "0.5") == 0
+    assert (out / "unlearn.json").read_text() != first
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_out_equal_to_adapter_is_refused(tiny_dir, tmp_path, capsys):
@@ -128,7 +136,9 @@ def test_unconverged_solve_warns_unless_a_capped_refinement_step(tiny_dir, tmp_p
     """A first step stopped short of --tol is reported; later steps capped by --refine-iters stop by design."""
     req = write_jsonl(tmp_path / "req.jsonl", [{"op": "correct_response", "id": "r4", "new": {"response": "1234"}}])
     # --quiet silences progress bars, not warnings
-    assert run_cli(tiny_dir, req, tmp_path / "a", "--max-iters", "1", "--tol", "1e-12") == 0
+    assert run_cli(tiny_dir, req, tmp_path / "a", "--max-iters", "1", "--tol", "1e-12") == 3
+    assert "in Newton step 1 the solver stopped" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert run_cli(tiny_dir, req, tmp_path / "a", "--max-iters", "1", "--tol", "1e-12", "--allow-unconverged") == 0
     assert "in Newton step 1 the solver stopped" in capsys.readouterr().err
     assert run_cli(tiny_dir, req, tmp_path / "b", "--max-iters", "300", "--tol", "1e-3", "--newton-steps", "2",
                    "--refine-iters", "1") == 0

@@ -6,15 +6,18 @@ atomically, never touching its inputs.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
-from .data import apply_request, load_records, load_request
+from .data import Record, apply_request, load_records, load_request
 from .errors import InputError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
-from .modeling import adapter_weights_path, load_adapter, load_base, resolve_device
-from .train import TrainSettings, add_lora, train_lora
+from .modeling import adapter_weights_path, check_adapter, check_base, load_adapter, load_base, resolve_device
+from .train import TrainSettings, add_lora, mean_loss, train_lora
+from .trainrecord import TrainRecord
 from .unlearner import _versions, peak_memory_mb
 
 BASELINES = ("retrain", "gradient-ascent", "finetune-corrected")
@@ -24,26 +27,50 @@ def _loaded(base, device, model_and_tokenizer):
     return model_and_tokenizer if model_and_tokenizer is not None else load_base(base, resolve_device(device))
 
 
+def _preflight(base, device, model_and_tokenizer) -> None:
+    """Checks of --base and --device that need no model, made before any training."""
+    resolve_device(device)
+    if model_and_tokenizer is None:
+        check_base(base)
+
+
 def train(base: str, data, out, settings: TrainSettings | None = None, overwrite: bool = False, device: str = "auto",
-          progress: bool = True, model_and_tokenizer=None, extra: dict | None = None) -> Path:
-    """LoRA fine-tuning; writes the adapter and train.json (arguments, data SHA-256, loss, seconds, memory)."""
+          progress: bool = True, model_and_tokenizer=None, extra: dict | None = None, records: list[Record] | None = None) -> Path:
+    """LoRA fine-tuning; writes the adapter and train.json (arguments, data SHA-256, loss, seconds, memory).
+
+    `records`: train on these instead of reading `data` (then `data` is only recorded, and train.json's
+    data_sha256 is the SHA-256 of the records as JSONL); `retrain` uses it so no copy of the edited
+    data is ever written to disk."""
     settings = settings or TrainSettings()
-    out = check_output_dir(out, overwrite, inputs=(data,))
-    records = load_records(data)
+    inputs = (data, base)
+    out = check_output_dir(out, overwrite, inputs=inputs)
+    _preflight(base, device, model_and_tokenizer)
+    if records is None:
+        records, data_sha256 = load_records(data), sha256_file(data)
+    else:
+        data_sha256 = hashlib.sha256(records_jsonl(records).encode("utf-8")).hexdigest()
     t0 = time.perf_counter()
     base_model, tok = _loaded(base, device, model_and_tokenizer)
     model = add_lora(base_model, settings)
-    history = train_lora(model, tok, records, settings, progress)
-    seconds = time.perf_counter() - t0
-    with atomic_dir(out, overwrite) as tmp:
-        model.save_pretrained(tmp)
-        write_json(tmp / "train.json", {
-            "arguments": settings.to_dict(), "base": base, "data": str(Path(data).resolve()),
-            "data_sha256": sha256_file(data), "n": len(records), "final_loss": history[-1],
-            "loss_history": history, "seconds": seconds, "peak_memory_mb": peak_memory_mb(next(model.parameters()).device),
-            "versions": _versions(), **(extra or {})})
-    model.unload()  # give the caller its base model back unchanged
+    try:
+        history = train_lora(model, tok, records, settings, progress)
+        seconds = time.perf_counter() - t0
+        final = mean_loss(model, tok, records, settings)
+        with atomic_dir(out, overwrite, inputs) as tmp:
+            model.save_pretrained(tmp)
+            write_json(tmp / "train.json", {
+                "arguments": settings.to_dict(), "base": base, "data": str(Path(data).resolve()),
+                "data_sha256": data_sha256, "n": len(records), "final_loss": final,
+                "loss_history": history, "seconds": seconds, "peak_memory_mb": peak_memory_mb(next(model.parameters()).device),
+                "versions": _versions(), **(extra or {})})
+    finally:
+        model.unload()  # give the caller its base model back unchanged
     return out
+
+
+def records_jsonl(records: list[Record]) -> str:
+    """Records as the JSONL text a user would write for them (their fields, one object a line)."""
+    return "".join(json.dumps(r.fields) + "\n" for r in records)
 
 
 def trained_with(adapter: str | Path, meta: str = "train.json", **expected) -> bool:
@@ -61,11 +88,14 @@ def trained_with(adapter: str | Path, meta: str = "train.json", **expected) -> b
 
 
 def recipe_of(adapter: str | Path) -> TrainSettings:
-    p = Path(adapter) / "train.json"
-    if not p.is_file():
+    record = TrainRecord.read(adapter)
+    if record is None:
         raise InputError(f"{adapter}: no train.json, so the training recipe is unknown; train the original with "
                          "`llmeraser train`, or write train.json with its 'arguments'")
-    return TrainSettings(**json.loads(p.read_text())["arguments"])
+    try:
+        return TrainSettings(**record.arguments)
+    except TypeError as e:
+        raise InputError(f"{record.path}: its 'arguments' are not `llmeraser train` settings ({e}); repair train.json") from None
 
 
 def baseline(name: str, base: str, adapter, data, request, out, overwrite: bool = False, steps: int = 10,
@@ -73,20 +103,23 @@ def baseline(name: str, base: str, adapter, data, request, out, overwrite: bool 
     """Write the adapter of baseline `name` for `request` (see BASELINES)."""
     if name not in BASELINES:
         raise InputError(f"unknown baseline {name!r}; choose one of {BASELINES}")
-    out = check_output_dir(out, overwrite, inputs=(adapter, data, request))
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InputError(f"--steps {steps}: give an integer >= 1 (optimiser steps of {name})")
+    if lr is not None and not 0 < lr < math.inf:
+        raise InputError(f"--lr {lr}: give a finite number > 0")
+    inputs = (adapter, data, request, base)
+    out = check_output_dir(out, overwrite, inputs=inputs)
+    _preflight(base, device, model_and_tokenizer)
+    check_adapter(adapter)
     records = load_records(data)
     req = load_request(request, records)
     recipe = recipe_of(adapter)
     if name == "retrain":
-        edited = Path(out).parent / f".{Path(out).name}.data.jsonl"
-        rows = [r.fields for r in apply_request(records, req)]
-        edited.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        try:
-            return train(base, edited, out, recipe, overwrite, device, progress, model_and_tokenizer,
-                         extra={"baseline": "retrain", "request_sha256": req.sha256, "original_data": str(Path(data).resolve()),
-                                "original_data_sha256": sha256_file(data)})
-        finally:
-            edited.unlink(missing_ok=True)
+        # trained from the edited records in memory: no copy of the (private) kept data is ever on disk
+        return train(base, data, out, recipe, overwrite, device, progress, model_and_tokenizer,
+                     extra={"baseline": "retrain", "request_sha256": req.sha256, "original_data": str(Path(data).resolve()),
+                            "original_data_sha256": sha256_file(data)},
+                     records=apply_request(records, req))
     # each cheap baseline handles its own part of a mixed request and leaves the rest as it is
     if name == "gradient-ascent":
         targets = [e.old for e in req.edits if e.op == "remove"]
@@ -99,15 +132,18 @@ def baseline(name: str, base: str, adapter, data, request, out, overwrite: bool 
     t0 = time.perf_counter()
     base_model, tok = _loaded(base, device, model_and_tokenizer)
     model = load_adapter(base_model, adapter)
-    settings = TrainSettings(**{**recipe.to_dict(), "lr": lr or recipe.lr, "batch_size": min(recipe.batch_size, len(targets))})
-    history = train_lora(model, tok, targets, settings, progress, max_steps=steps, ascent=name == "gradient-ascent", desc=name)
-    seconds = time.perf_counter() - t0
-    with atomic_dir(out, overwrite) as tmp:
-        model.save_pretrained(tmp)
-        write_json(tmp / "baseline.json", {
-            "baseline": name, "adapter": str(Path(adapter).resolve()), "request_sha256": req.sha256,
-            "adapter_sha256": sha256_file(adapter_weights_path(adapter)), "data_sha256": sha256_file(data),
-            "steps": steps, "lr": settings.lr, "samples": len(targets), "edits_ignored": len(req.edits) - len(targets), "loss_history": history, "seconds": seconds,
-            "peak_memory_mb": peak_memory_mb(next(model.parameters()).device), "versions": _versions()})
-    model.unload()
+    try:
+        settings = TrainSettings(**{**recipe.to_dict(), "lr": lr or recipe.lr, "batch_size": min(recipe.batch_size, len(targets))})
+        history = train_lora(model, tok, targets, settings, progress, max_steps=steps, ascent=name == "gradient-ascent", desc=name)
+        seconds = time.perf_counter() - t0
+        with atomic_dir(out, overwrite, inputs) as tmp:
+            model.save_pretrained(tmp)
+            write_json(tmp / "baseline.json", {
+                "baseline": name, "adapter": str(Path(adapter).resolve()), "request_sha256": req.sha256,
+                "adapter_sha256": sha256_file(adapter_weights_path(adapter)), "data_sha256": sha256_file(data),
+                "steps": steps, "lr": settings.lr, "samples": len(targets), "edits_ignored": len(req.edits) - len(targets),
+                "loss_history": history, "seconds": seconds,
+                "peak_memory_mb": peak_memory_mb(next(model.parameters()).device), "versions": _versions()})
+    finally:
+        model.unload()
     return out

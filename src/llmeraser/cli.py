@@ -73,7 +73,11 @@ def _unlearn_parser(sub):
     g = p.add_argument_group("inputs and output")
     add_input_flags(g, "the PEFT LoRA adapter folder trained on --data (read only)")
     g.add_argument("--out", required=True, help="folder for the new adapter and unlearn.json (written atomically)")
-    g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    g.add_argument("--overwrite", action="store_true", help="replace --out if it exists and llmeraser wrote it")
+    g.add_argument("--allow-other-data", action="store_true",
+                   help="use --data although it differs from the data recorded in the adapter's train.json (SHA-256, n)")
+    g.add_argument("--allow-unconverged", action="store_true",
+                   help="write the adapter even if the solver stops above --tol (exit status 0; unlearn.json records converged: false)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     add_dataclass_flags(p.add_argument_group("method"), UnlearnSettings, skip=("solver_settings",))
     add_dataclass_flags(p.add_argument_group("solver"), SolverSettings)
@@ -90,7 +94,7 @@ def _run_unlearn(args) -> int:
         raise LLMEraserError(f"solver flags: {e}") from None
     settings = dataclass_from_args(UnlearnSettings, args, solver_settings=solver_settings)
     res = unlearn(args.base, args.adapter, args.data, args.request, args.out, settings, args.overwrite,
-                  progress=not args.quiet)
+                  progress=not args.quiet, allow_other_data=args.allow_other_data, allow_unconverged=args.allow_unconverged)
     m = res.meta
     s = m["seconds"]
     print(f"wrote {res.out}  (solver {m['solver']['name']}: {m['solver']['iterations']} iterations, "
@@ -102,8 +106,8 @@ def _run_unlearn(args) -> int:
 
 def _common(p, out_help):
     p.add_argument("--out", required=True, help=out_help)
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--device", default="auto", help="'cpu', 'cuda' or 'auto' (default: auto)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and llmeraser wrote it")
+    p.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:N', 'mps' or 'auto' (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -234,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except LLMEraserError as e:
         print(f"llmeraser: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
 
 
 if __name__ == "__main__":

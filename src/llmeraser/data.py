@@ -121,9 +121,11 @@ def sides(fields: dict, shape: str, where: str) -> tuple[list[dict], str]:
 
 def _read_json_rows(path: Path) -> list[tuple[dict, str]]:
     """Rows of a JSON array or JSONL file, each with a 'file:line' (or 'file[i]') locator."""
+    from .fileio import read_text
+
     if not path.is_file():
         raise InputError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "data file")
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -192,14 +194,14 @@ def _check_new(op: str, old: Record, new: dict, where: str) -> Record:
 
 
 def load_request(path: str | Path, records: list[Record]) -> EditRequest:
-    from .fileio import sha256_file
+    from .fileio import read_text, sha256_file
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"request file {path} does not exist")
     index = {r.id: i for i, r in enumerate(records)}
     edits, raw, seen = [], [], {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path, "request file").splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from .baselines import baseline, train, trained_with
 from .evaluate import evaluate
-from .fileio import sha256_file, write_json
+from .errors import InputError
+from .fileio import check_output_dir, sha256_file, write_json, write_text_atomic
 from .modeling import adapter_weights_path, load_base
 from .solvers import SolverSettings
 from .synthetic import QUESTIONS, make_customers, make_records
@@ -96,8 +97,26 @@ def build_inputs(cfg: DemoConfig, folder: Path, seed: int = 0):
         req.append({"op": "modify_query", "id": f"c{i}-likes", "new": {"prompt": f"What does {customers[i].name} like?"}})
     folder.mkdir(parents=True, exist_ok=True)
     for name, content in (("data.jsonl", rows), ("request.jsonl", req)):
-        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in content))
+        write_text_atomic(folder / name, "".join(json.dumps(r) + "\n" for r in content))
     return customers, req
+
+
+DEMO_MARKER = ".llmeraser-demo"
+
+
+def claim_folder(out: Path) -> None:
+    """Make `out` the demo's folder, refusing one that holds anything else: the demo writes and replaces
+    files in it (inputs/, original/, adapters/, report/), which must never be a user's."""
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"demo --out {out} is a file; choose a folder")
+        legacy = (out / "inputs" / "data.jsonl").is_file() and (out / "original" / "train.json").is_file()
+        if any(out.iterdir()) and not (out / DEMO_MARKER).is_file() and not legacy:
+            raise InputError(f"demo --out {out} exists and is not a demo folder; choose a new folder (the demo "
+                             "writes inputs/, original/, adapters/ and report/ in it)")
+    check_output_dir(out / "report", overwrite=True)  # creatable and writable, before any training
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).touch()
 
 
 def _field_value(record_id: str, customers, response: str | None = None) -> str:
@@ -141,6 +160,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
     """Run the demo end to end; `base` and `config` exist so the wiring can be tested on a tiny model."""
     cfg = config or (QUICK if quick else FULL)
     out = Path(out)
+    claim_folder(out)
     inputs = out / "inputs"
     t_start = time.perf_counter()
     customers, req_rows = build_inputs(cfg, inputs)
@@ -165,8 +185,9 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
     settings = UnlearnSettings(damping=DAMPING, reset_removed=RESET_REMOVED, curvature=CURVATURE, newton_steps=cfg.newton_steps, refine_iters=cfg.refine_iters, solver="cg", curvature_samples=0, device="cpu",
                                solver_settings=SolverSettings(tol=0.05, max_iters=cfg.cg_iters))
     say("llmeraser unlearn")
+    # the demo shows its result whatever the residual; unlearn.json and the warning report it
     adapters["llmeraser"] = unlearn(base, original, data, request, work / "llmeraser", settings, overwrite=True,
-                                    progress=progress, model_and_tokenizer=mt).out
+                                    progress=progress, model_and_tokenizer=mt, allow_unconverged=True).out
     retrain = work / "retrain"
     cached["retrain"] = trained_with(retrain, base=base, arguments=recipe.to_dict(), request_sha256=request_sha256,
                                      original_data_sha256=data_sha256)
@@ -195,7 +216,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
                       cache_dir=work / ".evaluation")  # a rerun evaluates only adapters whose weights changed
     cached["evaluation"] = sorted(n for n, m in report["methods"].items() if m.get("cached"))
     summary = summarise(report, customers, req_rows)
-    write_json(out / "report" / "demo_summary.json", {"summary": summary, "config": vars(cfg), "quick": quick,
+    write_json(out / "demo_summary.json", {"summary": summary, "config": vars(cfg), "quick": quick,
                                                       "seconds_total": time.perf_counter() - t_start, "cached": cached})
     print_summary(summary, report, customers, req_rows)
     print(f"\nfull report: {out / 'report' / 'report.md'} (json and png beside it); total {time.perf_counter() - t_start:.0f}s")

@@ -1,8 +1,10 @@
-"""Exceptions a user can act on. The CLI prints their message and exits non-zero."""
+"""Exceptions a user can act on. The CLI prints their message and exits with their `exit_code`."""
 
 
 class LLMEraserError(Exception):
     """Base class: a problem with the user's input or with the numerics, and its fix."""
+
+    exit_code = 2
 
 
 class InputError(LLMEraserError):
@@ -10,4 +12,10 @@ class InputError(LLMEraserError):
 
 
 class NumericalError(LLMEraserError):
-    """A non-finite HVP, residual or gradient; nothing is written when this is raised."""
+    """A non-finite HVP, residual, gradient or result; nothing is written when this is raised."""
+
+
+class NotConvergedError(LLMEraserError):
+    """The solve stopped above its tolerance; nothing is written unless the caller accepts that."""
+
+    exit_code = 3

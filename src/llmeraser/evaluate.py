@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -25,8 +26,8 @@ from .data import Record, load_records, load_request
 from .errors import InputError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
 from .metrics import cosine, exact_match, relative_distance, roc_auc, rouge_l, rouge_n
-from .modeling import (adapter_weights_path, fused_attention, load_adapter, load_base, merged_adapter, read_adapter_file,
-                       resolve_device)
+from .modeling import (adapter_weights_path, check_adapter, check_base, fused_attention, load_adapter, load_base, merged_adapter,
+                       read_adapter_file, resolve_device)
 from .objective import CausalLMObjective
 from .render import encode, render_text, resolve_template
 
@@ -168,7 +169,12 @@ def _cost(adapter_dir: Path) -> dict:
     for name in ("unlearn.json", "baseline.json", "train.json"):
         p = adapter_dir / name
         if p.is_file():
-            meta = json.loads(p.read_text())
+            try:
+                meta = json.loads(p.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                meta = None
+            if not isinstance(meta, dict):
+                raise InputError(f"{p}: not a valid JSON object; repair it or move it out of the adapter folder")
             secs = meta.get("seconds")
             if isinstance(secs, dict):
                 secs = sum(v for k, v in secs.items() if k != "load")
@@ -184,9 +190,18 @@ def parse_named(specs: list[str]) -> dict[str, Path]:
         name, folder = s.split("=", 1)
         if name in named:
             raise InputError(f"--adapter {name}: the name is given twice")
+        check_name(name)
         adapter_weights_path(folder)
         named[name] = Path(folder)
     return named
+
+
+def check_name(name: str) -> str:
+    """An adapter name becomes part of file names (the plots, the evaluation cache): letters, digits, . _ + -."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}", name):
+        raise InputError(f"--adapter {name!r}=...: a name may hold only letters, digits and . _ + - (starting with a "
+                         "letter or digit, at most 64 characters), because it names files; e.g. --adapter llmeraser=runs/x")
+    return name
 
 
 def retain_sample(records: list[Record], k: int) -> list[Record]:
@@ -211,7 +226,21 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None
     whose key matches is not evaluated again (the demo's rerun re-evaluates only adapters whose weights changed)."""
     if retain_samples < 0:
         raise InputError(f"--retain-samples {retain_samples}: give a count >= 0 (0 evaluates every retained record)")
-    out = check_output_dir(out, overwrite, inputs=tuple(adapters.values()) + (data, request))
+    for name, value in (("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size)):
+        if value < 1:
+            raise InputError(f"{name} {value}: give an integer >= 1")
+    if kl_samples < 0 or max_length < 2:
+        raise InputError("--kl-samples must be >= 0 and --max-length >= 2")
+    if not adapters:
+        raise InputError("give at least one --adapter NAME=FOLDER to evaluate")
+    inputs = tuple(adapters.values()) + (data, request, test, base)
+    out = check_output_dir(out, overwrite, inputs=inputs)
+    for name, folder in adapters.items():
+        check_name(name)
+        check_adapter(folder)
+    device = resolve_device(device)
+    if model_and_tokenizer is None:
+        check_base(base)
     records = load_records(data)
     req = load_request(request, records)
     edited = {e.index for e in req.edits}
@@ -219,7 +248,7 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None
               "retain": [r for i, r in enumerate(records) if i not in edited], "test": load_records(test) if test else []}
     if retain_samples and len(splits["retain"]) > retain_samples:
         splits["retain"] = retain_sample(splits["retain"], retain_samples)
-    base_model, tok = model_and_tokenizer or load_base(base, resolve_device(device))
+    base_model, tok = model_and_tokenizer or load_base(base, device)
     tpl = resolve_template(tok, template)
     # records per split whose next-token distributions are compared with retrain's (KL)
     kl_keep = {s: min(kl_samples, len(recs)) if "retrain" in adapters and s in ("forget", "test") else 0
@@ -281,7 +310,7 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None
         _parameter_space(adapters, original, methods)
     report = {"methods": {n: methods[n] for n in adapters}, "splits": {k: len(v) for k, v in splits.items()},
               "request_sha256": req.sha256, "original": original, "template": tpl}
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, inputs) as tmp:
         write_json(tmp / "report.json", report)
         (tmp / "report.md").write_text(markdown_table(report))
         from .plots import plot_report

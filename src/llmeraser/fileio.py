@@ -1,4 +1,14 @@
-"""Small file helpers: hashing, JSON, and atomic output folders."""
+"""Small file helpers: hashing, JSON, decoding, and output folders that can never destroy an input.
+
+Invariants every command's output keeps (tests/test_hostile_inputs.py):
+* an output is never an input, never contains one and never lies inside one (real paths, symlinks
+  followed), so no `--out` can rename, replace or write into what the user gave;
+* `--overwrite` replaces only a folder that llmeraser wrote: one holding `MARKER`, whose manifest lists
+  every file in it (a file the user added since makes the folder theirs again);
+* the output appears all at once: it is built in `.{name}.llmeraser-tmp-*/out` beside `--out`, checked
+  (every safetensors tensor finite), then renamed into place; a run that dies leaves only that
+  staging folder, which the next run for the same `--out` finds unlocked and removes.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +16,29 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, NumericalError
+
+MARKER = ".llmeraser-output.json"
+STAGING = ".llmeraser-tmp-"
+# staging folders of llmeraser versions before MARKER; removed once old enough to be surely dead
+LEGACY_STAGING = (".tmp-", ".old-")
+# a staging folder without its lock file is stale only after this long (it may be between mkdir and lock)
+UNLOCKED_GRACE_S = 60.0
+# output files an llmeraser version before MARKER wrote; such a folder may be overwritten
+LEGACY_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", "train.json", "unlearn.json",
+                "baseline.json", "report.json", "report.md", "demo_summary.json", "metrics.png"}
+LEGACY_META = ("unlearn.json", "train.json", "baseline.json", "report.json")
+
+try:  # advisory locks: released by the kernel when the holder dies, even by SIGKILL
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: staging folders are judged by age alone
+    fcntl = None
 
 
 def sha256_file(path: str | Path) -> str:
@@ -21,53 +49,229 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def read_text(path: str | Path, what: str) -> str:
+    """A UTF-8 text file's contents; an undecodable byte is an InputError naming the file, line and fix."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise InputError(f"{what} {path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                         "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+
+
 def write_json(path: str | Path, obj) -> None:
     """Write through a temporary sibling and rename, so a reader never sees half a file."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write UTF-8 text through a temporary sibling and rename, so a reader never sees half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def check_output_dir(out: str | Path, overwrite: bool, inputs: tuple = ()) -> Path:
-    """Refuse an existing output unless overwrite, and never let it be one of the inputs."""
-    out = Path(out).resolve()
+def real_path(p: str | Path) -> Path:
+    """The absolute path with every symlink resolved (for a path that does not exist yet, its existing part)."""
+    return Path(os.path.realpath(os.path.expanduser(str(p))))
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output_dir(out: str | Path, overwrite: bool, inputs: tuple = (), flag: str = "--out") -> Path:
+    """The resolved output folder, after every check that can be made before any computation.
+
+    `inputs` are the paths the command reads (files or folders; None and non-paths such as the
+    'smollm2' alias are skipped). Refuses an output that is an input, contains one or lies inside an
+    input folder; an existing output without `overwrite`, or one llmeraser did not write; and a
+    place where no folder can be created.
+    """
+    shown = out
+    out = real_path(out)
     for p in inputs:
-        if p is not None and Path(p).resolve() == out:
-            raise InputError(f"--out {out} is also an input; choose a new folder so the input is kept intact")
-    if out.exists() and not overwrite:
-        raise InputError(f"output folder {out} already exists; pass --overwrite to replace it, or choose another --out")
+        if p is None or not os.path.exists(str(p)):
+            continue
+        q = real_path(p)
+        if q == out:
+            raise InputError(f"{flag} {shown} is also an input ({p}); choose a new folder so the input is kept intact")
+        if _within(q, out):
+            raise InputError(f"{flag} {shown} contains the input {p}; writing or replacing it could destroy that input. "
+                             f"Choose an output folder outside your inputs")
+        if q.is_dir() and _within(out, q):
+            raise InputError(f"{flag} {shown} lies inside the input folder {p}, which llmeraser never writes into; "
+                             f"choose an output folder outside it")
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"{flag} {shown} is a file, not a folder; choose a folder path")
+        if not overwrite:
+            raise InputError(f"output folder {shown} already exists; pass --overwrite to replace it, or choose another {flag}")
+        check_replaceable(out, flag)
+    _check_creatable(out, shown, flag)
+    remove_stale(out)
     return out
 
 
-@contextlib.contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False):
-    """Yield a temporary folder beside `out`; on success rename it to `out`.
+def _check_creatable(out: Path, shown, flag: str) -> None:
+    """Whether a folder can be made beside `out`: the nearest existing ancestor is a writable folder."""
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"{flag} {shown}: {ancestor} is a file, so no folder can be made there; choose another {flag}")
+    try:  # a real probe: os.access says yes to root on a read-only mount
+        fd, probe = tempfile.mkstemp(prefix=".llmeraser-probe-", dir=ancestor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"{flag} {shown}: cannot write in {ancestor} ({e.strerror}); choose a writable {flag}") from None
 
-    The temporary folder lives in the same parent so the final rename is atomic on one file
-    system. On any exception it is removed and `out` is left as it was.
-    """
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+def check_replaceable(out: Path, flag: str = "--out") -> None:
+    """Refuse to replace `out` unless llmeraser wrote everything in it."""
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir())
+    marker = out / MARKER
+    if marker.is_file():
+        try:
+            listed = set(json.loads(marker.read_text(encoding="utf-8"))["files"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            listed = None
+        extra = [f for f in files if f != MARKER and (listed is None or f not in listed)]
+        if not extra:
+            return
+        raise InputError(f"--overwrite: {out} holds {extra[0]}, which llmeraser did not write there"
+                         + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                         + f"; move it out, or choose another {flag}")
+    if _legacy_output(out, files):
+        return
+    raise InputError(f"--overwrite replaces only a folder llmeraser wrote, and {out} was not (no {MARKER} in it); "
+                     f"remove it yourself if it is really to go, or choose another {flag}")
+
+
+def _legacy_output(out: Path, files: list[str]) -> bool:
+    """An output of an llmeraser version before MARKER: its metadata names llmeraser and every file is one it wrote."""
+    if not files or any(f not in LEGACY_FILES and not re.fullmatch(r"residual_[^/]+\.png", f) for f in files):
+        return False
+    for name in LEGACY_META:
+        try:
+            if "llmeraser" in json.loads((out / name).read_text(encoding="utf-8")).get("versions", {}):
+                return True
+        except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+            continue
+    return False
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Remove staging folders of runs for `out` that died (their lock is free); return what was removed."""
+    return remove_stale_in(out.parent, f".{out.name}.", (STAGING,) + LEGACY_STAGING)
+
+
+def remove_stale_in(parent: Path, prefix: str, kinds: tuple[str, ...]) -> list[Path]:
+    """Remove the folders `parent/{prefix}{kind}*` whose run died (see `_is_stale`)."""
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for p in parent.glob(f"{glob_escape(prefix)}*"):
+        if p.is_dir() and p.name[len(prefix):].startswith(kinds) and _is_stale(p):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+@contextlib.contextmanager
+def staging_dir(parent: Path, prefix: str):
+    """A new folder `parent/{prefix}*` locked for as long as this process holds it, removed on exit.
+
+    The lock (an flock on `.lock` inside it) is what tells a later `remove_stale_in` that the run is
+    alive: the kernel releases it when the process dies, SIGKILL included."""
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
-        yield tmp
-        if out.exists():
-            if not overwrite:
-                raise InputError(f"output folder {out} appeared while working; pass --overwrite to replace it")
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rmdir(old)
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with open(staging / ".lock", "w") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock.write(f"{os.getpid()}\n")
+            lock.flush()
+            yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _is_stale(staging: Path) -> bool:
+    lock = staging / ".lock"
+    if lock.is_file() and fcntl is not None:
+        try:
+            with open(lock, "a") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    return False  # its run is alive
+                fcntl.flock(f, fcntl.LOCK_UN)
+                return True
+        except OSError:
+            return False
+    try:
+        return time.time() - staging.stat().st_mtime > UNLOCKED_GRACE_S
+    except OSError:
+        return False
+
+
+def check_finite_safetensors(folder: Path) -> None:
+    """Raise NumericalError if any tensor of any safetensors file under `folder` is NaN or infinite."""
+    import torch
+    from safetensors.torch import load_file
+
+    for f in sorted(folder.rglob("*.safetensors")):
+        for name, t in load_file(str(f)).items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise NumericalError(f"the result has non-finite values ({name} in {f.name}); nothing was written. "
+                                     "The computation diverged: lower the learning rate, or raise the damping")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False, inputs: tuple = ()):
+    """Yield an empty staging folder; on success check it, record its manifest and rename it to `out`.
+
+    The staging folder lives beside `out` (one file system, so the rename is atomic), holds a lock
+    for as long as this run lives, and is removed on every exit Python sees. A folder already at
+    `out` is replaced only with `overwrite` and only if `check_replaceable` allows it; it is moved
+    into the staging folder first and removed with it.
+    """
+    out = check_output_dir(out, overwrite, inputs)
+    created = []
+    parent = out.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = False
+    try:
+        with staging_dir(out.parent, f".{out.name}.{STAGING}") as staging:
+            work = staging / "out"
+            work.mkdir()
+            yield work
+            check_finite_safetensors(work)
+            files = sorted(str(p.relative_to(work)) for p in work.rglob("*") if not p.is_dir())
+            write_json(work / MARKER, {"written_by": "llmeraser", "files": files})
+            if out.exists():
+                if not overwrite:
+                    raise InputError(f"output folder {out} appeared while working; pass --overwrite to replace it")
+                check_replaceable(out)
+                os.rename(out, staging / "previous")
+            os.rename(work, out)
+            done = True
+    finally:
+        if not done:
+            for d in created:  # folders made for this output only, empty again
+                with contextlib.suppress(OSError):
+                    d.rmdir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -12,12 +13,18 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .fileio import MARKER
 from .params import AdapterParams
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2"
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+WEIGHT_FILES = ("adapter_model.safetensors",)
+# pickled weights: loading one can run code, so llmeraser refuses them and says how to convert
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+CONVERT_HINT = ("convert it once, in an environment you trust: python -c \"import torch; from safetensors.torch import "
+                "save_file; save_file(torch.load('{src}', weights_only=True), '{dst}')\"")
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 def locate_smollm2() -> tuple[str, str]:
@@ -36,12 +43,67 @@ def locate_smollm2() -> tuple[str, str]:
     return folder, names[0]
 
 
+def check_device(device: str) -> str:
+    """`device` if it names a device llmeraser runs on ('auto', 'cpu', 'cuda', 'cuda:N', 'mps'), else an InputError."""
+    kind, _, index = str(device).partition(":")
+    if device != "auto" and (kind not in DEVICE_TYPES or (index and not (kind == "cuda" and index.isdigit()))):
+        raise InputError(f"--device {device}: unknown device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    return device
+
+
 def resolve_device(device: str) -> torch.device:
+    check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: CUDA is not available here; use --device cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise InputError("--device mps: MPS is not available here; use --device cpu")
     return torch.device(device)
+
+
+def check_base(spec: str) -> None:
+    """Every check of `--base` that needs no model load: it exists, and a folder's weights are complete
+    safetensors (a pickle is refused, never loaded). Raises InputError naming the file and the fix."""
+    if spec == SMOLLM2_ALIAS:
+        locate_smollm2()
+        return
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise InputError(f"--base {spec}: no such .gguf file")
+        return
+    if not os.path.isdir(spec):
+        raise InputError(f"--base {spec}: not a model folder, a .gguf file or '{SMOLLM2_ALIAS}'")
+    if not os.path.isfile(os.path.join(spec, "config.json")):
+        raise InputError(f"--base {spec}: the folder has no config.json; give a Hugging Face model folder, "
+                         f"a .gguf file, or '{SMOLLM2_ALIAS}'")
+    names = sorted(os.listdir(spec))
+    weights = [f for f in names if f.endswith(".safetensors")]
+    if not weights:
+        pickles = [f for f in names if f.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            src = os.path.join(spec, pickles[0])
+            raise InputError(f"--base {spec}: its weights are a pickle ({pickles[0]}), which llmeraser does not load "
+                             "(unpickling can run code); " + CONVERT_HINT.format(src=src, dst=os.path.join(spec, "model.safetensors")))
+        raise InputError(f"--base {spec}: no .safetensors weights in the folder; give a complete Hugging Face model folder")
+    for f in weights:
+        check_safetensors(os.path.join(spec, f), "--base")
+
+
+def check_safetensors(path: str | Path, flag: str) -> None:
+    """The file's header parses and its tensors cover the file exactly (a truncated file fails here)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{flag}: {path} is not a readable safetensors file ({str(e).splitlines()[0]}); it may be truncated "
+                         "or damaged: copy or save it again") from None
 
 
 def load_base(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -50,20 +112,14 @@ def load_base(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype 
     Eager attention because double backward through SDPA kernels is not implemented on CPU;
     eval mode so dropout never enters gradients or HVPs. Never contacts a model hub.
     """
+    check_base(spec)
     gguf = None
     if spec == SMOLLM2_ALIAS:
         folder, gguf = locate_smollm2()
     elif spec.endswith(".gguf"):
-        if not os.path.isfile(spec):
-            raise InputError(f"--base {spec}: no such .gguf file")
         folder, gguf = os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
-    elif os.path.isdir(spec):
-        folder = spec
-        if not os.path.isfile(os.path.join(folder, "config.json")):
-            raise InputError(f"--base {spec}: the folder has no config.json; give a Hugging Face model folder, "
-                             f"a .gguf file, or '{SMOLLM2_ALIAS}'")
     else:
-        raise InputError(f"--base {spec}: not a model folder, a .gguf file or '{SMOLLM2_ALIAS}'")
+        folder = spec
     kw = {"local_files_only": True}
     converted = None
     if gguf:
@@ -76,9 +132,11 @@ def load_base(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype 
                             converted, str(e).splitlines()[0], gguf)
                 shutil.rmtree(converted, ignore_errors=True)
         kw["gguf_file"] = gguf
+    else:
+        kw["use_safetensors"] = True  # never a pickle (check_base refused one)
     try:
         model, tokenizer = _from_pretrained(folder, dtype, kw)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - any failure to load a user's model is a message, not a traceback
         raise InputError(f"--base {spec}: could not load the model ({str(e).splitlines()[0]})") from None
     if converted is not None and dtype == torch.float32:
         write_converted(converted, lambda tmp: save_converted(model, tokenizer, tmp))
@@ -89,7 +147,10 @@ def _from_pretrained(folder: str, dtype, kw: dict):
     """(model, tokenizer) from a folder, with eager attention (see load_base)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    use_safetensors = kw.pop("use_safetensors", None)
     tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
+    if use_safetensors is not None:
+        kw["use_safetensors"] = use_safetensors
     return AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=dtype, **kw), tokenizer
 
 
@@ -129,26 +190,24 @@ def converted_gguf_dir(gguf_path: str) -> Path | None:
 
 
 def write_converted(target: Path, save) -> bool:
-    """Fill `target` by `save(tmp)` in a temporary folder renamed into place, so that a crash or a
-    concurrent writer never leaves a partial conversion where it would be loaded. A cache that cannot be
-    written is not an error: the model was loaded already."""
-    import tempfile
+    """Fill `target` by `save(tmp)` in a locked staging folder renamed into place, so that a crash or a
+    concurrent writer never leaves a partial conversion where it would be loaded, and a killed
+    conversion's staging folder is removed by the next one. A cache that cannot be written is not an
+    error: the model was loaded already."""
+    from .fileio import remove_stale_in, staging_dir
 
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    except OSError as e:
-        log.info("not caching the converted model in %s (%s)", target.parent, e)
-        return False
-    try:
-        save(tmp)
-        tmp.rename(target)
+        remove_stale_in(target.parent, ".tmp-", ("",))
+        with staging_dir(target.parent, ".tmp-") as staging:
+            tmp = staging / "out"
+            tmp.mkdir()
+            save(tmp)
+            tmp.rename(target)
         return True
     except OSError as e:  # another process renamed first, or the disk is full: keep what is there
         log.info("not caching the converted model in %s (%s)", target, e)
         return False
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_converted(model, tokenizer, folder: Path) -> None:
@@ -219,20 +278,53 @@ def merged_adapter(model):
 
 def adapter_weights_path(adapter_dir: str | Path) -> Path:
     adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise InputError(f"--adapter {adapter_dir}: no such folder; give a folder written by PEFT save_pretrained")
     if not (adapter_dir / "adapter_config.json").is_file():
         raise InputError(f"--adapter {adapter_dir}: no adapter_config.json; give a folder written by PEFT save_pretrained")
     for name in WEIGHT_FILES:
         if (adapter_dir / name).is_file():
             return adapter_dir / name
+    pickled = adapter_dir / "adapter_model.bin"
+    if pickled.is_file():
+        raise InputError(f"--adapter {adapter_dir}: its weights are a pickle (adapter_model.bin), which llmeraser does not "
+                         "load (unpickling can run code); "
+                         + CONVERT_HINT.format(src=pickled, dst=adapter_dir / "adapter_model.safetensors"))
     raise InputError(f"--adapter {adapter_dir}: no {' or '.join(WEIGHT_FILES)} in the folder")
 
 
 def read_adapter_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """The tensors of an adapter's safetensors file; a damaged file is an InputError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
+    try:
         return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"--adapter: {path} is not a readable safetensors file ({str(e).splitlines()[0]}); it may be "
+                         "truncated or damaged: copy or save it again") from None
+
+
+def check_adapter(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every check of `--adapter` that needs no model: a PEFT folder whose config parses and whose
+    safetensors weights are readable, non-empty and finite. Returns the saved tensors."""
+    path = adapter_weights_path(adapter_dir)
+    config = Path(adapter_dir) / "adapter_config.json"
+    try:
+        cfg = json.loads(config.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"--adapter {config}: not valid JSON ({e}); save the adapter again with PEFT") from None
+    if not isinstance(cfg, dict) or "peft_type" not in cfg:
+        raise InputError(f"--adapter {config}: not a PEFT adapter config (no 'peft_type'); give a folder written by "
+                         "PEFT save_pretrained")
+    saved = read_adapter_file(path)
+    if not saved:
+        raise InputError(f"--adapter {path}: the file holds no tensors; save the adapter again")
+    bad = sorted(k for k, t in saved.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise InputError(f"--adapter {path}: {len(bad)} tensors are not finite (e.g. {bad[0]}), so the adapter diverged "
+                         "in training; retrain it or give another adapter")
+    return saved
 
 
 def load_adapter(base_model, adapter_dir: str | Path):
@@ -242,22 +334,28 @@ def load_adapter(base_model, adapter_dir: str | Path):
     """
     from peft import PeftModel, get_peft_model_state_dict
 
-    weights = adapter_weights_path(adapter_dir)
+    saved = check_adapter(adapter_dir)
     try:
         model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=True)
-    except (ValueError, RuntimeError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - PEFT raises many kinds for a mismatched adapter
         raise InputError(f"--adapter {adapter_dir} does not match --base: {str(e).splitlines()[0]}; "
                          "use the base model the adapter was trained on") from None
     model.eval()
-    saved = read_adapter_file(weights)
     live = get_peft_model_state_dict(model, save_embedding_layers=False)
-    missing = sorted(set(saved) - set(live))
+    extra = sorted(set(saved) - set(live))
+    absent = sorted(set(live) - set(saved))  # PEFT leaves these at their random initialisation
     wrong = sorted(k for k in saved if k in live and tuple(saved[k].shape) != tuple(live[k].shape))
-    if missing or wrong:
+    if extra or wrong:
+        model.unload()
         raise InputError(f"--adapter {adapter_dir} does not match --base: "
-                         + (f"{len(missing)} saved tensors have no place in the model (e.g. {missing[0]})" if missing
+                         + (f"{len(extra)} saved tensors have no place in the model (e.g. {extra[0]})" if extra
                             else f"{len(wrong)} tensors have other shapes (e.g. {wrong[0]})")
                          + "; use the base model the adapter was trained on")
+    if absent:
+        model.unload()
+        raise InputError(f"--adapter {adapter_dir}: adapter_model.safetensors lacks {len(absent)} of the {len(live)} tensors "
+                         f"its adapter_config.json asks for (e.g. {absent[0]}), which PEFT would fill at random; the "
+                         "file is incomplete: save the adapter again")
     return model
 
 
@@ -291,6 +389,6 @@ def write_adapter(model, params: AdapterParams, theta: torch.Tensor, src_dir: st
     out = {k: v.to(saved[k].dtype if saved[k].dtype in (torch.float32, torch.float64) else torch.float32).contiguous()
            for k, v in out.items()}
     for f in src_dir.iterdir():
-        if f.is_file() and f.name not in WEIGHT_FILES and f.name != "unlearn.json":
+        if f.is_file() and f.name not in WEIGHT_FILES and f.name not in ("unlearn.json", MARKER):
             shutil.copy2(f, dst_dir / f.name)
     save_file(out, str(dst_dir / "adapter_model.safetensors"), metadata={"format": "pt"})

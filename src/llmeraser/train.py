@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Record
-from .errors import InputError
+from .errors import InputError, NumericalError
 from .modeling import fused_attention
 from .objective import CausalLMObjective
 from .render import encode, resolve_template
@@ -49,10 +49,13 @@ class TrainSettings:
             raise InputError(f"--layers {list(self.layers)}: give layer indices as integers, e.g. --layers 15 16 17") from None
         if any(i < 0 for i in self.layers):
             raise InputError(f"--layers {list(self.layers)}: layer indices start at 0")
-        if self.rank < 1 or self.batch_size < 1 or self.grad_accum < 1 or not self.epochs > 0 or not self.lr > 0:
-            raise InputError("--rank, --batch-size, --grad-accum must be >= 1 and --epochs, --lr > 0")
-        if self.weight_decay < 0:
-            raise InputError("--weight-decay must be >= 0")
+        if self.rank < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.max_length < 2:
+            raise InputError("--rank, --batch-size, --grad-accum must be >= 1 and --max-length >= 2")
+        for name in ("epochs", "lr", "alpha"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise InputError(f"--{name} {getattr(self, name)}: give a finite number > 0")
+        if not 0 <= self.weight_decay < math.inf:
+            raise InputError(f"--weight-decay {self.weight_decay}: give a finite number >= 0")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -97,7 +100,7 @@ def train_lora(model, tokenizer, records: list[Record], settings: TrainSettings,
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=settings.lr)
     steps_per_epoch = math.ceil(len(examples) / settings.batch_size)
-    total_steps = max_steps or max(1, round(settings.epochs * steps_per_epoch))
+    total_steps = max_steps if max_steps is not None else max(1, round(settings.epochs * steps_per_epoch))
     updates = math.ceil(total_steps / settings.grad_accum)
     warmup = max(1, updates // 20)
     # decaying to 0 lets Adam settle at a stationary point, which the influence update assumes
@@ -121,6 +124,10 @@ def train_lora(model, tokenizer, records: list[Record], settings: TrainSettings,
                 loss = -loss
             elif settings.weight_decay:
                 loss = loss + 0.5 * settings.weight_decay * sum((p.float() ** 2).sum() for p in params)
+            if not bool(torch.isfinite(loss)):
+                bar.close()
+                raise NumericalError(f"{desc}: the loss became {float(loss.detach())} at step {step + 1} of {total_steps} (lr "
+                                     f"{settings.lr:g}): training diverged and nothing was written; lower --lr")
             (loss / settings.grad_accum).backward()
             running += float(loss.detach()) / settings.grad_accum
             if (step + 1) % settings.grad_accum == 0 or step + 1 == total_steps:
@@ -132,4 +139,24 @@ def train_lora(model, tokenizer, records: list[Record], settings: TrainSettings,
                 running = 0.0
             bar.update(1)
     bar.close()
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise NumericalError(f"{desc}: the last update made the adapter non-finite (lr {settings.lr:g}): training "
+                             "diverged and nothing was written; lower --lr")
     return history
+
+
+def mean_loss(model, tokenizer, records: list[Record], settings: TrainSettings) -> float:
+    """The training objective at the adapter as it is: mean response NLL over `records` plus (wd/2)‖Θ‖².
+
+    What `final_loss` in train.json reports: the loss history holds each update's loss *before* it."""
+    template = resolve_template(tokenizer, settings.template)
+    examples = [encode(r, tokenizer, template, settings.max_length) for r in records]
+    objective = CausalLMObjective(model, tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    total = 0.0
+    with torch.no_grad(), fused_attention(model):
+        for i in range(0, len(examples), settings.batch_size):
+            batch = objective.collate(examples[i:i + settings.batch_size], device)
+            total += float(objective.losses(objective.outputs({}, batch), batch).sum())
+    l2 = sum(float((p.detach().float() ** 2).sum()) for p in model.parameters() if p.requires_grad)
+    return total / len(examples) + 0.5 * settings.weight_decay * l2

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import platform
 import resource
 import sys
@@ -17,14 +17,16 @@ import torch
 from . import __version__
 from .curvature import CURVATURES, GAUSS_NEWTON, HVP_MODES, BaseProbsCache, Curvature, HessianOperator, seeded_subset
 from .data import EditRequest, Record, load_records, load_request
-from .errors import InputError, NumericalError
+from .errors import InputError, NotConvergedError, NumericalError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
-from .modeling import fused_attention, load_adapter, load_base, resolve_device, theta_of, write_adapter
+from .modeling import (check_adapter, check_base, check_device, fused_attention, load_adapter, load_base, resolve_device,
+                       theta_of, write_adapter)
 from .objective import CausalLMObjective, by_length
 from .render import TEMPLATES, encode, resolve_template
 from .reset import OutputReset
 from .rhs import gradient_sum, sum_of_gradients
 from .solvers import SOLVERS, SolveResult, SolverSettings, get_solver
+from .trainrecord import TrainRecord
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +107,18 @@ class UnlearnSettings:
             raise InputError(f"--curvature-data must be one of {CURVATURE_DATA}")
         if self.template not in TEMPLATES:
             raise InputError(f"--template must be one of {TEMPLATES}")
-        if not self.damping >= 0:
-            raise InputError("--damping must be >= 0")
+        check_device(self.device)
+        if not 0 <= self.damping < math.inf:
+            raise InputError(f"--damping {self.damping}: give a finite number >= 0")
         try:
             self.damping_grid = tuple(float(x) for x in self.damping_grid)
         except ValueError:
             raise InputError(f"--damping-grid {list(self.damping_grid)}: give numbers, e.g. --damping-grid 0.003 0.01") from None
-        if any(not x >= 0 for x in self.damping_grid):
-            raise InputError(f"--damping-grid {list(self.damping_grid)}: every λ must be >= 0")
+        if any(not 0 <= x < math.inf for x in self.damping_grid):
+            raise InputError(f"--damping-grid {list(self.damping_grid)}: every λ must be a finite number >= 0")
+        for name in ("reset_removed", "anchor_kept"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: give a finite number >= 0")
         if len(self.dampings) > 1 and self.solver != "cg":
             raise InputError("--damping-grid needs --solver cg (its shifted systems share one CG run); "
                              f"with --solver {self.solver} give one --damping")
@@ -137,17 +143,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def training_weight_decay(adapter_dir: Path) -> float:
-    """The L2 coefficient the adapter was trained with (from train.json), which belongs in H."""
-    p = adapter_dir / "train.json"
-    if not p.is_file():
-        return 0.0
-    try:
-        return float(json.loads(p.read_text()).get("arguments", {}).get("weight_decay", 0.0) or 0.0)
-    except (ValueError, AttributeError):
-        return 0.0
 
 
 class Unlearner:
@@ -563,24 +558,37 @@ def _versions() -> dict:
 
 def unlearn(base: str, adapter: str | Path, data: str | Path, request: str | Path, out: str | Path | None,
             settings: UnlearnSettings | None = None, overwrite: bool = False, progress: bool = True,
-            model_and_tokenizer=None) -> UnlearnResult:
+            model_and_tokenizer=None, allow_other_data: bool = False, allow_unconverged: bool = False) -> UnlearnResult:
     """Apply an edit request to a PEFT adapter by the LLMEraser influence update; write a new adapter.
+
+    Every input is checked before any model is loaded (output place, base, adapter, train.json, data,
+    request); nothing is written unless the whole computation succeeds.
 
     Args:
         base: model folder, .gguf file, or 'smollm2'.
         adapter: the PEFT adapter folder (never modified).
-        data: the training data the adapter was trained on (JSONL or JSON array).
+        data: the training data the adapter was trained on (JSONL or JSON array); checked against the
+            SHA-256 and n in the adapter's train.json unless `allow_other_data`.
         request: the edit request (JSONL).
         out: the new adapter folder, written atomically; None computes without writing.
         model_and_tokenizer: an already loaded (base model, tokenizer) to use instead of `base`.
+        allow_unconverged: write the result even when a solve stopped above its tolerance (otherwise
+            NotConvergedError, and nothing is written).
     """
     settings = settings or UnlearnSettings()
     adapter = Path(adapter)
+    inputs = (adapter, data, request, base)
     if out is not None:
-        out = check_output_dir(out, overwrite, inputs=(adapter, data, request))
+        out = check_output_dir(out, overwrite, inputs=inputs)
     t_start = time.perf_counter()
+    if model_and_tokenizer is None:
+        check_base(base)
+    check_adapter(adapter)
+    record = TrainRecord.read(adapter)
     records = load_records(data)
     req = load_request(request, records)
+    if record is not None and not allow_other_data:
+        record.check_data(data, sha256_file(data), len(records))
     device = resolve_device(settings.device)
     if model_and_tokenizer is None:
         base_model, tokenizer = load_base(base, device)
@@ -588,14 +596,15 @@ def unlearn(base: str, adapter: str | Path, data: str | Path, request: str | Pat
         base_model, tokenizer = model_and_tokenizer
     model = load_adapter(base_model, adapter)
     try:
+        wd = record.weight_decay if record else 0.0
         return _unlearn(model, tokenizer, adapter, data, request, out, settings, overwrite, progress, base, records, req,
-                        device, t_start)
+                        device, t_start, wd, inputs, allow_unconverged)
     finally:
         model.unload()  # hand a caller's base model back without the adapter's layers
 
 
-def _unlearn(model, tokenizer, adapter, data, request, out, settings, overwrite, progress, base, records, req, device, t_start):
-    wd = training_weight_decay(adapter)
+def _unlearn(model, tokenizer, adapter, data, request, out, settings, overwrite, progress, base, records, req, device, t_start,
+             wd, inputs, allow_unconverged):
     unl = Unlearner(model, tokenizer, records, settings, weight_decay=wd)
     n = len(records)
     log.info("n = %d training samples; %d edits %s", n, len(req.edits), req.counts)
@@ -606,6 +615,9 @@ def _unlearn(model, tokenizer, adapter, data, request, out, settings, overwrite,
     t_load = time.perf_counter() - t_start
     delta, result, stage = unl.delta(req, progress)
     theta_new = unl.theta_hat + delta
+    if not bool(torch.isfinite(theta_new).all()):
+        raise NumericalError("the update is not finite; nothing was written. Try a larger --damping or --curvature ggn")
+    truncated_new = sum(unl.encode(e.new).truncated for e in req.edits if e.new is not None)
     meta = {
         "request": {"path": str(Path(request).resolve()), "sha256": req.sha256, "edits": req.raw},
         "data": {"path": str(Path(data).resolve()), "sha256": sha256_file(data)},
@@ -620,7 +632,9 @@ def _unlearn(model, tokenizer, adapter, data, request, out, settings, overwrite,
         "damping_total": unl.damping,
         "training_weight_decay": wd,
         "template": unl.template,
-        "truncated_samples": sum(e.truncated for e in unl.examples),
+        # every sample cut to --max-length: training records and the request's new versions
+        "truncated_samples": sum(e.truncated for e in unl.examples) + truncated_new,
+        "truncated_new_versions": truncated_new,
         "solver": {"name": settings.solver, "iterations": result.iterations, "converged": result.converged,
                    "final_residual": result.final_residual, "residuals": result.residuals,
                    **{k: v for k, v in result.info.items()}},
@@ -632,15 +646,22 @@ def _unlearn(model, tokenizer, adapter, data, request, out, settings, overwrite,
         "seconds": {"load": t_load, "b": stage["b"], "solve": stage["solve"]},
         "versions": _versions(),
     }
-    # a Newton step after the first stops at --refine-iters by design when that is set: no warning for it
-    for st in stage["steps"]:
-        if not st["converged"] and (st["step"] == 1 or not settings.refine_iters):
-            print(f"llmeraser: warning: in Newton step {st['step']} the solver stopped at residual {st['final_residual']:.3g} "
-                  f"above tol {settings.solver_settings.tol} after {st['iterations']} iterations; see unlearn.json",
-                  file=sys.stderr)
+    # a Newton step after the first stops at --refine-iters by design when that is set: not a failure
+    short = [st for st in stage["steps"] if not st["converged"] and (st["step"] == 1 or not settings.refine_iters)]
+    meta["converged"] = not short
+    for st in short:
+        print(f"llmeraser: warning: in Newton step {st['step']} the solver stopped at residual {st['final_residual']:.3g} "
+              f"above tol {settings.solver_settings.tol} after {st['iterations']} iterations", file=sys.stderr)
+    if short and not allow_unconverged:
+        st = short[0]
+        raise NotConvergedError(
+            f"the solve did not converge (Newton step {st['step']}: residual {st['final_residual']:.3g} > tol "
+            f"{settings.solver_settings.tol} after {st['iterations']} iterations), so the update is not the influence "
+            f"estimate and nothing was written{' to ' + str(out) if out is not None else ''}. Raise --max-iters or "
+            "--damping, or pass --allow-unconverged to write it anyway (unlearn.json then records converged: false)")
     if out is not None:
         t0 = time.perf_counter()
-        with atomic_dir(out, overwrite) as tmp:
+        with atomic_dir(out, overwrite, inputs) as tmp:
             write_adapter(model, unl.params, theta_new, adapter, tmp)
             meta["seconds"]["save"] = time.perf_counter() - t0
             meta["peak_memory_mb"] = peak_memory_mb(device)

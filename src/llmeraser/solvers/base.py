@@ -29,14 +29,24 @@ class SolverSettings:
     exact_max_params: int = field(default=4096, metadata={"help": "exact: refuse above this many parameters (p HVPs, p² memory)"})
 
     def __post_init__(self):
-        if not self.tol > 0:
-            raise ValueError("tol must be > 0")
+        if not 0 < self.tol < math.inf:
+            raise ValueError(f"--tol {self.tol}: give a finite number > 0")
         if self.max_iters is not None and self.max_iters < 1:
-            raise ValueError("max_iters must be >= 1")
+            raise ValueError(f"--max-iters {self.max_iters}: give an integer >= 1")
+        if self.check_every < 1:
+            raise ValueError(f"--check-every {self.check_every}: give an integer >= 1")
+        if self.power_iters < 1:
+            raise ValueError(f"--power-iters {self.power_iters}: give an integer >= 1")
+        if self.exact_max_params < 1:
+            raise ValueError(f"--exact-max-params {self.exact_max_params}: give an integer >= 1")
         if self.optimizer not in ("sgd", "adam"):
-            raise ValueError("optimizer must be 'sgd' or 'adam'")
+            raise ValueError("--optimizer must be 'sgd' or 'adam'")
         if not 0 <= self.momentum < 1:
-            raise ValueError("momentum must be in [0, 1)")
+            raise ValueError(f"--momentum {self.momentum}: give a number in [0, 1)")
+        for name in ("lr", "lissa_scale"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < math.inf:
+                raise ValueError(f"--{name.replace('_', '-')} {value}: give a finite number > 0")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,101 @@
+"""A run killed (SIGKILL) in the middle of writing its output leaves nothing where a user would take it for a
+result, and the next run for the same --out recognises its staging folder as dead, removes it and starts clean."""
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llmeraser.cli import main
+from llmeraser.fileio import MARKER, STAGING, remove_stale
+
+from helpers import write_jsonl
+
+# run in a child process: the adapter file is written half, then the process waits to be killed
+CHILD = """
+import sys, time
+import safetensors.torch as st
+
+real_save = st.save_file
+
+def half_then_wait(tensors, filename, metadata=None):
+    real_save(tensors, filename, metadata=metadata)
+    with open(filename, "r+b") as f:  # as if killed in the middle of the write
+        f.truncate(f.seek(0, 2) // 2)
+    open(sys.argv[1], "w").close()
+    time.sleep(300)
+
+st.save_file = half_then_wait
+from llmeraser.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def args(tiny_dir, request, out):
+    return ["unlearn", "--base", str(tiny_dir / "base"), "--adapter", str(tiny_dir / "adapter"),
+            "--data", str(tiny_dir / "train.jsonl"), "--request", str(request), "--out", str(out),
+            "--device", "cpu", "--quiet", "--allow-unconverged", "--max-iters", "5"]
+
+
+def test_killed_save_leaves_no_partial_output_and_the_next_run_starts_clean(tiny_dir, tmp_path):
+    req = write_jsonl(tmp_path / "req.jsonl", [{"op": "remove", "id": "r3"}])
+    out, ready = tmp_path / "edit", tmp_path / "ready"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(ready), *args(tiny_dir, req, out)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while not ready.exists():
+            assert child.poll() is None, child.stderr.read().decode()
+            assert time.time() < deadline, "the child never reached its save"
+            time.sleep(0.2)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == -signal.SIGKILL
+    # nothing at --out; the half-written adapter sits only in the dead run's staging folder
+    assert not out.exists()
+    staging = [p for p in tmp_path.iterdir() if p.name.startswith(f".edit.{STAGING}")]
+    assert len(staging) == 1
+    partial = staging[0] / "out" / "adapter_model.safetensors"
+    assert partial.is_file() and partial.stat().st_size > 0
+    # the next run for the same --out removes it and writes a complete output
+    assert main(args(tiny_dir, req, out)) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edit", "ready", "req.jsonl"]
+    listed = json.loads((out / MARKER).read_text())["files"]
+    assert sorted(listed) == sorted(p.name for p in out.iterdir() if p.name != MARKER)
+    from safetensors.torch import load_file
+    assert load_file(str(out / "adapter_model.safetensors"))  # complete: it parses
+
+
+def test_a_live_runs_staging_folder_is_left_alone(tmp_path):
+    """Only a staging folder whose lock is free (its run died) is removed."""
+    out = tmp_path / "edit"
+    live, dead = tmp_path / f".edit.{STAGING}live", tmp_path / f".edit.{STAGING}dead"
+    for d in (live, dead):
+        (d / "out").mkdir(parents=True)
+        (d / ".lock").write_text("")
+    unrelated = tmp_path / f".edit2.{STAGING}x"
+    (unrelated / "out").mkdir(parents=True)
+    (unrelated / ".lock").write_text("")
+    with open(live / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert remove_stale(out) == [dead]
+    assert live.is_dir() and not dead.exists() and unrelated.is_dir()
+
+
+@pytest.mark.parametrize("age, removed", [(5.0, False), (3600.0, True)])
+def test_a_staging_folder_without_a_lock_is_removed_once_old(tmp_path, age, removed):
+    out = tmp_path / "edit"
+    d = tmp_path / f".edit.{STAGING}x"
+    d.mkdir()
+    os.utime(d, (time.time() - age, time.time() - age))
+    assert (remove_stale(out) == [d]) is removed
