@@ -118,7 +118,7 @@ def main():
     model = load_adapter(base, d / "original")
     unl = Unlearner(model, tok, records, base_settings)
     params, theta_hat = unl.params, unl.theta_hat.clone()
-    score = Scorer(model, tok, unl.template, forget, retain, test)
+    score = Scorer(model, tok, unl.problem.template, forget, retain, test)
     results = json.loads(OUT.read_text()) if OUT.is_file() else {}
     point = results.setdefault(key, {"n": args.n, "edits": len(forget), "retain": len(retain), "rows": []})
     for ref in ("original", "retrain"):
@@ -130,13 +130,13 @@ def main():
             print(ref, json.dumps(point[ref_key]), flush=True)
     load_theta(model, params, theta_hat)
     t = time.perf_counter()
-    unl.old_grad_hat(request)
+    unl.problem.old_grad(request)
     seconds_b = time.perf_counter() - t
     for spec_text in args.grid:
         spec = parse_setting(spec_text)
         s = settings_for(base_settings, spec)
         u = Unlearner(model, tok, records, s)
-        u._old_grads = unl._old_grads  # b is the same for every setting
+        u.problem.old_grads = unl.problem.old_grads  # b is the same for every setting
         t = time.perf_counter()
         delta, res, stage = u.delta(request)
         secs = time.perf_counter() - t

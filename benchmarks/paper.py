@@ -21,13 +21,15 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from llmeraser.baselines import baseline, train, trained_with
-from llmeraser.evaluate import evaluate
+from llmeraser.baselines import BaselineSettings, baseline, train, trained_with
+from llmeraser.evaluate import EvaluateSettings, evaluate
 from llmeraser.fileio import sha256_file, write_json
 from llmeraser.modeling import load_adapter
 from llmeraser.solvers import SolverSettings
 from llmeraser.train import TrainSettings
-from llmeraser.unlearner import UnlearnSettings, unlearn
+from llmeraser.api import unlearn
+from llmeraser.recipes import recipe
+from llmeraser.settings import UnlearnSettings
 
 from .costs import PeakMemory, hvp_cost
 
@@ -158,18 +160,13 @@ def is_quick(sizes: Sizes) -> bool:
     return replace(sizes, scaling_n=QUICK.scaling_n) == QUICK
 
 
-# CG tries these λ beside the default 0.03 in its one run and keeps the step that lowers the retraining
-# objective most: no one λ suited every edit (λ = 0.003 moved IR at n = 2048 furthest and cost RC at n = 128
-# its retained samples; BENCHMARKS.md). The stochastic solver has no shifted form, so it keeps the one λ.
-DAMPING_GRID = (0.003, 0.01)
-
-
 def llmeraser_settings(sizes: Sizes, solver: str) -> UnlearnSettings:
+    """The 'default' recipe at the benchmark's sizes (the stochastic solver has no shifted form: no λ grid)."""
     iters = sizes.cg_iters if solver == "cg" else sizes.stochastic_iters
-    return UnlearnSettings(solver=solver, curvature_samples=sizes.curvature_samples, max_length=sizes.max_length, device="cpu",
-                           damping_grid=DAMPING_GRID if solver == "cg" else (),
-                           solver_settings=SolverSettings(tol=0.05, max_iters=iters, check_every=max(2, iters // 4),
-                                                          power_iters=2 if is_quick(sizes) else 4))
+    overrides = {} if solver == "cg" else {"damping_grid": ()}
+    return recipe("default", solver=solver, curvature_samples=sizes.curvature_samples, max_length=sizes.max_length,
+                  device="cpu", solver_settings=SolverSettings(tol=0.05, max_iters=iters, check_every=max(2, iters // 4),
+                                                               power_iters=2 if is_quick(sizes) else 4), **overrides)
 
 
 class Runner:
@@ -233,8 +230,8 @@ class Runner:
             runs["cg, --cache-batches 0"] = {**res.meta, "stage_peak_mb": mem.peak_mb,
                                              "relative_distance_to_cg": adapter_distance(res.out, adapters["llmeraser-cg"])}
         self.say(f"{name}: {cheap}")
-        adapters[cheap] = baseline(cheap, "smollm2", original, data, request, d / cheap, overwrite=True,
-                                   steps=s.baseline_steps, progress=self.progress, model_and_tokenizer=self.mt)
+        adapters[cheap] = baseline(cheap, "smollm2", original, data, request, d / cheap, BaselineSettings(steps=s.baseline_steps),
+                                   overwrite=True, progress=self.progress, model_and_tokenizer=self.mt)
         self.say(f"{name}: evaluate")
         metrics = self.metrics(adapters, data, request, test, d / "report", s.max_new_tokens if name == "RC-gen" else 4)
         retrain_s = json.loads((adapters["retrain"] / "train.json").read_text())["seconds"]
@@ -252,9 +249,10 @@ class Runner:
     def metrics(self, adapters: dict, data: Path, request: Path, test: Path, out: Path, max_new: int) -> dict:
         """Each adapter's metrics on the forget, corrected, retained (a sample) and test sets."""
         s = self.sizes
-        report = evaluate("smollm2", adapters, data, request, out, test=test, overwrite=True, progress=self.progress,
-                          model_and_tokenizer=self.mt, max_new_tokens=max_new, max_length=s.max_length,
-                          retain_samples=s.retain_eval, keep_samples=3)
+        report = evaluate("smollm2", adapters, data, request, out,
+                          EvaluateSettings(max_new_tokens=max_new, max_length=s.max_length, retain_samples=s.retain_eval,
+                                           keep_samples=3),
+                          test=test, overwrite=True, progress=self.progress, model_and_tokenizer=self.mt)
         metrics = {m: {k: v for k, v in r.items() if k in ("forget", "forget_new", "retain", "test", "vs_retrain")}
                    for m, r in report["methods"].items()}
         for m in metrics.values():  # generated samples make the file long and say little here
@@ -344,7 +342,7 @@ class Runner:
 
     def unlearn_record(self) -> dict:
         """The scaling points' `unlearn` settings, as they read back from JSON."""
-        return json.loads(json.dumps(asdict(llmeraser_settings(self.sizes, "cg"))))
+        return json.loads(json.dumps(llmeraser_settings(self.sizes, "cg").to_dict()))
 
     def recorded_points(self) -> list[dict]:
         """The points of results/scaling.json when it was run with this recipe at these sizes: a run for some

@@ -33,7 +33,7 @@ def test_demo_request_is_valid_and_has_every_kind(tmp_path):
 
 
 def test_demo_wiring_on_tiny_model(trainable_dir, tmp_path, capsys):
-    cfg = DemoConfig(customers=3, removed=1, corrected=1, modified=1, epochs=2, cg_iters=2, retain_samples=2, baseline_steps=1,
+    cfg = DemoConfig(customers=3, removed=1, corrected=1, modified=1, epochs=2, retain_samples=2, baseline_steps=1,
                      newton_steps=2)
     summary = run_demo(tmp_path / "demo", progress=False, base=str(trainable_dir / "base"), config=cfg)
     assert set(summary) == {"original", "llmeraser", "retrain", "gradient-ascent", "finetune-corrected"}

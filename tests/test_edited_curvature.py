@@ -11,12 +11,30 @@ from llmeraser.curvature import Curvature, HessianOperator
 from llmeraser.data import load_request
 from llmeraser.objective import CausalLMObjective
 from llmeraser.params import AdapterParams
-from llmeraser.rhs import compute_rhs
+from llmeraser.acceptance import backtrack, control_variate, line_objective, retraining_objective
+from llmeraser.rhs import sum_of_gradients
 from llmeraser.solvers import SolverSettings, get_solver
-from llmeraser.unlearner import Unlearner, UnlearnSettings
+from llmeraser.settings import UnlearnSettings
+from llmeraser.unlearner import Unlearner
 
 from helpers import write_jsonl
 from test_influence_closed_form import WD, Logistic, fit, make_data
+
+
+def objective_of(unl, req):
+    """The line search's (objective, exact) for an Unlearner's settings."""
+    s = unl.settings
+    return line_objective(unl.problem, req, s.line_search_samples or s.curvature_samples, s.seed)
+
+
+def line_search(unl, req, step, neg_grad):
+    return backtrack(objective_of(unl, req)[0], unl.theta_hat, step, -float(neg_grad @ step))
+
+
+def exact_objective(unl, items, theta):
+    """R' over `items` at Θ, from a plain pass."""
+    p = unl.problem
+    return retraining_objective(p.loss_sum(p.batches(items, prepare=False), theta), theta, len(items), p.weight_decay)
 
 
 def test_delta_matches_explicit_newton_step_on_tiny_llama(tiny64, tmp_path):
@@ -30,10 +48,11 @@ def test_delta_matches_explicit_newton_step_on_tiny_llama(tiny64, tmp_path):
                             batch_size=64, device="cpu", template="chat", line_search=False)
         unl = Unlearner(model, tok, records, s, weight_decay=wd)
         delta, _, _ = unl.delta(req, progress=False)
-        b = unl.compute_rhs(req, progress=False)
-        items = unl.examples if data == "original" else unl.edited_examples(req)
-        batch = unl.objective.collate(items, "cpu")
-        H = hessian(lambda t: unl.objective.losses(unl.objective.outputs(unl.params.unflatten(t), batch), batch).mean())(unl.theta_hat)
+        b = unl.problem.rhs(req, progress=False)
+        items = unl.problem.examples if data == "original" else unl.problem.sets(req).edited
+        obj = unl.problem.objective
+        batch = obj.collate(items, "cpu")
+        H = hessian(lambda t: obj.losses(obj.outputs(unl.params.unflatten(t), batch), batch).mean())(unl.theta_hat)
         A = H + (wd + lam) * torch.eye(len(H), dtype=H.dtype)
         m = len(items)
         rhs = b if data == "original" else b + (n - m) * wd * unl.theta_hat
@@ -48,7 +67,7 @@ def _step(x, y, theta_hat, removed, edited_curvature):
     flat = params.flatten({"b": theta_hat[-1:], "w": theta_hat[:-1]})
     items = list(zip(x, y))
     kept = [it for i, it in enumerate(items) if i not in set(removed)]
-    b = compute_rhs(obj, params, flat, [items[i] for i in removed], [], batch_size=64, progress=False)
+    b = sum_of_gradients(obj, params, flat, [items[i] for i in removed], batch_size=64, progress=False)
     curv_items, m = (kept, len(kept)) if edited_curvature else (items, len(items))
     rhs = b + (len(items) - m) * WD * flat if edited_curvature else b
     op = HessianOperator(Curvature(obj, params, flat, "hessian"), curv_items, batch_size=64, damping=WD, curvature_samples=0)
@@ -76,15 +95,16 @@ def test_line_search_keeps_short_steps_and_cuts_wild_ones(tiny64, tmp_path):
     req = load_request(write_jsonl(tmp_path / "r.jsonl", [{"op": "remove", "id": "r1"},
                                                          {"op": "correct_response", "id": "r2", "new": {"response": "9"}}]), records)
     unl = Unlearner(model, tok, records, UnlearnSettings(curvature_samples=0, device="cpu", template="chat"), weight_decay=0.1)
-    items = unl.edited_examples(req)
+    items = unl.problem.sets(req).edited
     theta = unl.theta_hat.clone().requires_grad_(True)
-    batch = unl.objective.collate(items, "cpu")
-    value = unl.objective.losses(unl.objective.outputs(unl.params.unflatten(theta), batch), batch).mean() \
+    obj = unl.problem.objective
+    batch = obj.collate(items, "cpu")
+    value = obj.losses(obj.outputs(unl.params.unflatten(theta), batch), batch).mean() \
         + 0.05 * theta.square().sum()
     (grad,) = torch.autograd.grad(value, theta)
-    short = unl.line_search(req, -1e-3 * grad, grad.neg())
+    short = line_search(unl, req, -1e-3 * grad, grad.neg())
     assert short["accepted"] and short["scale"] == 1.0 and short["slope"] < 0
-    wild = unl.line_search(req, -1e2 * grad / grad.norm(), grad.neg())
+    wild = line_search(unl, req, -1e2 * grad / grad.norm(), grad.neg())
     assert wild["accepted"] and wild["scale"] < 1.0
     assert wild["trace"][-1]["objective"] < wild["start"] < wild["trace"][0]["objective"]
 
@@ -97,10 +117,10 @@ def test_sampled_line_objective_has_the_slope_the_solve_uses(tiny64, tmp_path):
                                                          {"op": "correct_response", "id": "r2", "new": {"response": "9"}}]), records)
     wd = 0.1
     unl = Unlearner(model, tok, records, UnlearnSettings(curvature_samples=3, batch_size=2, device="cpu", template="chat"), weight_decay=wd)
-    f, exact = unl.line_objective(req)
+    f, exact = objective_of(unl, req)
     assert not exact
-    b = unl.compute_rhs(req, progress=False)
-    _, rhs, m = unl.first_system(req, b)
+    b = unl.problem.rhs(req, progress=False)
+    _, rhs, m = unl.first_system(unl.problem.sets(req), b)
     neg_grad = rhs / m  # what the solve and the Armijo slope use
     d = torch.randn(unl.theta_hat.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     eps = 1e-5  # central differences; eager attention's float32 softmax limits agreement to ~1e-4 here
@@ -108,8 +128,8 @@ def test_sampled_line_objective_has_the_slope_the_solve_uses(tiny64, tmp_path):
     slope = (f(unl.theta_hat + eps * d) - f(unl.theta_hat - eps * d)) / (2 * eps)
     assert abs(slope - want) <= 1e-3 * abs(want)
     # the uncorrected sample objective (what the search used before) has a clearly different slope
-    items = unl.edited_examples(req)[:3]
-    naive = (unl.retraining_objective(items, unl.theta_hat + eps * d) - unl.retraining_objective(items, unl.theta_hat - eps * d)) / (2 * eps)
+    items = unl.problem.sets(req).edited[:3]
+    naive = (exact_objective(unl, items, unl.theta_hat + eps * d) - exact_objective(unl, items, unl.theta_hat - eps * d)) / (2 * eps)
     assert abs(naive - want) > 0.05 * abs(want)
 
 
@@ -119,13 +139,15 @@ def test_rhs_and_control_variate_share_one_old_gradient(tiny64, tmp_path):
     req = load_request(write_jsonl(tmp_path / "r.jsonl", [{"op": "remove", "id": "r1"},
                                                          {"op": "correct_response", "id": "r2", "new": {"response": "9"}}]), records)
     unl = Unlearner(model, tok, records, UnlearnSettings(curvature_samples=3, batch_size=2, device="cpu", template="chat"))
-    b = unl.compute_rhs(req, progress=False)
-    old = [unl.examples[e.index] for e in req.edits]
-    new = [unl.encode(e.new) for e in req.edits if e.new is not None]
-    want_old = compute_rhs(unl.objective, unl.params, unl.theta_hat, old, [], 2, progress=False)
-    assert torch.allclose(b, compute_rhs(unl.objective, unl.params, unl.theta_hat, old, new, 2, progress=False))
-    assert torch.allclose(unl.old_grad_hat(req), want_old) and not torch.allclose(want_old, b)
-    assert torch.equal(unl._control_variate(req, "t", False).g_old_hat, unl.old_grad_hat(req))
+    p = unl.problem
+    b = p.rhs(req, progress=False)
+    old = [p.examples[e.index] for e in req.edits]
+    new = [p.encode(e.new) for e in req.edits if e.new is not None]
+    want_old = sum_of_gradients(p.objective, unl.params, unl.theta_hat, old, 2, progress=False)
+    want_new = sum_of_gradients(p.objective, unl.params, unl.theta_hat, new, 2, progress=False)
+    assert torch.allclose(b, want_old - want_new)
+    assert torch.allclose(p.old_grad(req), want_old) and not torch.allclose(want_old, b)
+    assert torch.equal(control_variate(p, req, 3, 0, "t", False).g_old_hat, p.old_grad(req))
 
 
 def test_refinement_gradient_from_the_operator_equals_separate_gradients(tiny64, tmp_path, monkeypatch):
@@ -137,9 +159,11 @@ def test_refinement_gradient_from_the_operator_equals_separate_gradients(tiny64,
     s = UnlearnSettings(curvature="ggn-base", damping=0.1, curvature_samples=0, newton_steps=3, batch_size=4, device="cpu",
                         template="chat", solver_settings=SolverSettings(tol=1e-10, max_iters=50))
     unl = Unlearner(model, tok, records, s, weight_decay=0.01)
-    assert unl._gradient_from_operator(len(unl.edited_examples(req)))
+    from llmeraser import newton
+
+    assert newton.gradient_from_operator(s, len(unl.problem.sets(req).edited))
     fast, _, stage = unl.delta(req, progress=False)
-    monkeypatch.setattr(Unlearner, "_gradient_from_operator", lambda self, m: False)
+    monkeypatch.setattr(newton, "gradient_from_operator", lambda settings, m: False)
     slow, _, stage_slow = Unlearner(model, tok, records, s, weight_decay=0.01).delta(req, progress=False)
     assert len(stage["steps"]) == 3 and stage["steps"][2]["grad_norm"] > 0
     for a, b in zip(stage["steps"], stage_slow["steps"]):
@@ -182,7 +206,7 @@ def test_damping_grid_needs_cg_and_numbers():
     import pytest
 
     from llmeraser.errors import InputError
-    with pytest.raises(InputError, match="needs --solver cg"):
+    with pytest.raises(InputError, match="needs solver 'cg'"):
         UnlearnSettings(damping_grid=(0.01,), solver="stochastic")
     with pytest.raises(InputError, match="give numbers"):
         UnlearnSettings(damping_grid=("0.01", "x"))
@@ -205,8 +229,8 @@ def test_damping_grid_without_line_search_scores_full_steps(tiny64, tmp_path):
     d, _, _ = alone.delta(req, progress=False)
     assert torch.linalg.vector_norm(delta - d) <= 1e-6 * torch.linalg.vector_norm(d)
     # each row's objective is R' at Θ̂ + Δ_λ, the full step
-    items = unl.edited_examples(req)
-    assert abs(best["objective"] - unl.retraining_objective(items, unl.theta_hat + d)) < 1e-9
+    items = unl.problem.sets(req).edited
+    assert abs(best["objective"] - exact_objective(unl, items, unl.theta_hat + d)) < 1e-9
 
 
 def test_line_search_sample_of_its_own_keeps_the_solves_slope(tiny64, tmp_path):
@@ -218,10 +242,10 @@ def test_line_search_sample_of_its_own_keeps_the_solves_slope(tiny64, tmp_path):
     kw = dict(curvature_samples=3, batch_size=2, device="cpu", template="chat")
     small = Unlearner(model, tok, records, UnlearnSettings(**kw), weight_decay=0.1)
     large = Unlearner(model, tok, records, UnlearnSettings(line_search_samples=7, **kw), weight_decay=0.1)
-    (f_small, _), (f_large, exact) = small.line_objective(req), large.line_objective(req)
+    (f_small, _), (f_large, exact) = objective_of(small, req), objective_of(large, req)
     assert not exact
-    b = large.compute_rhs(req, progress=False)
-    _, rhs, m = large.first_system(req, b)
+    b = large.problem.rhs(req, progress=False)
+    _, rhs, m = large.first_system(large.problem.sets(req), b)
     d = torch.randn(large.theta_hat.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     eps = 1e-5
     slope = (f_large(large.theta_hat + eps * d) - f_large(large.theta_hat - eps * d)) / (2 * eps)
@@ -231,8 +255,8 @@ def test_line_search_sample_of_its_own_keeps_the_solves_slope(tiny64, tmp_path):
     gap = abs((f_large(far) - f_large(large.theta_hat)) - (f_small(far) - f_small(large.theta_hat)))
     assert gap > 1e-4, gap
     # as many samples as kept records: the exact objective
-    assert large.line_objective(req)[1] is False
-    assert Unlearner(model, tok, records, UnlearnSettings(line_search_samples=len(records), **kw)).line_objective(req)[1]
+    assert objective_of(large, req)[1] is False
+    assert objective_of(Unlearner(model, tok, records, UnlearnSettings(line_search_samples=len(records), **kw)), req)[1]
 
 
 def test_damping_grid_ignores_a_nan_full_step(tiny64, tmp_path, monkeypatch):
@@ -243,7 +267,7 @@ def test_damping_grid_ignores_a_nan_full_step(tiny64, tmp_path, monkeypatch):
     common = dict(curvature="ggn", curvature_samples=0, batch_size=4, device="cpu", template="chat", solver="cg",
                   solver_settings=SolverSettings(tol=1e-10, max_iters=400))
     unl = Unlearner(model, tok, records, UnlearnSettings(damping=0.03, damping_grid=(1e-4,), **common))
-    real, exact = unl.line_objective(req)
+    real, exact = objective_of(unl, req)
     lengths = []
 
     def objective(t):
@@ -251,7 +275,7 @@ def test_damping_grid_ignores_a_nan_full_step(tiny64, tmp_path, monkeypatch):
         lengths.append(d)
         return float("nan") if d > 0.99 * max(lengths) and len(lengths) == 2 else real(t)
 
-    monkeypatch.setattr(unl, "line_objective", lambda request, penalty=None: (objective, exact))
+    monkeypatch.setattr("llmeraser.unlearner.line_objective", lambda *a, **k: (objective, exact))
     _, _, stage = unl.delta(req, progress=False)
     rows = stage["steps"][0]["damping_selection"]
     assert rows[0]["scale"] < 1.0  # λ = 1e-4: its full step (the second call) was NaN

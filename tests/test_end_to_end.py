@@ -15,7 +15,8 @@ from llmeraser.modeling import load_adapter
 from llmeraser.objective import CausalLMObjective
 from llmeraser.render import encode
 from llmeraser.train import TrainSettings, add_lora, train_lora
-from llmeraser.unlearner import UnlearnSettings, unlearn
+from llmeraser.api import unlearn
+from llmeraser.settings import UnlearnSettings
 
 from helpers import load_tiny, make_base, toy_records, write_jsonl
 

@@ -12,7 +12,9 @@ from llmeraser.data import load_records, load_request
 from llmeraser.modeling import load_adapter
 from llmeraser.objective import CausalLMObjective
 from llmeraser.render import encode
-from llmeraser.unlearner import Unlearner, UnlearnSettings
+from llmeraser.acceptance import line_objective
+from llmeraser.settings import UnlearnSettings
+from llmeraser.unlearner import Unlearner
 
 
 def adapted(tmp_path, layers_to_transform):
@@ -55,33 +57,33 @@ def random_theta(unl, scale=0.3):
 def test_outputs_above_the_frozen_layers_equal_the_whole_models(top2):
     model, tok, records, _ = top2
     unl = Unlearner(model, tok, records, UnlearnSettings())
-    assert unl.objective._prefix == 1  # LoRA on layers 1 and 2 of 0..2: layer 0 is frozen
-    layers_before = list(unl.objective._layers)
+    assert unl.problem.objective._prefix == 1  # LoRA on layers 1 and 2 of 0..2: layer 0 is frozen
+    layers_before = list(unl.problem.objective._layers)
     plain = CausalLMObjective(model, tok.pad_token_id)
     items = batch_of(model, tok, records)
-    prepared = unl.objective.prepare(unl.objective.collate(items, "cpu"))
+    prepared = unl.problem.objective.prepare(unl.problem.objective.collate(items, "cpu"))
     assert "prefix" in prepared
     theta = random_theta(unl)  # a Θ away from Θ̂: the stored states must not depend on Θ
     with torch.enable_grad():
         t1 = theta.clone().requires_grad_(True)
-        z1 = unl.objective.outputs(unl.params.unflatten(t1), prepared)
+        z1 = unl.problem.objective.outputs(unl.params.unflatten(t1), prepared)
         (g1,) = torch.autograd.grad(z1.square().sum(), t1)
         t2 = theta.clone().requires_grad_(True)
         z2 = plain.outputs(unl.params.unflatten(t2), plain.collate(items, "cpu"))
         (g2,) = torch.autograd.grad(z2.square().sum(), t2)
     assert torch.allclose(z1, z2, rtol=0, atol=1e-12)
     assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-12)
-    assert all(a is b for a, b in zip(layers_before, unl.objective._layers))  # the frozen layers are put back
+    assert all(a is b for a, b in zip(layers_before, unl.problem.objective._layers))  # the frozen layers are put back
 
 
 @pytest.mark.parametrize("kind", ["ggn", "hessian"])
 def test_curvature_products_on_prepared_batches_equal_the_whole_models(top2, kind):
     model, tok, records, _ = top2
     unl = Unlearner(model, tok, records, UnlearnSettings(curvature=kind))
-    op = unl.operator()
+    op = unl.systems.operator(unl.theta_hat, unl.problem.examples, unl.damping)
     assert all("prefix" in b for b in op.fixed)
     plain = CausalLMObjective(model, tok.pad_token_id)
-    ref = HessianOperator(Curvature(plain, unl.params, unl.theta_hat, kind), unl.examples, 8, unl.damping,
+    ref = HessianOperator(Curvature(plain, unl.params, unl.theta_hat, kind), unl.problem.examples, 8, unl.damping,
                           unl.settings.curvature_samples, unl.settings.seed, "cpu", unl.settings.cache_batches)
     assert not any("prefix" in b for b in ref.fixed)
     torch.manual_seed(2)
@@ -92,8 +94,8 @@ def test_curvature_products_on_prepared_batches_equal_the_whole_models(top2, kin
 def test_no_shortcut_when_the_adapter_touches_the_first_layer(tmp_path):
     model, tok, records, _ = adapted(tmp_path, (0, 2))
     unl = Unlearner(model, tok, records, UnlearnSettings())
-    assert unl.objective._prefix == 0
-    assert "prefix" not in unl.objective.prepare(unl.objective.collate(batch_of(model, tok, records), "cpu"))
+    assert unl.problem.objective._prefix == 0
+    assert "prefix" not in unl.problem.objective.prepare(unl.problem.objective.collate(batch_of(model, tok, records), "cpu"))
     assert CausalLMObjective(model, tok.pad_token_id).freeze_prefix(["lm_head.weight"]) == 0  # outside the layers
 
 
@@ -117,12 +119,12 @@ def test_unlearn_with_the_shortcut_equals_unlearn_without(top2, monkeypatch):
     req = load_request(root / "request.jsonl", records)
     settings = UnlearnSettings(curvature_samples=4, damping_grid=(0.01,), seed=3)
     fast = Unlearner(model, tok, records, settings)
-    f, exact = fast.line_objective(req)
+    f, exact = line_objective(fast.problem, req, settings.curvature_samples, settings.seed)
     assert not exact and f.start == f(fast.theta_hat)  # the shortcut at Θ̂ is the same number, not an estimate of it
     delta_fast, _, stage_fast = fast.delta(req, progress=False)
     monkeypatch.setattr(CausalLMObjective, "freeze_prefix", lambda self, names: 0)
     slow = Unlearner(model, tok, records, settings)
-    assert slow.objective._prefix == 0
+    assert slow.problem.objective._prefix == 0
     delta_slow, _, stage_slow = slow.delta(req, progress=False)
     assert torch.allclose(delta_fast, delta_slow, rtol=1e-8, atol=1e-12)
     rows = zip(stage_fast["steps"][0]["damping_selection"], stage_slow["steps"][0]["damping_selection"])
@@ -139,7 +141,7 @@ def test_unlearn_records_how_many_linearisations_it_kept(top2, cache):
 
 
 def test_backtrack_takes_the_known_value_only_at_the_point_it_belongs_to():
-    from llmeraser.unlearner import _Objective, backtrack
+    from llmeraser.acceptance import Objective as _Objective, backtrack
 
     calls = []
     theta = torch.zeros(2, dtype=torch.float64)

@@ -234,8 +234,16 @@ def test_unknown_device(proj, capsys, no_compute):
     refused(unlearn_args(proj, proj.parent / "out", "--device", "gpu0"), capsys, [proj.parent], "--device gpu0: unknown device")
 
 
-def test_check_every_zero(proj, capsys, no_compute):
-    refused(unlearn_args(proj, proj.parent / "out", "--check-every", "0"), capsys, [proj.parent], "--check-every 0: give an integer >= 1")
+def test_check_every_zero_in_a_config(proj, tmp_path, capsys, no_compute):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"solver": "stochastic", "solver_settings": {"check_every": 0}}))
+    refused(unlearn_args(proj, tmp_path / "out", "--config", str(config)), capsys, [tmp_path], "check_every 0: give an integer >= 1")
+
+
+def test_unknown_setting_in_a_config(proj, tmp_path, capsys, no_compute):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"dampnig": 0.1}))
+    refused(unlearn_args(proj, tmp_path / "out", "--config", str(config)), capsys, [tmp_path], "unknown settings ['dampnig']")
 
 
 @pytest.mark.parametrize("wd, message", [(-0.1, "weight_decay = -0.1"), ("NaN", "weight_decay = nan")])
@@ -306,10 +314,17 @@ def test_train_final_loss_is_the_loss_of_the_written_adapter(proj, tmp_path):
     assert meta["final_loss"] != meta["loss_history"][-1]  # the history's last entry is from before the last update
 
 
-@pytest.mark.parametrize("grid", ["inf", "nan"])
-def test_non_finite_damping_grid(proj, capsys, no_compute, grid):
-    refused(unlearn_args(proj, proj.parent / "out", "--damping-grid", grid), capsys, [proj.parent],
+@pytest.mark.parametrize("grid", ["Infinity", "NaN"])
+def test_non_finite_damping_grid_in_a_config(proj, tmp_path, capsys, no_compute, grid):
+    config = tmp_path / "c.json"
+    config.write_text('{"damping_grid": [%s]}' % grid)  # JSON as Python reads it: Infinity and NaN parse
+    refused(unlearn_args(proj, tmp_path / "out", "--config", str(config)), capsys, [tmp_path],
             "every λ must be a finite number >= 0")
+
+
+def test_non_finite_damping_flag(proj, tmp_path, capsys, no_compute):
+    refused(unlearn_args(proj, tmp_path / "out", "--damping", "inf"), capsys, [tmp_path],
+            "--damping inf: give a finite number >= 0")
 
 
 def test_truncated_new_versions_are_counted(proj, tmp_path):

@@ -1,6 +1,6 @@
 """Influence estimates vs exact retraining on L2-regularised logistic regression.
 
-The model is run through the same RHS code (`compute_rhs`), curvature operator and solvers
+The model is run through the same gradient sums (`sum_of_gradients`), curvature operator and solvers
 as the LLM path; only the Objective differs. Exact retraining is Newton's method in float64.
 """
 
@@ -9,7 +9,7 @@ import torch
 from llmeraser.curvature import Curvature, HessianOperator
 from llmeraser.objective import Objective
 from llmeraser.params import AdapterParams
-from llmeraser.rhs import compute_rhs
+from llmeraser.rhs import sum_of_gradients
 from llmeraser.solvers import SolverSettings, get_solver
 
 WD = 1e-2  # L2 coefficient of the training objective: it is the damping λ
@@ -51,7 +51,7 @@ def influence(x, y, theta_hat, removed, solver="cg", curvature="hessian"):
     params = AdapterParams.from_tensors({"w": theta_hat[:-1], "b": theta_hat[-1:]})
     flat = params.flatten({"b": theta_hat[-1:], "w": theta_hat[:-1]})  # Θ's order is by name
     items = list(zip(x, y))
-    b = compute_rhs(obj, params, flat, [items[i] for i in removed], [], batch_size=16, progress=False)
+    b = sum_of_gradients(obj, params, flat, [items[i] for i in removed], batch_size=16, progress=False)
     op = HessianOperator(Curvature(obj, params, flat, curvature), items, batch_size=64, damping=WD, curvature_samples=0)
     res = get_solver(solver, SolverSettings(tol=1e-10, max_iters=200)).solve(op, b, progress=False)
     delta = res.delta / len(items)

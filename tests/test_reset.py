@@ -11,7 +11,9 @@ from llmeraser.objective import CausalLMObjective
 from llmeraser.render import encode
 from llmeraser.reset import OutputReset, zero_adapter
 from llmeraser.solvers import SolverSettings
-from llmeraser.unlearner import Unlearner, UnlearnSettings
+from llmeraser.settings import UnlearnSettings
+from llmeraser.terms import extension_terms
+from llmeraser.unlearner import Unlearner
 
 
 def setup(tiny64, k=4):
@@ -98,11 +100,12 @@ def test_reset_forgets_memorised_records_and_keeps_the_rest(tmp_path):
         return unl, delta
 
     unl, delta = run(1.0)
-    reset = unl.output_reset(request)
-    kept = [unl.examples[i] for i in range(2, len(records))]
-    removed = [unl.examples[0], unl.examples[1]]
-    kept_loss = lambda d: unl._loss_sum(kept, unl.theta_hat + d) / len(kept)
-    removed_loss = lambda d: unl._loss_sum(removed, unl.theta_hat + d) / len(removed)
+    (reset,) = [t.penalty for t in extension_terms(unl.problem, request, unl.settings)]
+    p = unl.problem
+    kept = [p.examples[i] for i in range(2, len(records))]
+    removed = [p.examples[0], p.examples[1]]
+    kept_loss = lambda d: p.loss_sum(p.batches(kept, prepare=False), unl.theta_hat + d) / len(kept)
+    removed_loss = lambda d: p.loss_sum(p.batches(removed, prepare=False), unl.theta_hat + d) / len(removed)
     before = reset.value(unl.theta_hat)
     _, delta0 = run(0.0)
     # measured: P 20.2 -> 11.4 with ρ = 1, 15.3 with ρ = 0; kept loss 0.48 -> 0.69, removed 0.37 -> 1.50
@@ -112,16 +115,16 @@ def test_reset_forgets_memorised_records_and_keeps_the_rest(tmp_path):
     assert kept_loss(delta) < removed_loss(delta)  # it forgets the removed records more than the kept ones
     # --anchor-kept: zero with zero gradient at Θ̂ (curvature only), and it holds the kept records' answers
     unl_a, delta_a = run(1.0, kappa=10.0)  # measured: kept loss 0.50, P 12.0
-    anchor = unl_a.kept_anchor(request)
+    anchor = next(t.penalty for t in extension_terms(unl_a.problem, request, unl_a.settings) if t.name == "anchor_kept")
     assert anchor.value(unl.theta_hat) == 0.0 and float(anchor.grad(unl.theta_hat).abs().max()) == 0.0
     assert kept_loss(delta_a) < kept_loss(delta) - 0.1
     assert reset.value(unl.theta_hat + delta_a) < 0.9 * before
 
 
 def test_reset_needs_ggn():
-    with pytest.raises(InputError, match="reset-removed"):
+    with pytest.raises(InputError, match="reset_removed needs"):
         UnlearnSettings(reset_removed=1.0, curvature="hessian")
-    with pytest.raises(InputError, match="anchor-kept"):
+    with pytest.raises(InputError, match="anchor_kept needs"):
         UnlearnSettings(anchor_kept=1.0, newton_steps=2)
-    with pytest.raises(InputError, match="reset-removed"):
+    with pytest.raises(InputError, match="reset_removed -1.0"):
         UnlearnSettings(reset_removed=-1.0)

@@ -6,7 +6,8 @@ from llmeraser.data import load_request
 from llmeraser.modeling import theta_of
 from llmeraser.objective import CausalLMObjective
 from llmeraser.render import encode
-from llmeraser.unlearner import Unlearner, UnlearnSettings
+from llmeraser.settings import UnlearnSettings
+from llmeraser.unlearner import Unlearner
 
 from helpers import write_jsonl
 
@@ -33,7 +34,7 @@ def test_rhs_matches_per_sample_backward_loop(tiny64, tmp_path):
     ])
     request = load_request(req_path, records)
     unl = Unlearner(model, tok, records, UnlearnSettings(batch_size=2, template="chat", device="cpu"))
-    b = unl.compute_rhs(request, progress=False)
+    b = unl.problem.rhs(request, progress=False)
     expected = torch.zeros_like(b)
     for e in request.edits:
         expected += slow_gradient(model, tok, e.old)

@@ -149,7 +149,7 @@ def test_evaluate_retain_samples(tiny_dir, tmp_path, capsys):
     assert some["original"]["retain"]["nll"] == some["again"]["retain"]["nll"]  # the same sample for both
     assert some["original"]["retain"]["nll"] != every["original"]["retain"]["nll"]
     assert main([str(a) for a in args] + ["--out", str(tmp_path / "bad"), "--retain-samples", "-1", "--quiet"]) != 0
-    assert "--retain-samples -1: give a count >= 0" in capsys.readouterr().err
+    assert "--retain-samples -1: give an integer >= 0" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 
@@ -313,7 +313,7 @@ def test_merged_inner_products_match_the_dense_delta_w():
 
 def test_evaluate_cache_reuses_unchanged_adapters_only(trainable_dir, trained, tmp_path):
     """Cached metrics equal fresh ones; a changed adapter is evaluated again, with its KL against retrain."""
-    from llmeraser.evaluate import evaluate
+    from llmeraser.evaluate import EvaluateSettings, evaluate
 
     base, data, req = trainable_dir / "base", trainable_dir / "train.jsonl", trained / "req.jsonl"
     cli("baseline", "retrain", "--base", base, "--adapter", trained / "original", "--data", data, "--request", req,
@@ -322,7 +322,8 @@ def test_evaluate_cache_reuses_unchanged_adapters_only(trainable_dir, trained, t
         cli("baseline", "gradient-ascent", "--base", base, "--adapter", trained / "original", "--data", data,
             "--request", req, "--out", tmp_path / f"ga{steps}", "--steps", steps)
     adapters = {"original": trained / "original", "retrain": tmp_path / "retrain", "ga": tmp_path / "ga1"}
-    run = lambda out, named, cache: evaluate(str(base), named, data, req, tmp_path / out, max_new_tokens=4, device="cpu",
+    run = lambda out, named, cache: evaluate(str(base), named, data, req, tmp_path / out,
+                                             EvaluateSettings(max_new_tokens=4, device="cpu"),
                                              progress=False, cache_dir=cache)["methods"]
     # as json text: NaN (the original's cosine with itself) compares equal there
     strip = lambda m: json.dumps({k: v for k, v in m.items() if k not in ("cached", "eval_seconds")}, sort_keys=True)

@@ -100,7 +100,8 @@ def test_newton_refinement_descends_on_the_edited_objective(tiny64, tmp_path):
     """Extra Newton steps start from the paper's update and only accept steps that lower R'."""
     from llmeraser.data import load_request
     from llmeraser.solvers import SolverSettings
-    from llmeraser.unlearner import Unlearner, UnlearnSettings
+    from llmeraser.settings import UnlearnSettings
+    from llmeraser.unlearner import Unlearner
 
     model, tok, records = tiny64
     req = load_request(write_jsonl(tmp_path / "r.jsonl", [{"op": "remove", "id": "r1"},
@@ -140,8 +141,9 @@ def test_unconverged_solve_warns_unless_a_capped_refinement_step(tiny_dir, tmp_p
     assert "in Newton step 1 the solver stopped" in capsys.readouterr().err and not (tmp_path / "a").exists()
     assert run_cli(tiny_dir, req, tmp_path / "a", "--max-iters", "1", "--tol", "1e-12", "--allow-unconverged") == 0
     assert "in Newton step 1 the solver stopped" in capsys.readouterr().err
-    assert run_cli(tiny_dir, req, tmp_path / "b", "--max-iters", "300", "--tol", "1e-3", "--newton-steps", "2",
-                   "--refine-iters", "1") == 0
+    config = tmp_path / "refine.toml"
+    config.write_text("newton_steps = 2\nrefine_iters = 1\n")  # research settings come through a config
+    assert run_cli(tiny_dir, req, tmp_path / "b", "--max-iters", "300", "--tol", "1e-3", "--config", str(config)) == 0
     meta = json.loads((tmp_path / "b" / "unlearn.json").read_text())
     assert meta["newton_steps"][0]["converged"] and not meta["newton_steps"][1]["converged"]
     assert "stopped" not in capsys.readouterr().err

@@ -10,15 +10,17 @@ import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import Record, apply_request, load_records, load_request
 from .errors import InputError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
-from .modeling import adapter_weights_path, check_adapter, check_base, load_adapter, load_base, resolve_device
+from .modeling import adapter_weights_path, check_adapter, check_base, check_device, load_adapter, load_base, resolve_device
 from .train import TrainSettings, add_lora, mean_loss, train_lora
 from .trainrecord import TrainRecord
-from .unlearner import _versions, peak_memory_mb
+from .report import peak_memory_mb
+from .report import versions as _versions
 
 BASELINES = ("retrain", "gradient-ascent", "finetune-corrected")
 
@@ -98,15 +100,27 @@ def recipe_of(adapter: str | Path) -> TrainSettings:
         raise InputError(f"{record.path}: its 'arguments' are not `llmeraser train` settings ({e}); repair train.json") from None
 
 
-def baseline(name: str, base: str, adapter, data, request, out, overwrite: bool = False, steps: int = 10,
-             lr: float | None = None, device: str = "auto", progress: bool = True, model_and_tokenizer=None) -> Path:
+@dataclass
+class BaselineSettings:
+    steps: int = field(default=10, metadata={"help": "optimiser steps of gradient-ascent / finetune-corrected"})
+    lr: float | None = field(default=None, metadata={"help": "learning rate of those steps (default: the recipe's)"})
+    device: str = field(default="auto", metadata={"help": "'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'"})
+
+    def __post_init__(self):
+        check_device(self.device)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise InputError(f"--steps {self.steps}: give an integer >= 1 (optimiser steps of the cheap baselines)")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise InputError(f"--lr {self.lr}: give a finite number > 0")
+
+
+def baseline(name: str, base: str, adapter, data, request, out, settings: BaselineSettings | None = None,
+             overwrite: bool = False, progress: bool = True, model_and_tokenizer=None) -> Path:
     """Write the adapter of baseline `name` for `request` (see BASELINES)."""
     if name not in BASELINES:
         raise InputError(f"unknown baseline {name!r}; choose one of {BASELINES}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise InputError(f"--steps {steps}: give an integer >= 1 (optimiser steps of {name})")
-    if lr is not None and not 0 < lr < math.inf:
-        raise InputError(f"--lr {lr}: give a finite number > 0")
+    st = settings or BaselineSettings()
+    steps, lr, device = st.steps, st.lr, st.device
     inputs = (adapter, data, request, base)
     out = check_output_dir(out, overwrite, inputs=inputs)
     _preflight(base, device, model_and_tokenizer)

@@ -16,24 +16,31 @@ import typing
 from .errors import LLMEraserError
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), only_flagged: bool = False,
+                        unset: bool = False) -> None:
+    """A flag per field with a help text (with `only_flagged`, per field whose metadata marks it a flag).
+
+    `unset`: the flag's value is None unless given, so a caller can apply only what the user said
+    (over a recipe); the help still shows the field's default."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip or "help" not in f.metadata:
+        if f.name in skip or "help" not in f.metadata or (only_flagged and not f.metadata.get("flag")):
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = "--" + f.name.replace("_", "-")
         hint = str(hints[f.name])
         shown = "none" if default == () else default
-        help_text = f.metadata["help"] + (f" (default: {shown})" if default is not None else "")
+        help_text = f.metadata["help"] + (" (default: the recipe's)" if unset else
+                                          f" (default: {shown})" if default is not None else "")
+        value = None if unset else default
         if isinstance(default, tuple):
             # values stay strings here: the dataclass converts them and names a bad one in its error
-            parser.add_argument(flag, nargs="+", default=default, metavar=f.name.upper(), help=help_text.replace("%", "%%"))
+            parser.add_argument(flag, nargs="+", default=value, metavar=f.name.upper(), help=help_text.replace("%", "%%"))
         elif isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=help_text)
         else:
             typ = int if "int" in hint else float if "float" in hint else str
-            parser.add_argument(flag, type=typ, default=default, choices=f.metadata.get("choices"),
+            parser.add_argument(flag, type=typ, default=value, choices=f.metadata.get("flag_choices", f.metadata.get("choices")),
                                 metavar=f.name.upper() if "choices" not in f.metadata else None,
                                 help=help_text.replace("%", "%%"))
 
@@ -60,15 +67,16 @@ def add_input_flags(p, adapter_help: str | None) -> None:
 
 
 def _unlearn_parser(sub):
-    from .solvers import SolverSettings
-    from .unlearner import UnlearnSettings
+    from .recipes import RECIPES
+    from .settings import UnlearnSettings
 
     p = sub.add_parser(
         "unlearn",
         help="apply an edit request to a LoRA adapter by the influence update ΔΘ = (1/n)(C+λI)⁻¹b",
         description="Write a new PEFT adapter Θ̂ + ΔΘ that forgets (remove) or corrects (modify_query, "
                     "correct_response) training samples, with ΔΘ = (1/n)(C + λI)⁻¹ Σ_S[∇L(old) − ∇L(new)] "
-                    "(LLMEraser, ICLR 2025). The input adapter and data are never modified.",
+                    "(LLMEraser, ICLR 2025). The input adapter and data are never modified. Settings come from "
+                    "--recipe, then --config, then the flags below.",
     )
     g = p.add_argument_group("inputs and output")
     add_input_flags(g, "the PEFT LoRA adapter folder trained on --data (read only)")
@@ -77,37 +85,66 @@ def _unlearn_parser(sub):
     g.add_argument("--allow-other-data", action="store_true",
                    help="use --data although it differs from the data recorded in the adapter's train.json (SHA-256, n)")
     g.add_argument("--allow-unconverged", action="store_true",
-                   help="write the adapter even if the solver stops above --tol (exit status 0; unlearn.json records converged: false)")
+                   help="write the adapter even if the solver stops above --tol (unlearn.json records converged: false)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_dataclass_flags(p.add_argument_group("method"), UnlearnSettings, skip=("solver_settings",))
-    add_dataclass_flags(p.add_argument_group("solver"), SolverSettings)
+    m = p.add_argument_group("method")
+    m.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="named settings: 'default' (an ordinary fine-tune), 'memorised' (an adapter that memorised its "
+                        "records, e.g. private text), 'paper' (the published update, for comparison). Default: the "
+                        "config's recipe, else 'default'")
+    m.add_argument("--config", default=None, metavar="FILE",
+                   help="settings as JSON or TOML (the schema of unlearn.json's 'settings'); an unlearn.json replays that run")
+    add_dataclass_flags(m, UnlearnSettings, skip=("solver_settings",), only_flagged=True, unset=True)
+    m.add_argument("--tol", type=float, default=None, help="stop when ‖(C+λI)x − b‖/‖b‖ on training batches is below this (default: 0.05)")
+    m.add_argument("--max-iters", type=int, default=None, help="solver iteration cap (default: the recipe's, else 50 for cg, 1000 for stochastic)")
     p.set_defaults(func=_run_unlearn)
 
 
-def _run_unlearn(args) -> int:
-    from .solvers import SolverSettings
-    from .unlearner import UnlearnSettings, unlearn
+def unlearn_overrides(args) -> dict:
+    """The method settings the user gave as flags (None: not given), by setting name."""
+    from .recipes import SOLVER_KEYS
+    from .settings import UnlearnSettings
 
+    names = [f.name for f in dataclasses.fields(UnlearnSettings) if f.metadata.get("flag")] + list(SOLVER_KEYS)
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+
+
+def _run_unlearn(args) -> int:
+    from .recipes import resolve
+    from .settings import read_config
+    from .api import unlearn
+
+    config = read_config(args.config) if args.config else None
     try:
-        solver_settings = dataclass_from_args(SolverSettings, args)
-    except ValueError as e:
-        raise LLMEraserError(f"solver flags: {e}") from None
-    settings = dataclass_from_args(UnlearnSettings, args, solver_settings=solver_settings)
+        recipe, settings = resolve(args.recipe, config, unlearn_overrides(args))
+    except LLMEraserError as e:  # name the flag where the setting is one
+        raise type(e)(_flag_names(str(e))) from None
     res = unlearn(args.base, args.adapter, args.data, args.request, args.out, settings, args.overwrite,
-                  progress=not args.quiet, allow_other_data=args.allow_other_data, allow_unconverged=args.allow_unconverged)
+                  progress=not args.quiet, allow_other_data=args.allow_other_data, allow_unconverged=args.allow_unconverged,
+                  recipe=recipe)
     m = res.meta
     s = m["seconds"]
-    print(f"wrote {res.out}  (solver {m['solver']['name']}: {m['solver']['iterations']} iterations, "
-          f"residual {m['solver']['final_residual']:.3g}, converged={m['solver']['converged']}; "
+    print(f"wrote {res.out}  (recipe {recipe}; solver {m['solver']['name']}: {m['solver']['iterations']} iterations, "
+          f"residual {m['solver']['final_residual']:.3g}, converged={m['converged']}; "
           f"b {s['b']:.1f}s, solve {s['solve']:.1f}s, save {s['save']:.1f}s; |ΔΘ|/|Θ̂| = "
           f"{m['delta_norm'] / max(m['theta_norm'], 1e-30):.3g})")
     return 0
 
 
-def _common(p, out_help):
+def _flag_names(message: str) -> str:
+    """A settings error as a CLI user reads it: 'max_length 1: ...' -> '--max-length 1: ...' for flagged settings."""
+    from .settings import UnlearnSettings
+
+    head, sep, rest = message.partition(" ")
+    flagged = {f.name for f in dataclasses.fields(UnlearnSettings) if f.metadata.get("flag")} | {"tol", "max_iters"}
+    return ("--" + head.replace("_", "-") + sep + rest) if head in flagged else message
+
+
+def _common(p, out_help, device: bool = True):
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and llmeraser wrote it")
-    p.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:N', 'mps' or 'auto' (default: auto)")
+    if device:
+        p.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:N', 'mps' or 'auto' (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -137,7 +174,7 @@ def _run_train(args) -> int:
 
 
 def _baseline_parser(sub):
-    from .baselines import BASELINES
+    from .baselines import BASELINES, BaselineSettings
 
     p = sub.add_parser("baseline", help="adapters to compare with: retrain, gradient-ascent, finetune-corrected",
                        description="retrain: train from scratch on the edited data with the recipe and seed in the "
@@ -146,23 +183,22 @@ def _baseline_parser(sub):
                                    "corrected samples (query/response edits).")
     p.add_argument("name", choices=BASELINES, help="which baseline")
     add_input_flags(p, "the original adapter (with train.json)")
-    p.add_argument("--steps", type=int, default=10, help="optimiser steps for gradient-ascent / finetune-corrected (default: 10)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate for those steps (default: the recipe's)")
-    _common(p, "folder for the baseline adapter (written atomically)")
+    _common(p, "folder for the baseline adapter (written atomically)", device=False)
+    add_dataclass_flags(p.add_argument_group("settings"), BaselineSettings)
     p.set_defaults(func=_run_baseline)
 
 
 def _run_baseline(args) -> int:
-    from .baselines import baseline
+    from .baselines import BaselineSettings, baseline
 
-    out = baseline(args.name, args.base, args.adapter, args.data, args.request, args.out, args.overwrite,
-                   args.steps, args.lr, args.device, not args.quiet)
+    out = baseline(args.name, args.base, args.adapter, args.data, args.request, args.out,
+                   dataclass_from_args(BaselineSettings, args), args.overwrite, not args.quiet)
     print(f"wrote {out}")
     return 0
 
 
 def _evaluate_parser(sub):
-    from .render import TEMPLATES
+    from .evaluate import EvaluateSettings
 
     p = sub.add_parser("evaluate", help="compare adapters on forget / retain / test sets and against retrain",
                        description="Evaluate every --adapter NAME=FOLDER on the forget set (old and new versions of "
@@ -172,25 +208,16 @@ def _evaluate_parser(sub):
     p.add_argument("--adapter", required=True, action="append", metavar="NAME=FOLDER",
                    help="an adapter to evaluate; repeat. Name one 'retrain' and one 'original' for the comparisons")
     p.add_argument("--test", default=None, help="held-out records (optional)")
-    p.add_argument("--original", default="original", help="name of the original adapter, for parameter changes (default: original)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy generation length for non-Yes/No responses (default: 32)")
-    p.add_argument("--kl-samples", type=int, default=32, help="samples per split for the KL to retrain (default: 32)")
-    p.add_argument("--retain-samples", type=int, default=0,
-                   help="evaluate a seeded sample of this many retained records instead of all of them (0: all; default: 0). "
-                        "Every adapter sees the same sample; on a large training set the retained split dominates the time")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default: 8)")
-    p.add_argument("--max-length", type=int, default=512, help="tokens per sample (default: 512)")
-    p.add_argument("--template", default="auto", choices=TEMPLATES, help="prompt rendering (default: auto)")
-    _common(p, "folder for report.json, report.md and the plots (written atomically)")
+    _common(p, "folder for report.json, report.md and the plots (written atomically)", device=False)
+    add_dataclass_flags(p.add_argument_group("settings"), EvaluateSettings)
     p.set_defaults(func=_run_evaluate)
 
 
 def _run_evaluate(args) -> int:
-    from .evaluate import evaluate, markdown_table, parse_named
+    from .evaluate import EvaluateSettings, evaluate, markdown_table, parse_named
 
-    report = evaluate(args.base, parse_named(args.adapter), args.data, args.request, args.out, args.test,
-                      args.original, args.max_new_tokens, args.kl_samples, args.batch_size, args.max_length,
-                      args.template, args.device, args.overwrite, not args.quiet, retain_samples=args.retain_samples)
+    report = evaluate(args.base, parse_named(args.adapter), args.data, args.request, args.out,
+                      dataclass_from_args(EvaluateSettings, args), args.test, args.overwrite, not args.quiet)
     print(markdown_table(report))
     print(f"wrote {args.out}/report.json, report.md and plots")
     return 0

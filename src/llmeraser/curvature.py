@@ -8,10 +8,9 @@
 * ``ggn-base``: the same with ∇²_z ℓ taken at the *base model's* prediction p⁰ (every lora_B zeroed)
   instead of the adapter's: G⁰_B = Jᵀ F⁰ J, F⁰ = diag(p⁰) − p⁰p⁰ᵀ per response token. At an adapter
   that memorised its data the softmax is saturated (p ≈ one-hot on the trained token), ∇²_z ℓ ≈ 0
-  there, and the Newton step that rewrites a memorised answer is as long as the damping allows (on the
-  demo the line search rejected the converged correction step, its half and its quarter; BENCHMARKS.md).
-  The base model's softmax is not saturated on private fields, so F⁰ measures a step by how far it moves
-  the answers (the second-order expansion of KL(p⁰ ‖ p_Θ)).
+  there, and the Newton step that rewrites a memorised answer is as long as the damping allows
+  (docs/design.md#ggn-base). The base model's softmax is not saturated on private fields, so F⁰
+  measures a step by how far it moves the answers (the second-order expansion of KL(p⁰ ‖ p_Θ)).
 
 Θ̂ is a detached tensor held by the operator; the live model is never written to.
 """
@@ -114,8 +113,7 @@ class Curvature:
     def _ggn_fwd(self, v, batch):
         """G_B v with J v from one forward-mode pass (no graph kept) and Jᵀ(∇²_z ℓ J v) from a forward and a
         backward: about a gradient's memory. The double-vjp trick (`_ggn`) holds the graph of u -> Jᵀu
-        with create_graph: 3.6× a gradient's memory against 1.6× for this, on a batch of 8 TALLRec prompts, where this
-        took 2.5× a gradient's time against 1.8× on the CPU (BENCHMARKS.md, eleventh session)."""
+        with create_graph, which takes more memory and less time (docs/design.md#ggn-forward-mode)."""
         def outputs(t):
             return self.objective.outputs(self.params.unflatten(t), batch)
 
@@ -190,8 +188,8 @@ class BaseProbsCache:
     """p⁰ per batch, shared by the operators of successive Newton steps.
 
     p⁰ is the base model's prediction, the same at every Θ when Θ holds only LoRA A and B (B = 0 makes A
-    irrelevant), so each Newton step's operator was recomputing one forward per batch for nothing (~1 s a
-    batch of 8 on the demo). With other tensors in Θ (modules_to_save) p⁰ moves with them: no caching.
+    irrelevant), so successive Newton steps' operators share one forward per batch
+    (docs/design.md#base-probs-cache). With other tensors in Θ (modules_to_save) p⁰ moves with them: no caching.
     Bounded by `max_bytes`: long responses make p⁰ large ([response tokens, vocabulary] per batch)."""
 
     def __init__(self, max_bytes: int = 2**29):
@@ -241,10 +239,8 @@ def room_beside_kept(free_mb: float, cost_mb: float) -> bool:
     """Whether a just-built linearisation may stay: what is left must hold a fresh product on another batch.
 
     A fresh product builds at most what one kept linearisation holds (the same forward and Jᵀ graph,
-    freed as it goes): the HVP probes peaked at 2.7–3.8 GB where a kept one took ~7.8 GB. So one
-    linearisation's worth of free memory is enough. The bar was 2×: at n = 2048 a probe measured 15.1 GB
-    free against 7.9 GB taken, just under it, and without the kept one each CG iteration cost ~3 s more
-    (BENCHMARKS.md). Starting *another* still needs 3× (`_may_cache`): two kept ran 24 GB out of memory."""
+    freed as it goes), so free memory ≥ one linearisation's cost is enough. Starting *another* needs 3×
+    (`_may_cache`; docs/design.md#kept-linearisations)."""
     return free_mb >= cost_mb
 
 
@@ -259,12 +255,13 @@ class HessianOperator:
 
     `full(v)` averages over a fixed, seeded sample of training batches (`curvature_samples`
     samples); it is the operator CG and `exact` solve, and the one every solver's stopping
-    residual ‖(C+λI)Δ − b‖/‖b‖ is measured with. `sample()` draws a fresh random mini-batch
+    residual ‖(C+λI)Δ − b‖/‖b‖ is computed with. `sample()` draws a fresh random mini-batch
     for the stochastic solvers. Only training data is ever seen here.
     """
 
     def __init__(self, curvature: Curvature, items: list, batch_size: int, damping: float,
-                 curvature_samples: int | None = None, seed: int = 0, device="cpu", cache_batches: int = 0):
+                 curvature_samples: int | None = None, seed: int = 0, device="cpu", cache_batches: int = 0,
+                 terms: tuple = ()):
         if damping < 0:
             raise ValueError("damping must be >= 0")
         self.curvature, self.items, self.batch_size, self.damping = curvature, items, batch_size, damping
@@ -280,22 +277,28 @@ class HessianOperator:
         # GGN products on the fixed batches reuse one linearisation per batch (built on first use)
         self.cache_batches = cache_batches
         self._linear: dict[int, object] = {}
-        self._cost_mb = 0.0  # memory one kept linearisation took, measured on the first
-        # further PSD terms w·E(v) of the objective's curvature that are not averages over training
-        # batches (the removed samples' output reset); every product includes them
-        self.extra: list[tuple[float, object]] = []
+        self._cost_mb = 0.0  # the most memory one kept linearisation has taken (free before its build − after)
+        # (w, E): further PSD terms w·E(v) of the objective's curvature that are not averages over
+        # training batches (terms.py: the removed records' reset, the kept records' anchor); every product
+        # includes them
+        self.terms: tuple[tuple[float, object], ...] = tuple(terms)
+
+    @property
+    def kept_linearisations(self) -> int:
+        """How many fixed batches hold a kept linearisation (decided by free memory)."""
+        return len(self._linear)
 
     def _extra(self, v: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(v)
-        for w, product in self.extra:
+        for w, product in self.terms:
             out += w * product(v.to(self.curvature.theta_hat.dtype))
         return out
 
     def _may_cache(self) -> bool:
         """Keep another linearisation only within --cache-batches and with room for two more of them.
 
-        One holds a batch's activations and the graph of Jᵀ; with a fixed count alone, two of them for
-        batches of 8 TALLRec prompts (~300 tokens) on SmolLM2-135M ran a 24 GB machine out of memory.
+        One holds a batch's activations and the graph of Jᵀ, so a fixed count alone can exhaust memory
+        (docs/design.md#kept-linearisations).
         """
         if not self.curvature.gauss_newton or len(self._linear) >= self.cache_batches:
             return False
@@ -305,8 +308,8 @@ class HessianOperator:
         """Drop the kept linearisations (each holds a batch's activations); later products rebuild them.
 
         A Newton step's operator is done once its solve is: holding its graphs while the next step builds
-        its own doubled the demo's memory, and the next step's builds then had to get fresh pages from the
-        system, which cost 8–22 s a build on this VM against 3–6 s when reusing freed ones (BENCHMARKS.md)."""
+        its own doubles the memory, and builds on memory the process has not used before are slow
+        (docs/design.md#release-between-steps)."""
         self._linear.clear()
 
     @property

@@ -157,6 +157,23 @@ def load_records(path: str | Path) -> list[Record]:
     rows = _read_json_rows(path)
     if not rows:
         raise InputError(f"data file {path} has no records")
+    return _records(rows)
+
+
+def records_from_rows(rows, source: str = "records") -> list[Record]:
+    """Records from any sequence of mappings (a list of dicts, a `datasets.Dataset`), checked as a file's are;
+    errors name `source[i]`."""
+    out = []
+    for i, r in enumerate(rows):
+        if not hasattr(r, "keys"):
+            raise InputError(f"{source}[{i}]: each record must be a mapping like {{'prompt': ..., 'response': ...}}")
+        out.append((dict(r), f"{source}[{i}]"))
+    if not out:
+        raise InputError(f"{source}: no records")
+    return _records(out)
+
+
+def _records(rows: list[tuple[dict, str]]) -> list[Record]:
     records, seen = [], {}
     for i, (r, where) in enumerate(rows):
         rid = r.get("id", str(i))
@@ -199,16 +216,33 @@ def load_request(path: str | Path, records: list[Record]) -> EditRequest:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"request file {path} does not exist")
-    index = {r.id: i for i, r in enumerate(records)}
-    edits, raw, seen = [], [], {}
+    rows = []
     for lineno, line in enumerate(read_text(path, "request file").splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
         try:
-            e = json.loads(line)
+            rows.append((json.loads(line), where, lineno))
         except json.JSONDecodeError as err:
             raise InputError(f"{where}: malformed JSON ({err.msg}); each line must be one JSON object") from None
+    return _request(rows, records, str(path), sha256_file(path))
+
+
+def request_from_rows(rows, records: list[Record], source: str = "request") -> EditRequest:
+    """An edit request from a sequence of mappings ({op, id, new}), checked as a file's is. Its sha256 is
+    that of the rows as JSONL, so it equals the file's when the file holds the same lines."""
+    import hashlib
+
+    rows = [dict(r) if hasattr(r, "keys") else r for r in rows]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    return _request([(r, f"{source}[{i}]", i + 1) for i, r in enumerate(rows)], records, source,
+                    hashlib.sha256(text.encode("utf-8")).hexdigest())
+
+
+def _request(rows: list[tuple], records: list[Record], source: str, sha256: str) -> EditRequest:
+    index = {r.id: i for i, r in enumerate(records)}
+    edits, raw, seen = [], [], {}
+    for e, where, lineno in rows:
         if not isinstance(e, dict):
             raise InputError(f"{where}: each line must be a JSON object like {{\"op\": \"remove\", \"id\": \"17\"}}")
         op = e.get("op")
@@ -235,11 +269,11 @@ def load_request(path: str | Path, records: list[Record]) -> EditRequest:
         edits.append(Edit(op, rid, index[rid], old, new, lineno))
         raw.append(e)
     if not edits:
-        raise InputError(f"request file {path} has no edits")
+        raise InputError(f"request {source} has no edits")
     removed = sum(e.op == "remove" for e in edits)
     if removed == len(records):
-        raise InputError(f"{path}: the request removes every training record, which leaves nothing to train on")
-    return EditRequest(edits, str(path), sha256_file(path), raw)
+        raise InputError(f"{source}: the request removes every training record, which leaves nothing to train on")
+    return EditRequest(edits, source, sha256, raw)
 
 
 def apply_request(records: list[Record], request: EditRequest) -> list[Record]:

@@ -17,15 +17,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .baselines import baseline, train, trained_with
-from .evaluate import evaluate
+from .baselines import BaselineSettings, baseline, train, trained_with
+from .evaluate import EvaluateSettings, evaluate
 from .errors import InputError
 from .fileio import check_output_dir, sha256_file, write_json, write_text_atomic
 from .modeling import adapter_weights_path, load_base
-from .solvers import SolverSettings
 from .synthetic import QUESTIONS, make_customers, make_records
 from .train import TrainSettings
-from .unlearner import UnlearnSettings, unlearn
+from .api import unlearn
+from .recipes import recipe as unlearn_recipe
 
 # phone: the private field a removal is about; likes: its query carries the account number (modify_query)
 FIELDS = ("phone", "likes")
@@ -38,45 +38,21 @@ class DemoConfig:
     corrected: int
     modified: int
     epochs: float
-    cg_iters: int
     retain_samples: int
     baseline_steps: int
     newton_steps: int
     lr: float = 5e-3
-    refine_iters: int = 0  # CG cap in the Newton steps after the first (0: cg_iters)
     layers: tuple[int, ...] = ()  # transformer layers the LoRA adapts (empty: all)
 
 
-# 20 epochs at 5e-3: 12 at 1e-2 (as --quick) left the original right on 2 of the 12 phone numbers (BENCHMARKS.md)
-# three Newton steps, the later two with CG capped at 5: on a fresh original, in memory, the claims held after the
-# third as after four steps of CG ≤ 7 (BENCHMARKS.md)
-FULL = DemoConfig(customers=12, removed=2, corrected=2, modified=2, epochs=20, cg_iters=10, retain_samples=0, baseline_steps=10,
-                  newton_steps=3, refine_iters=5)
-# LoRA on the top 15 of SmolLM2's 30 layers, so every backward pass (training, curvature products) stops halfway:
-# 15 epochs at 1e-2 memorised all 8 records (mean NLL 0.008) in 27 s, against 44 s (NLL 0.015) on every layer; on the
-# top 10 layers, 6 of 8. Its unlearn held the claims after four Newton steps (CG ≤ 5 after the first) in 51 s in
-# memory, where on every layer five steps took 110 s (BENCHMARKS.md)
-QUICK = DemoConfig(customers=4, removed=1, corrected=1, modified=1, epochs=15, cg_iters=10, retain_samples=0, baseline_steps=5,
-                   newton_steps=4, lr=1e-2, refine_iters=5, layers=tuple(range(15, 30)))
-# LoRA on every linear layer: q/v alone did not memorise 4-digit phone numbers in 10 epochs (measured)
+# sizes that memorise the customers and the steps the claims need: docs/design.md#demo-sizes
+FULL = DemoConfig(customers=12, removed=2, corrected=2, modified=2, epochs=20, retain_samples=0, baseline_steps=10,
+                  newton_steps=3)
+QUICK = DemoConfig(customers=4, removed=1, corrected=1, modified=1, epochs=15, retain_samples=0, baseline_steps=5,
+                   newton_steps=4, lr=1e-2, layers=tuple(range(15, 30)))
 RECIPE = dict(rank=8, alpha=16, batch_size=8, seed=0,
               target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
-DAMPING = 0.03  # the library default, measured in benchmarks/damping_sweep.py
-# --reset-removed ρ: the adapter memorises the customers, so the paper's update alone leaves removed phone
-# numbers in place (BENCHMARKS.md); ρ = 10 kept the most retained answers of 1, 3, 10, 100 on this demo (with the
-# reset's earlier metric, the base model's Fisher alone)
-RESET_REMOVED = 10.0
-# --curvature ggn-base: the memorised adapter's softmax is saturated, so its own Gauss-Newton curvature is ~0
-# on the answers and holds nothing; the base model's softmax curvature held every retained answer (BENCHMARKS.md)
-CURVATURE = "ggn-base"
-# DemoConfig.newton_steps: further Newton steps on the edited objective (the reset enters the first only). One
-# step moves the corrected answers only part of the way (their loss is far from quadratic at a memorised
-# adapter); on the full demo both corrected phone numbers came out right by the third step (CG ≤ 5 after the
-# first; with a cap of 3, one was still wrong after four), and with the reset measured at the mean of the base's
-# and the adapter's predictions the removed phone numbers stayed gone (with the base's alone a fourth step brought
-# one back); --quick needs four (BENCHMARKS.md)
-# --anchor-kept is not used: κ = 10 kept every retained answer of the full demo, but on --quick it held the
-# removed customer's fields in place too (BENCHMARKS.md)
+# the unlearn settings are the 'memorised' recipe's (recipes.py; docs/recipes.md#memorised)
 
 
 def build_inputs(cfg: DemoConfig, folder: Path, seed: int = 0):
@@ -182,12 +158,11 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
         train(base, data, original, recipe, overwrite=True, progress=progress, model_and_tokenizer=mt)
     adapters = {"original": original}
     work = out / "adapters"
-    settings = UnlearnSettings(damping=DAMPING, reset_removed=RESET_REMOVED, curvature=CURVATURE, newton_steps=cfg.newton_steps, refine_iters=cfg.refine_iters, solver="cg", curvature_samples=0, device="cpu",
-                               solver_settings=SolverSettings(tol=0.05, max_iters=cfg.cg_iters))
+    settings = unlearn_recipe("memorised", newton_steps=cfg.newton_steps, device="cpu")
     say("llmeraser unlearn")
     # the demo shows its result whatever the residual; unlearn.json and the warning report it
     adapters["llmeraser"] = unlearn(base, original, data, request, work / "llmeraser", settings, overwrite=True,
-                                    progress=progress, model_and_tokenizer=mt, allow_unconverged=True).out
+                                    progress=progress, model_and_tokenizer=mt, allow_unconverged=True, recipe="memorised").out
     retrain = work / "retrain"
     cached["retrain"] = trained_with(retrain, base=base, arguments=recipe.to_dict(), request_sha256=request_sha256,
                                      original_data_sha256=data_sha256)
@@ -208,11 +183,12 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
             adapters[name] = work / name
             continue
         say(name)
-        adapters[name] = baseline(name, base, original, data, request, work / name, overwrite=True,
-                                  steps=cfg.baseline_steps, progress=progress, model_and_tokenizer=mt)
+        adapters[name] = baseline(name, base, original, data, request, work / name, BaselineSettings(steps=cfg.baseline_steps),
+                                  overwrite=True, progress=progress, model_and_tokenizer=mt)
     say("evaluate")
-    report = evaluate(base, adapters, data, request, out / "report", overwrite=True, progress=progress,
-                      model_and_tokenizer=mt, max_new_tokens=20, retain_samples=cfg.retain_samples, keep_samples=1000,
+    report = evaluate(base, adapters, data, request, out / "report",
+                      EvaluateSettings(max_new_tokens=20, retain_samples=cfg.retain_samples, keep_samples=1000),
+                      overwrite=True, progress=progress, model_and_tokenizer=mt,
                       cache_dir=work / ".evaluation")  # a rerun evaluates only adapters whose weights changed
     cached["evaluation"] = sorted(n for n, m in report["methods"].items() if m.get("cached"))
     summary = summarise(report, customers, req_rows)

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,10 +27,10 @@ from .data import Record, load_records, load_request
 from .errors import InputError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
 from .metrics import cosine, exact_match, relative_distance, roc_auc, rouge_l, rouge_n
-from .modeling import (adapter_weights_path, check_adapter, check_base, fused_attention, load_adapter, load_base, merged_adapter,
+from .modeling import (adapter_weights_path, check_adapter, check_base, check_device, fused_attention, load_adapter, load_base, merged_adapter,
                        read_adapter_file, resolve_device)
 from .objective import CausalLMObjective
-from .render import encode, render_text, resolve_template
+from .render import TEMPLATES, encode, render_text, resolve_template
 
 YES_NO = ("Yes.", "No.")
 
@@ -209,28 +210,46 @@ def retain_sample(records: list[Record], k: int) -> list[Record]:
 
     Not a seeded permutation: `unlearn` takes its curvature sample as the first records of a seeded
     permutation of the same kept records (seed 0 by default), so a permutation here with that seed
-    scored exactly the records the curvature was fitted on (measured: 16 of the paper suite's 32).
+    would score the records the curvature was fitted on (docs/design.md#retain-sample).
     """
     chosen = set(sorted(range(len(records)), key=lambda i: hashlib.sha256(records[i].id.encode()).hexdigest())[:k])
     return [r for i, r in enumerate(records) if i in chosen]
 
 
-def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None, original: str = "original",
-             max_new_tokens: int = 32, kl_samples: int = 32, batch_size: int = 8, max_length: int = 512,
-             template: str = "auto", device: str = "auto", overwrite: bool = False, progress: bool = True,
-             model_and_tokenizer=None, retain_samples: int = 0, keep_samples: int = 10, cache_dir=None) -> dict:
-    """Evaluate named adapters; `retain_samples` > 0 evaluates a seeded sample of that many retained records.
+@dataclass
+class EvaluateSettings:
+    original: str = field(default="original", metadata={"help": "name of the original adapter, for parameter changes"})
+    max_new_tokens: int = field(default=32, metadata={"help": "greedy generation length for non-Yes/No responses"})
+    kl_samples: int = field(default=32, metadata={"help": "samples per split for the KL to retrain"})
+    retain_samples: int = field(default=0, metadata={"help": "evaluate a seeded sample of this many retained records (0: all); "
+                                                              "every adapter sees the same sample"})
+    batch_size: int = field(default=8, metadata={"help": "samples per forward pass"})
+    max_length: int = field(default=512, metadata={"help": "tokens per sample"})
+    template: str = field(default="auto", metadata={"help": "prompt rendering", "choices": TEMPLATES})
+    device: str = field(default="auto", metadata={"help": "'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'"})
+    keep_samples: int = 10  # generated answers kept per split in the report (not a flag)
+
+    def __post_init__(self):
+        check_device(self.device)
+        if self.template not in TEMPLATES:
+            raise InputError(f"--template must be one of {list(TEMPLATES)}")
+        for name, least in (("max_new_tokens", 1), ("batch_size", 1), ("kl_samples", 0), ("retain_samples", 0),
+                            ("max_length", 2), ("keep_samples", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InputError(f"--{name.replace('_', '-')} {value!r}: give an integer >= {least}")
+
+
+def evaluate(base: str, adapters: dict[str, Path], data, request, out, settings: EvaluateSettings | None = None,
+             test=None, overwrite: bool = False, progress: bool = True, model_and_tokenizer=None, cache_dir=None) -> dict:
+    """Evaluate named adapters on the forget, forget_new, retain and test splits; write report.json, report.md, plots.
 
     `cache_dir`: a folder of each adapter's last metrics, keyed by everything they depend on (the adapter's
     weights, data, request, test set, the base by its name, these settings and, for the KL, retrain's weights); an adapter
     whose key matches is not evaluated again (the demo's rerun re-evaluates only adapters whose weights changed)."""
-    if retain_samples < 0:
-        raise InputError(f"--retain-samples {retain_samples}: give a count >= 0 (0 evaluates every retained record)")
-    for name, value in (("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size)):
-        if value < 1:
-            raise InputError(f"{name} {value}: give an integer >= 1")
-    if kl_samples < 0 or max_length < 2:
-        raise InputError("--kl-samples must be >= 0 and --max-length >= 2")
+    st = settings or EvaluateSettings()
+    original, max_new_tokens, kl_samples, batch_size = st.original, st.max_new_tokens, st.kl_samples, st.batch_size
+    max_length, template, retain_samples, keep_samples = st.max_length, st.template, st.retain_samples, st.keep_samples
     if not adapters:
         raise InputError("give at least one --adapter NAME=FOLDER to evaluate")
     inputs = tuple(adapters.values()) + (data, request, test, base)
@@ -238,7 +257,7 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, test=None
     for name, folder in adapters.items():
         check_name(name)
         check_adapter(folder)
-    device = resolve_device(device)
+    device = resolve_device(st.device)
     if model_and_tokenizer is None:
         check_base(base)
     records = load_records(data)

@@ -125,7 +125,7 @@ def load_base(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype 
     if gguf:
         converted = converted_gguf_dir(os.path.join(folder, gguf))
         if converted is not None and (converted / "model.safetensors").is_file():
-            try:  # converted before: load its safetensors (seconds, not half a minute)
+            try:  # converted before: load its safetensors (docs/design.md#gguf-cache)
                 return _ready(*_from_pretrained(str(converted), dtype, kw), device)
             except (OSError, ValueError) as e:  # a damaged cache entry: convert again, as on a first load
                 log.warning("the cached conversion in %s did not load (%s); converting %s again",
@@ -173,11 +173,10 @@ def converted_gguf_dir(gguf_path: str) -> Path | None:
     """The cache folder for one GGUF file's conversion, keyed by the file's SHA-256 and the transformers
     version that converts it (None when the cache is off).
 
-    Dequantising the embedded SmolLM2 GGUF and building its tokenizer took 34 s of every command's start;
-    loading the converted float32 safetensors takes 4 s (BENCHMARKS.md). The conversion is what
-    transformers gives for the GGUF, saved unchanged, so both paths yield the same weights. Hashing the
-    98 MB file costs about 1 s a load (measured); a key from size and mtime would be free but can name a
-    rewritten file's stale conversion.
+    Dequantising a GGUF and building its tokenizer is slow on every load; loading the converted float32
+    safetensors is fast (docs/design.md#gguf-cache). The conversion is what transformers gives for the
+    GGUF, saved unchanged, so both paths yield the same weights. The key hashes the file's content: a key
+    from size and mtime would be free but can name a rewritten file's stale conversion.
     """
     import transformers
 
@@ -232,8 +231,8 @@ def fused_attention(model, implementation: str = "sdpa"):
 
     Models load with eager attention because double backward through SDPA is not implemented on CPU
     (curvature products need it); forward passes and single backward passes do not, and SDPA is the
-    fused kernel (faster for evaluation, measured; no measurable change for the demo's short training
-    records). Graphs built before or after keep the kernel they were built with.
+    fused kernel (docs/design.md#fused-attention). Graphs built before or after keep the kernel they
+    were built with.
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     before = getattr(inner.config, "_attn_implementation", None)
@@ -257,9 +256,9 @@ def merged_adapter(model):
     """The LoRA update merged into the base weights for the duration (evaluation and generation only).
 
     An unmerged LoRA layer runs three matrix products where a merged one runs one; in greedy decoding,
-    one token at a time, that overhead was most of evaluation's time (profiled). The base weights are
-    cloned first and copied back afterwards, so the shared base model is restored bit for bit (merging
-    and unmerging in float32 alone would leave rounding in it).
+    one token at a time, that overhead dominates evaluation (docs/design.md#merged-evaluation). The base
+    weights are cloned first and copied back afterwards, so the shared base model is restored bit for bit
+    (merging and unmerging in float32 alone would leave rounding in it).
     """
     if not hasattr(model, "merge_adapter"):
         yield
@@ -371,19 +370,26 @@ def theta_of(model) -> tuple[AdapterParams, torch.Tensor]:
     return params, theta_hat.clone()
 
 
-def write_adapter(model, params: AdapterParams, theta: torch.Tensor, src_dir: str | Path, dst_dir: str | Path) -> None:
-    """Write Θ as `adapter_model.safetensors` in dst_dir, next to copies of src_dir's other files.
+def adapter_state(model, params: AdapterParams, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Θ as the adapter's state dict, keyed as PEFT saves it (`set_peft_model_state_dict` loads it)."""
+    from peft import get_peft_model_state_dict
+
+    state = {n: t.detach().cpu() for n, t in params.unflatten(theta).items()}
+    return get_peft_model_state_dict(model, state_dict=state, save_embedding_layers=False)
+
+
+def write_adapter(state: dict[str, torch.Tensor], src_dir: str | Path, dst_dir: str | Path) -> None:
+    """Write `state` (from `adapter_state`) as `adapter_model.safetensors` in dst_dir, next to copies of
+    src_dir's other files.
 
     adapter_config.json is copied byte for byte, so PEFT loads the new adapter as it loads the
     old one. Tensors keep the original file's dtype when it is float32/float64, else float32.
     """
-    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
     saved = read_adapter_file(adapter_weights_path(src_dir))
-    state = {n: t.detach().cpu() for n, t in params.unflatten(theta).items()}
-    out = get_peft_model_state_dict(model, state_dict=state, save_embedding_layers=False)
+    out = state
     if set(out) != set(saved):
         raise RuntimeError(f"internal: written keys differ from the input adapter's ({sorted(set(out) ^ set(saved))[:3]})")
     out = {k: v.to(saved[k].dtype if saved[k].dtype in (torch.float32, torch.float64) else torch.float32).contiguous()

@@ -25,8 +25,7 @@ def by_length(items: list) -> list:
     """`items` in order of token count (stable), so fixed batches of them pad little; others as given.
 
     Every caller reduces over all its batches (a sum, or a mean weighted by batch size), so the grouping
-    changes only the padding: on the demo's edited set it cut the tokens a pass computes by 4%; the more
-    the lengths vary, the more it saves (not measured on TALLRec yet)."""
+    changes only the padding; the more the lengths vary, the more it saves (docs/design.md#length-grouping)."""
     if not items or not all(hasattr(x, "input_ids") for x in items):
         return items
     return sorted(items, key=lambda x: len(x.input_ids))
@@ -153,7 +152,7 @@ class CausalLMObjective(Objective):
         rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
         # only the positions that predict response tokens go through the vocabulary projection: for
         # short responses after long prompts the full [batch, length, vocab] logits (and their graphs
-        # in a double backward) were most of an HVP's memory
+        # in a double backward) dominate an HVP's memory (docs/design.md#response-logits)
         keep, where = torch.unique(cols_t, return_inverse=True)
         return {
             "n": len(items),

@@ -1,7 +1,7 @@
 """Turning a record into token ids: the one place where a sample's text is made.
 
 The old and new versions of an edited sample go through the same function, so the only
-difference between their gradients is the edit itself (method.md §7.6).
+difference between their gradients is the edit itself.
 
 Templates:
 * ``chat``: the tokenizer's chat template. The prompt is the template applied to the prompt

@@ -4,7 +4,7 @@ extension of the paper's update).
 Why this exists. At an adapter that memorised its data (training loss ~1e-3), a removed sample's
 gradient is ~0, so its influence term in b is ~0 and the edited objective is flat between "remembers
 the removed customer" and "does not": both fit the kept data. Retraining from the zero adapter
-decides that by its implicit bias, which no local model of the loss sees (BENCHMARKS.md, the demo).
+decides that by its implicit bias, which no local model of the loss sees (docs/design.md#reset-removed).
 In the lazy-training picture that bias has a closed form: retraining changes the removed inputs'
 outputs by exactly the part of the adapter's effect on them that the kept data do not explain.
 
@@ -14,14 +14,13 @@ z_t the logits at the removed record's response tokens, T_i their count, Θ₀ =
 to zero (the base model exactly), F̄_t = diag(p̄) − p̄p̄ᵀ the softmax Fisher at p̄ = ½(p⁰ + p̂), the mean
 of the base model's prediction p⁰ and the adapter's p̂ at Θ̂. F̄ weighs a logit by how likely either
 model finds its token: the tokens the base would say, and the memorised answer's. (A plain squared
-distance over the 49,152 logits was all about the bulk of unlikely tokens and did not move the answers
-at all; the base model's Fisher F⁰ alone hardly counted the memorised tokens, which the base finds
-unlikely, and left removed phone numbers a digit off the memorised ones, or brought them back in later
-Newton steps; measured, BENCHMARKS.md.) Its Gauss-Newton curvature Jᵀ F̄ J and gradient Jᵀ F̄ d join the
-solve's operator and right-hand side; the kept samples' curvature holds their answers in place, so the
-step resets what the removed records alone depend on. The base model is not what retraining predicts for
-those prompts (that is the kept data's generalisation, which this target leaves to the kept samples'
-curvature), so the term is off by default and meant for memorised private data.
+distance is dominated by the bulk of unlikely tokens; the base model's Fisher F⁰ alone barely weighs the
+memorised tokens, which the base finds unlikely: docs/design.md#reset-metric.) Its Gauss-Newton
+curvature Jᵀ F̄ J and gradient Jᵀ F̄ d join the solve's operator and right-hand side; the kept samples'
+curvature holds their answers in place, so the step resets what the removed records alone depend on.
+The base model is not what retraining predicts for those prompts (that is the kept data's
+generalisation, which this target leaves to the kept samples' curvature), so the term is off by default
+and meant for memorised private data.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""The right-hand side b = Σ_{z ∈ S} [∇L(z_old) − ∇L(z_new)] at Θ̂ (new term 0 for removal).
-
-b is the *unscaled* sum; the solver finds x = n·ΔΘ and the caller divides by n at the end, so no
-solver meets values around 1e-9 (method.md §7.5).
-"""
+"""Sums of per-sample gradients Σ_i ∇_Θ L(z_i; Θ), the pieces of b (problem.Problem.rhs) and of the
+Newton refinement's gradient. Sums, not means: callers divide by a count they know."""
 
 from __future__ import annotations
 
@@ -36,12 +33,3 @@ def gradient_sum(objective: Objective, params: AdapterParams, theta_hat: torch.T
     if not torch.isfinite(out).all():
         raise NumericalError(f"{desc}: the gradient is not finite; check the adapter weights and the data")
     return out
-
-
-def compute_rhs(objective: Objective, params: AdapterParams, theta_hat: torch.Tensor, old_items: list,
-                new_items: list, batch_size: int, device="cpu", progress: bool = True) -> torch.Tensor:
-    """b = Σ ∇L(old) − Σ ∇L(new). `new_items` holds only the edited (not removed) samples."""
-    b = sum_of_gradients(objective, params, theta_hat, old_items, batch_size, device, "b: old samples", progress)
-    if new_items:
-        b -= sum_of_gradients(objective, params, theta_hat, new_items, batch_size, device, "b: new samples", progress)
-    return b

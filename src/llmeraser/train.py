@@ -111,7 +111,7 @@ def train_lora(model, tokenizer, records: list[Record], settings: TrainSettings,
     order: list[int] = []
     history, running = [], 0.0
     bar = tqdm(total=total_steps, desc=desc, disable=not progress)
-    with fused_attention(model):  # first-order passes only: the fused kernel is faster
+    with fused_attention(model):  # first-order passes only, so the fused kernel may run (docs/design.md#fused-attention)
         for step in range(total_steps):
             if len(order) < settings.batch_size:
                 perm = list(range(len(examples)))

@@ -1,7 +1,7 @@
 """Solver interface, settings and registry.
 
 Every solver finds x with (C + λI) x = b for the damped curvature operator `op`, and stops on
-the relative residual ‖(C+λI)x − b‖/‖b‖ measured with `op.full` on fixed training batches.
+the relative residual ‖(C+λI)x − b‖/‖b‖ computed with `op.full` on fixed training batches.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..curvature import HessianOperator
+from ..errors import InputError
 
 
 @dataclass
@@ -30,23 +31,23 @@ class SolverSettings:
 
     def __post_init__(self):
         if not 0 < self.tol < math.inf:
-            raise ValueError(f"--tol {self.tol}: give a finite number > 0")
+            raise InputError(f"tol {self.tol}: give a finite number > 0")
         if self.max_iters is not None and self.max_iters < 1:
-            raise ValueError(f"--max-iters {self.max_iters}: give an integer >= 1")
+            raise InputError(f"max_iters {self.max_iters}: give an integer >= 1")
         if self.check_every < 1:
-            raise ValueError(f"--check-every {self.check_every}: give an integer >= 1")
+            raise InputError(f"check_every {self.check_every}: give an integer >= 1")
         if self.power_iters < 1:
-            raise ValueError(f"--power-iters {self.power_iters}: give an integer >= 1")
+            raise InputError(f"power_iters {self.power_iters}: give an integer >= 1")
         if self.exact_max_params < 1:
-            raise ValueError(f"--exact-max-params {self.exact_max_params}: give an integer >= 1")
+            raise InputError(f"exact_max_params {self.exact_max_params}: give an integer >= 1")
         if self.optimizer not in ("sgd", "adam"):
-            raise ValueError("--optimizer must be 'sgd' or 'adam'")
+            raise InputError("optimizer must be 'sgd' or 'adam'")
         if not 0 <= self.momentum < 1:
-            raise ValueError(f"--momentum {self.momentum}: give a number in [0, 1)")
+            raise InputError(f"momentum {self.momentum}: give a number in [0, 1)")
         for name in ("lr", "lissa_scale"):
             value = getattr(self, name)
             if value is not None and not 0 < value < math.inf:
-                raise ValueError(f"--{name.replace('_', '-')} {value}: give a finite number > 0")
+                raise InputError(f"{name} {value}: give a finite number > 0")
 
     def to_dict(self) -> dict:
         return asdict(self)

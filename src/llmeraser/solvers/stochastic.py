@@ -16,7 +16,7 @@ class Stochastic(Solver):
     Optimisers: ``sgd`` with heavy-ball momentum and step 1/L (L from power iteration) by
     default, or ``adam``. Over the second half of the budget the step decays linearly to zero
     and the iterates are averaged (Polyak-Ruppert), so the mini-batch noise averages out; the
-    residual is then measured at the average. Stops when the residual on the fixed batches < tol.
+    residual is then computed at the average. Stops when the residual on the fixed batches < tol.
     """
 
     name = "stochastic"

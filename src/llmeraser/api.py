@@ -1,0 +1,164 @@
+"""The two ways in: `unlearn_model` for objects already in memory (a PeftModel, its tokenizer, records as
+dicts, a request as dicts; nothing is written), and `unlearn` for files (what the CLI calls): every input
+checked before any model is loaded, then the same path, then the new adapter written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data import EditRequest, Record, load_records, load_request, records_from_rows, request_from_rows
+from .errors import InputError, NotConvergedError, NumericalError
+from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
+from .modeling import adapter_state, check_adapter, check_base, load_adapter, load_base, resolve_device, write_adapter
+from .recipes import recipe as recipe_settings
+from .report import UnlearnReport, peak_memory_mb
+from .settings import UnlearnSettings
+from .solvers import SolveResult
+from .trainrecord import TrainRecord
+from .unlearner import Unlearner
+
+
+@dataclass
+class UnlearnResult:
+    out: Path | None  # the written adapter folder, None in memory
+    delta: torch.Tensor  # ΔΘ, flat, in Θ's order
+    solve: SolveResult  # the last solve
+    report: UnlearnReport
+    state_dict: dict[str, torch.Tensor]  # Θ̂ + ΔΘ keyed as PEFT saves it (set_peft_model_state_dict loads it)
+
+    @property
+    def meta(self) -> dict:
+        """The report as unlearn.json holds it."""
+        return self.report.to_dict()
+
+
+def unlearn_model(model, tokenizer, records: Sequence, request: Sequence | EditRequest, *, weight_decay: float,
+                  settings: UnlearnSettings | None = None, recipe: str | None = None, progress: bool = False) -> UnlearnResult:
+    """ΔΘ for a PeftModel in memory; nothing is written and the model is not changed.
+
+    Args:
+        model: a PeftModel whose adapter tensors are trainable (`PeftModel.from_pretrained(..., is_trainable=True)`).
+        records: the training records, any sequence of mappings (a list of dicts, a `datasets.Dataset`).
+        request: the edits, a sequence of {op, id, new} mappings.
+        weight_decay: the L2 coefficient wd of training ((wd/2)‖Θ‖² in the objective; 0 if none). Required:
+            it is part of the curvature, and a silent 0 would be wrong for an adapter trained with one.
+        settings: the settings; default: `recipe`'s (default: 'default').
+    """
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < float("inf"):
+        raise InputError(f"weight_decay {weight_decay!r}: give the training L2 coefficient, a finite number >= 0")
+    if settings is None:
+        recipe = recipe or "default"
+        settings = recipe_settings(recipe)
+    records = list(records) if records and isinstance(next(iter(records)), Record) else records_from_rows(records)
+    req = request if isinstance(request, EditRequest) else request_from_rows(request, records)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise InputError("the model has no trainable tensors: load the adapter with "
+                         "PeftModel.from_pretrained(base, folder, is_trainable=True)")
+    unl = Unlearner(model, tokenizer, records, settings, weight_decay=float(weight_decay))
+    p = unl.problem
+    if progress:
+        print(f"llmeraser: n = {p.n} training samples, {len(req.edits)} edits {req.counts}", file=sys.stderr)
+        print(f"llmeraser: {p.params.summary()}", file=sys.stderr)
+    delta, result, stage = unl.delta(req, progress)
+    theta = p.theta_hat + delta
+    if not bool(torch.isfinite(theta).all()):
+        raise NumericalError("the update is not finite; nothing was written. Try a larger damping or curvature ggn")
+    truncated_new = sum(e.truncated for e in p.sets(req).new)
+    # a Newton step after the first stops at refine_iters by design when that is set: not a failure
+    short = [st for st in stage["steps"] if not st["converged"] and (st["step"] == 1 or not settings.refine_iters)]
+    rows = "".join(json.dumps(r.fields) + "\n" for r in records)
+    report = UnlearnReport(
+        recipe=recipe, settings=settings.to_dict(),
+        request={"path": req.path, "sha256": req.sha256, "edits": req.raw},
+        data={"path": None, "sha256": hashlib.sha256(rows.encode("utf-8")).hexdigest()},
+        n=p.n, affected=len(req.edits), counts=req.counts, parameters=p.params.numel,
+        damping=unl.damping - p.weight_decay, damping_total=unl.damping, training_weight_decay=p.weight_decay,
+        template=p.template, truncated_samples=sum(e.truncated for e in p.examples) + truncated_new,
+        truncated_new_versions=truncated_new,
+        solver={"name": settings.solver, "iterations": result.iterations, "converged": result.converged,
+                "final_residual": result.final_residual, "residuals": result.residuals, **result.info},
+        rhs_norm=stage["rhs_norm"], newton_steps=stage["steps"], reset_removed=stage.get("reset_removed"),
+        delta_norm=float(delta.norm()), theta_norm=float(p.theta_hat.norm()), converged=not short,
+        seconds={"b": stage["b"], "solve": stage["solve"]}, peak_memory_mb=peak_memory_mb(p.device))
+    for st in short:
+        print(f"llmeraser: warning: in Newton step {st['step']} the solver stopped at residual {st['final_residual']:.3g} "
+              f"above tol {settings.solver_settings.tol} after {st['iterations']} iterations", file=sys.stderr)
+    return UnlearnResult(None, delta, result, report, adapter_state(model, p.params, theta))
+
+
+def unlearn(base: str, adapter: str | Path, data: str | Path, request: str | Path, out: str | Path | None,
+            settings: UnlearnSettings | None = None, overwrite: bool = False, progress: bool = True,
+            model_and_tokenizer=None, allow_other_data: bool = False, allow_unconverged: bool = False,
+            recipe: str | None = None) -> UnlearnResult:
+    """Apply an edit request to a PEFT adapter folder by the LLMEraser update; write a new adapter.
+
+    Every input is checked before any model is loaded (output place, base, adapter, train.json, data,
+    request); nothing is written unless the whole computation succeeds.
+
+    Args:
+        base: model folder, .gguf file, or 'smollm2'.
+        adapter: the PEFT adapter folder (never modified); its train.json gives the training weight decay.
+        data: the training data the adapter was trained on (JSONL or JSON array); checked against the
+            SHA-256 and n in the adapter's train.json unless `allow_other_data`.
+        request: the edit request (JSONL).
+        out: the new adapter folder, written atomically; None computes without writing.
+        settings: the settings; default: `recipe`'s (default: 'default').
+        model_and_tokenizer: an already loaded (base model, tokenizer) to use instead of `base`.
+        allow_unconverged: write the result even when a solve stopped above its tolerance (otherwise
+            NotConvergedError, and nothing is written).
+    """
+    adapter = Path(adapter)
+    inputs = (adapter, data, request, base)
+    if out is not None:
+        out = check_output_dir(out, overwrite, inputs=inputs)
+    t_start = time.perf_counter()
+    if settings is None:
+        recipe = recipe or "default"
+        settings = recipe_settings(recipe)
+    if model_and_tokenizer is None:
+        check_base(base)
+    check_adapter(adapter)
+    record = TrainRecord.read(adapter)
+    records = load_records(data)
+    req = load_request(request, records)
+    if record is not None and not allow_other_data:
+        record.check_data(data, sha256_file(data), len(records))
+    device = resolve_device(settings.device)
+    base_model, tokenizer = model_and_tokenizer if model_and_tokenizer is not None else load_base(base, device)
+    model = load_adapter(base_model, adapter)
+    try:
+        t_load = time.perf_counter() - t_start
+        res = unlearn_model(model, tokenizer, records, req, weight_decay=record.weight_decay if record else 0.0,
+                            settings=settings, recipe=recipe, progress=progress)
+        rep = res.report
+        rep.request["path"] = str(Path(request).resolve())
+        rep.data = {"path": str(Path(data).resolve()), "sha256": sha256_file(data)}
+        rep.adapter, rep.base = str(adapter.resolve()), base
+        rep.seconds = {"load": t_load, **rep.seconds}
+        if not rep.converged and not allow_unconverged:
+            st = next(st for st in rep.newton_steps if not st["converged"] and (st["step"] == 1 or not settings.refine_iters))
+            raise NotConvergedError(
+                f"the solve did not converge (Newton step {st['step']}: residual {st['final_residual']:.3g} > tol "
+                f"{settings.solver_settings.tol} after {st['iterations']} iterations), so the update is not the influence "
+                f"estimate and nothing was written{' to ' + str(out) if out is not None else ''}. Raise --max-iters or "
+                "--damping, or pass --allow-unconverged to write it anyway (unlearn.json then records converged: false)")
+        if out is not None:
+            t0 = time.perf_counter()
+            with atomic_dir(out, overwrite, inputs) as tmp:
+                write_adapter(res.state_dict, adapter, tmp)
+                rep.seconds["save"] = time.perf_counter() - t0
+                rep.peak_memory_mb = peak_memory_mb(device)
+                write_json(tmp / "unlearn.json", rep.to_dict())
+            res.out = out
+        return res
+    finally:
+        model.unload()  # hand a caller's base model back without the adapter's layers

@@ -1,0 +1,120 @@
+"""The problem a request poses at Θ̂: what Θ is, the n training samples, the edited set, and b.
+
+    b = Σ_S [∇L(old) − ∇L(new)] at Θ̂   (the new term is 0 for a removal; unscaled: the solvers find
+                                        x = n·ΔΘ, so none meets the ~1e-9 entries of b/n)
+    edited set = kept samples + new versions of the edited ones, m = its size.
+
+Everything here is read-only on the model: Θ̂ is a detached copy and every pass takes Θ explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .data import EditRequest, Record
+from .modeling import fused_attention, theta_of
+from .objective import CausalLMObjective, by_length
+from .render import encode, resolve_template
+from .rhs import gradient_sum, sum_of_gradients
+
+# bytes of stored hidden states (the layers below the adapter) a loss evaluation's batches may hold
+PREFIX_BUDGET = 2**28
+
+
+@dataclass
+class EditSets:
+    """The samples one request touches, encoded: old versions (all edits), removed, kept and new versions."""
+
+    request: EditRequest
+    old: list
+    removed: list
+    kept: list
+    new: list
+
+    @property
+    def edited(self) -> list:
+        """The training set after the request: kept samples, then the new versions of edited ones."""
+        return self.kept + self.new
+
+
+class Problem:
+    """Θ̂, the encoded training samples, and the sums over them that every stage needs."""
+
+    def __init__(self, model, tokenizer, records: list[Record], template: str = "auto", max_length: int = 512,
+                 batch_size: int = 8, weight_decay: float = 0.0):
+        self.model, self.tokenizer, self.records = model, tokenizer, records
+        self.device = next(model.parameters()).device
+        self.template = resolve_template(tokenizer, template)
+        self.max_length, self.batch_size, self.weight_decay = max_length, batch_size, weight_decay
+        self.params, self.theta_hat = theta_of(model)
+        self.objective = CausalLMObjective(model, tokenizer.pad_token_id)
+        # batches evaluated many times (CG's, the line search's) skip the layers below the adapter's lowest
+        self.objective.freeze_prefix(self.params.names)
+        self.examples = [self.encode(r) for r in records]
+        # Σ∇L(old) at Θ̂ per request (by edited indices); another Problem of the same model and data may share it
+        # Σ∇L(old) at Θ̂ per request (by edited indices); a Problem of the same model and data may share it
+        self.old_grads: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def n(self) -> int:
+        """The size of the set Θ̂ was trained on."""
+        return len(self.records)
+
+    def sets(self, request: EditRequest) -> EditSets:
+        edited = {e.index for e in request.edits}
+        return EditSets(request, [self.examples[e.index] for e in request.edits],
+                        [self.examples[e.index] for e in request.edits if e.op == "remove"],
+                        [x for i, x in enumerate(self.examples) if i not in edited],
+                        [self.encode(e.new) for e in request.edits if e.new is not None])
+
+    def encode(self, record: Record):
+        return encode(record, self.tokenizer, self.template, self.max_length)
+
+    def grad_sum(self, items, theta, desc: str, progress: bool) -> torch.Tensor:
+        """Σ_i ∇L(z_i; Θ) over `items`."""
+        with fused_attention(self.model):  # first order: no double backward through attention here
+            return sum_of_gradients(self.objective, self.params, theta, items, self.batch_size, self.device, desc, progress)
+
+    def grad_sum_of_batches(self, batches, theta, desc: str, progress: bool) -> torch.Tensor:
+        with fused_attention(self.model):
+            return gradient_sum(self.objective, self.params, theta, batches, desc, progress)
+
+    def old_grad(self, request: EditRequest, progress: bool = True) -> torch.Tensor:
+        """Σ_S ∇L(old) at Θ̂, computed once per request: b and the control variate both need it."""
+        key = tuple(e.index for e in request.edits)
+        if key not in self.old_grads:
+            self.old_grads[key] = self.grad_sum([self.examples[i] for i in key], self.theta_hat, "b: old samples", progress)
+        return self.old_grads[key]
+
+    def rhs(self, request: EditRequest, progress: bool = True) -> torch.Tensor:
+        """b = Σ_S [∇L(old) − ∇L(new)] at Θ̂, unscaled."""
+        b = self.old_grad(request, progress).clone()
+        new = self.sets(request).new
+        if new:
+            b -= self.grad_sum(new, self.theta_hat, "b: new samples", progress)
+        return b
+
+    def batches(self, items, prepare: bool = True) -> list[dict]:
+        """`items` in batches by length, for loss values at many Θ. With `prepare`, each of the first
+        batches up to PREFIX_BUDGET bytes stores the output of the layers below the adapter, so later
+        passes start above them (`CausalLMObjective.prepare`; with the attention kernel the loss passes use)."""
+        items, bs, out, used = by_length(items), self.batch_size, [], 0
+        with torch.no_grad(), fused_attention(self.model):
+            for i in range(0, len(items), bs):
+                batch = self.objective.collate(items[i:i + bs], self.device)
+                if prepare and used < PREFIX_BUDGET:
+                    batch = self.objective.prepare(batch)
+                    if "prefix" in batch:
+                        used += batch["prefix"].numel() * batch["prefix"].element_size()
+                out.append(batch)
+        return out
+
+    def loss_sum(self, batches: list[dict], theta) -> float:
+        """Σ_i L(z_i; Θ) over already batched samples."""
+        total = 0.0
+        with torch.no_grad(), fused_attention(self.model):
+            for batch in batches:
+                total += float(self.objective.losses(self.objective.outputs(self.params.unflatten(theta), batch), batch).sum())
+        return total

@@ -1,0 +1,84 @@
+"""Named recipes: the settings `unlearn` runs with, chosen by name (`--recipe NAME`).
+
+Each recipe is a small function returning UnlearnSettings; the CLI, the demo and the benchmarks all
+take their settings from here (a benchmark or the demo may change sizes, never the method). Flags and
+`--config` override a recipe's fields; `unlearn.json` records the recipe's name and every resolved
+setting. Why each recipe is what it is: docs/recipes.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .errors import InputError
+from .settings import UnlearnSettings
+from .solvers import SolverSettings
+
+
+def paper() -> UnlearnSettings:
+    """The update as the paper states it, for comparison: ΔΘ = (1/n)(H + λI)⁻¹ b with H the Hessian of
+    the training loss over the n original samples, found by Algorithm 1 (mini-batch minimisation of
+    ½xᵀ(H + λI)x − bᵀx, gradient set to (H_B + λI)x − b), one step, no line search. λ = 0.03: the paper
+    states none, and H is indefinite at a real adapter."""
+    return UnlearnSettings(curvature="hessian", curvature_data="original", solver="stochastic", damping=0.03,
+                           line_search=False)
+
+
+def default() -> UnlearnSettings:
+    """For an ordinary fine-tune: one Newton step from Θ̂ on the retraining objective (Gauss-Newton
+    curvature over the edited data, so PSD and without the removed samples' own curvature), CG trying
+    λ = 0.003, 0.01 and 0.03 in one multi-shift run, each step backtracked on the retraining objective,
+    and the λ whose step lowers it most kept (docs/recipes.md#default)."""
+    return UnlearnSettings(curvature="ggn", curvature_data="edited", solver="cg", damping=0.03,
+                           damping_grid=(0.003, 0.01), line_search=True)
+
+
+def memorised() -> UnlearnSettings:
+    """For an adapter that memorised its records (private text repeated verbatim): the base model's
+    softmax curvature (the adapter's own is ~0 on saturated answers), the removed records pulled toward
+    the base model's outputs (ρ = 10), and three Newton steps, the later two with CG capped at 5 and the
+    first at 10 (docs/recipes.md#memorised)."""
+    return UnlearnSettings(curvature="ggn-base", curvature_data="edited", solver="cg", damping=0.03, reset_removed=10.0,
+                           newton_steps=3, refine_iters=5, curvature_samples=0,
+                           solver_settings=SolverSettings(tol=0.05, max_iters=10))
+
+
+RECIPES = {"default": default, "memorised": memorised, "paper": paper}
+
+
+def recipe(name: str, **overrides) -> UnlearnSettings:
+    """The named recipe's settings, with `overrides` (setting name -> value) applied."""
+    if name not in RECIPES:
+        raise InputError(f"--recipe {name!r}: unknown; choose one of {sorted(RECIPES)}")
+    base = RECIPES[name]()
+    return replace(base, **overrides) if overrides else base
+
+
+# settings that live in SolverSettings but are set like the others (flags, overrides)
+SOLVER_KEYS = ("tol", "max_iters")
+
+
+def resolve(name: str | None = None, config: dict | None = None, overrides: dict | None = None) -> tuple[str, UnlearnSettings]:
+    """(recipe name, settings): the recipe, then a config's settings, then `overrides`, each over the last.
+
+    `config` is `settings.read_config`'s {"recipe", "settings"}: its recipe is used when `name` is None;
+    its settings are a full or partial schema dict. `overrides` maps setting names (and 'tol',
+    'max_iters') to values. A recipe's damping grid needs CG: when an override picks another solver and
+    nothing but the recipe set the grid, the grid is dropped (the recorded settings say so)."""
+    config = config or {"recipe": None, "settings": {}}
+    name = name or config.get("recipe") or "default"
+    merged = recipe(name).to_dict()
+    given = dict(config.get("settings") or {})
+    if not isinstance(given, dict):
+        raise InputError("--config: 'settings' must be an object of setting names and values")
+    solver_given = given.pop("solver_settings", None) or {}
+    if not isinstance(solver_given, dict):
+        raise InputError("--config: 'solver_settings' must be an object of solver setting names and values")
+    overrides = dict(overrides or {})
+    merged.update(given)
+    merged["solver_settings"] = {**merged["solver_settings"], **solver_given,
+                                 **{k: overrides.pop(k) for k in SOLVER_KEYS if k in overrides}}
+    merged.update(overrides)
+    if merged["solver"] != "cg" and "damping_grid" not in given and "damping_grid" not in overrides:
+        merged["damping_grid"] = []
+    return name, UnlearnSettings.from_dict(merged, "--config" if given else "settings")

@@ -1,0 +1,174 @@
+"""UnlearnSettings: every setting of an `unlearn` run, validated once, with one dict schema.
+
+The same schema is read from `--config FILE` (JSON or TOML), written to `unlearn.json` under
+"settings", and produced by the named recipes (`recipes.py`), so a past run replays exactly:
+`llmeraser unlearn ... --config old/unlearn.json`. Fields marked `flag` are also command-line flags;
+the research extensions are set through a recipe or the config only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .curvature import CURVATURES, GAUSS_NEWTON, HVP_MODES
+from .errors import InputError
+from .modeling import check_device
+from .render import TEMPLATES
+from .solvers import SOLVERS, SolverSettings
+
+CURVATURE_DATA = ("edited", "original")
+SCHEMA_VERSION = 1
+
+
+def _meta(help: str, flag: bool = False, **kw) -> dict:
+    return {"help": help, "flag": flag, **kw}
+
+
+@dataclass
+class UnlearnSettings:
+    curvature: str = field(default="ggn", metadata=_meta(
+        "curvature C in (C + λI)Δ = b: 'ggn' (Gauss-Newton, PSD), 'ggn-base' (Gauss-Newton with the softmax's "
+        "curvature at the base model's prediction, for memorised adapters whose own softmax is saturated) or "
+        "'hessian' (indefinite at a real adapter)", choices=CURVATURES))
+    damping: float = field(default=0.03, metadata=_meta(
+        "λ added to the curvature; the training weight decay from train.json is added to it", flag=True))
+    damping_grid: tuple[float, ...] = field(default=(), metadata=_meta(
+        "more λ tried in the same CG run (multi-shift CG); the line-searched step that lowers the retraining "
+        "objective most is kept. Needs solver 'cg'"))
+    reset_removed: float = field(default=0.0, metadata=_meta(
+        "ρ: add ρ·P to the edited objective, P the removed records' distance to the base model's outputs (for "
+        "memorised private data; needs a Gauss-Newton curvature; 0: off)"))
+    anchor_kept: float = field(default=0.0, metadata=_meta(
+        "κ: add κ·A, A the kept records' distance from their outputs before the edit (adds curvature only; needs "
+        "a Gauss-Newton curvature and newton_steps 1; 0: off)"))
+    solver: str = field(default="cg", metadata=_meta(
+        "inverse-HVP solver: cg (conjugate gradients on fixed batches) or stochastic (the paper's Algorithm 1); "
+        "lissa and exact, for comparison, through --config", flag=True, flag_choices=("cg", "stochastic")))
+    batch_size: int = field(default=8, metadata=_meta("samples per gradient and curvature mini-batch", flag=True))
+    curvature_data: str = field(default="edited", metadata=_meta(
+        "data the curvature is taken over: 'edited' (the data after the request: a Newton step on the retraining "
+        "objective) or 'original' (the paper's H over the n training samples)", choices=CURVATURE_DATA))
+    curvature_samples: int = field(default=128, metadata=_meta(
+        "training samples in the fixed batches the solver and its residual use (0: all)", flag=True))
+    line_search_samples: int = field(default=0, metadata=_meta(
+        "kept samples the line search estimates the retraining objective on (0: the curvature sample)"))
+    cache_batches: int = field(default=4, metadata=_meta(
+        "fixed curvature batches whose Gauss-Newton linearisation may be kept in memory between products "
+        "(0: recompute every product, the least memory)"))
+    hvp_mode: str = field(default="auto", metadata=_meta(
+        "how a fresh curvature product is taken: fwd_rev (forward mode), rev_rev (double backprop) or auto",
+        choices=HVP_MODES))
+    max_length: int = field(default=512, metadata=_meta("tokens per sample; longer prompts are cut on the left", flag=True))
+    template: str = field(default="auto", metadata=_meta(
+        "prompt rendering: the tokenizer's chat template, a plain '### User:' template, or auto (chat when the "
+        "tokenizer has one)", flag=True, choices=TEMPLATES))
+    newton_steps: int = field(default=1, metadata=_meta(
+        "Newton steps on the edited objective; 1 is the paper's single influence update"))
+    refine_iters: int = field(default=0, metadata=_meta(
+        "solver iteration cap in each Newton step after the first (0: as max_iters); such a step may stop there"))
+    line_search: bool = field(default=True, metadata=_meta(
+        "scale the step by 1, 1/2, 1/4, … until it lowers the retraining objective (Armijo)"))
+    seed: int = field(default=0, metadata=_meta("seed for batch sampling"))
+    device: str = field(default="auto", metadata=_meta("'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'", flag=True))
+    solver_settings: SolverSettings = field(default_factory=SolverSettings)
+
+    @property
+    def dampings(self) -> tuple[float, ...]:
+        """Every λ to try, smallest first: damping and damping_grid."""
+        return tuple(sorted({self.damping, *self.damping_grid}))
+
+    def __post_init__(self):
+        for name, allowed in (("curvature", CURVATURES), ("solver", tuple(sorted(SOLVERS))), ("hvp_mode", HVP_MODES),
+                              ("curvature_data", CURVATURE_DATA), ("template", TEMPLATES)):
+            if getattr(self, name) not in allowed:
+                raise InputError(f"{name} {getattr(self, name)!r}: must be one of {list(allowed)}")
+        check_device(self.device)
+        if not 0 <= self.damping < math.inf:
+            raise InputError(f"damping {self.damping}: give a finite number >= 0")
+        try:
+            self.damping_grid = tuple(float(x) for x in self.damping_grid)
+        except (TypeError, ValueError):
+            raise InputError(f"damping_grid {self.damping_grid!r}: give numbers, e.g. [0.003, 0.01]") from None
+        if any(not 0 <= x < math.inf for x in self.damping_grid):
+            raise InputError(f"damping_grid {list(self.damping_grid)}: every λ must be a finite number >= 0")
+        if len(self.dampings) > 1 and self.solver != "cg":
+            raise InputError("damping_grid needs solver 'cg' (its shifted systems share one CG run); "
+                             f"with solver {self.solver!r} give one damping")
+        for name in ("reset_removed", "anchor_kept"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise InputError(f"{name} {getattr(self, name)}: give a finite number >= 0")
+        gauss_newton = self.curvature in GAUSS_NEWTON
+        if self.reset_removed and not gauss_newton:
+            raise InputError("reset_removed needs curvature 'ggn' or 'ggn-base'")
+        if self.anchor_kept and (not gauss_newton or self.newton_steps > 1):
+            raise InputError("anchor_kept needs curvature 'ggn' or 'ggn-base', and newton_steps 1")
+        for name, least in (("batch_size", 1), ("newton_steps", 1), ("max_length", 2), ("curvature_samples", 0),
+                            ("line_search_samples", 0), ("cache_batches", 0), ("refine_iters", 0), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InputError(f"{name} {value!r}: give an integer >= {least}")
+
+    def to_dict(self) -> dict:
+        """The schema: plain JSON values, the solver's settings nested under "solver_settings"."""
+        d = asdict(self)
+        d["damping_grid"] = list(self.damping_grid)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "settings") -> "UnlearnSettings":
+        """The inverse of `to_dict`; an unknown key is an InputError naming it (a typo must not pass silently)."""
+        kw = _known_fields(cls, d, where)
+        solver = kw.pop("solver_settings", None)
+        try:
+            if solver is not None and not isinstance(solver, SolverSettings):
+                solver = SolverSettings(**_known_fields(SolverSettings, solver, f"{where}.solver_settings"))
+            if solver is not None:
+                kw["solver_settings"] = solver
+            return cls(**kw)
+        except TypeError as e:  # a value of the wrong type (a string where a number belongs)
+            raise InputError(f"{where}: a value has the wrong type ({e}); see `llmeraser unlearn --help`") from None
+
+
+def _known_fields(cls, d, where: str) -> dict:
+    """`d` as keyword arguments of dataclass `cls`, refusing a non-mapping or an unknown name."""
+    if not isinstance(d, dict):
+        raise InputError(f"{where}: must be an object of setting names and values")
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise InputError(f"{where}: unknown settings {unknown}; known: {sorted(f.name for f in dataclasses.fields(cls))}")
+    return dict(d)
+
+
+def read_config(path: str | Path) -> dict:
+    """A settings dict from a JSON or TOML file. An `unlearn.json` is accepted as it is: its "settings"
+    (and "recipe") are what replay that run. Returns {"recipe": name or None, "settings": dict}."""
+    from .fileio import read_text
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--config {path}: no such file")
+    text = read_text(path, "--config")
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            raise InputError(f"--config {path}: TOML needs Python 3.11 or later; give the settings as JSON") from None
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise InputError(f"--config {path}: malformed TOML ({e})") from None
+    else:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"--config {path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"--config {path}: must hold an object of settings")
+    if "settings" in raw:  # an unlearn.json, or a file written in its shape
+        return {"recipe": raw.get("recipe"), "settings": raw["settings"]}
+    recipe = raw.pop("recipe", None)
+    return {"recipe": recipe, "settings": raw}
