@@ -21,7 +21,8 @@ from llmeraser.render import encode, resolve_template
 from llmeraser.solvers import SolverSettings
 from llmeraser.synthetic import make_customers, make_records
 from llmeraser.train import TrainSettings, add_lora, train_lora
-from llmeraser.unlearner import Unlearner, UnlearnSettings
+from llmeraser.settings import UnlearnSettings
+from llmeraser.unlearner import Unlearner
 
 OUT = Path(__file__).parent / "results"
 WORK = Path(__file__).parent / "work" / "damping_sweep"

@@ -10,6 +10,7 @@ from golden.cases import DELTAS, NUMBERS, cases, run_case
 
 GOLDEN = json.loads(NUMBERS.read_text())
 DELTA = load_file(str(DELTAS))
+KIND = {name: kind for name, kind, _ in cases()}
 
 
 def test_every_case_is_recorded():
@@ -19,7 +20,7 @@ def test_every_case_is_recorded():
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_golden_case(name, tiny64, tmp_path):
     model, tok, records = tiny64
-    kind = name.split("/")[0]
+    kind = KIND[name]
     recorded = GOLDEN[name]
     delta, numbers = run_case(model, tok, records, kind, recorded["settings"], tmp_path)
     if "error" in recorded:

@@ -118,9 +118,15 @@ def test_overwrite_refuses_an_output_holding_a_file_the_user_added(proj, tmp_pat
     (out / "notes.txt").write_text("mine")
     before = hashes(out)
     assert main(unlearn_args(proj, out, "--overwrite")) == 2
-    assert "holds notes.txt, which llmeraser did not write" in capsys.readouterr().err
+    assert "holds notes.txt, which llmeraser did not write there" in capsys.readouterr().err
     assert hashes(out) == before
-    (out / "notes.txt").unlink()  # the control: llmeraser's own output is replaced
+    (out / "notes.txt").unlink()
+    weights = out / "adapter_model.safetensors"
+    kept = weights.read_bytes()
+    save_file({k: v + 1 for k, v in load_file(str(weights)).items()}, str(weights))  # e.g. trained further in place
+    assert main(unlearn_args(proj, out, "--overwrite")) == 2
+    assert "adapter_model.safetensors, which llmeraser did not write there or which changed since" in capsys.readouterr().err
+    weights.write_bytes(kept)  # the control: llmeraser's own output, unchanged, is replaced
     assert main(unlearn_args(proj, out, "--overwrite", "--damping", "0.5")) == 0
     assert json.loads((out / "unlearn.json").read_text())["damping"] == 0.5
 

@@ -82,10 +82,10 @@ def test_a_live_runs_staging_folder_is_left_alone(tmp_path):
     live, dead = tmp_path / f".edit.{STAGING}live", tmp_path / f".edit.{STAGING}dead"
     for d in (live, dead):
         (d / "out").mkdir(parents=True)
-        (d / ".lock").write_text("")
+        (d / ".lock").write_text("123\n")  # a run writes its pid once it holds the lock
     unrelated = tmp_path / f".edit2.{STAGING}x"
     (unrelated / "out").mkdir(parents=True)
-    (unrelated / ".lock").write_text("")
+    (unrelated / ".lock").write_text("123\n")
     with open(live / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert remove_stale(out) == [dead]
@@ -99,3 +99,22 @@ def test_a_staging_folder_without_a_lock_is_removed_once_old(tmp_path, age, remo
     d.mkdir()
     os.utime(d, (time.time() - age, time.time() - age))
     assert (remove_stale(out) == [d]) is removed
+
+
+def test_a_lock_file_not_yet_locked_is_left_alone(tmp_path):
+    """Between creating `.lock` and locking it a run holds an empty lock file: young and empty means alive."""
+    d = tmp_path / f".edit.{STAGING}starting"
+    (d / "out").mkdir(parents=True)
+    (d / ".lock").write_text("")
+    assert remove_stale(tmp_path / "edit") == [] and d.is_dir()
+
+
+def test_a_previous_output_moved_aside_by_a_killed_run_is_put_back(tmp_path):
+    """Killed between moving the old output aside and renaming the new one in: the old one comes back."""
+    out = tmp_path / "edit"
+    d = tmp_path / f".edit.{STAGING}dead"
+    (d / "previous").mkdir(parents=True)
+    (d / "previous" / "adapter_model.safetensors").write_text("the previous result")
+    (d / ".lock").write_text("123\n")
+    assert remove_stale(out) == [d]
+    assert (out / "adapter_model.safetensors").read_text() == "the previous result"

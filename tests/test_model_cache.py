@@ -29,7 +29,7 @@ def test_a_killed_conversions_staging_folder_is_removed_by_the_next(tmp_path):
     """A conversion killed mid-write leaves `.tmp-*` with a partial model; its lock is free, so the next goes."""
     dead = tmp_path / "cache" / ".tmp-dead"
     dead.mkdir(parents=True)
-    (dead / ".lock").write_text("")
+    (dead / ".lock").write_text("123\n")  # its pid: the lock was taken, and released when the process died
     (dead / "model.safetensors").write_text("half")
     assert write_converted(tmp_path / "cache" / "gguf-x", lambda tmp: (tmp / "model.safetensors").write_text("whole"))
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["gguf-x"]

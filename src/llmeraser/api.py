@@ -18,7 +18,8 @@ import torch
 from .data import EditRequest, Record, load_records, load_request, records_from_rows, request_from_rows
 from .errors import InputError, NotConvergedError, NumericalError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
-from .modeling import adapter_state, check_adapter, check_base, load_adapter, load_base, resolve_device, write_adapter
+from .modeling import (adapter_state, check_adapter, check_base, fused_attention, load_adapter, load_base, resolve_device,
+                       write_adapter)
 from .recipes import recipe as recipe_settings
 from .report import UnlearnReport, peak_memory_mb
 from .settings import UnlearnSettings
@@ -58,12 +59,26 @@ def unlearn_model(model, tokenizer, records: Sequence, request: Sequence | EditR
     if settings is None:
         recipe = recipe or "default"
         settings = recipe_settings(recipe)
-    records = list(records) if records and isinstance(next(iter(records)), Record) else records_from_rows(records)
+    records = list(records)  # a generator is read once
+    if not (records and all(isinstance(r, Record) for r in records)):
+        records = records_from_rows(records)
     req = request if isinstance(request, EditRequest) else request_from_rows(request, records)
     if not any(p.requires_grad for p in model.parameters()):
         raise InputError("the model has no trainable tensors: load the adapter with "
                          "PeftModel.from_pretrained(base, folder, is_trainable=True)")
-    unl = Unlearner(model, tokenizer, records, settings, weight_decay=float(weight_decay))
+    # eval mode (no dropout in b or the curvature products) and eager attention (the products differentiate
+    # twice, which SDPA does not support), both restored afterwards
+    was_training = model.training
+    model.eval()
+    try:
+        with fused_attention(model, "eager"):
+            return _unlearn_model(model, tokenizer, records, req, float(weight_decay), settings, recipe, progress)
+    finally:
+        model.train(was_training)
+
+
+def _unlearn_model(model, tokenizer, records, req, weight_decay, settings, recipe, progress) -> UnlearnResult:
+    unl = Unlearner(model, tokenizer, records, settings, weight_decay=weight_decay)
     p = unl.problem
     if progress:
         print(f"llmeraser: n = {p.n} training samples, {len(req.edits)} edits {req.counts}", file=sys.stderr)
@@ -155,6 +170,11 @@ def unlearn(base: str, adapter: str | Path, data: str | Path, request: str | Pat
             t0 = time.perf_counter()
             with atomic_dir(out, overwrite, inputs) as tmp:
                 write_adapter(res.state_dict, adapter, tmp)
+                # the new adapter's training record: the recipe's L2 and the edited set's size, so that a later
+                # request on it checks its data by n (the edited data's bytes are the user's to write)
+                if record is not None:
+                    write_json(tmp / "train.json", {"arguments": record.arguments, "n": len(records) - rep.counts["remove"],
+                                                    "edited_from": str(record.path)})
                 rep.seconds["save"] = time.perf_counter() - t0
                 rep.peak_memory_mb = peak_memory_mb(device)
                 write_json(tmp / "unlearn.json", rep.to_dict())

@@ -330,7 +330,7 @@ class HessianOperator:
         if not torch.isfinite(out).all():
             raise NumericalError(
                 "the Hessian-vector product is not finite; check the adapter for NaN/Inf weights, "
-                "or use a larger --damping / --curvature ggn"
+                "or use a larger damping / curvature 'ggn'"
             )
         return out
 
@@ -389,5 +389,5 @@ class HessianOperator:
     def residual(self, x: torch.Tensor, b: torch.Tensor) -> float:
         r = float(torch.linalg.vector_norm(self.full(x) - b) / torch.linalg.vector_norm(b))
         if r != r or r == float("inf"):
-            raise NumericalError("the solver's residual is not finite; try a larger --damping or --curvature ggn")
+            raise NumericalError("the solver's residual is not finite; try a larger damping or curvature 'ggn'")
         return r

@@ -26,8 +26,6 @@ from .errors import InputError, NumericalError
 
 MARKER = ".llmeraser-output.json"
 STAGING = ".llmeraser-tmp-"
-# staging folders of llmeraser versions before MARKER; removed once old enough to be surely dead
-LEGACY_STAGING = (".tmp-", ".old-")
 # a staging folder without its lock file is stale only after this long (it may be between mkdir and lock)
 UNLOCKED_GRACE_S = 60.0
 # output files an llmeraser version before MARKER wrote; such a folder may be overwritten
@@ -134,20 +132,30 @@ def _check_creatable(out: Path, shown, flag: str) -> None:
         raise InputError(f"{flag} {shown}: cannot write in {ancestor} ({e.strerror}); choose a writable {flag}") from None
 
 
-def check_replaceable(out: Path, flag: str = "--out") -> None:
-    """Refuse to replace `out` unless llmeraser wrote everything in it."""
+def manifest(folder: Path) -> dict[str, str]:
+    """{relative path: SHA-256} of every file under `folder` but the marker."""
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*"))
+            if not p.is_dir() and p.name != MARKER}
+
+
+def check_replaceable(out: Path, flag: str = "--out", shown: Path | None = None) -> None:
+    """Refuse to replace `out` unless every file in it is one llmeraser wrote, unchanged since (by SHA-256)."""
+    shown = shown or out
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir())
     marker = out / MARKER
     if marker.is_file():
         try:
-            listed = set(json.loads(marker.read_text(encoding="utf-8"))["files"])
+            listed = json.loads(marker.read_text(encoding="utf-8"))["files"]
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             listed = None
-        extra = [f for f in files if f != MARKER and (listed is None or f not in listed)]
-        if not extra:
+        if not isinstance(listed, dict):
+            listed = {}
+        now = manifest(out)
+        changed = [f for f in files if f != MARKER and listed.get(f) != now.get(f)]
+        if not changed:
             return
-        raise InputError(f"--overwrite: {out} holds {extra[0]}, which llmeraser did not write there"
-                         + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        raise InputError(f"--overwrite: {shown} holds {changed[0]}, which llmeraser did not write there or which changed "
+                         "since" + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
                          + f"; move it out, or choose another {flag}")
     if _legacy_output(out, files):
         return
@@ -161,16 +169,26 @@ def _legacy_output(out: Path, files: list[str]) -> bool:
         return False
     for name in LEGACY_META:
         try:
-            if "llmeraser" in json.loads((out / name).read_text(encoding="utf-8")).get("versions", {}):
-                return True
-        except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+            meta = json.loads((out / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
             continue
+        # unlearn.json, train.json, baseline.json name llmeraser; an evaluate report.json has its own keys
+        if isinstance(meta, dict) and ("llmeraser" in (meta.get("versions") or {}) or
+                                       (name == "report.json" and {"methods", "splits", "request_sha256"} <= set(meta))):
+            return True
     return False
 
 
 def remove_stale(out: Path) -> list[Path]:
-    """Remove staging folders of runs for `out` that died (their lock is free); return what was removed."""
-    return remove_stale_in(out.parent, f".{out.name}.", (STAGING,) + LEGACY_STAGING)
+    """Remove staging folders of runs for `out` that died (their lock is free); return what was removed.
+
+    A run killed between moving the previous output aside and renaming the new one into place left
+    the previous output in its staging folder as `previous`: it is put back at `out` first."""
+    if out.parent.is_dir():
+        for p in out.parent.glob(f"{glob_escape(f'.{out.name}.{STAGING}')}*"):
+            if (p / "previous").is_dir() and not os.path.lexists(out) and _is_stale(p):
+                os.rename(p / "previous", out)
+    return remove_stale_in(out.parent, f".{out.name}.", (STAGING,))
 
 
 def remove_stale_in(parent: Path, prefix: str, kinds: tuple[str, ...]) -> list[Path]:
@@ -209,6 +227,12 @@ def glob_escape(name: str) -> str:
 
 def _is_stale(staging: Path) -> bool:
     lock = staging / ".lock"
+    try:
+        young = time.time() - staging.stat().st_mtime <= UNLOCKED_GRACE_S
+    except OSError:
+        return False
+    if lock.is_file() and lock.stat().st_size == 0 and young:
+        return False  # created, perhaps not yet locked: its run may be starting
     if lock.is_file() and fcntl is not None:
         try:
             with open(lock, "a") as f:
@@ -220,10 +244,7 @@ def _is_stale(staging: Path) -> bool:
                 return True
         except OSError:
             return False
-    try:
-        return time.time() - staging.stat().st_mtime > UNLOCKED_GRACE_S
-    except OSError:
-        return False
+    return not young
 
 
 def check_finite_safetensors(folder: Path) -> None:
@@ -261,14 +282,25 @@ def atomic_dir(out: str | Path, overwrite: bool = False, inputs: tuple = ()):
             work.mkdir()
             yield work
             check_finite_safetensors(work)
-            files = sorted(str(p.relative_to(work)) for p in work.rglob("*") if not p.is_dir())
-            write_json(work / MARKER, {"written_by": "llmeraser", "files": files})
-            if out.exists():
+            write_json(work / MARKER, {"written_by": "llmeraser", "files": manifest(work)})
+            previous = staging / "previous"
+            if os.path.lexists(out):
                 if not overwrite:
                     raise InputError(f"output folder {out} appeared while working; pass --overwrite to replace it")
-                check_replaceable(out)
-                os.rename(out, staging / "previous")
-            os.rename(work, out)
+                # moved aside first and checked there, so nothing written into it after the check is lost
+                os.rename(out, previous)
+                try:
+                    check_replaceable(previous, shown=out)
+                except BaseException:
+                    os.rename(previous, out)
+                    raise
+            try:
+                os.rename(work, out)
+            except OSError as e:
+                if previous.exists():
+                    os.rename(previous, out)
+                raise InputError(f"could not move the result into {out} ({e.strerror}); the folder there is as it "
+                                 "was, and nothing was written") from None
             done = True
     finally:
         if not done:

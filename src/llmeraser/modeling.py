@@ -394,7 +394,9 @@ def write_adapter(state: dict[str, torch.Tensor], src_dir: str | Path, dst_dir: 
         raise RuntimeError(f"internal: written keys differ from the input adapter's ({sorted(set(out) ^ set(saved))[:3]})")
     out = {k: v.to(saved[k].dtype if saved[k].dtype in (torch.float32, torch.float64) else torch.float32).contiguous()
            for k, v in out.items()}
+    # the adapter's other files (config, tokenizer, README); not its weights, pickles or records of how it was made
     for f in src_dir.iterdir():
-        if f.is_file() and f.name not in WEIGHT_FILES and f.name not in ("unlearn.json", MARKER):
+        if (f.is_file() and f.name not in WEIGHT_FILES + ("unlearn.json", "train.json", "baseline.json", MARKER)
+                and not f.name.endswith(PICKLE_SUFFIXES)):
             shutil.copy2(f, dst_dir / f.name)
     save_file(out, str(dst_dir / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -63,7 +63,7 @@ def zero_adapter(params: AdapterParams, theta: torch.Tensor) -> torch.Tensor:
     parts = params.unflatten(theta.clone())
     names = [n for n in params.names if ".lora_B." in n or n.endswith("lora_B.weight")]
     if not names:
-        raise InputError("--reset-removed, --anchor-kept and --curvature ggn-base need a LoRA adapter "
+        raise InputError("reset_removed, anchor_kept and curvature 'ggn-base' need a LoRA adapter "
                          "(no lora_B tensors found in Θ)")
     for n in names:
         parts[n].zero_()

@@ -53,9 +53,9 @@ class Problem:
         # batches evaluated many times (CG's, the line search's) skip the layers below the adapter's lowest
         self.objective.freeze_prefix(self.params.names)
         self.examples = [self.encode(r) for r in records]
-        # Σ∇L(old) at Θ̂ per request (by edited indices); another Problem of the same model and data may share it
         # Σ∇L(old) at Θ̂ per request (by edited indices); a Problem of the same model and data may share it
         self.old_grads: dict[tuple, torch.Tensor] = {}
+        self._sets: dict[int, EditSets] = {}
 
     @property
     def n(self) -> int:
@@ -63,11 +63,15 @@ class Problem:
         return len(self.records)
 
     def sets(self, request: EditRequest) -> EditSets:
-        edited = {e.index for e in request.edits}
-        return EditSets(request, [self.examples[e.index] for e in request.edits],
-                        [self.examples[e.index] for e in request.edits if e.op == "remove"],
-                        [x for i, x in enumerate(self.examples) if i not in edited],
-                        [self.encode(e.new) for e in request.edits if e.new is not None])
+        """The request's samples, encoded once per request object."""
+        if id(request) not in self._sets or self._sets[id(request)].request is not request:
+            edited = {e.index for e in request.edits}
+            self._sets[id(request)] = EditSets(
+                request, [self.examples[e.index] for e in request.edits],
+                [self.examples[e.index] for e in request.edits if e.op == "remove"],
+                [x for i, x in enumerate(self.examples) if i not in edited],
+                [self.encode(e.new) for e in request.edits if e.new is not None])
+        return self._sets[id(request)]
 
     def encode(self, record: Record):
         return encode(record, self.tokenizer, self.template, self.max_length)

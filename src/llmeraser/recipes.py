@@ -8,8 +8,6 @@ setting. Why each recipe is what it is: docs/recipes.md.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from .errors import InputError
 from .settings import UnlearnSettings
 from .solvers import SolverSettings
@@ -51,7 +49,14 @@ def recipe(name: str, **overrides) -> UnlearnSettings:
     if name not in RECIPES:
         raise InputError(f"--recipe {name!r}: unknown; choose one of {sorted(RECIPES)}")
     base = RECIPES[name]()
-    return replace(base, **overrides) if overrides else base
+    if not overrides:
+        return base
+    d = base.to_dict()
+    solver = overrides.pop("solver_settings", None)
+    d.update(overrides)
+    if solver is not None:
+        d["solver_settings"] = solver
+    return UnlearnSettings.from_dict(d, f"recipe {name!r} with overrides")
 
 
 # settings that live in SolverSettings but are set like the others (flags, overrides)
@@ -63,14 +68,16 @@ def resolve(name: str | None = None, config: dict | None = None, overrides: dict
 
     `config` is `settings.read_config`'s {"recipe", "settings"}: its recipe is used when `name` is None;
     its settings are a full or partial schema dict. `overrides` maps setting names (and 'tol',
-    'max_iters') to values. A recipe's damping grid needs CG: when an override picks another solver and
-    nothing but the recipe set the grid, the grid is dropped (the recorded settings say so)."""
+    'max_iters') to values. When an override sets the damping or another solver than CG (the grid needs
+    CG) and nothing but the recipe set a λ grid, the grid is dropped (the recorded settings say so)."""
     config = config or {"recipe": None, "settings": {}}
+    if not isinstance(config.get("recipe"), (str, type(None))):
+        raise InputError("--config: 'recipe' must be a recipe's name, e.g. \"default\"")
     name = name or config.get("recipe") or "default"
     merged = recipe(name).to_dict()
-    given = dict(config.get("settings") or {})
-    if not isinstance(given, dict):
+    if not isinstance(config.get("settings") or {}, dict):
         raise InputError("--config: 'settings' must be an object of setting names and values")
+    given = dict(config.get("settings") or {})
     solver_given = given.pop("solver_settings", None) or {}
     if not isinstance(solver_given, dict):
         raise InputError("--config: 'solver_settings' must be an object of solver setting names and values")
@@ -79,6 +86,7 @@ def resolve(name: str | None = None, config: dict | None = None, overrides: dict
     merged["solver_settings"] = {**merged["solver_settings"], **solver_given,
                                  **{k: overrides.pop(k) for k in SOLVER_KEYS if k in overrides}}
     merged.update(overrides)
-    if merged["solver"] != "cg" and "damping_grid" not in given and "damping_grid" not in overrides:
+    # a λ or a solver the user chose replaces the recipe's grid of λ, unless a grid was asked for too
+    if ("damping" in overrides or merged["solver"] != "cg") and "damping_grid" not in given and "damping_grid" not in overrides:
         merged["damping_grid"] = []
     return name, UnlearnSettings.from_dict(merged, "--config" if given else "settings")

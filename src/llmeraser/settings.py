@@ -21,7 +21,6 @@ from .render import TEMPLATES
 from .solvers import SOLVERS, SolverSettings
 
 CURVATURE_DATA = ("edited", "original")
-SCHEMA_VERSION = 1
 
 
 def _meta(help: str, flag: bool = False, **kw) -> dict:
@@ -87,6 +86,8 @@ class UnlearnSettings:
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} {getattr(self, name)!r}: must be one of {list(allowed)}")
         check_device(self.device)
+        if not isinstance(self.line_search, bool):
+            raise InputError(f"line_search {self.line_search!r}: give true or false")
         if not 0 <= self.damping < math.inf:
             raise InputError(f"damping {self.damping}: give a finite number >= 0")
         try:

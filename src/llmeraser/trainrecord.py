@@ -66,8 +66,3 @@ class TrainRecord:
             raise InputError(f"--data {data} has {n} records but {self.path} says the adapter was trained on {self.n}; "
                              "give the training data, or pass --allow-other-data if this is intended")
 
-
-def weight_decay_of(adapter_dir: str | Path) -> float:
-    """The training L2 coefficient recorded beside the adapter (0 without train.json)."""
-    record = TrainRecord.read(adapter_dir)
-    return record.weight_decay if record else 0.0

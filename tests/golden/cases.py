@@ -1,5 +1,7 @@
 """Golden results: Δ and key numbers of `Unlearner.delta` on the tiny float64 model, for every edit kind under
-every recipe and both main solvers, recorded before a refactor so a test can show the maths did not change.
+every recipe and both main solvers, plus paths the recipes do not reach, recorded before the redesign that split
+the Unlearner by stage, so a test can show the maths did not change. Every recorded Δ was computed (or recomputed
+and found equal bit for bit) by the pre-redesign code, commit bc0d2f1, from the settings dicts stored with it.
 
 Regenerate (only when the maths is meant to change, and say why in the commit):
     .venv/bin/python -m tests.golden.cases
@@ -40,11 +42,27 @@ def case_settings(recipe_name: str, solver: str) -> dict:
     return s
 
 
+def extra_cases() -> dict:
+    """Paths the recipes do not reach on 12 records: the kept anchor, the line search and the refinement on a
+    sample of the kept records (the control variate), a line-search sample of its own, Hessian Newton steps."""
+    cg = case_settings("default", "cg")
+    memorised = case_settings("memorised", "cg")
+    return {
+        "extra/anchor_kept": {**cg, "curvature": "ggn-base", "anchor_kept": 10.0, "reset_removed": 1.0},
+        "extra/control_variate": {**cg, "curvature_samples": 4},
+        "extra/line_search_samples": {**cg, "curvature_samples": 4, "line_search_samples": 7},
+        "extra/refine_on_a_sample": {**memorised, "curvature_samples": 4},
+        "extra/hessian_newton": {**cg, "curvature": "hessian", "damping_grid": [], "damping": 0.5, "newton_steps": 2},
+    }
+
+
 def cases():
     for kind in REQUESTS:
         for r in RECIPE_NAMES:
             for solver in SOLVER_NAMES:
                 yield f"{kind}/{r}/{solver}", kind, case_settings(r, solver)
+    for name, settings in extra_cases().items():
+        yield name, "mixed", settings
 
 
 def run_case(model, tok, records, kind: str, settings: dict, tmp: Path):
