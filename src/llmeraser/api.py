@@ -6,7 +6,6 @@ checked before any model is loaded, then the same path, then the new adapter wri
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .data import EditRequest, Record, load_records, load_request, records_from_rows, request_from_rows
+from .data import EditRequest, Record, load_records, load_request, records_from_rows, records_jsonl, request_from_rows
 from .errors import InputError, NotConvergedError, NumericalError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
 from .modeling import (adapter_state, check_adapter, check_base, fused_attention, load_adapter, load_base, resolve_device,
@@ -88,13 +87,11 @@ def _unlearn_model(model, tokenizer, records, req, weight_decay, settings, recip
     if not bool(torch.isfinite(theta).all()):
         raise NumericalError("the update is not finite; nothing was written. Try a larger damping or curvature ggn")
     truncated_new = sum(e.truncated for e in p.sets(req).new)
-    # a Newton step after the first stops at refine_iters by design when that is set: not a failure
-    short = [st for st in stage["steps"] if not st["converged"] and (st["step"] == 1 or not settings.refine_iters)]
-    rows = "".join(json.dumps(r.fields) + "\n" for r in records)
+    short = unconverged_steps(stage["steps"], settings)
     report = UnlearnReport(
         recipe=recipe, settings=settings.to_dict(),
         request={"path": req.path, "sha256": req.sha256, "edits": req.raw},
-        data={"path": None, "sha256": hashlib.sha256(rows.encode("utf-8")).hexdigest()},
+        data={"path": None, "sha256": hashlib.sha256(records_jsonl(records).encode("utf-8")).hexdigest()},
         n=p.n, affected=len(req.edits), counts=req.counts, parameters=p.params.numel,
         damping=unl.damping - p.weight_decay, damping_total=unl.damping, training_weight_decay=p.weight_decay,
         template=p.template, truncated_samples=sum(e.truncated for e in p.examples) + truncated_new,
@@ -108,6 +105,12 @@ def _unlearn_model(model, tokenizer, records, req, weight_decay, settings, recip
         print(f"llmeraser: warning: in Newton step {st['step']} the solver stopped at residual {st['final_residual']:.3g} "
               f"above tol {settings.solver_settings.tol} after {st['iterations']} iterations", file=sys.stderr)
     return UnlearnResult(None, delta, result, report, adapter_state(model, p.params, theta))
+
+
+def unconverged_steps(steps: list[dict], settings: UnlearnSettings) -> list[dict]:
+    """The Newton steps whose solve stopped above tol; a step after the first that stops at refine_iters does so
+    by design when that is set, and is not one of them."""
+    return [st for st in steps if not st["converged"] and (st["step"] == 1 or not settings.refine_iters)]
 
 
 def unlearn(base: str, adapter: str | Path, data: str | Path, request: str | Path, out: str | Path | None,
@@ -145,8 +148,9 @@ def unlearn(base: str, adapter: str | Path, data: str | Path, request: str | Pat
     record = TrainRecord.read(adapter)
     records = load_records(data)
     req = load_request(request, records)
+    data_sha256 = sha256_file(data)
     if record is not None and not allow_other_data:
-        record.check_data(data, sha256_file(data), len(records))
+        record.check_data(data, data_sha256, len(records))
     device = resolve_device(settings.device)
     base_model, tokenizer = model_and_tokenizer if model_and_tokenizer is not None else load_base(base, device)
     model = load_adapter(base_model, adapter)
@@ -156,11 +160,11 @@ def unlearn(base: str, adapter: str | Path, data: str | Path, request: str | Pat
                             settings=settings, recipe=recipe, progress=progress)
         rep = res.report
         rep.request["path"] = str(Path(request).resolve())
-        rep.data = {"path": str(Path(data).resolve()), "sha256": sha256_file(data)}
+        rep.data = {"path": str(Path(data).resolve()), "sha256": data_sha256}
         rep.adapter, rep.base = str(adapter.resolve()), base
         rep.seconds = {"load": t_load, **rep.seconds}
         if not rep.converged and not allow_unconverged:
-            st = next(st for st in rep.newton_steps if not st["converged"] and (st["step"] == 1 or not settings.refine_iters))
+            st = unconverged_steps(rep.newton_steps, settings)[0]
             raise NotConvergedError(
                 f"the solve did not converge (Newton step {st['step']}: residual {st['final_residual']:.3g} > tol "
                 f"{settings.solver_settings.tol} after {st['iterations']} iterations), so the update is not the influence "

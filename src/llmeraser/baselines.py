@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import Record, apply_request, load_records, load_request
+from .data import Record, apply_request, load_records, load_request, records_jsonl
 from .errors import InputError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
 from .modeling import adapter_weights_path, check_adapter, check_base, check_device, load_adapter, load_base, resolve_device
@@ -68,11 +68,6 @@ def train(base: str, data, out, settings: TrainSettings | None = None, overwrite
     finally:
         model.unload()  # give the caller its base model back unchanged
     return out
-
-
-def records_jsonl(records: list[Record]) -> str:
-    """Records as the JSONL text a user would write for them (their fields, one object a line)."""
-    return "".join(json.dumps(r.fields) + "\n" for r in records)
 
 
 def trained_with(adapter: str | Path, meta: str = "train.json", **expected) -> bool:

@@ -276,6 +276,11 @@ def _request(rows: list[tuple], records: list[Record], source: str, sha256: str)
     return EditRequest(edits, source, sha256, raw)
 
 
+def records_jsonl(records: list[Record]) -> str:
+    """Records as the JSONL text a user would write for them (their fields, one object a line)."""
+    return "".join(json.dumps(r.fields) + "\n" for r in records)
+
+
 def apply_request(records: list[Record], request: EditRequest) -> list[Record]:
     """The training data after the request: removed records dropped, edited ones replaced, order kept."""
     by_index = {e.index: e for e in request.edits}
