@@ -200,9 +200,9 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
         adapters[name] = baseline(name, base, original, data, request, work / name, BaselineSettings(steps=cfg.baseline_steps),
                                   overwrite=True, progress=progress, model_and_tokenizer=mt)
     say("evaluate")
-    report = evaluate(base, adapters, data, request, out / "report", test=inputs / "holdout.jsonl",
+    report = evaluate(base, adapters, data, request, out / "report",
                       EvaluateSettings(max_new_tokens=20, retain_samples=cfg.retain_samples, keep_samples=1000),
-                      overwrite=True, progress=progress, model_and_tokenizer=mt,
+                      test=inputs / "holdout.jsonl", overwrite=True, progress=progress, model_and_tokenizer=mt,
                       cache_dir=work / ".evaluation")  # a rerun evaluates only adapters whose weights changed
     cached["evaluation"] = sorted(n for n, m in report["methods"].items() if m.get("cached"))
     summary = summarise(report, customers, req_rows)
