@@ -208,7 +208,8 @@ def _evaluate_parser(sub):
     add_input_flags(p, None)
     p.add_argument("--adapter", required=True, action="append", metavar="NAME=FOLDER",
                    help="an adapter to evaluate; repeat. Name one 'retrain' and one 'original' for the comparisons")
-    p.add_argument("--test", default=None, help="held-out records (optional)")
+    p.add_argument("--test", default=None, help="held-out records no adapter was trained on (optional): the test split, "
+                   "and the non-members the membership-inference attacks tell the forget set from")
     _common(p, "folder for report.json, report.md and the plots (written atomically)", device=False)
     add_dataclass_flags(p.add_argument_group("settings"), EvaluateSettings)
     p.set_defaults(func=_run_evaluate)

@@ -6,7 +6,9 @@ Metrics per split: mean response NLL; for Yes./No. responses accuracy and ROC-AU
 log P(Yes.) − log P(No.) (the TALLRec metric); otherwise greedy generation scored with ROUGE-1/2/L
 and exact match. Against an adapter named ``retrain``: cosine and relative L2 distance of each
 adapter's change from the original, in parameter space and in merged ΔW = (α/r)·BA space, and the
-mean KL(retrain ‖ adapter) of next-token distributions on the forget and test samples.
+mean KL(retrain ‖ adapter) of next-token distributions on the forget and test samples. Privacy
+(`privacy.py`): membership-inference AUC of the forget set against the test set as non-members, leakage
+against retrain, and extraction of the forget set's answers.
 """
 
 from __future__ import annotations
