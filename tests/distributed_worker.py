@@ -20,8 +20,8 @@ sys.path.insert(0, str(HERE))
 # over several batches): CG with a λ grid and a line search; ggn-base with the reset term; the control variate;
 # the anchor; the stochastic solver (its mini-batch products replicated on every rank)
 CASES = {"mixed/default/cg": {"batch_size": 2}, "mixed/memorised/cg": {"batch_size": 4, "newton_steps": 1},
-         "extra/control_variate": {"batch_size": 2}, "extra/anchor_kept": {"batch_size": 4},
-         "mixed/paper/stochastic": {"batch_size": 4}}
+         "extra/control_variate": {"batch_size": 2}, "extra/anchor_kept": {"batch_size": 4, "damping_grid": []},
+         "mixed/default/stochastic": {"batch_size": 4}}
 # Newton refinement on a sample: its Δ moves by ~1e-8 with the order of summation in one process already
 REFINE = ("extra/refine_on_a_sample", {"batch_size": 2})
 TRAIN = ({"batch_size": 5, "grad_accum": 2, "weight_decay": 0.01, "lr": 0.01, "epochs": 1.0},  # shares of 3 and 2
@@ -93,7 +93,8 @@ def main(tiny: Path, out: Path) -> None:
     seen["unreduced"] = run_unlearner(model, tok, records, *next(iter(CASES.items())), tmp)["delta"]
     distributed.all_sum, distributed.all_sum_float = real
 
-    # the CLI: every rank computes, rank 0 alone checks the output folder and writes it
+    # the CLI: every rank computes, rank 0 alone checks the output folder, writes it and reports
+    print("--- cli ---", file=sys.stderr, flush=True)
     calls = []
     for module, name in ((api, "check_output_dir"), (api, "atomic_dir"), (baselines, "check_output_dir"),
                          (baselines, "atomic_dir")):
@@ -109,6 +110,7 @@ def main(tiny: Path, out: Path) -> None:
     seen["cli_exists"] = cli(["train", "--base", str(tiny / "base"), "--data", str(tiny / "train.jsonl"),
                               "--out", str(out / "outputs" / "trained"), "--device", "cpu", "--quiet"])
     seen["file_calls"] = calls
+    print("--- end ---", file=sys.stderr, flush=True)
 
     seen["train"] = [trained(tiny / "base", records, s) for s in TRAIN]
     torch.save(seen, out / f"rank{r}.pt")

@@ -1,40 +1,57 @@
-"""Two processes on gloo (torchrun) give one process's results: the same Δ to 1e-10 in float64 on both ranks,
-bit for bit between ranks, from about half the curvature products each; one output, written by rank 0; and
-data-parallel training equal to one process's on the same global batches (tests/distributed_worker.py)."""
+"""Two processes on gloo give one process's results: the same Δ to 1e-10 in float64 on both ranks, bit for bit
+between ranks, from about half the curvature products each; one output, written by rank 0; and data-parallel
+training equal to one process's on the same global batches (tests/distributed_worker.py).
+
+The ranks are forked from this process (torch.multiprocessing) with the environment torchrun gives its workers,
+so they join the group through the same `distributed.init_from_env` and skip importing torch again (a torchrun
+of the worker costs ~20 s more here). `benchmarks/distributed.py` runs the real `torchrun -m llmeraser unlearn`."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
+import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
-from distributed_worker import CASES, REFINE, TRAIN, run_unlearner, trained
+from distributed_worker import CASES, REFINE, TRAIN, main, run_unlearner, trained
 from helpers import write_jsonl
 
-HERE = Path(__file__).parent
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_process(r: int, port: int, tiny: Path, out: Path) -> None:
+    """One rank, with the variables torchrun sets (and one thread, as torchrun's OMP_NUM_THREADS=1 gives)."""
+    os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    with open(out / f"stderr{r}.txt", "w") as sys.stderr:  # what each rank tells the user
+        main(tiny, out)
 
 
 @pytest.fixture(scope="module")
 def ranks(tiny_dir, tmp_path_factory):
-    """What each of the two ranks saw (rank0.pt, rank1.pt), and the folder the CLI wrote its outputs in."""
-    import llmeraser
-
+    """What each of the two ranks saw (rank0.pt, rank1.pt) and the folder the CLI wrote its outputs in."""
     out = tmp_path_factory.mktemp("dist")
     write_jsonl(out / "request.jsonl", [{"op": "remove", "id": "r1"},
                                         {"op": "correct_response", "id": "r4", "new": {"response": "1234"}}])
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(llmeraser.__file__).parents[1]), str(HERE), os.environ.get("PYTHONPATH", "")])}
-    # --standalone: a rendezvous on localhost at a free port
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(HERE / "distributed_worker.py"), str(tiny_dir), str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)], out, proc
+    ctx = mp.start_processes(rank_process, args=(free_port(), tiny_dir, out), nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:  # a hung collective fails the test instead of the suite
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the two ranks did not finish in 300 s")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)], out
 
 
 @pytest.fixture
@@ -69,7 +86,7 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-10) -> bool:
 
 @pytest.mark.parametrize("name", CASES)
 def test_two_ranks_give_the_single_process_delta(ranks, single, name):
-    (r0, r1), _, _ = ranks
+    (r0, r1), _ = ranks
     one = single[name]["delta"]
     assert float(one.abs().max()) > 0
     assert torch.equal(r0["cases"][name]["delta"], r1["cases"][name]["delta"])  # identical on both ranks
@@ -80,7 +97,7 @@ def test_two_ranks_give_the_single_process_delta(ranks, single, name):
 def test_two_ranks_refine_within_the_single_process_rounding(ranks, single):
     """Newton steps amplify rounding: one process's Δ moves by ~1e-8 when only its batches change (the same
     sums in another order). Two ranks (another order again) stay within that."""
-    (r0, r1), _, _ = ranks
+    (r0, r1), _ = ranks
     name = REFINE[0]
     one, two = single[name]["delta"], r0["cases"][name]["delta"]
     assert torch.equal(two, r1["cases"][name]["delta"])
@@ -90,7 +107,7 @@ def test_two_ranks_refine_within_the_single_process_rounding(ranks, single):
 
 
 def test_each_rank_does_half_the_curvature_products(ranks, single):
-    (r0, r1), _, _ = ranks
+    (r0, r1), _ = ranks
     name = next(iter(CASES))  # CG over 11 edited samples in batches of 2: 6 batches a product, 3 on each rank
     one = single[name]["hvps"]
     assert r0["cases"][name]["hvps"] == r1["cases"][name]["hvps"] == one // 2
@@ -100,13 +117,13 @@ def test_each_rank_does_half_the_curvature_products(ranks, single):
 
 def test_without_the_all_reduce_the_ranks_disagree(ranks, single):
     """The check above can fail: each rank solving on its own half gives neither the right Δ nor the same one."""
-    (r0, r1), _, _ = ranks
+    (r0, r1), _ = ranks
     one = single[next(iter(CASES))]["delta"]
     assert not close(r0["unreduced"], one) and not torch.equal(r0["unreduced"], r1["unreduced"])
 
 
 def test_only_rank_0_touches_the_output_folder(ranks):
-    (r0, r1), out, _ = ranks
+    (r0, r1), out = ranks
     assert r0["cli_unlearn"] == r1["cli_unlearn"] == 0 and r0["cli_train"] == r1["cli_train"] == 0
     assert r0["file_calls"] == ["check_output_dir", "atomic_dir", "check_output_dir", "atomic_dir", "check_output_dir"]
     assert r1["file_calls"] == []
@@ -118,14 +135,16 @@ def test_only_rank_0_touches_the_output_folder(ranks):
 
 
 def test_an_error_on_rank_0_reaches_every_rank(ranks):
-    (r0, r1), _, proc = ranks
+    (r0, r1), out = ranks
     assert r0["cli_exists"] == r1["cli_exists"] == 2  # the existing --out: an InputError on both, no hang
-    assert proc.stderr.count("already exists") == 1  # said once, by rank 0
+    said = [(out / f"stderr{r}.txt").read_text().split("--- cli ---\n")[1].split("--- end ---")[0] for r in (0, 1)]
+    assert "already exists" in said[0] and "Loading weights" in said[0]
+    assert said[1] == ""  # rank 1 says nothing: no error, no warning, no progress bar
 
 
 @pytest.mark.parametrize("i", range(len(TRAIN)))
 def test_data_parallel_training_equals_one_process(ranks, tiny_dir, tiny64, one_thread, i):
-    (r0, r1), _, _ = ranks
+    (r0, r1), _ = ranks
     one = trained(tiny_dir / "base", tiny64[2], TRAIN[i])
     assert torch.equal(r0["train"][i], r1["train"][i])
     assert close(r0["train"][i], one)

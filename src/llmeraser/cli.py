@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     # rank 0 alone reports; the others say only what stops them
     logging.basicConfig(level=logging.WARNING if distributed.is_main() else logging.ERROR, format="llmeraser: %(message)s")
     if not distributed.is_main():
+        _silence()
         args.quiet = True
     try:
         return args.func(args)
@@ -288,6 +289,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if created:
             distributed.shutdown()
+
+
+def _silence() -> None:
+    """A rank other than 0 draws no bar and repeats no warning: rank 0 shows the user the same ones."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore")
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 if __name__ == "__main__":
