@@ -169,10 +169,20 @@ def llmeraser_settings(sizes: Sizes, solver: str) -> UnlearnSettings:
                                                                power_iters=2 if is_quick(sizes) else 4), **overrides)
 
 
+def recipe_for(model) -> dict:
+    """RECIPE with LoRA on the top half of this model's decoder layers (SmolLM2: 15-29 of 30; Gemma 3 270M: 9-17 of 18)."""
+    if model is None:  # no model loaded (tests of the bookkeeping): SmolLM2's
+        return RECIPE
+    layers = model.config.num_hidden_layers
+    return {**RECIPE, "layers": tuple(range(layers // 2, layers))}
+
+
 class Runner:
-    def __init__(self, data_root: Path, work: Path, results: Path, sizes: Sizes, mt, progress: bool = True):
+    def __init__(self, data_root: Path, work: Path, results: Path, sizes: Sizes, mt, progress: bool = True,
+                 base: str = "smollm2", solvers: tuple[str, ...] = ("cg", "stochastic")):
         self.root, self.work, self.results, self.sizes, self.mt, self.progress = data_root, work, results, sizes, mt, progress
-        self.recipe = TrainSettings(epochs=sizes.epochs, max_length=sizes.max_length, **RECIPE)
+        self.base, self.solvers = base, solvers
+        self.recipe = TrainSettings(epochs=sizes.epochs, max_length=sizes.max_length, **recipe_for(mt[0] if mt else None))
 
     def say(self, msg):
         print(f"[paper {time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -182,7 +192,7 @@ class Runner:
         if trained_with(out, arguments=self.recipe.to_dict(), data_sha256=sha256_file(data)):
             self.say(f"reusing {out} (same recipe and data)")
             return out
-        train("smollm2", data, out, self.recipe, overwrite=True, progress=self.progress, model_and_tokenizer=self.mt)
+        train(self.base, data, out, self.recipe, overwrite=True, progress=self.progress, model_and_tokenizer=self.mt)
         return out
 
     def retrain(self, original: Path, data: Path, request: Path, out: Path) -> Path:
@@ -190,7 +200,7 @@ class Runner:
                         original_data=str(data.resolve())):
             self.say(f"reusing {out} (same recipe, data and request)")
             return out
-        return baseline("retrain", "smollm2", original, data, request, out, overwrite=True, progress=self.progress,
+        return baseline("retrain", self.base, original, data, request, out, overwrite=True, progress=self.progress,
                         model_and_tokenizer=self.mt)
 
     def edit(self, name: str, trained_rows, clean_rows, req_rows, test_rows, cheap: str) -> dict:
@@ -214,29 +224,29 @@ class Runner:
         self.say(f"{name}: retrain")
         adapters["retrain"] = self.retrain(original, data, request, d / "retrain")
         runs = {}
-        for solver in ("cg", "stochastic"):
+        for solver in self.solvers:
             self.say(f"{name}: llmeraser ({solver})")
             with PeakMemory() as mem:
-                res = unlearn("smollm2", original, data, request, d / f"llmeraser-{solver}", llmeraser_settings(s, solver),
+                res = unlearn(self.base, original, data, request, d / f"llmeraser-{solver}", llmeraser_settings(s, solver),
                               overwrite=True, progress=self.progress, model_and_tokenizer=self.mt, allow_unconverged=True)
             runs[solver] = {**res.meta, "stage_peak_mb": mem.peak_mb}
             adapters[f"llmeraser-{solver}"] = res.out
-        if name == "IR":  # the memory-lean setting: the same maths, so only its cost and its distance to cg are recorded
+        if name == "IR" and "cg" in self.solvers and "stochastic" in self.solvers:  # the memory-lean setting: the same maths, so only its cost and its distance to cg are recorded
             self.say(f"{name}: llmeraser (cg, --cache-batches 0)")
             lean = replace(llmeraser_settings(s, "cg"), cache_batches=0)
             with PeakMemory() as mem:
-                res = unlearn("smollm2", original, data, request, d / "llmeraser-cg-lean", lean,
+                res = unlearn(self.base, original, data, request, d / "llmeraser-cg-lean", lean,
                               overwrite=True, progress=self.progress, model_and_tokenizer=self.mt, allow_unconverged=True)
             runs["cg, --cache-batches 0"] = {**res.meta, "stage_peak_mb": mem.peak_mb,
                                              "relative_distance_to_cg": adapter_distance(res.out, adapters["llmeraser-cg"])}
         self.say(f"{name}: {cheap}")
-        adapters[cheap] = baseline(cheap, "smollm2", original, data, request, d / cheap, BaselineSettings(steps=s.baseline_steps),
+        adapters[cheap] = baseline(cheap, self.base, original, data, request, d / cheap, BaselineSettings(steps=s.baseline_steps),
                                    overwrite=True, progress=self.progress, model_and_tokenizer=self.mt)
         self.say(f"{name}: evaluate")
         metrics = self.metrics(adapters, data, request, test, d / "report", s.max_new_tokens if name == "RC-gen" else 4)
         retrain_s = json.loads((adapters["retrain"] / "train.json").read_text())["seconds"]
         result = {
-            "scenario": name, "sizes": asdict(s), "recipe": self.recipe.to_dict(), "seed": SEED,
+            "scenario": name, "base": self.base, "sizes": asdict(s), "recipe": self.recipe.to_dict(), "seed": SEED,
             "n": len(trained_rows), "edits": len(req_rows), "test": len(test_rows),
             "metrics": metrics,
             "llmeraser": {solver: self.cost_row(meta, retrain_s, train_peak) for solver, meta in runs.items()},
@@ -249,11 +259,11 @@ class Runner:
     def metrics(self, adapters: dict, data: Path, request: Path, test: Path, out: Path, max_new: int) -> dict:
         """Each adapter's metrics on the forget, corrected, retained (a sample) and test sets."""
         s = self.sizes
-        report = evaluate("smollm2", adapters, data, request, out,
+        report = evaluate(self.base, adapters, data, request, out,
                           EvaluateSettings(max_new_tokens=max_new, max_length=s.max_length, retain_samples=s.retain_eval,
                                            keep_samples=3),
                           test=test, overwrite=True, progress=self.progress, model_and_tokenizer=self.mt)
-        metrics = {m: {k: v for k, v in r.items() if k in ("forget", "forget_new", "retain", "test", "vs_retrain")}
+        metrics = {m: {k: v for k, v in r.items() if k in ("forget", "forget_new", "retain", "test", "vs_retrain", "privacy")}
                    for m, r in report["methods"].items()}
         for m in metrics.values():  # generated samples make the file long and say little here
             for split in m.values():
@@ -378,7 +388,7 @@ class Runner:
             train_peak = self.probe(original, rows, products=False)["gradient_peak_mb"]
             self.say(f"scaling: n = {n}: llmeraser (cg)")
             with PeakMemory() as mem:
-                res = unlearn("smollm2", original, data, request, d / "llmeraser-cg", llmeraser_settings(self.sizes, "cg"),
+                res = unlearn(self.base, original, data, request, d / "llmeraser-cg", llmeraser_settings(self.sizes, "cg"),
                               overwrite=True, progress=self.progress, model_and_tokenizer=self.mt, allow_unconverged=True)
             self.say(f"scaling: n = {n}: retrain")
             retrain = self.retrain(original, data, request, d / "retrain")

@@ -53,6 +53,14 @@ def parse(argv=None):
     ap.add_argument("--data-root", type=Path, default=DEFAULT_DATA, help=f"folder with tallrec-book/, tallrec-movie/, dialogsum/ (default: {DEFAULT_DATA})")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder for adapters and splits (default: benchmarks/work/paper or work/quick)")
     ap.add_argument("--results", type=Path, default=None, help="where result files go (default: benchmarks/results, or work/quick/results with --quick)")
+    ap.add_argument("--base", choices=("smollm2", "gemma3-270m"), default="smollm2",
+                    help="model family (default: smollm2). Another base gets its own --work and --results folders, "
+                         "work/paper/BASE and results/BASE; LoRA goes on the top half of its layers")
+    ap.add_argument("--solvers", nargs="+", choices=("cg", "stochastic"), default=["cg", "stochastic"],
+                    help="llmeraser's solvers to run (default: both)")
+    ap.add_argument("--n-train", type=size, default=None,
+                    help="training samples of the IR, QM and RC scenarios (default: the suite's); another value gets its "
+                         "own folders, work/paper/nN and results/nN")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return ap.parse_args(argv)
 
@@ -79,9 +87,14 @@ def plan(args, sizes):
     folders of its own: the cached adapters are reused by recipe, and results/ holds the suite's own run."""
     if args.scaling_n:
         sizes = replace(sizes, scaling_n=tuple(args.scaling_n))
-    tag = ""
+    tags = [] if getattr(args, "base", "smollm2") == "smollm2" else [args.base]
     if args.epochs is not None and args.epochs != sizes.epochs:
-        sizes, tag = replace(sizes, epochs=args.epochs), f"epochs{args.epochs:g}"
+        sizes = replace(sizes, epochs=args.epochs)
+        tags.append(f"epochs{args.epochs:g}")
+    if getattr(args, "n_train", None) and args.n_train != sizes.n_train:
+        sizes = replace(sizes, n_train=args.n_train)
+        tags.append(f"n{args.n_train}")
+    tag = "-".join(tags)
     work = args.work or HERE / "work" / ("quick" if args.quick else "paper") / tag
     if args.results:
         results = args.results
@@ -105,8 +118,9 @@ def main(argv=None) -> int:
     sizes, work, results = plan(args, QUICK if args.quick else FULL)
     results.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    mt = load_base("smollm2", "cpu")
-    runner = Runner(args.data_root.resolve(), work, results, sizes, mt, progress=not args.no_progress)
+    mt = load_base(args.base, "cpu")
+    runner = Runner(args.data_root.resolve(), work, results, sizes, mt, progress=not args.no_progress, base=args.base,
+                    solvers=tuple(args.solvers))
     timings = {}
     for name in args.scenarios:
         t = time.perf_counter()
@@ -114,7 +128,7 @@ def main(argv=None) -> int:
         timings[name] = time.perf_counter() - t
         runner.say(f"{name} done in {timings[name]:.0f}s")
     (results / "paper.md").write_text(render(results))
-    record_run(results / "run.json", {"quick": args.quick, "scenarios": args.scenarios, "scaling_n": list(sizes.scaling_n),
+    record_run(results / "run.json", {"quick": args.quick, "base": args.base, "scenarios": args.scenarios, "scaling_n": list(sizes.scaling_n),
                                       "seconds": timings, "seconds_total": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d")})
     print(render(results))
     print(f"results in {results}; total {time.perf_counter() - t0:.0f}s")

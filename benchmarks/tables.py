@@ -41,6 +41,20 @@ def fidelity(r: dict) -> list[str]:
     return lines
 
 
+def privacy(r: dict) -> list[str]:
+    """Membership inference on the forget set against the test set, and leakage against retrain (llmeraser.privacy)."""
+    m = {name: x["privacy"] for name, x in r["metrics"].items() if "auc" in x.get("privacy", {})}
+    if not m:
+        return []
+    attacks = list(next(iter(m.values()))["auc"])
+    lines = [f"| {r['scenario']} privacy | " + " | ".join(f"MIA AUC {a}" for a in attacks) + " | "
+             + " | ".join(f"leakage {a}" for a in attacks) + " |", "| --- " * (2 * len(attacks) + 1) + "|"]
+    for name, p in m.items():
+        lines.append(f"| {name} | " + " | ".join(_f(p["auc"][a]) for a in attacks) + " | "
+                     + " | ".join(_f(p.get("leakage", {}).get(a)) for a in attacks) + " |")
+    return lines + [""]
+
+
 def recovered(m: dict, name: str, split: str, key: str) -> float:
     """(method − corrupted) / (retrain − corrupted) for one metric."""
     orig, ret = m["original"][split][key], m["retrain"][split][key]
@@ -215,7 +229,9 @@ def render(folder: Path) -> str:
         p = folder / f"{name}.json"
         if p.is_file():
             r = json.loads(p.read_text())
-            out += [f"### {name} (n = {r['n']}, {r['edits']} edits, test {r['test']}; {r['date']})", ""] + fidelity(r) + [""] + cost(r) + [""]
+            base = f"{r['base']}, " if r.get("base", "smollm2") != "smollm2" else ""
+            out += [f"### {name} ({base}n = {r['n']}, {r['edits']} edits, test {r['test']}; {r['date']})", ""] + fidelity(r) + [""]
+            out += privacy(r) + cost(r) + [""]
     p = folder / "scaling.json"
     if p.is_file():
         r = json.loads(p.read_text())

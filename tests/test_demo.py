@@ -30,6 +30,11 @@ def test_demo_request_is_valid_and_has_every_kind(tmp_path):
     query = next(e for e in req.edits if e.op == "modify_query")
     assert customers[2].account in query.old.sides()[0][-1]["content"]
     assert customers[2].account not in query.new.sides()[0][-1]["content"]
+    # the non-members for membership inference: other customers, the same questions, as many records
+    holdout = load_records(tmp_path / "holdout.jsonl")
+    trained = {c.name for c in customers}
+    assert len(holdout) == len(load_records(tmp_path / "data.jsonl"))
+    assert not any(name in r.sides()[1] or name in r.sides()[0][-1]["content"] for r in holdout for name in trained)
 
 
 def test_demo_wiring_on_tiny_model(trainable_dir, tmp_path, capsys):
@@ -39,9 +44,11 @@ def test_demo_wiring_on_tiny_model(trainable_dir, tmp_path, capsys):
     assert set(summary) == {"original", "llmeraser", "retrain", "gradient-ascent", "finetune-corrected"}
     for s in summary.values():
         assert {"forget_nll", "removed_field_reproduced", "removed_phone_reproduced", "removed_likes_reproduced",
-                "corrected_answer_produced", "retain_field_accuracy"} <= set(s)
+                "corrected_answer_produced", "retain_field_accuracy", "mia_auc", "privacy_leakage"} <= set(s)
+        assert 0.0 <= s["mia_auc"] <= 1.0
+    assert summary["retrain"]["privacy_leakage"] == 0.0
     printed = capsys.readouterr().out
-    assert "phone number?" in printed and "| llmeraser |" in printed
+    assert "phone number?" in printed and "| llmeraser |" in printed and "privacy leakage" in printed
     saved = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     others = ("original", "retrain", "gradient-ascent", "finetune-corrected")
     assert saved["cached"] == {**dict.fromkeys(others, False), "evaluation": []}

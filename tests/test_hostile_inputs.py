@@ -55,7 +55,7 @@ def no_compute(monkeypatch):
 
     monkeypatch.setattr("llmeraser.unlearner.Unlearner.delta", boom)
     monkeypatch.setattr("llmeraser.baselines.train_lora", boom)
-    monkeypatch.setattr("llmeraser.evaluate.AdapterEval.nll_and_log_probs", boom)
+    monkeypatch.setattr("llmeraser.evaluate.AdapterEval.scored", boom)
 
 
 def unlearn_args(p, out, *extra, adapter=None, data=None, request=None, base=None):

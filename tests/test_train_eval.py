@@ -6,12 +6,11 @@ import random
 
 import pytest
 import torch
-from rouge_score import rouge_scorer
 from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 
 from llmeraser.cli import main
-from llmeraser.metrics import roc_auc, rouge_l, rouge_n
+from llmeraser.metrics import roc_auc, rouge
 
 from helpers import write_jsonl
 
@@ -86,16 +85,18 @@ def test_paired_bootstrap_interval_of_a_difference():
     assert point == pytest.approx(1.0 - 0.0) and lo == hi == pytest.approx(1.0)  # every defined resample: 1 − 0
 
 
-def test_rouge_matches_rouge_score_package():
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
-    pairs = [("#Person1# asks the doctor about breathing trouble.", "Person1 has trouble breathing, asks doctor."),
-             ("The cat sat on the mat.", "the cat sat on a mat"), ("Yes.", "No."), ("a b c d", "d c b a"),
-             ("Alma Berg's phone number is 555-0123.", "Alma Berg's phone number is 555-0124.")]
-    for ref, hyp in pairs:
-        want = scorer.score(ref, hyp)
-        assert rouge_n(ref, hyp, 1) == pytest.approx(want["rouge1"].fmeasure)
-        assert rouge_n(ref, hyp, 2) == pytest.approx(want["rouge2"].fmeasure)
-        assert rouge_l(ref, hyp) == pytest.approx(want["rougeL"].fmeasure)
+def test_rouge_is_stemmed_f1():
+    """F1 of clipped n-gram overlap (ROUGE-1/2) and of the longest common subsequence (ROUGE-L), on stemmed,
+    lower-cased word tokens: hand-counted cases."""
+    # 5 of 6 unigrams shared ("the" twice in the reference, once in the hypothesis): P = R = 5/6
+    got = rouge("The cat sat on the mat.", "the cat sat on a mat")
+    assert got["rouge1"] == pytest.approx(5 / 6)
+    assert got["rouge2"] == pytest.approx(3 / 5)  # the cat, cat sat, sat on of 5 bigrams each
+    assert got["rougeL"] == pytest.approx(5 / 6)  # the cat sat on … mat
+    # the stemmer: "runs"/"running" and "dogs"/"dog" are one token each
+    assert rouge("dogs running", "dog runs")["rouge1"] == pytest.approx(1.0)
+    assert rouge("a b c d", "d c b a")["rougeL"] == pytest.approx(1 / 4)
+    assert rouge("Yes.", "No.") == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
 
 
 def test_evaluate_report(trainable_dir, trained, tmp_path):
@@ -132,8 +133,16 @@ def test_evaluate_report(trainable_dir, trained, tmp_path):
     # removal raises the forget NLL for both removal methods
     nll = {n: m["forget"]["nll"] for n, m in report["methods"].items()}
     assert nll["llmeraser"] > nll["original"] and nll["gradient-ascent"] > nll["original"]
-    for f in ("report.md", "metrics.png", "residual_llmeraser.png"):
+    for f in ("report.md", "metrics.png", "residual_llmeraser.png", "privacy.png"):
         assert (tmp_path / "report" / f).is_file()
+    # privacy: every attack's AUC against the test set's non-members, leakage against retrain (0 for itself)
+    for name, m in report["methods"].items():
+        p = m["privacy"]
+        assert set(p["auc"]) == set(p["leakage"]) == {"loss", "zlib", "min_k", "min_k_pp"}
+        assert p["n_members"] == m["forget"]["n"] and p["n_nonmembers"] == 1
+        assert 0 <= p["exact_memorisation"] <= 1 and p["longest_run_chars"] >= 0
+    assert all(v == 0.0 for v in report["methods"]["retrain"]["privacy"]["leakage"].values())
+    assert "MIA AUC min_k_pp" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_evaluate_retain_samples(tiny_dir, tmp_path, capsys):
@@ -220,9 +229,9 @@ def test_batched_generation_matches_one_at_a_time(trainable_dir):
     assert batched == alone and len(set(alone)) > 1
 
 
-def test_nll_and_log_probs_from_one_pass_match_each_record_alone(trainable_dir):
-    """The shared forward's NLLs and its log-probs of the first `keep` records (across a batch boundary)
-    are what scoring each record on its own gives."""
+def test_scored_from_one_pass_matches_each_record_alone(trainable_dir):
+    """The shared forward's NLLs, its log-probs of the first `keep` records (across a batch boundary) and its
+    per-token privacy statistics are what scoring each record on its own gives."""
     from llmeraser.data import load_records
     from llmeraser.evaluate import AdapterEval
     from llmeraser.modeling import load_adapter
@@ -232,11 +241,17 @@ def test_nll_and_log_probs_from_one_pass_match_each_record_alone(trainable_dir):
     model, tok = load_tiny(trainable_dir / "base")
     ev = AdapterEval(load_adapter(model, trainable_dir / "adapter"), tok, "chat", batch_size=4)
     records = load_records(trainable_dir / "train.jsonl")[:7]
-    nll, lp = ev.nll_and_log_probs(records, 5)
-    alone = [ev.nll_and_log_probs([r], 1) for r in records]
+    nll, lp, stats = ev.scored(records, 5, stats=True)
+    alone = [ev.scored([r], 1, stats=True) for r in records]
     assert nll == pytest.approx([a[0][0] for a in alone], rel=1e-5)
     assert torch.allclose(lp, torch.cat([a[1] for a in alone[:5]]), atol=1e-5)
-    assert ev.nll_and_log_probs(records, 0)[1] is None
+    for s, a in zip(stats, alone):
+        one = a[2][0]
+        assert torch.allclose(s.log_p, one.log_p, atol=1e-5) and torch.allclose(s.z, one.z, atol=1e-4)
+        assert torch.equal(s.hit, one.hit)
+        # the mean NLL is the mean of the tokens' −log p
+        assert float(-s.log_p.double().mean()) == pytest.approx(a[0][0], rel=1e-5)
+    assert ev.scored(records, 0)[1] is None and ev.scored(records, 0)[2] is None
 
 
 def test_fused_attention_is_sdpa_inside_and_eager_after(tiny64):

