@@ -1,6 +1,7 @@
-"""One rank of tests/test_distributed.py, started by torchrun (2 processes, gloo): runs the golden cases'
-Unlearner, the same with the all-reduce switched off, the CLI's `unlearn` and `train`, and data-parallel
-training, and saves what it saw to OUT/rank{r}.pt for the test to compare with one process.
+"""One rank of tests/test_distributed.py (2 processes, gloo): runs the golden cases' Unlearner, the same with the
+all-reduce switched off, the CLI's `unlearn` and `train`, and data-parallel training, and saves what it saw to
+OUT/rank{r}.pt for the test to compare with one process. The test forks the ranks with torchrun's environment;
+torchrun itself runs it the same way (OUT must hold request.jsonl):
 
     torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py TINY_DIR OUT
 """
