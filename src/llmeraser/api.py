@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .data import EditRequest, Record, load_records, load_request, records_from_rows, records_jsonl, request_from_rows
 from .errors import InputError, NotConvergedError, NumericalError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
@@ -69,6 +70,7 @@ def unlearn_model(model, tokenizer, records: Sequence, request: Sequence | EditR
     # twice, which SDPA does not support), both restored afterwards
     was_training = model.training
     model.eval()
+    progress = progress and distributed.is_main()  # with several processes rank 0 alone draws and prints
     try:
         with fused_attention(model, "eager"):
             return _unlearn_model(model, tokenizer, records, req, float(weight_decay), settings, recipe, progress)
@@ -101,7 +103,7 @@ def _unlearn_model(model, tokenizer, records, req, weight_decay, settings, recip
         rhs_norm=stage["rhs_norm"], newton_steps=stage["steps"], reset_removed=stage.get("reset_removed"),
         delta_norm=float(delta.norm()), theta_norm=float(p.theta_hat.norm()), converged=not short,
         seconds={"b": stage["b"], "solve": stage["solve"]}, peak_memory_mb=peak_memory_mb(p.device))
-    for st in short:
+    for st in short if distributed.is_main() else ():
         print(f"llmeraser: warning: in Newton step {st['step']} the solver stopped at residual {st['final_residual']:.3g} "
               f"above tol {settings.solver_settings.tol} after {st['iterations']} iterations", file=sys.stderr)
     return UnlearnResult(None, delta, result, report, adapter_state(model, p.params, theta))
@@ -136,8 +138,8 @@ def unlearn(base: str, adapter: str | Path, data: str | Path, request: str | Pat
     """
     adapter = Path(adapter)
     inputs = (adapter, data, request, base)
-    if out is not None:
-        out = check_output_dir(out, overwrite, inputs=inputs)
+    if out is not None:  # rank 0 alone checks (and clears stale staging folders); the others get its answer
+        out = distributed.on_main(lambda: check_output_dir(out, overwrite, inputs=inputs))
     t_start = time.perf_counter()
     if settings is None:
         recipe = recipe or "default"
@@ -171,17 +173,22 @@ def unlearn(base: str, adapter: str | Path, data: str | Path, request: str | Pat
                 f"estimate and nothing was written{' to ' + str(out) if out is not None else ''}. Raise --max-iters or "
                 "--damping, or pass --allow-unconverged to write it anyway (unlearn.json then records converged: false)")
         if out is not None:
-            t0 = time.perf_counter()
-            with atomic_dir(out, overwrite, inputs) as tmp:
-                write_adapter(res.state_dict, adapter, tmp)
-                # the new adapter's training record: the recipe's L2 and the edited set's size, so that a later
-                # request on it checks its data by n (the edited data's bytes are the user's to write)
-                if record is not None:
-                    write_json(tmp / "train.json", {"arguments": record.arguments, "n": len(records) - rep.counts["remove"],
-                                                    "edited_from": str(record.path)})
-                rep.seconds["save"] = time.perf_counter() - t0
-                rep.peak_memory_mb = peak_memory_mb(device)
-                write_json(tmp / "unlearn.json", rep.to_dict())
+            def write():
+                t0 = time.perf_counter()
+                with atomic_dir(out, overwrite, inputs) as tmp:
+                    write_adapter(res.state_dict, adapter, tmp)
+                    # the new adapter's training record: the recipe's L2 and the edited set's size, so that a later
+                    # request on it checks its data by n (the edited data's bytes are the user's to write)
+                    if record is not None:
+                        write_json(tmp / "train.json", {"arguments": record.arguments, "n": len(records) - rep.counts["remove"],
+                                                        "edited_from": str(record.path)})
+                    rep.seconds["save"] = time.perf_counter() - t0
+                    rep.peak_memory_mb = peak_memory_mb(device)
+                    write_json(tmp / "unlearn.json", rep.to_dict())
+                return rep.seconds["save"], rep.peak_memory_mb
+
+            # with several processes every rank holds the same ΔΘ; rank 0 writes it while the others wait
+            rep.seconds["save"], rep.peak_memory_mb = distributed.on_main(write)
             res.out = out
         return res
     finally:

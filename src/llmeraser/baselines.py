@@ -1,7 +1,8 @@
 """Adapters to compare `unlearn` with: training from scratch, retraining, and cheap alternatives.
 
 Each writes a PEFT adapter folder plus a json with its arguments, seconds and peak memory,
-atomically, never touching its inputs.
+atomically, never touching its inputs. Under torchrun every rank trains (data-parallel, train.py) and
+rank 0 alone checks and writes the output folder.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import distributed
 from .data import Record, apply_request, load_records, load_request, records_jsonl
 from .errors import InputError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
@@ -45,7 +47,7 @@ def train(base: str, data, out, settings: TrainSettings | None = None, overwrite
     data is ever written to disk."""
     settings = settings or TrainSettings()
     inputs = (data, base)
-    out = check_output_dir(out, overwrite, inputs=inputs)
+    out = distributed.on_main(lambda: check_output_dir(out, overwrite, inputs=inputs))
     _preflight(base, device, model_and_tokenizer)
     if records is None:
         records, data_sha256 = load_records(data), sha256_file(data)
@@ -58,13 +60,16 @@ def train(base: str, data, out, settings: TrainSettings | None = None, overwrite
         history = train_lora(model, tok, records, settings, progress)
         seconds = time.perf_counter() - t0
         final = mean_loss(model, tok, records, settings)
-        with atomic_dir(out, overwrite, inputs) as tmp:
-            model.save_pretrained(tmp)
-            write_json(tmp / "train.json", {
-                "arguments": settings.to_dict(), "base": base, "data": str(Path(data).resolve()),
-                "data_sha256": data_sha256, "n": len(records), "final_loss": final,
-                "loss_history": history, "seconds": seconds, "peak_memory_mb": peak_memory_mb(next(model.parameters()).device),
-                "versions": _versions(), **(extra or {})})
+
+        def write():
+            with atomic_dir(out, overwrite, inputs) as tmp:
+                model.save_pretrained(tmp)
+                write_json(tmp / "train.json", {
+                    "arguments": settings.to_dict(), "base": base, "data": str(Path(data).resolve()),
+                    "data_sha256": data_sha256, "n": len(records), "final_loss": final,
+                    "loss_history": history, "seconds": seconds, "peak_memory_mb": peak_memory_mb(next(model.parameters()).device),
+                    "versions": _versions(), **(extra or {})})
+        distributed.on_main(write)
     finally:
         model.unload()  # give the caller its base model back unchanged
     return out
@@ -117,7 +122,7 @@ def baseline(name: str, base: str, adapter, data, request, out, settings: Baseli
     st = settings or BaselineSettings()
     steps, lr, device = st.steps, st.lr, st.device
     inputs = (adapter, data, request, base)
-    out = check_output_dir(out, overwrite, inputs=inputs)
+    out = distributed.on_main(lambda: check_output_dir(out, overwrite, inputs=inputs))
     _preflight(base, device, model_and_tokenizer)
     check_adapter(adapter)
     records = load_records(data)
@@ -145,14 +150,17 @@ def baseline(name: str, base: str, adapter, data, request, out, settings: Baseli
         settings = TrainSettings(**{**recipe.to_dict(), "lr": lr or recipe.lr, "batch_size": min(recipe.batch_size, len(targets))})
         history = train_lora(model, tok, targets, settings, progress, max_steps=steps, ascent=name == "gradient-ascent", desc=name)
         seconds = time.perf_counter() - t0
-        with atomic_dir(out, overwrite, inputs) as tmp:
-            model.save_pretrained(tmp)
-            write_json(tmp / "baseline.json", {
-                "baseline": name, "adapter": str(Path(adapter).resolve()), "request_sha256": req.sha256,
-                "adapter_sha256": sha256_file(adapter_weights_path(adapter)), "data_sha256": sha256_file(data),
-                "steps": steps, "lr": settings.lr, "samples": len(targets), "edits_ignored": len(req.edits) - len(targets),
-                "loss_history": history, "seconds": seconds,
-                "peak_memory_mb": peak_memory_mb(next(model.parameters()).device), "versions": _versions()})
+
+        def write():
+            with atomic_dir(out, overwrite, inputs) as tmp:
+                model.save_pretrained(tmp)
+                write_json(tmp / "baseline.json", {
+                    "baseline": name, "adapter": str(Path(adapter).resolve()), "request_sha256": req.sha256,
+                    "adapter_sha256": sha256_file(adapter_weights_path(adapter)), "data_sha256": sha256_file(data),
+                    "steps": steps, "lr": settings.lr, "samples": len(targets), "edits_ignored": len(req.edits) - len(targets),
+                    "loss_history": history, "seconds": seconds,
+                    "peak_memory_mb": peak_memory_mb(next(model.parameters()).device), "versions": _versions()})
+        distributed.on_main(write)
     finally:
         model.unload()
     return out

@@ -13,6 +13,7 @@ import logging
 import sys
 import typing
 
+from . import distributed
 from .errors import LLMEraserError
 
 
@@ -125,6 +126,8 @@ def _run_unlearn(args) -> int:
                   recipe=recipe)
     m = res.meta
     s = m["seconds"]
+    if not distributed.is_main():
+        return 0
     print(f"wrote {res.out}  (recipe {recipe}; solver {m['solver']['name']}: {m['solver']['iterations']} iterations, "
           f"residual {m['solver']['final_residual']:.3g}, converged={m['converged']}; "
           f"b {s['b']:.1f}s, solve {s['solve']:.1f}s, save {s['save']:.1f}s; |ΔΘ|/|Θ̂| = "
@@ -169,6 +172,8 @@ def _run_train(args) -> int:
 
     out = train(args.base, args.data, args.out, dataclass_from_args(TrainSettings, args), args.overwrite,
                 args.device, not args.quiet)
+    if not distributed.is_main():
+        return 0
     meta = json.loads((out / "train.json").read_text())
     print(f"wrote {out}  (final loss {meta['final_loss']:.4f}, {meta['seconds']:.0f}s)")
     return 0
@@ -194,7 +199,8 @@ def _run_baseline(args) -> int:
 
     out = baseline(args.name, args.base, args.adapter, args.data, args.request, args.out,
                    dataclass_from_args(BaselineSettings, args), args.overwrite, not args.quiet)
-    print(f"wrote {out}")
+    if distributed.is_main():
+        print(f"wrote {out}")
     return 0
 
 
@@ -259,15 +265,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands that run as several processes under torchrun / accelerate launch (docs/design.md#distributed)
+DISTRIBUTED = ("unlearn", "train", "baseline")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="llmeraser: %(message)s")
+    if distributed.launched() and args.command not in DISTRIBUTED:
+        print(f"llmeraser: error: {args.command} runs in one process; start it without torchrun "
+              f"(several processes: {', '.join(DISTRIBUTED)})", file=sys.stderr)
+        return 2
+    created = distributed.init_from_env()
+    # rank 0 alone reports; the others say only what stops them
+    logging.basicConfig(level=logging.WARNING if distributed.is_main() else logging.ERROR, format="llmeraser: %(message)s")
+    if not distributed.is_main():
+        _silence()
+        args.quiet = True
     try:
         return args.func(args)
     except LLMEraserError as e:
-        print(f"llmeraser: error: {e}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"llmeraser: error: {e}", file=sys.stderr)
         return e.exit_code
+    finally:
+        if created:
+            distributed.shutdown()
+
+
+def _silence() -> None:
+    """A rank other than 0 draws no bar and repeats no warning: rank 0 shows the user the same ones."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore")
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 from torch.func import grad as func_grad
 from torch.func import jvp
 
+from . import distributed
 from .errors import NumericalError
 from .objective import Objective, by_length
 from .params import AdapterParams, zero_adapter
@@ -257,6 +258,11 @@ class HessianOperator:
     samples); it is the operator CG and `exact` solve, and the one every solver's stopping
     residual ‖(C+λI)Δ − b‖/‖b‖ is computed with. `sample()` draws a fresh random mini-batch
     for the stochastic solvers. Only training data is ever seen here.
+
+    With several processes the fixed batches are this rank's share of the sample and `full` all-reduces
+    Σ_B (|B|/k) C_B v before adding λv, so every rank gets the whole sample's product from ~1/K of the
+    passes. `sample()` and `fixed_batch` stay whole on every rank (the same seeded draws: the stochastic
+    solvers' steps are replicated, not divided).
     """
 
     def __init__(self, curvature: Curvature, items: list, batch_size: int, damping: float,
@@ -271,7 +277,9 @@ class HessianOperator:
         k = len(chosen)
         collate, prepare = curvature.objective.collate, curvature.objective.prepare
         # every product passes over these batches: `prepare` keeps what does not depend on Θ
-        self.fixed = [prepare(collate(chosen[i:i + batch_size], device)) for i in range(0, k, batch_size)]
+        mine = distributed.shard(chosen)
+        self.fixed = [prepare(collate(mine[i:i + batch_size], device)) for i in range(0, len(mine), batch_size)]
+        self._chosen = chosen  # the whole sample, for `fixed_batch` with several processes
         self.fixed_weights = [curvature.objective.batch_size(b) / k for b in self.fixed]
         self.hvp_count = 0
         # GGN products on the fixed batches reuse one linearisation per batch (built on first use)
@@ -338,10 +346,16 @@ class HessianOperator:
         out = torch.zeros_like(v)
         for i, (w, b) in enumerate(zip(self.fixed_weights, self.fixed)):
             out += w * self._fixed_product(i, v)
+        distributed.all_sum(out)
         return out + self.damping * v + self._extra(v)
 
     def fixed_batch(self, i: int, v: torch.Tensor) -> torch.Tensor:
-        """(C_B + λI) v for fixed batch i (plus the extra terms)."""
+        """(C_B + λI) v for fixed batch i (plus the extra terms). With several processes batch i of the
+        whole sample, as one process has it, on every rank (a fresh product: the power iteration's)."""
+        if distributed.active():
+            chosen, bs, objective = self._chosen, self.batch_size, self.curvature.objective
+            batch = objective.prepare(objective.collate(chosen[i * bs:(i + 1) * bs], self.device))
+            return self._fresh(v, batch) + self.damping * v + self._extra(v)
         return self._fixed_product(i, v) + self.damping * v + self._extra(v)
 
     def _kept_linearisation(self, i: int):
@@ -361,7 +375,7 @@ class HessianOperator:
         return self._linear[i]
 
     def loss_gradient(self) -> tuple[torch.Tensor, float]:
-        """(Σ ∇L_i, Σ L_i) over every sample of the fixed batches at Θ̂ (sums, not means).
+        """(Σ ∇L_i, Σ L_i) over every sample of the fixed batches at Θ̂ (sums, not means; over every rank's).
 
         Through the linearisations the solve's products then reuse, where they are kept: a Newton step
         needs its gradient and its curvature at the same point, on the same batches when they cover the
@@ -372,6 +386,8 @@ class HessianOperator:
             g, value = lin.loss_gradient() if lin is not None else self.curvature.loss_gradient(batch)
             grad += g
             loss += value
+        distributed.all_sum(grad)
+        loss = distributed.all_sum_float(loss)
         if not torch.isfinite(grad).all():
             raise NumericalError("the gradient is not finite; check the adapter weights and the data")
         return grad, loss

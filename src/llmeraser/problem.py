@@ -5,6 +5,8 @@
     edited set = kept samples + new versions of the edited ones, m = its size.
 
 Everything here is read-only on the model: Θ̂ is a detached copy and every pass takes Θ explicitly.
+With several processes, `batches` holds this rank's share and every sum over them is all-reduced
+(distributed.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import distributed
 from .data import EditRequest, Record
 from .modeling import fused_attention, theta_of
 from .objective import CausalLMObjective, by_length
@@ -103,8 +106,9 @@ class Problem:
     def batches(self, items, prepare: bool = True) -> list[dict]:
         """`items` in batches by length, for loss values at many Θ. With `prepare`, each of the first
         batches up to PREFIX_BUDGET bytes stores the output of the layers below the adapter, so later
-        passes start above them (`CausalLMObjective.prepare`; with the attention kernel the loss passes use)."""
-        items, bs, out, used = by_length(items), self.batch_size, [], 0
+        passes start above them (`CausalLMObjective.prepare`; with the attention kernel the loss passes use).
+        With several processes: this rank's share of `items` only (`loss_sum` and `grad_sum_of_batches` add the others')."""
+        items, bs, out, used = distributed.shard(by_length(items)), self.batch_size, [], 0
         with torch.no_grad(), fused_attention(self.model):
             for i in range(0, len(items), bs):
                 batch = self.objective.collate(items[i:i + bs], self.device)
@@ -116,9 +120,9 @@ class Problem:
         return out
 
     def loss_sum(self, batches: list[dict], theta) -> float:
-        """Σ_i L(z_i; Θ) over already batched samples."""
+        """Σ_i L(z_i; Θ) over already batched samples (this rank's share of `batches`, summed over ranks)."""
         total = 0.0
         with torch.no_grad(), fused_attention(self.model):
             for batch in batches:
                 total += float(self.objective.losses(self.objective.outputs(self.params.unflatten(theta), batch), batch).sum())
-        return total
+        return distributed.all_sum_float(total)

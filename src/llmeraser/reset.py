@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from . import distributed
 from .curvature import Curvature, fisher_product
 from .modeling import fused_attention
 from .objective import by_length
@@ -42,7 +43,7 @@ class OutputReset:
         --anchor-kept term: zero and flat at Θ̂, it only adds curvature), and the metric the base model's
         Fisher F⁰; otherwise the metric is F̄ above."""
         self.objective, self.params, self.theta_hat = objective, params, theta_hat.detach()
-        examples = by_length(examples)
+        examples = distributed.shard(by_length(examples))  # this rank's share; value, grad, product sum over ranks
         theta0 = zero_adapter(params, self.theta_hat)
         # the same attention kernel as value() and grad(), so that d is exactly 0 at the target
         with torch.no_grad(), fused_attention(objective.model):
@@ -63,7 +64,8 @@ class OutputReset:
 
     def value(self, theta: torch.Tensor) -> float:
         with torch.no_grad(), fused_attention(self.objective.model):
-            return sum(float(self._penalty(theta, *x)) for x in zip(self.batches, self.targets, self.probs))
+            local = sum(float(self._penalty(theta, *x)) for x in zip(self.batches, self.targets, self.probs))
+        return distributed.all_sum_float(local)
 
     def grad(self, theta: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(self.theta_hat)
@@ -72,7 +74,7 @@ class OutputReset:
                 th = theta.detach().clone().requires_grad_(True)
                 (g,) = torch.autograd.grad(self._penalty(th, *x), th)
                 out += g
-        return out
+        return distributed.all_sum(out)
 
     def product(self, v: torch.Tensor) -> torch.Tensor:
         """Σ_i J_iᵀ F_i J_i v at Θ̂ (the penalty's Gauss-Newton curvature), through kept linearisations."""
@@ -80,7 +82,7 @@ class OutputReset:
             curv = Curvature(self.objective, self.params, self.theta_hat, "ggn")
             self._linear = [curv.linearise(b, head=lambda z, batch, v, p=p: fisher_product(p, batch, v))
                             for b, p in zip(self.batches, self.probs)]
-        return sum(f(v) for f in self._linear)
+        return distributed.all_sum(sum((f(v) for f in self._linear), torch.zeros_like(self.theta_hat)))
 
     def release(self) -> None:
         """Drop the kept linearisations of `product` (value and grad do not need them)."""

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import torch
 
+from . import distributed
 from .curvature import BaseProbsCache, Curvature, HessianOperator
 from .errors import NumericalError
 from .problem import Problem
@@ -37,8 +38,11 @@ class Systems:
             solver_settings = replace(solver_settings, max_iters=max_iters)
         solver = get_solver(self.settings.solver, solver_settings)
         results = solver.solve_shifted(op, b, shifts, progress) if shifts else [solver.solve(op, b, progress)]
+        total = distributed.all_sum_float(float(op.hvp_count))  # with several processes: over every rank
         for result in results:
-            result.info["hvps"] = op.hvp_count
+            result.info["hvps"] = op.hvp_count  # this process's (rank 0's in the report)
+            if distributed.active():
+                result.info["processes"], result.info["hvps_all_processes"] = distributed.size(), int(total)
             result.info["hvp_mode"] = op.curvature.mode
             # decided by free memory, and worth part of a product each: explains run-to-run differences in time
             result.info["kept_linearisations"] = op.kept_linearisations

@@ -4,6 +4,15 @@ Weight decay here is an explicit L2 term (wd/2)·‖Θ‖² added to the loss (c
 decoupled decay), so the trained adapter is a stationary point of R(Θ) + (wd/2)‖Θ‖² and the
 Hessian of that objective is H + wd·I: `unlearn` reads wd from train.json and adds it to the
 damping.
+
+Several processes (torchrun) train data-parallel: every rank draws the same global batch B from the seeded
+order, takes its share S_r of it, and back-propagates Σ_{S_r} L_i / |B| (plus the L2 term on rank 0 alone);
+the gradients are summed over ranks before each update, so
+
+    Σ_r ∇[Σ_{S_r} L_i / |B|] + wd·Θ = ∇[(1/|B|) Σ_B L_i + (wd/2)‖Θ‖²],
+
+the single process's gradient on the same global batch up to the order of summation, and Adam takes the
+same step on every rank.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import Record
 from .errors import InputError, NumericalError
 from .modeling import fused_attention
@@ -93,6 +103,7 @@ def train_lora(model, tokenizer, records: list[Record], settings: TrainSettings,
     Deterministic for a seed on CPU: the order comes from a seeded generator and the model
     runs in eval mode (LoRA dropout is 0 and the base has no dropout in eval).
     """
+    progress = progress and distributed.is_main()
     template = resolve_template(tokenizer, settings.template)
     examples = [encode(r, tokenizer, template, settings.max_length) for r in records]
     objective = CausalLMObjective(model, tokenizer.pad_token_id)
@@ -108,6 +119,7 @@ def train_lora(model, tokenizer, records: list[Record], settings: TrainSettings,
         opt, lambda u: min((u + 1) / warmup, max(0.0, (updates - u) / max(1, updates - warmup))))
     rng = random.Random(settings.seed)
     model.eval()
+    _same_start(params)
     order: list[int] = []
     history, running = [], 0.0
     bar = tqdm(total=total_steps, desc=desc, disable=not progress)
@@ -118,19 +130,21 @@ def train_lora(model, tokenizer, records: list[Record], settings: TrainSettings,
                 rng.shuffle(perm)
                 order += perm
             idx, order = order[: settings.batch_size], order[settings.batch_size:]
-            batch = objective.collate([examples[i] for i in idx], device)
-            loss = objective.losses(objective.outputs({}, batch), batch).mean()
+            loss = _batch_loss(objective, [examples[i] for i in idx], device)
             if ascent:
                 loss = -loss
-            elif settings.weight_decay:
+            elif settings.weight_decay and distributed.is_main():  # once, not once per rank
                 loss = loss + 0.5 * settings.weight_decay * sum((p.float() ** 2).sum() for p in params)
-            if not bool(torch.isfinite(loss)):
+            value = distributed.all_sum_float(float(loss.detach()))  # the global batch's, on every rank
+            if value != value or abs(value) == math.inf:
                 bar.close()
-                raise NumericalError(f"{desc}: the loss became {float(loss.detach())} at step {step + 1} of {total_steps} (lr "
+                raise NumericalError(f"{desc}: the loss became {value} at step {step + 1} of {total_steps} (lr "
                                      f"{settings.lr:g}): training diverged and nothing was written; lower --lr")
-            (loss / settings.grad_accum).backward()
-            running += float(loss.detach()) / settings.grad_accum
+            if loss.requires_grad:  # a rank whose share of a small batch is empty has nothing to back-propagate
+                (loss / settings.grad_accum).backward()
+            running += value / settings.grad_accum
             if (step + 1) % settings.grad_accum == 0 or step + 1 == total_steps:
+                _sum_grads(params)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 sched.step()
@@ -145,6 +159,39 @@ def train_lora(model, tokenizer, records: list[Record], settings: TrainSettings,
     return history
 
 
+def _batch_loss(objective: CausalLMObjective, items: list, device) -> torch.Tensor:
+    """The mean loss over the global batch `items`; with several processes this rank's part of it,
+    Σ_{its share} L_i / |items| (0 without a graph for an empty share)."""
+    if not distributed.active():
+        batch = objective.collate(items, device)
+        return objective.losses(objective.outputs({}, batch), batch).mean()
+    mine = distributed.shard(items)
+    if not mine:
+        return torch.zeros((), device=device)
+    batch = objective.collate(mine, device)
+    return objective.losses(objective.outputs({}, batch), batch).sum() / len(items)
+
+
+def _same_start(params: list[torch.Tensor]) -> None:
+    """Rank 0's initial adapter on every rank (the seeded initialisation already agrees; this makes it certain)."""
+    if distributed.active():
+        with torch.no_grad():
+            for p in params:
+                distributed.broadcast_(p.data)
+
+
+def _sum_grads(params: list[torch.Tensor]) -> None:
+    """Each gradient summed over ranks (one collective over all of them; a missing gradient counts as 0)."""
+    if not distributed.active():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = distributed.all_sum(torch.cat([g.reshape(-1) for g in grads]))
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
 def mean_loss(model, tokenizer, records: list[Record], settings: TrainSettings) -> float:
     """The training objective at the adapter as it is: mean response NLL over `records` plus (wd/2)‖Θ‖².
 
@@ -153,10 +200,11 @@ def mean_loss(model, tokenizer, records: list[Record], settings: TrainSettings) 
     examples = [encode(r, tokenizer, template, settings.max_length) for r in records]
     objective = CausalLMObjective(model, tokenizer.pad_token_id)
     device = next(model.parameters()).device
-    total = 0.0
+    total, mine = 0.0, distributed.shard(examples)  # each rank its share, summed over ranks
     with torch.no_grad(), fused_attention(model):
-        for i in range(0, len(examples), settings.batch_size):
-            batch = objective.collate(examples[i:i + settings.batch_size], device)
+        for i in range(0, len(mine), settings.batch_size):
+            batch = objective.collate(mine[i:i + settings.batch_size], device)
             total += float(objective.losses(objective.outputs({}, batch), batch).sum())
+    total = distributed.all_sum_float(total)
     l2 = sum(float((p.detach().float() ** 2).sum()) for p in model.parameters() if p.requires_grad)
     return total / len(examples) + 0.5 * settings.weight_decay * l2
