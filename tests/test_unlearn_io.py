@@ -59,7 +59,7 @@ def test_output_adapter_and_metadata(tiny_dir, tmp_path):
         assert key in meta
     assert meta["request"]["sha256"] == hashlib.sha256(req.read_bytes()).hexdigest()
     assert meta["n"] == 12 and meta["affected"] == 2
-    assert set(meta["seconds"]) == {"load", "b", "solve", "save"}
+    assert set(meta["seconds"]) == {"load", "b", "solve", "verify", "save"}
     assert meta["solver"]["residuals"][0] == [0, 1.0]
     assert meta["delta_norm"] > 0
     # the new adapter loads with PEFT and differs from the old one

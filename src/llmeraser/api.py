@@ -26,6 +26,7 @@ from .settings import UnlearnSettings
 from .solvers import SolveResult
 from .trainrecord import TrainRecord
 from .unlearner import Unlearner
+from .verify import Verifier, summary_line
 
 
 @dataclass
@@ -35,6 +36,12 @@ class UnlearnResult:
     solve: SolveResult  # the last solve
     report: UnlearnReport
     state_dict: dict[str, torch.Tensor]  # Θ̂ + ΔΘ keyed as PEFT saves it (set_peft_model_state_dict loads it)
+
+    @property
+    def verified(self) -> bool | None:
+        """The verification's verdict (verify.py); None when it did not run."""
+        v = self.report.verification
+        return None if v is None else v["verified"]
 
     @property
     def meta(self) -> dict:
@@ -88,6 +95,12 @@ def _unlearn_model(model, tokenizer, records, req, weight_decay, settings, recip
     theta = p.theta_hat + delta
     if not bool(torch.isfinite(theta).all()):
         raise NumericalError("the update is not finite; nothing was written. Try a larger damping or curvature ggn")
+    verification = None
+    if settings.verify != "off":
+        theta, verification, last = verify_edit(unl, model, tokenizer, records, req, theta, progress)
+        result = last or result
+        stage["steps"] += verification["extra_steps"]
+        delta = theta - p.theta_hat
     truncated_new = sum(e.truncated for e in p.sets(req).new)
     short = unconverged_steps(stage["steps"], settings)
     report = UnlearnReport(
@@ -102,17 +115,59 @@ def _unlearn_model(model, tokenizer, records, req, weight_decay, settings, recip
                 "final_residual": result.final_residual, "residuals": result.residuals, **result.info},
         rhs_norm=stage["rhs_norm"], newton_steps=stage["steps"], reset_removed=stage.get("reset_removed"),
         delta_norm=float(delta.norm()), theta_norm=float(p.theta_hat.norm()), converged=not short,
-        seconds={"b": stage["b"], "solve": stage["solve"]}, peak_memory_mb=peak_memory_mb(p.device))
+        seconds={"b": stage["b"], "solve": stage["solve"],
+                 **({"verify": verification["seconds"]} if verification else {})},
+        peak_memory_mb=peak_memory_mb(p.device), verification=verification)
     for st in short if distributed.is_main() else ():
         print(f"llmeraser: warning: in Newton step {st['step']} the solver stopped at residual {st['final_residual']:.3g} "
               f"above tol {settings.solver_settings.tol} after {st['iterations']} iterations", file=sys.stderr)
     return UnlearnResult(None, delta, result, report, adapter_state(model, p.params, theta))
 
 
+def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress: bool):
+    """(Θ, the verification, the last extra solve or None): the checks of verify.py at Θ and, with verify
+    'until', one more Newton step and check at a time until they pass, a step finds no descent, or
+    verify_steps or verify_seconds run out. The extra steps' records are in verification["extra_steps"]."""
+    s, p = unl.settings, unl.problem
+    t0 = time.perf_counter()
+    if progress:
+        print("llmeraser: verifying by greedy generation", file=sys.stderr)
+    verifier = Verifier(model, tokenizer, p.params, p.theta_hat, records, req, p.template, s.max_length, s.batch_size,
+                        s.verify_retained, s.seed)
+    check = verifier.check(theta)
+    rounds = [{"extra_steps": 0, "verified": check["verified"], "failures": check["failures"],
+               "seconds": time.perf_counter() - t0}]
+    extra, last, stopped = [], None, None
+    while s.verify == "until" and not check["verified"]:
+        if len(extra) >= s.verify_steps:
+            stopped = f"the budget of {s.verify_steps} extra steps ran out"
+        # rank 0's clock decides for every rank, so that all take the same steps
+        elif s.verify_seconds and distributed.on_main(lambda: time.perf_counter() - t0 >= s.verify_seconds):
+            stopped = f"the budget of {s.verify_seconds:g} s ran out"
+        if stopped:
+            break
+        theta_next, last, record = unl.more_steps(req, theta, progress)
+        extra.append({**record, "until_verified": True})
+        if not record["line_search"]["accepted"]:
+            stopped = f"Newton step {record['step']} found no descent on the retraining objective"
+            break
+        theta = theta_next
+        check = verifier.check(theta)
+        rounds.append({"extra_steps": len(extra), "verified": check["verified"], "failures": check["failures"],
+                       "seconds": time.perf_counter() - t0})
+        if progress:
+            print(f"llmeraser: after extra step {len(extra)}: {summary_line(check)}", file=sys.stderr)
+    check.update(rounds=rounds, extra_steps=extra, stopped=stopped, until_verified=s.verify == "until",
+                 seconds=time.perf_counter() - t0)
+    return theta, check, last
+
+
 def unconverged_steps(steps: list[dict], settings: UnlearnSettings) -> list[dict]:
     """The Newton steps whose solve stopped above tol; a step after the first that stops at refine_iters does so
-    by design when that is set, and is not one of them."""
-    return [st for st in steps if not st["converged"] and (st["step"] == 1 or not settings.refine_iters)]
+    by design when that is set, and is not one of them, nor is an extra step of verify 'until' (the
+    verification, not the residual, is what it is judged by)."""
+    return [st for st in steps if not st["converged"] and not st.get("until_verified")
+            and (st["step"] == 1 or not settings.refine_iters)]
 
 
 def unlearn(base: str, adapter: str | Path, data: str | Path, request: str | Path, out: str | Path | None,

@@ -132,6 +132,27 @@ def _run_unlearn(args) -> int:
           f"residual {m['solver']['final_residual']:.3g}, converged={m['converged']}; "
           f"b {s['b']:.1f}s, solve {s['solve']:.1f}s, save {s['save']:.1f}s; |ΔΘ|/|Θ̂| = "
           f"{m['delta_norm'] / max(m['theta_norm'], 1e-30):.3g})")
+    return verification_status(m.get("verification"))
+
+
+def verification_status(v: dict | None) -> int:
+    """Print the verification's verdict; the exit status: NOT_VERIFIED_EXIT when --verify until did not pass."""
+    from .errors import NOT_VERIFIED_EXIT
+    from .verify import summary_line
+
+    if v is None:
+        return 0
+    print(summary_line(v))
+    if v["verified"]:
+        return 0
+    extra = len(v["extra_steps"])
+    if v["until_verified"]:
+        print(f"llmeraser: the edit is NOT verified after {extra} extra Newton step{'s' * (extra != 1)} "
+              f"({v['stopped']}): {'; '.join(v['failures'])}. The adapter was written for inspection; retraining "
+              f"without the removed records is advised (exit status {NOT_VERIFIED_EXIT})", file=sys.stderr)
+        return NOT_VERIFIED_EXIT
+    print(f"llmeraser: warning: the edit is not verified ({'; '.join(v['failures'])}); --verify until takes more "
+          "Newton steps until it is, and retraining is advised if it stays so", file=sys.stderr)
     return 0
 
 

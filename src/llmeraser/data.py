@@ -62,6 +62,9 @@ class Edit:
     old: Record
     new: Record | None  # None for remove
     line: int
+    # substrings of the old record the edited adapter must no longer produce (the request's optional
+    # "private"); empty: the verification checks the old response as a whole (verify.py)
+    private: tuple[str, ...] = ()
 
 
 @dataclass
@@ -210,6 +213,22 @@ def _check_new(op: str, old: Record, new: dict, where: str) -> Record:
     return rec
 
 
+def _check_private(private, old: Record, where: str) -> tuple[str, ...]:
+    """The edit's "private" parts: a list of non-empty strings, each found in the old record's prompt or response."""
+    if private is None:
+        return ()
+    if not isinstance(private, list) or not private or not all(isinstance(x, str) and x.strip() for x in private):
+        raise InputError(f"{where}: 'private' must be a non-empty list of strings, the parts of the record that must "
+                         'no longer be produced, e.g. ["jane@example.com"]')
+    prompt, response = old.sides()
+    text = " ".join(m["content"] for m in prompt) + " " + response
+    missing = [x for x in private if x not in text]
+    if missing:
+        raise InputError(f"{where}: 'private' {missing[0]!r} does not occur in record {old.id!r}; give substrings of "
+                         "its prompt or response, exactly as written")
+    return tuple(private)
+
+
 def load_request(path: str | Path, records: list[Record]) -> EditRequest:
     from .fileio import read_text, sha256_file
 
@@ -248,9 +267,9 @@ def _request(rows: list[tuple], records: list[Record], source: str, sha256: str)
         op = e.get("op")
         if op not in OPS:
             raise InputError(f"{where}: 'op' must be one of {list(OPS)}, got {op!r}")
-        unknown = sorted(set(e) - {"op", "id", "new"})
+        unknown = sorted(set(e) - {"op", "id", "new", "private"})
         if unknown:
-            raise InputError(f"{where}: unknown keys {unknown}; an edit has only 'op', 'id' and 'new'")
+            raise InputError(f"{where}: unknown keys {unknown}; an edit has only 'op', 'id', 'new' and 'private'")
         if "id" not in e or isinstance(e["id"], bool) or not isinstance(e["id"], (str, int)):
             raise InputError(f"{where}: missing or invalid 'id'; give the id of a training record")
         rid = str(e["id"])
@@ -266,7 +285,7 @@ def _request(rows: list[tuple], records: list[Record], source: str, sha256: str)
             new = None
         else:
             new = _check_new(op, old, e.get("new"), where)
-        edits.append(Edit(op, rid, index[rid], old, new, lineno))
+        edits.append(Edit(op, rid, index[rid], old, new, lineno, _check_private(e.get("private"), old, where)))
         raw.append(e)
     if not edits:
         raise InputError(f"request {source} has no edits")

@@ -19,3 +19,7 @@ class NotConvergedError(LLMEraserError):
     """The solve stopped above its tolerance; nothing is written unless the caller accepts that."""
 
     exit_code = 3
+
+
+# `unlearn --verify until` wrote the adapter, but its checks did not pass within the budget (verify.py)
+NOT_VERIFIED_EXIT = 4

@@ -334,6 +334,23 @@ def merged_adapter(model):
                 named[n].copy_(t)
 
 
+@contextmanager
+def adapter_at(model, params: AdapterParams, theta: torch.Tensor):
+    """The model's adapter tensors set to Θ for the duration (generation at a Θ not yet written), then
+    restored bit for bit: the caller's model leaves as it came."""
+    named = dict(model.named_parameters())
+    saved = {n: named[n].detach().clone() for n in params.names}
+    with torch.no_grad():
+        for n, t in params.unflatten(theta.detach()).items():
+            named[n].copy_(t)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, t in saved.items():
+                named[n].copy_(t)
+
+
 def adapter_weights_path(adapter_dir: str | Path) -> Path:
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():

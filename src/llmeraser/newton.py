@@ -26,41 +26,59 @@ def gradient_from_operator(settings: UnlearnSettings, m: int) -> bool:
     return settings.curvature in GAUSS_NEWTON and (not settings.curvature_samples or settings.curvature_samples >= m)
 
 
-def refine(problem: Problem, request: EditRequest, systems: Systems, settings: UnlearnSettings, theta: torch.Tensor,
-           damping: float, progress: bool):
-    """(Θ, last solve's result, per-step records) after steps 2 … newton_steps from Θ; stops at the first
-    step whose search finds no descent."""
-    p, s = problem, settings
-    cv = control_variate(p, request, s.curvature_samples, s.seed, "refine", progress)
-    sample, scale, new = cv.sample, cv.scale, cv.new
-    edited = cv.kept + new
-    m = len(edited)
+class Refiner:
+    """Newton steps 2, 3, … from a given Θ, one per `step()`; the control variate is built once, so a caller
+    may take more steps later (`unlearn --verify until`) at the cost of the steps alone."""
 
-    def objective(t):
+    def __init__(self, problem: Problem, request: EditRequest, systems: Systems, settings: UnlearnSettings,
+                 damping: float, progress: bool):
+        self.p, self.s, self.systems, self.damping, self.progress = problem, settings, systems, damping, progress
+        self.cv = control_variate(problem, request, settings.curvature_samples, settings.seed, "refine", progress)
+        self.edited = self.cv.kept + self.cv.new
+        self.from_operator = gradient_from_operator(settings, len(self.edited))
+        self.value = None  # n·R' at the current Θ, once a step has been accepted
+        self.k = 1  # the number of the last step taken
+
+    def objective(self, t: torch.Tensor) -> float:
         """n·R'(Θ) + const under the same stationarity assumption as the gradient, so the two agree."""
-        return retraining_objective(cv.data_part(t), t, 1, p.n * p.weight_decay)
+        return retraining_objective(self.cv.data_part(t), t, 1, self.p.n * self.p.weight_decay)
 
-    from_operator = gradient_from_operator(s, m)
-    steps, result, value = [], None, None
-    for k in range(2, s.newton_steps + 1):
-        op = systems.operator(theta, edited, damping)
-        if from_operator:
+    def step(self, theta: torch.Tensor):
+        """(Θ after the step, the solve's result, the step's record); Θ is unchanged when its search finds
+        no descent (record["line_search"]["accepted"] is False)."""
+        p, s, cv, m = self.p, self.s, self.cv, len(self.edited)
+        self.k += 1
+        op = self.systems.operator(theta, self.edited, self.damping)
+        if self.from_operator:
             g_sample_and_new = op.loss_gradient()[0]  # sample = kept here, scale = 1
         else:
-            g_sample_and_new = scale * p.grad_sum(sample, theta, "refine: kept sample", progress)
-            if new:
-                g_sample_and_new += p.grad_sum(new, theta, "refine: new samples", progress)
+            g_sample_and_new = cv.scale * p.grad_sum(cv.sample, theta, "refine: kept sample", self.progress)
+            if cv.new:
+                g_sample_and_new += p.grad_sum(cv.new, theta, "refine: new samples", self.progress)
         # n·∇R'(Θ_k), see the module docstring
-        grad = g_sample_and_new - scale * cv.g_sample_hat - cv.g_old_hat + p.n * p.weight_decay * (theta - p.theta_hat)
-        result = systems.solve(op, -grad, (), progress, s.refine_iters or None)[0]
+        grad = g_sample_and_new - cv.scale * cv.g_sample_hat - cv.g_old_hat + p.n * p.weight_decay * (theta - p.theta_hat)
+        result = self.systems.solve(op, -grad, (), self.progress, s.refine_iters or None)[0]
         op.release()
         step = result.delta / m  # op is the mean curvature over the m edited samples: x = m·Δ
         # backtracking along the solved direction (docs/design.md#newton-backtracking); f(Θ_k): the last accepted value
-        search = backtrack(objective, theta, step, float(grad @ step), start=value)
-        steps.append({"step": k, "grad_norm": float(grad.norm()), "iterations": result.iterations,
-                      "final_residual": result.final_residual, "converged": result.converged, "line_search": search})
-        if not search["accepted"]:
+        search = backtrack(self.objective, theta, step, float(grad @ step), start=self.value)
+        record = {"step": self.k, "grad_norm": float(grad.norm()), "iterations": result.iterations,
+                  "final_residual": result.final_residual, "converged": result.converged, "line_search": search}
+        if search["accepted"]:
+            theta = theta + search["scale"] * step
+            self.value = search["trace"][-1]["objective"]
+        return theta, result, record
+
+
+def refine(problem: Problem, request: EditRequest, systems: Systems, settings: UnlearnSettings, theta: torch.Tensor,
+           damping: float, progress: bool):
+    """(Θ, last solve's result, per-step records, the Refiner) after steps 2 … newton_steps from Θ; stops at the
+    first step whose search finds no descent."""
+    refiner = Refiner(problem, request, systems, settings, damping, progress)
+    steps, result = [], None
+    for _ in range(2, settings.newton_steps + 1):
+        theta, result, record = refiner.step(theta)
+        steps.append(record)
+        if not record["line_search"]["accepted"]:
             break
-        theta = theta + search["scale"] * step
-        value = search["trace"][-1]["objective"]
-    return theta, result, steps
+    return theta, result, steps, refiner

@@ -62,6 +62,7 @@ class UnlearnReport:
     adapter: str | None = None
     base: str | None = None
     peak_memory_mb: float | None = None
+    verification: dict | None = None  # verify.py's checks and verdict; None with verify off
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:

@@ -21,6 +21,7 @@ from .render import TEMPLATES
 from .solvers import SOLVERS, SolverSettings
 
 CURVATURE_DATA = ("edited", "original")
+VERIFY_MODES = ("off", "check", "until")
 
 
 def _meta(help: str, flag: bool = False, **kw) -> dict:
@@ -46,7 +47,7 @@ class UnlearnSettings:
         "a Gauss-Newton curvature and newton_steps 1; 0: off)"))
     solver: str = field(default="cg", metadata=_meta(
         "inverse-HVP solver: cg (conjugate gradients on fixed batches) or stochastic (the paper's Algorithm 1); "
-        "lissa and exact, for comparison, through --config", flag=True, flag_choices=("cg", "stochastic")))
+        "lissa and exact, for comparison; set by the recipe or --config"))
     batch_size: int = field(default=8, metadata=_meta("samples per gradient and curvature mini-batch", flag=True))
     curvature_data: str = field(default="edited", metadata=_meta(
         "data the curvature is taken over: 'edited' (the data after the request: a Newton step on the retraining "
@@ -73,6 +74,15 @@ class UnlearnSettings:
         "scale the step by 1, 1/2, 1/4, … until it lowers the retraining objective (Armijo)"))
     seed: int = field(default=0, metadata=_meta("seed for batch sampling"))
     device: str = field(default="auto", metadata=_meta("'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'", flag=True))
+    verify: str = field(default="check", metadata=_meta(
+        "after the update, check by greedy generation that removed answers (or their 'private' parts) are no longer "
+        "produced, corrected answers are, and sampled retained answers still are (unlearn.json 'verification'). "
+        "'until': take more Newton steps until the checks pass or verify_steps / verify_seconds run out; the "
+        "adapter is written either way, with exit status 4 when they did not pass", flag=True, choices=VERIFY_MODES))
+    verify_retained: int = field(default=16, metadata=_meta("retained records the verification samples (seeded)"))
+    verify_steps: int = field(default=4, metadata=_meta("most extra Newton steps verify 'until' takes"))
+    verify_seconds: float = field(default=0.0, metadata=_meta(
+        "most seconds verify 'until' spends on extra steps and their checks (0: no limit)"))
     solver_settings: SolverSettings = field(default_factory=SolverSettings)
 
     @property
@@ -82,12 +92,15 @@ class UnlearnSettings:
 
     def __post_init__(self):
         for name, allowed in (("curvature", CURVATURES), ("solver", tuple(sorted(SOLVERS))), ("hvp_mode", HVP_MODES),
-                              ("curvature_data", CURVATURE_DATA), ("template", TEMPLATES)):
+                              ("curvature_data", CURVATURE_DATA), ("template", TEMPLATES), ("verify", VERIFY_MODES)):
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} {getattr(self, name)!r}: must be one of {list(allowed)}")
         check_device(self.device)
         if not isinstance(self.line_search, bool):
             raise InputError(f"line_search {self.line_search!r}: give true or false")
+        if isinstance(self.verify_seconds, bool) or not isinstance(self.verify_seconds, (int, float)) \
+                or not 0 <= self.verify_seconds < math.inf:
+            raise InputError(f"verify_seconds {self.verify_seconds!r}: give a number of seconds >= 0 (0: no limit)")
         if not 0 <= self.damping < math.inf:
             raise InputError(f"damping {self.damping}: give a finite number >= 0")
         try:
@@ -108,7 +121,8 @@ class UnlearnSettings:
         if self.anchor_kept and (not gauss_newton or self.newton_steps > 1):
             raise InputError("anchor_kept needs curvature 'ggn' or 'ggn-base', and newton_steps 1")
         for name, least in (("batch_size", 1), ("newton_steps", 1), ("max_length", 2), ("curvature_samples", 0),
-                            ("line_search_samples", 0), ("cache_batches", 0), ("refine_iters", 0), ("seed", 0)):
+                            ("line_search_samples", 0), ("cache_batches", 0), ("refine_iters", 0), ("seed", 0),
+                            ("verify_retained", 0), ("verify_steps", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise InputError(f"{name} {value!r}: give an integer >= {least}")

@@ -19,7 +19,7 @@ import torch
 from .acceptance import backtrack, choose_step, line_objective
 from .data import EditRequest, Record
 from .errors import InputError
-from .newton import refine
+from .newton import Refiner, refine
 from .problem import EditSets, Problem
 from .settings import UnlearnSettings
 from .systems import Systems
@@ -38,6 +38,7 @@ class Unlearner:
         self.systems = Systems(self.problem, settings)
         # the λ (plus the training weight decay) of the last accepted step; later Newton steps use it
         self.damping = settings.dampings[0] + weight_decay
+        self.refiner: Refiner | None = None  # the Newton refinement of the last request, to take more steps with
 
     @property
     def params(self):
@@ -62,6 +63,7 @@ class Unlearner:
 
     def delta(self, request: EditRequest, progress: bool = True) -> tuple[torch.Tensor, object, dict]:
         s, p = self.settings, self.problem
+        self.refiner = None
         t0 = time.perf_counter()
         b = p.rhs(request, progress)
         t1 = time.perf_counter()
@@ -87,7 +89,7 @@ class Unlearner:
             records[0]["damping_selection"] = selection
         if s.newton_steps > 1 and torch.any(rhs != 0):
             # the terms enter the first step only (docs/design.md#reset-first-step-only)
-            theta, result, more = refine(p, request, self.systems, s, theta, self.damping, progress)
+            theta, result, more, self.refiner = refine(p, request, self.systems, s, theta, self.damping, progress)
             records += more
         stage = {"b": t1 - t0, "solve": time.perf_counter() - t1, "rhs_norm": float(b.norm()), "steps": records}
         reset = next((t for t in terms if t.name == "reset_removed"), None)
@@ -95,6 +97,14 @@ class Unlearner:
             stage["reset_removed"] = {"rho": s.reset_removed, "distance_before": reset.penalty.value(p.theta_hat),
                                       "distance_after": reset.penalty.value(theta)}
         return theta - p.theta_hat, result, stage
+
+    def more_steps(self, request: EditRequest, theta: torch.Tensor, progress: bool = True):
+        """(Θ, the solve's result, the step's record): one more Newton step on the edited objective from Θ, after
+        `delta(request)`; Θ is unchanged when its line search finds no descent."""
+        if self.refiner is None:
+            self.refiner = Refiner(self.problem, request, self.systems, self.settings, self.damping, progress)
+            self.refiner.k = max(self.settings.newton_steps, 1)
+        return self.refiner.step(theta)
 
     def accept(self, request, results, steps, neg_grad, penalty, moves: bool):
         """(index of the λ taken, its line search or None, the damping selection or None)."""

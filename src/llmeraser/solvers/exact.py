@@ -25,8 +25,8 @@ class Exact(Solver):
     def solve(self, op, b, progress=True):
         if op.dim > self.settings.exact_max_params:
             raise InputError(
-                f"--solver exact forms a dense {op.dim:,} × {op.dim:,} matrix, above the limit of "
-                f"{self.settings.exact_max_params:,} parameters; use --solver cg or stochastic"
+                f"solver exact forms a dense {op.dim:,} × {op.dim:,} matrix, above the limit of "
+                f"{self.settings.exact_max_params:,} parameters; use solver cg or stochastic (the recipes' solvers)"
             )
         a = dense_operator(op)
         a = (a + a.T) / 2  # symmetric up to rounding
