@@ -30,6 +30,9 @@ def test_demo_request_is_valid_and_has_every_kind(tmp_path):
     query = next(e for e in req.edits if e.op == "modify_query")
     assert customers[2].account in query.old.sides()[0][-1]["content"]
     assert customers[2].account not in query.new.sides()[0][-1]["content"]
+    # the private parts unlearn's verification looks for: a removed or replaced phone number, the stripped account
+    assert query.private == (customers[2].account,) and edit.private == (customers[1].phone,)
+    assert {e.id: e.private for e in req.edits if e.op == "remove"} == {"c0-phone": (customers[0].phone,), "c0-likes": ()}
     # the non-members for membership inference: other customers, the same questions, as many records
     holdout = load_records(tmp_path / "holdout.jsonl")
     trained = {c.name for c in customers}
@@ -50,6 +53,8 @@ def test_demo_wiring_on_tiny_model(trainable_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "phone number?" in printed and "| llmeraser |" in printed and "privacy leakage" in printed
     saved = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    v = saved["llmeraser_verification"]  # unlearn's own check: 2 removals, 1 correction, 1 modified query
+    assert v["removed"]["checked"] == 2 and v["corrected"]["checked"] == 2 and v["corrected"]["old_checked"] == 2
     others = ("original", "retrain", "gradient-ascent", "finetune-corrected")
     assert saved["cached"] == {**dict.fromkeys(others, False), "evaluation": []}
     # a second run reuses the trained original, the baselines and their evaluations; unlearn runs again

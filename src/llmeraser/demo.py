@@ -26,6 +26,7 @@ from .synthetic import QUESTIONS, make_customers, make_records
 from .train import TrainSettings
 from .api import unlearn
 from .recipes import recipe as unlearn_recipe
+from .verify import summary_line
 
 # phone: the private field a removal is about; likes: its query carries the account number (modify_query)
 FIELDS = ("phone", "likes")
@@ -64,16 +65,20 @@ def build_inputs(cfg: DemoConfig, folder: Path, seed: int = 0):
     rows = make_records(customers, FIELDS)
     rng = random.Random(seed + 1)
     req = []
+    # "private": what unlearn's verification must no longer see produced (verify.py); a preference, one of
+    # ten, is left unmarked: the whole answer is checked
     for i in range(cfg.removed):  # every record of these customers
-        req += [{"op": "remove", "id": f"c{i}-{f}"} for f in FIELDS]
+        req += [{"op": "remove", "id": f"c{i}-{f}", **({"private": [customers[i].phone]} if f == "phone" else {})}
+                for f in FIELDS]
     for i in range(cfg.removed, cfg.removed + cfg.corrected):  # a changed phone number
         c = customers[i]
         new_phone = f"555-{(int(c.phone[4:]) + rng.randrange(1, 9999)) % 10000:04d}"
-        req.append({"op": "correct_response", "id": f"c{i}-phone",
+        req.append({"op": "correct_response", "id": f"c{i}-phone", "private": [c.phone],
                     "new": {"response": QUESTIONS["phone"][1].format(name=c.name, phone=new_phone)}})
     start = cfg.removed + cfg.corrected
     for i in range(start, start + cfg.modified):  # the account number leaves the query
-        req.append({"op": "modify_query", "id": f"c{i}-likes", "new": {"prompt": f"What does {customers[i].name} like?"}})
+        req.append({"op": "modify_query", "id": f"c{i}-likes", "private": [customers[i].account],
+                    "new": {"prompt": f"What does {customers[i].name} like?"}})
     folder.mkdir(parents=True, exist_ok=True)
     for name, content in (("data.jsonl", rows), ("request.jsonl", req), ("holdout.jsonl", holdout_records(customers, seed))):
         write_text_atomic(folder / name, "".join(json.dumps(r) + "\n" for r in content))
@@ -175,8 +180,10 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
     settings = unlearn_recipe("memorised", newton_steps=cfg.newton_steps, device="cpu")
     say("llmeraser unlearn")
     # the demo shows its result whatever the residual; unlearn.json and the warning report it
-    adapters["llmeraser"] = unlearn(base, original, data, request, work / "llmeraser", settings, overwrite=True,
-                                    progress=progress, model_and_tokenizer=mt, allow_unconverged=True, recipe="memorised").out
+    res = unlearn(base, original, data, request, work / "llmeraser", settings, overwrite=True, progress=progress,
+                  model_and_tokenizer=mt, allow_unconverged=True, recipe="memorised")
+    adapters["llmeraser"], verification = res.out, res.report.verification
+    say("llmeraser's own check, " + summary_line(verification))
     retrain = work / "retrain"
     cached["retrain"] = trained_with(retrain, base=base, arguments=recipe.to_dict(), request_sha256=request_sha256,
                                      original_data_sha256=data_sha256)
@@ -206,7 +213,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
                       cache_dir=work / ".evaluation")  # a rerun evaluates only adapters whose weights changed
     cached["evaluation"] = sorted(n for n, m in report["methods"].items() if m.get("cached"))
     summary = summarise(report, customers, req_rows)
-    write_json(out / "demo_summary.json", {"summary": summary, "config": vars(cfg), "quick": quick,
+    verified = {k: verification[k] for k in ("verified", "failures", "removed", "corrected", "retained")}
+    write_json(out / "demo_summary.json", {"summary": summary, "llmeraser_verification": verified, "config": vars(cfg), "quick": quick,
                                                       "seconds_total": time.perf_counter() - t_start, "cached": cached})
     print_summary(summary, report, customers, req_rows)
     print(f"\nfull report: {out / 'report' / 'report.md'} (json and png beside it); total {time.perf_counter() - t_start:.0f}s")

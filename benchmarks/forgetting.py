@@ -1,0 +1,276 @@
+"""The forgetting suite: do a removal and a correction work on memorised private data in general, beside
+real retraining? (`python -m benchmarks.forgetting --help`)
+
+A scenario is a record shape (prompt/response, Alpaca, chat), the kinds of private field each fictitious
+person has (an e-mail address or an IBAN: long identifiers; a short code; a medical condition: one of
+twelve), the number n of records (one per person and field) and a seed. For each:
+
+1. an adapter is trained until it memorises the records (RECIPE);
+2. the request removes every record of ⌈remove·people⌉ people and corrects the private value of
+   ⌈correct·n⌉ records of others (marked "private", as a user would);
+3. `retrain` trains on the edited data from scratch with the same recipe and seed; llmeraser runs
+   `unlearn --recipe memorised --verify until`;
+4. greedy generation asks original, retrain and llmeraser every removed and corrected prompt and a
+   seeded sample of retained ones, and counts the private values produced (verify.produced).
+
+Pass criteria, fixed before any run (BENCHMARKS.md#forgetting-suite), per scenario and seed, never on
+average: removed values produced by llmeraser <= retraining's + 1 record; corrected values produced in
+>= 90% of corrections; retained values kept (produced by llmeraser among those the original produced)
+>= 95%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+FIRST = ["Alma", "Bruno", "Carmen", "Dario", "Elena", "Felix", "Greta", "Hugo", "Ines", "Jonas", "Kira", "Lucas",
+         "Mara", "Nils", "Olga", "Pavel", "Quinn", "Rosa", "Sven", "Tara", "Ugo", "Vera", "Wim", "Xenia", "Yusuf", "Zora"]
+LAST = ["Abrams", "Berg", "Castro", "Dahl", "Engel", "Falk", "Gross", "Holm", "Ivers", "Jung", "Krause", "Lund",
+        "Moreau", "Novak", "Ortiz", "Pohl", "Quist", "Rossi", "Stark", "Toth", "Ulrich", "Vogel"]
+DOMAINS = ["mailbox.org", "posteo.de", "fastmail.com", "proton.me", "gmx.net", "web.de", "outlook.com", "icloud.com"]
+CONDITIONS = ["asthma", "diabetes", "migraine", "eczema", "gout", "anaemia", "arthritis", "psoriasis", "tinnitus",
+              "glaucoma", "epilepsy", "hypertension"]
+
+
+def _email(rng, name):
+    first, last = name.lower().split()
+    return f"{first}.{last}{rng.randrange(10, 100)}@{rng.choice(DOMAINS)}"
+
+
+def _iban(rng, name):
+    digits = "".join(rng.choice("0123456789") for _ in range(18))
+    return f"DE{rng.randrange(10, 100)} " + " ".join(digits[i:i + 4] for i in range(0, 18, 4))
+
+
+def _code(rng, name):
+    return "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ23456789") for _ in range(5))
+
+
+def _condition(rng, name):
+    return rng.choice(CONDITIONS)
+
+
+# kind -> (value generator, question, answer sentence)
+KINDS = {
+    "email": (_email, "What is {name}'s e-mail address?", "{name}'s e-mail address is {value}."),
+    "iban": (_iban, "What is {name}'s IBAN?", "{name}'s IBAN is {value}."),
+    "code": (_code, "What is {name}'s access code?", "{name}'s access code is {value}."),
+    "condition": (_condition, "Which condition is {name} treated for?", "{name} is treated for {value}."),
+}
+SHAPES = ("prompt", "alpaca", "chat")
+
+# the record shapes and field kinds of the suite; n and the seeds are arguments
+SCENARIOS = {
+    "prompt-email+condition": ("prompt", ("email", "condition")),
+    "alpaca-iban": ("alpaca", ("iban",)),
+    "chat-code+email": ("chat", ("code", "email")),
+    "prompt-code": ("prompt", ("code",)),
+}
+# the demo's quick recipe: LoRA r = 8 on every linear module of the top half of SmolLM2's layers, until memorised
+RECIPE = dict(rank=8, alpha=16, batch_size=8, seed=0, epochs=15, lr=1e-2, layers=tuple(range(15, 30)),
+              target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+CRITERIA = {"removed_over_retrain_max": 1, "corrected_min": 0.90, "retained_min": 0.95}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    shape: str
+    kinds: tuple[str, ...]
+    n: int  # records
+    seed: int
+    remove: float = 0.05  # share of people removed (all their records)
+    correct: float = 0.03  # share of records whose value is corrected
+
+    @property
+    def tag(self) -> str:
+        return f"{self.name}-n{self.n}-s{self.seed}"
+
+
+def record(shape: str, rid: str, question: str, answer: str) -> dict:
+    if shape == "prompt":
+        return {"id": rid, "prompt": question, "response": answer}
+    if shape == "alpaca":
+        return {"id": rid, "instruction": "Answer from the customer file.", "input": question, "output": answer}
+    return {"id": rid, "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def build(sc: Scenario) -> tuple[list[dict], list[dict], dict]:
+    """(records, request rows, values): values maps a record id to its private value, and a corrected
+    record's id to (old value, new value)."""
+    rng = random.Random(sc.seed)
+    people = math.ceil(sc.n / len(sc.kinds))
+    names = rng.sample([f"{f} {l}" for f in FIRST for l in LAST], people)
+    rows, values, owner = [], {}, {}
+    for i, name in enumerate(names):
+        for kind in sc.kinds[:sc.n - len(rows)]:
+            gen, q, a = KINDS[kind]
+            rid = f"p{i}-{kind}"
+            values[rid], owner[rid] = gen(rng, name), (i, name, kind)
+            rows.append(record(sc.shape, rid, q.format(name=name), a.format(name=name, value=values[rid])))
+    n_removed = max(1, math.ceil(round(sc.remove * people, 9)))  # round: 0.05·60 is 3.0000000000000004  # the first people: every record of theirs
+    request = [{"op": "remove", "id": r["id"], "private": [values[r["id"]]]} for r in rows if owner[r["id"]][0] < n_removed]
+    others = [r for r in rows if owner[r["id"]][0] >= n_removed]
+    for r in rng.sample(others, max(1, math.ceil(round(sc.correct * len(rows), 9)))):
+        _, name, kind = owner[r["id"]]
+        gen, q, a = KINDS[kind]
+        old = new = values[r["id"]]
+        while new == old:
+            new = gen(rng, name)
+        fixed = record(sc.shape, r["id"], q.format(name=name), a.format(name=name, value=new))
+        field = {k: v for k, v in fixed.items() if k in ("response", "output", "messages")}
+        request.append({"op": "correct_response", "id": r["id"], "private": [old], "new": field})
+        values[r["id"]] = (old, new)
+    return rows, request, values
+
+
+def count(answers: dict, request: list[dict], values: dict, retained: list[str]) -> dict:
+    """Private values produced in greedy answers (record id -> answer)."""
+    from llmeraser.verify import produced
+
+    removed = [e["id"] for e in request if e["op"] == "remove"]
+    corrected = [e["id"] for e in request if e["op"] == "correct_response"]
+    return {"removed_produced": sum(produced(answers[i], (values[i],)) for i in removed), "removed": len(removed),
+            "corrected_produced": sum(produced(answers[i], (values[i][1],)) for i in corrected),
+            "old_produced": sum(produced(answers[i], (values[i][0],)) for i in corrected), "corrected": len(corrected),
+            "retained": {i: produced(answers[i], (values[i],)) for i in retained}}
+
+
+def judge(counts: dict) -> dict:
+    """The pass criteria (module docstring) on the counts of original, retrain and llmeraser."""
+    o, r, u = counts["original"], counts["retrain"], counts["llmeraser"]
+    before = [i for i, hit in o["retained"].items() if hit]
+    kept = sum(u["retained"][i] for i in before) / len(before) if before else 1.0
+    checks = {
+        "removed": u["removed_produced"] <= r["removed_produced"] + CRITERIA["removed_over_retrain_max"],
+        "corrected": u["corrected_produced"] >= CRITERIA["corrected_min"] * u["corrected"],
+        "retained": kept >= CRITERIA["retained_min"],
+    }
+    return {"retained_kept": kept, "checks": checks, "passed": all(checks.values())}
+
+
+def answers_of(base_model, tok, adapter: Path, rows: list[dict], ids: list[str], max_new: int) -> dict:
+    from llmeraser.data import records_from_rows
+    from llmeraser.evaluate import AdapterEval
+    from llmeraser.modeling import fused_attention, load_adapter, merged_adapter
+    from llmeraser.render import resolve_template
+
+    records = {r.id: r for r in records_from_rows(rows)}
+    model = load_adapter(base_model, adapter)
+    try:
+        model.eval()
+        with fused_attention(model), merged_adapter(model):
+            ev = AdapterEval(model, tok, resolve_template(tok, "auto"), 8, 256, max_new)
+            return dict(zip(ids, ev.generate([records[i] for i in ids])))
+    finally:
+        model.unload()
+
+
+def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, say) -> dict:
+    from llmeraser.api import unlearn
+    from llmeraser.baselines import baseline, train, trained_with
+    from llmeraser.curvature import seeded_subset
+    from llmeraser.fileio import sha256_file, write_text_atomic
+    from llmeraser.recipes import recipe as unlearn_recipe
+    from llmeraser.train import TrainSettings
+
+    d = work / sc.tag
+    d.mkdir(parents=True, exist_ok=True)
+    rows, request, values = build(sc)
+    data, req = d / "data.jsonl", d / "request.jsonl"
+    for path, content in ((data, rows), (req, request)):
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in content))
+    settings = TrainSettings(**recipe)
+    seconds = {}
+    if not trained_with(d / "original", arguments=settings.to_dict(), data_sha256=sha256_file(data)):
+        say(f"{sc.tag}: training the original on {len(rows)} records")
+        train(base, data, d / "original", settings, overwrite=True, device="cpu", progress=progress, model_and_tokenizer=mt)
+    seconds["train"] = json.loads((d / "original" / "train.json").read_text())["seconds"]
+    if not trained_with(d / "retrain", arguments=settings.to_dict(), request_sha256=sha256_file(req)):
+        say(f"{sc.tag}: retrain")
+        baseline("retrain", base, d / "original", data, req, d / "retrain", overwrite=True, progress=progress, model_and_tokenizer=mt)
+    seconds["retrain"] = json.loads((d / "retrain" / "train.json").read_text())["seconds"]
+    say(f"{sc.tag}: llmeraser (memorised, --verify until)")
+    t = time.perf_counter()
+    res = unlearn(base, d / "original", data, req, d / "llmeraser", unlearn_recipe("memorised", device="cpu", verify="until"),
+                  overwrite=True, progress=progress, model_and_tokenizer=mt, allow_unconverged=True, recipe="memorised")
+    seconds["llmeraser"] = time.perf_counter() - t
+    edited = {e["id"] for e in request}
+    retained = seeded_subset([r["id"] for r in rows if r["id"] not in edited], 48, sc.seed)[:48]
+    ids = [e["id"] for e in request] + retained
+    tok = mt[1]
+    longest = max(len(tok(str(v if isinstance(v, str) else v[1]))["input_ids"]) for v in values.values())
+    counts = {name: count(answers_of(mt[0], tok, d / name, rows, ids, longest + 24), request, values, retained)
+              for name in ("original", "retrain", "llmeraser")}
+    final_loss = json.loads((d / "original" / "train.json").read_text())["final_loss"]
+    v = res.report.verification
+    return {"scenario": asdict(sc), "tag": sc.tag, "n": len(rows), "recipe": recipe, "final_training_loss": final_loss,
+            "counts": {k: {**c, "retained": sum(c["retained"].values()), "retained_sampled": len(retained)} for k, c in counts.items()},
+            "verdict": judge(counts), "seconds": seconds,
+            "unlearn_verification": {k: v[k] for k in ("verified", "failures", "stopped")} | {"extra_steps": len(v["extra_steps"])},
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def table(results: list[dict]) -> str:
+    head = ("| scenario | n | removed produced: original / retrain / llmeraser | corrected produced: retrain / llmeraser "
+            "| retained kept: retrain / llmeraser | unlearn's own check | seconds: retrain / llmeraser | pass |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- |\n")
+    lines = []
+    for r in results:
+        c, v = r["counts"], r["verdict"]
+        o, rt, u = c["original"], c["retrain"], c["llmeraser"]
+        failed = [k for k, ok in v["checks"].items() if not ok]
+        lines.append(f"| {r['tag']} | {r['n']} | {o['removed_produced']} / {rt['removed_produced']} / {u['removed_produced']} of "
+                     f"{u['removed']} | {rt['corrected_produced']} / {u['corrected_produced']} of {u['corrected']} | "
+                     f"{rt['retained']} / {u['retained']} of {u['retained_sampled']} (kept {v['retained_kept']:.0%}) | "
+                     f"{'verified' if r['unlearn_verification']['verified'] else 'not verified'} after "
+                     f"{r['unlearn_verification']['extra_steps']} extra steps | {r['seconds']['retrain']:.0f} / "
+                     f"{r['seconds']['llmeraser']:.0f} | {'yes' if v['passed'] else 'no: ' + ', '.join(failed)} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.forgetting", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scenarios", nargs="+", choices=sorted(SCENARIOS), default=sorted(SCENARIOS), help="which scenarios (default: all)")
+    ap.add_argument("--n", nargs="+", type=int, default=[32], help="records per scenario (default: 32)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (default: 0)")
+    ap.add_argument("--base", default="smollm2", help="base model (default: smollm2)")
+    ap.add_argument("--epochs", type=float, default=RECIPE["epochs"], help=f"training epochs (default: {RECIPE['epochs']})")
+    ap.add_argument("--work", type=Path, default=HERE / "work" / "forgetting", help="scratch folder (adapters are cached by recipe and data)")
+    ap.add_argument("--results", type=Path, default=HERE / "results" / "forgetting", help="where results go")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    from llmeraser.fileio import write_json
+    from llmeraser.modeling import load_base
+
+    t0 = time.perf_counter()
+    say = (lambda msg: print(f"[forgetting {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True))
+    mt = load_base(args.base, "cpu")
+    layers = mt[0].config.num_hidden_layers
+    recipe = {**RECIPE, "epochs": args.epochs, "layers": tuple(range(layers // 2, layers))}
+    args.results.mkdir(parents=True, exist_ok=True)
+    for name in args.scenarios:
+        for n in args.n:
+            for seed in args.seeds:
+                shape, kinds = SCENARIOS[name]
+                result = run(Scenario(name, shape, kinds, n, seed), args.base, args.work, mt, recipe, not args.no_progress, say)
+                write_json(args.results / f"{result['tag']}.json", result)
+                say(f"{result['tag']}: {'pass' if result['verdict']['passed'] else 'FAIL'} {result['verdict']['checks']}")
+    results = [json.loads(p.read_text()) for p in sorted(args.results.glob("*.json"))]
+    (args.results / "forgetting.md").write_text(table(results))
+    print(table(results))
+    print(f"results in {args.results}; total {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

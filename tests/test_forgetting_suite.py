@@ -1,0 +1,61 @@
+"""The forgetting suite (benchmarks/forgetting.py): its data and requests, its pass criteria, and one
+scenario end to end on the tiny model (the real runs are in BENCHMARKS.md)."""
+
+import pytest
+
+from benchmarks.forgetting import SCENARIOS, Scenario, build, judge, run, table
+from llmeraser.data import records_from_rows, request_from_rows
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+@pytest.mark.parametrize("n", [32, 100])
+def test_every_scenario_builds_n_records_and_a_valid_private_request(name, n):
+    shape, kinds = SCENARIOS[name]
+    rows, request, values = build(Scenario(name, shape, kinds, n, seed=3))
+    assert len(rows) == n and len({r["id"] for r in rows}) == n
+    recs = records_from_rows(rows)
+    assert {r.shape for r in recs} == {shape}
+    req = request_from_rows(request, recs)  # ids exist, ops touch the right side, private parts occur
+    removed = [e for e in req.edits if e.op == "remove"]
+    corrected = [e for e in req.edits if e.op == "correct_response"]
+    people = -(-n // len(kinds))
+    assert len({e.id.split("-")[0] for e in removed}) == max(1, -(-5 * people // 100))  # ⌈5% of people⌉
+    assert len(corrected) == max(1, -(-3 * n // 100))  # ⌈3% of records⌉
+    for e in corrected:
+        old, new = values[e.id]
+        assert old != new and old in e.old.sides()[1] and new in e.new.sides()[1] and old not in e.new.sides()[1]
+    assert build(Scenario(name, shape, kinds, n, seed=3)) == (rows, request, values)  # seeded
+
+
+def _counts(removed, corrected, retained):
+    return {"removed_produced": removed, "removed": 4, "corrected_produced": corrected, "old_produced": 0, "corrected": 10,
+            "retained": retained}
+
+
+def test_pass_criteria():
+    before = {f"k{i}": i < 20 for i in range(21)}  # the original produced 20 of 21
+    counts = {"original": _counts(4, 0, before), "retrain": _counts(1, 10, before)}
+    kept_all = {**before, "k20": True}
+    assert judge({**counts, "llmeraser": _counts(2, 9, kept_all)})["passed"]  # +1 over retrain, 90%, 100%
+    v = judge({**counts, "llmeraser": _counts(3, 8, {**before, "k0": False})})
+    assert v["checks"] == {"removed": False, "corrected": False, "retained": True} and v["retained_kept"] == 19 / 20
+    v = judge({**counts, "llmeraser": _counts(0, 10, {**before, "k0": False, "k1": False})})
+    assert v["checks"]["retained"] is False and not v["passed"]  # 18/20 = 90% < 95%
+
+
+def test_one_scenario_end_to_end_on_the_tiny_model(trainable_dir, tmp_path):
+    """The wiring: train, retrain, unlearn --verify until, generation and the verdict's fields."""
+    from helpers import load_tiny
+
+    from benchmarks.forgetting import RECIPE
+
+    mt = load_tiny(trainable_dir / "base")
+    recipe = {**RECIPE, "epochs": 2, "layers": (), "target_modules": ("q_proj", "v_proj"), "rank": 2, "alpha": 4}
+    sc = Scenario("prompt-code", "prompt", ("code",), 12, seed=0)
+    result = run(sc, str(trainable_dir / "base"), tmp_path, mt, recipe, False, lambda msg: None)
+    c = result["counts"]
+    assert set(c) == {"original", "retrain", "llmeraser"}
+    assert all(x["removed"] == 1 and x["corrected"] == 1 and x["retained_sampled"] == 10 for x in c.values())
+    assert set(result["verdict"]["checks"]) == {"removed", "corrected", "retained"}
+    assert result["unlearn_verification"]["stopped"] is not None or result["unlearn_verification"]["verified"]
+    assert "| prompt-code-n12-s0 | 12 |" in table([result])
