@@ -275,7 +275,10 @@ class Runner:
     def cost_row(meta: dict, retrain_s: float, train_peak: float) -> dict:
         secs = meta["seconds"]
         total = secs["b"] + secs["solve"] + secs.get("save", 0.0)
+        v = meta.get("verification") or {}
         return {"seconds": {k: secs[k] for k in ("b", "solve", "save") if k in secs}, "seconds_total": total,
+                # unlearn's own generation check, outside the total (it is not part of the update)
+                "verify_seconds": secs.get("verify"), "verified": v.get("verified"),
                 "speedup_vs_retrain": retrain_s / total, "solver_iterations": meta["solver"]["iterations"],
                 "final_relative_residual": meta["solver"]["final_residual"], "converged": meta["solver"]["converged"],
                 "hvps": meta["solver"].get("hvps"),

@@ -8,7 +8,7 @@ import torch
 from llmeraser.data import load_records, request_from_rows
 from llmeraser.errors import NOT_VERIFIED_EXIT, InputError
 from llmeraser.settings import UnlearnSettings
-from llmeraser.verify import Probe, judge, probes, produced
+from llmeraser.verify import Probe, judge, probes, produced, shortfall
 
 ROWS = [{"id": "a", "prompt": "phone of ann?", "response": "Ann: 1234, ann@x.org"},
         {"id": "b", "prompt": "phone of bob?", "response": "Yes."},
@@ -70,6 +70,17 @@ def test_judge_counts_and_verdict():
                              "18 of 19 sampled retained answers kept (< 95%)"]
     good = judge(probe_list, before, [False, True, True, False] + [True] * 19 + [False])
     assert good["verified"] and good["failures"] == []
+    # the shortfall in records: 1 removed + 1 correction + 1 retained answer beyond the 5% allowed (18 < 19 of 19)
+    assert shortfall(v) == 3 and shortfall(good) == 0
+
+
+def test_shortfall_is_zero_exactly_when_verified():
+    P = lambda kind: Probe("x", kind, None, ("t",))
+    for before_n in range(0, 41):
+        for kept in range(0, before_n + 1):
+            probe_list = [P("retained") for _ in range(before_n)]
+            v = judge(probe_list, [True] * before_n, [True] * kept + [False] * (before_n - kept))
+            assert (shortfall(v) == 0) == v["verified"]
 
 
 def test_verify_settings_are_checked():
@@ -174,3 +185,20 @@ def test_until_verified_stops_on_its_budget_with_the_not_verified_status(memoris
     # with --verify check the failed checks are reported, and the exit status is 0
     assert main([a if a != "until" else "check" for a in args] + ["--out", str(tmp_path / "plain")]) == 0
     assert json.loads((tmp_path / "plain" / "unlearn.json").read_text())["verification"]["verified"] is False
+
+
+def test_until_pulls_still_produced_removals_toward_the_base(memorised):
+    """With the memorised recipe (reset_removed ρ = 10), an extra step adds the reset term over the removed
+    records still produced, and the Θ kept is the one that missed least."""
+    from llmeraser.api import unlearn_model
+    from llmeraser.recipes import recipe
+
+    _, model, tok, recs = memorised
+    s = recipe("memorised", damping=1e6, max_length=64, template="chat", device="cpu", verify="until", verify_steps=1,
+               verify_retained=4, newton_steps=1)
+    res = unlearn_model(model, tok, recs, [{"op": "remove", "id": recs[0].id}], weight_decay=0.0, settings=s)
+    v = res.report.verification
+    assert len(v["extra_steps"]) == 1 and v["extra_steps"][0]["reset_removed"] == 1
+    assert [r["shortfall"] for r in v["rounds"]][0] >= 1
+    best = min(range(len(v["rounds"])), key=lambda i: (v["rounds"][i]["shortfall"], -i))
+    assert v["kept_after_extra_steps"] == best

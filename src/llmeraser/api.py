@@ -26,7 +26,7 @@ from .settings import UnlearnSettings
 from .solvers import SolveResult
 from .trainrecord import TrainRecord
 from .unlearner import Unlearner
-from .verify import Verifier, summary_line
+from .verify import Verifier, shortfall, summary_line
 
 
 @dataclass
@@ -127,7 +127,10 @@ def _unlearn_model(model, tokenizer, records, req, weight_decay, settings, recip
 def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress: bool):
     """(Θ, the verification, the last extra solve or None): the checks of verify.py at Θ and, with verify
     'until', one more Newton step and check at a time until they pass, a step finds no descent, or
-    verify_steps or verify_seconds run out. The extra steps' records are in verification["extra_steps"]."""
+    verify_steps or verify_seconds run out. A step pulls the removed records still produced toward the base
+    model (with reset_removed set). The Θ returned is the first that passes, else the one that failed least
+    (verify.shortfall; a tie goes to the later): a step that bought forgetting with retained answers is
+    not kept. The extra steps' records are in verification["extra_steps"]."""
     s, p = unl.settings, unl.problem
     t0 = time.perf_counter()
     if progress:
@@ -136,7 +139,8 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
                         s.verify_retained, s.seed)
     check = verifier.check(theta)
     rounds = [{"extra_steps": 0, "verified": check["verified"], "failures": check["failures"],
-               "seconds": time.perf_counter() - t0}]
+               "shortfall": shortfall(check), "seconds": time.perf_counter() - t0}]
+    best = (theta, check, 0)
     extra, last, stopped = [], None, None
     while s.verify == "until" and not check["verified"]:
         if len(extra) >= s.verify_steps:
@@ -146,7 +150,8 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
             stopped = f"the budget of {s.verify_seconds:g} s ran out"
         if stopped:
             break
-        theta_next, last, record = unl.more_steps(req, theta, progress)
+        still = [r["id"] for r in check["records"] if r["kind"] == "removed" and r["checked"] and r["after"]]
+        theta_next, last, record = unl.more_steps(req, theta, progress, reset_ids=still)
         extra.append({**record, "until_verified": True})
         if not record["line_search"]["accepted"]:
             stopped = f"Newton step {record['step']} found no descent on the retraining objective"
@@ -154,11 +159,16 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
         theta = theta_next
         check = verifier.check(theta)
         rounds.append({"extra_steps": len(extra), "verified": check["verified"], "failures": check["failures"],
-                       "seconds": time.perf_counter() - t0})
+                       "shortfall": shortfall(check), "seconds": time.perf_counter() - t0})
+        if shortfall(check) <= shortfall(best[1]):
+            best = (theta, check, len(extra))
         if progress:
             print(f"llmeraser: after extra step {len(extra)}: {summary_line(check)}", file=sys.stderr)
-    check.update(rounds=rounds, extra_steps=extra, stopped=stopped, until_verified=s.verify == "until",
-                 seconds=time.perf_counter() - t0)
+    if unl.refiner is not None:
+        unl.refiner.release()
+    theta, check, kept = best
+    check = {**check, "rounds": rounds, "extra_steps": extra, "kept_after_extra_steps": kept, "stopped": stopped,
+             "until_verified": s.verify == "until", "seconds": time.perf_counter() - t0}
     return theta, check, last
 
 

@@ -15,6 +15,7 @@ from .acceptance import backtrack, control_variate, retraining_objective
 from .curvature import GAUSS_NEWTON
 from .data import EditRequest
 from .problem import Problem
+from .reset import OutputReset
 from .settings import UnlearnSettings
 from .systems import Systems
 
@@ -38,17 +39,35 @@ class Refiner:
         self.from_operator = gradient_from_operator(settings, len(self.edited))
         self.value = None  # n·R' at the current Θ, once a step has been accepted
         self.k = 1  # the number of the last step taken
+        self._reset = (None, None)  # (removed ids, OutputReset) of the last step that pulled some toward the base
 
     def objective(self, t: torch.Tensor) -> float:
         """n·R'(Θ) + const under the same stationarity assumption as the gradient, so the two agree."""
         return retraining_objective(self.cv.data_part(t), t, 1, self.p.n * self.p.weight_decay)
 
-    def step(self, theta: torch.Tensor):
+    def reset_term(self, removed: list):
+        """ρ·P over these removed samples (reset.py), kept while the same ones are asked for."""
+        ids = tuple(id(x) for x in removed)
+        if self._reset[0] != ids:
+            if self._reset[1] is not None:
+                self._reset[1].release()
+            p = self.p
+            self._reset = (ids, OutputReset(p.objective, p.params, p.theta_hat, removed, self.s.batch_size, p.device))
+        return self._reset[1]
+
+    def step(self, theta: torch.Tensor, reset_removed: list | None = None):
         """(Θ after the step, the solve's result, the step's record); Θ is unchanged when its search finds
-        no descent (record["line_search"]["accepted"] is False)."""
+        no descent (record["line_search"]["accepted"] is False).
+
+        `reset_removed`: removed samples whose answers are still produced; with the setting reset_removed = ρ > 0
+        the step minimises n·R' + ρ·P over them (P of reset.py, its Gauss-Newton curvature taken at Θ̂), the
+        penalty the first step used (docs/design.md#verification)."""
         p, s, cv, m = self.p, self.s, self.cv, len(self.edited)
         self.k += 1
-        op = self.systems.operator(theta, self.edited, self.damping)
+        reset = self.reset_term(reset_removed) if reset_removed and s.reset_removed else None
+        rho = s.reset_removed
+        terms = ((rho / m, reset.product),) if reset is not None else ()
+        op = self.systems.operator(theta, self.edited, self.damping, terms)
         if self.from_operator:
             g_sample_and_new = op.loss_gradient()[0]  # sample = kept here, scale = 1
         else:
@@ -57,17 +76,29 @@ class Refiner:
                 g_sample_and_new += p.grad_sum(cv.new, theta, "refine: new samples", self.progress)
         # n·∇R'(Θ_k), see the module docstring
         grad = g_sample_and_new - cv.scale * cv.g_sample_hat - cv.g_old_hat + p.n * p.weight_decay * (theta - p.theta_hat)
+        objective, start = self.objective, self.value
+        if reset is not None:
+            grad = grad + rho * reset.grad(theta)
+            objective, start = (lambda t: self.objective(t) + rho * reset.value(t)), None
         result = self.systems.solve(op, -grad, (), self.progress, s.refine_iters or None)[0]
         op.release()
         step = result.delta / m  # op is the mean curvature over the m edited samples: x = m·Δ
         # backtracking along the solved direction (docs/design.md#newton-backtracking); f(Θ_k): the last accepted value
-        search = backtrack(self.objective, theta, step, float(grad @ step), start=self.value)
+        search = backtrack(objective, theta, step, float(grad @ step), start=start)
         record = {"step": self.k, "grad_norm": float(grad.norm()), "iterations": result.iterations,
                   "final_residual": result.final_residual, "converged": result.converged, "line_search": search}
+        if reset is not None:
+            record["reset_removed"] = len(reset_removed)
         if search["accepted"]:
             theta = theta + search["scale"] * step
-            self.value = search["trace"][-1]["objective"]
+            # n·R' alone at the new Θ is known only when no penalty was added
+            self.value = search["trace"][-1]["objective"] if reset is None else None
         return theta, result, record
+
+    def release(self) -> None:
+        if self._reset[1] is not None:
+            self._reset[1].release()
+        self._reset = (None, None)
 
 
 def refine(problem: Problem, request: EditRequest, systems: Systems, settings: UnlearnSettings, theta: torch.Tensor,

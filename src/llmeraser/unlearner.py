@@ -98,13 +98,16 @@ class Unlearner:
                                       "distance_after": reset.penalty.value(theta)}
         return theta - p.theta_hat, result, stage
 
-    def more_steps(self, request: EditRequest, theta: torch.Tensor, progress: bool = True):
+    def more_steps(self, request: EditRequest, theta: torch.Tensor, progress: bool = True, reset_ids=()):
         """(Θ, the solve's result, the step's record): one more Newton step on the edited objective from Θ, after
-        `delta(request)`; Θ is unchanged when its line search finds no descent."""
+        `delta(request)`; Θ is unchanged when its line search finds no descent. `reset_ids`: removed records
+        whose answers are still produced, pulled toward the base model's when the settings have reset_removed."""
         if self.refiner is None:
             self.refiner = Refiner(self.problem, request, self.systems, self.settings, self.damping, progress)
             self.refiner.k = max(self.settings.newton_steps, 1)
-        return self.refiner.step(theta)
+        index = {e.id: e.index for e in request.edits if e.op == "remove"}
+        removed = [self.problem.examples[index[i]] for i in reset_ids if i in index]
+        return self.refiner.step(theta, removed or None)
 
     def accept(self, request, results, steps, neg_grad, penalty, moves: bool):
         """(index of the λ taken, its line search or None, the damping selection or None)."""

@@ -24,6 +24,7 @@ No generated text is stored: the answers to removed prompts are the private data
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +141,15 @@ class Verifier:
 
     def check(self, theta: torch.Tensor) -> dict:
         return judge(self.probes, self.before, self.hits(theta))
+
+
+def shortfall(v: dict) -> int:
+    """How many checks a verification misses by, in records: removed or replaced answers still produced,
+    corrections missing, and retained answers lost beyond what RETAINED_KEPT_MIN allows. 0 when verified."""
+    r, c, k = v["removed"], v["corrected"], v["retained"]
+    allowed_loss = k["produced_before"] - math.ceil(RETAINED_KEPT_MIN * k["produced_before"] - 1e-9)
+    lost = k["produced_before"] - k["kept"]
+    return r["still_produced"] + (c["checked"] - c["produced"]) + c["old_still_produced"] + max(0, lost - allowed_loss)
 
 
 def summary_line(v: dict) -> str:
