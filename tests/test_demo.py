@@ -54,7 +54,8 @@ def test_demo_wiring_on_tiny_model(trainable_dir, tmp_path, capsys):
     assert "phone number?" in printed and "| llmeraser |" in printed and "privacy leakage" in printed
     saved = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     v = saved["llmeraser_verification"]  # unlearn's own check: 2 removals, 1 correction, 1 modified query
-    assert v["removed"]["checked"] == 2 and v["corrected"]["checked"] == 2 and v["corrected"]["old_checked"] == 2
+    assert v["removed"]["checked"] == 2 and v["corrected"]["checked"] == 1 and v["queries"]["checked"] == 1
+    assert v["old"]["checked"] == 2  # the replaced phone number and the account number stripped from the query
     others = ("original", "retrain", "gradient-ascent", "finetune-corrected")
     assert saved["cached"] == {**dict.fromkeys(others, False), "evaluation": []}
     # a second run reuses the trained original, the baselines and their evaluations; unlearn runs again

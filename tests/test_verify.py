@@ -40,38 +40,50 @@ def test_probes_of_each_edit_kind():
     assert got["a", "removed"].targets == ("ann@x.org",) and not got["a", "removed"].shared
     assert got["b", "removed"].shared  # "Yes." is also kept record c's answer: retraining gives it too
     assert got["d", "new"].targets == ("5679",) and got["d", "old"].targets == ("5678",)
-    assert got["e", "new"].targets == ("9012",) and got["e", "new"].ask.fields["prompt"] == "phone of EVE?"
+    assert got["e", "query"].targets == ("9012",) and got["e", "query"].ask.fields["prompt"] == "phone of EVE?"
     assert ("e", "old") not in got  # nothing of the old query is marked private
     assert [p.id for p in probes(req, recs, 5, 0) if p.kind == "retained"] == ["c"]  # the only kept record
+    req = request_from_rows([{"op": "modify_query", "id": "e", "private": ["eve"], "new": {"prompt": "phone of X?"}}], recs)
+    assert {(p.kind, p.targets) for p in probes(req, recs, 0, 0)} == {("query", ("9012",)), ("old", ("eve",))}
 
 
-def test_private_must_occur_in_the_record():
+def test_private_must_be_what_the_edit_takes_away():
     recs = records()
-    with pytest.raises(InputError, match="'private' 'bob@x.org' does not occur in record 'a'"):
+    with pytest.raises(InputError, match="'private' 'bob@x.org' does not occur in the response of record 'a'"):
         request_from_rows([{"op": "remove", "id": "a", "private": ["bob@x.org"]}], recs)
+    with pytest.raises(InputError, match="'private' 'ann' does not occur in the response"):  # the prompt's name
+        request_from_rows([{"op": "remove", "id": "d", "private": ["ann"]}], recs)
     with pytest.raises(InputError, match="'private' must be a non-empty list"):
         request_from_rows([{"op": "remove", "id": "a", "private": "ann@x.org"}], recs)
+    # a modified query's private part is in its old prompt, not in the answer it must still give
+    with pytest.raises(InputError, match="must occur in the old prompt of record 'a' and not in its response"):
+        request_from_rows([{"op": "modify_query", "id": "a", "private": ["ann"], "new": {"prompt": "phone?"}}], recs)
 
 
 def test_judge_counts_and_verdict():
     P = lambda kind, shared=False: Probe("x", kind, None, ("t",), shared)
-    probe_list = [P("removed"), P("removed", shared=True), P("new"), P("old"),
+    probe_list = [P("removed"), P("removed", shared=True), P("new"), P("old"), P("query"), P("old", shared=True),
                   *[P("retained") for _ in range(20)]]
-    # removed: produced before and after; shared removed: ignored; new: absent; old: absent;
+    # removed: produced before and after; shared removed: ignored; new: absent; old: absent; query: produced;
     # retained: 19 produced before, 18 of them after (18/19 = 0.947 < 0.95), 1 never produced
-    before = [True, True, False, True] + [True] * 19 + [False]
-    after = [True, True, False, False] + [True] * 18 + [False, True]
+    before = [True, True, False, True, True, True] + [True] * 19 + [False]
+    after = [True, True, False, False, True, True] + [True] * 18 + [False, True]
     v = judge(probe_list, before, after)
-    assert v["removed"] == {"checked": 1, "unchecked_shared": 1, "produced_before": 1, "still_produced": 1}
-    assert v["corrected"] == {"checked": 1, "produced": 0, "produced_before": 0, "old_checked": 1, "old_still_produced": 0}
+    assert v["removed"] == {"checked": 1, "unchecked": 1, "produced_before": 1, "still_produced": 1}
+    assert v["corrected"] == {"checked": 1, "produced": 0, "produced_before": 0}
+    assert v["queries"] == {"checked": 1, "produced": 1, "produced_before": 1}
+    assert v["old"] == {"checked": 1, "unchecked": 1, "produced_before": 1, "still_produced": 0}
     assert v["retained"] == {"sampled": 20, "produced_before": 19, "kept": 18, "kept_share": 18 / 19}
     assert not v["verified"]
     assert v["failures"] == ["1 of 1 removed answers still produced", "1 of 1 corrections not produced",
                              "18 of 19 sampled retained answers kept (< 95%)"]
-    good = judge(probe_list, before, [False, True, True, False] + [True] * 19 + [False])
+    good = judge(probe_list, before, [False, True, True, False, True, True] + [True] * 19 + [False])
     assert good["verified"] and good["failures"] == []
     # the shortfall in records: 1 removed + 1 correction + 1 retained answer beyond the 5% allowed (18 < 19 of 19)
     assert shortfall(v) == 3 and shortfall(good) == 0
+    lost_query = judge(probe_list, before, [False, True, True, True, False, True] + [True] * 19 + [False])
+    assert lost_query["failures"] == ["1 of 1 replaced answers or private parts still produced",
+                                      "1 of 1 answers to modified queries not produced"] and shortfall(lost_query) == 2
 
 
 def test_shortfall_is_zero_exactly_when_verified():
@@ -128,8 +140,8 @@ def test_verification_reports_a_removal_still_produced_and_a_missing_correction(
     s = UnlearnSettings(damping=1e6, curvature_samples=0, max_length=64, template="chat", device="cpu", verify_retained=6)
     res = unlearn_model(model, tok, recs, _request(recs), weight_decay=0.0, settings=s)
     v = res.report.verification
-    assert v["removed"] == {"checked": 1, "unchecked_shared": 0, "produced_before": 1, "still_produced": 1}
-    assert v["corrected"]["produced"] == 0 and v["corrected"]["old_still_produced"] == 1
+    assert v["removed"] == {"checked": 1, "unchecked": 0, "produced_before": 1, "still_produced": 1}
+    assert v["corrected"]["produced"] == 0 and v["old"]["still_produced"] == 1
     assert v["retained"]["sampled"] == 6 and v["retained"]["produced_before"] == 6 and v["retained"]["kept"] == 6
     assert res.verified is False and v["extra_steps"] == [] and v["until_verified"] is False
     assert "1 of 1 removed answers still produced" in v["failures"]
@@ -159,29 +171,35 @@ def test_verification_passes_on_the_retrained_adapter(memorised):
 
 
 def test_until_verified_stops_on_its_budget_with_the_not_verified_status(memorised, tmp_path):
-    """Through the CLI: with λ = 1e6 no step can pass, so two extra steps are taken, the adapter is written with
-    verified: false, and the exit status is NOT_VERIFIED_EXIT; a seconds budget already spent takes none."""
+    """Through the CLI: no step can pass at λ = 1e6, so --verify until stops (its step budget, a seconds budget
+    already spent, or a step that moves Θ by nothing), the adapter is written with verified: false, and the exit
+    status is NOT_VERIFIED_EXIT. unlearn.json holds the private parts by SHA-256 only."""
     from helpers import write_jsonl
 
     from llmeraser.cli import main
 
     root, _, _, recs = memorised
-    req = write_jsonl(tmp_path / "request.jsonl", _request(recs))
+    private = recs[0].sides()[1]
+    req = write_jsonl(tmp_path / "request.jsonl", [{**_request(recs)[0], "private": [private]}, _request(recs)[1]])
     args = ["unlearn", "--base", str(root / "base"), "--adapter", str(root / "adapter"), "--data", str(root / "train.jsonl"),
             "--request", str(req), "--damping", "1e6", "--curvature-samples", "0", "--max-length", "64",
             "--template", "chat", "--device", "cpu", "--verify", "until", "--quiet", "--allow-unconverged"]
     config = tmp_path / "budget.json"  # the budgets are settings of the config: at most 20 flags
+    for name, budget, stopped in (("steps0", {"verify_steps": 0}, "the budget of 0 extra steps ran out"),
+                                  ("clock", {"verify_seconds": 1e-9}, "the budget of 1e-09 s ran out")):
+        config.write_text(json.dumps({**budget, "verify_retained": 4}))
+        assert main(args + ["--out", str(tmp_path / name), "--config", str(config)]) == NOT_VERIFIED_EXIT
+        text = (tmp_path / name / "unlearn.json").read_text()
+        v = json.loads(text)["verification"]
+        assert v["verified"] is False and v["extra_steps"] == [] and v["stopped"] == stopped
+        assert private not in text  # the removed answer is recorded by its SHA-256
     config.write_text(json.dumps({"verify_steps": 2, "verify_retained": 4}))
     assert main(args + ["--out", str(tmp_path / "steps"), "--config", str(config)]) == NOT_VERIFIED_EXIT
-    v = json.loads((tmp_path / "steps" / "unlearn.json").read_text())["verification"]
-    assert v["verified"] is False and len(v["extra_steps"]) == 2 and len(v["rounds"]) == 3
-    assert v["stopped"] == "the budget of 2 extra steps ran out"
     meta = json.loads((tmp_path / "steps" / "unlearn.json").read_text())
-    assert [st["step"] for st in meta["newton_steps"]] == [1, 2, 3]
-    config.write_text(json.dumps({"verify_seconds": 1e-9, "verify_retained": 4}))
-    assert main(args + ["--out", str(tmp_path / "clock"), "--config", str(config)]) == NOT_VERIFIED_EXIT
-    v = json.loads((tmp_path / "clock" / "unlearn.json").read_text())["verification"]
-    assert v["extra_steps"] == [] and v["stopped"] == "the budget of 1e-09 s ran out"
+    v = meta["verification"]
+    assert 1 <= len(v["extra_steps"]) <= 2 and len(v["rounds"]) == len(v["extra_steps"]) + 1
+    assert v["stopped"] == "the budget of 2 extra steps ran out" or "no progress" in v["stopped"]
+    assert [st["step"] for st in meta["newton_steps"]] == list(range(1, len(v["extra_steps"]) + 2))
     # with --verify check the failed checks are reported, and the exit status is 0
     assert main([a if a != "until" else "check" for a in args] + ["--out", str(tmp_path / "plain")]) == 0
     assert json.loads((tmp_path / "plain" / "unlearn.json").read_text())["verification"]["verified"] is False
@@ -202,3 +220,24 @@ def test_until_pulls_still_produced_removals_toward_the_base(memorised):
     assert [r["shortfall"] for r in v["rounds"]][0] >= 1
     best = min(range(len(v["rounds"])), key=lambda i: (v["rounds"][i]["shortfall"], -i))
     assert v["kept_after_extra_steps"] == best
+
+
+def test_an_extra_step_with_the_reset_lowers_the_removed_records_penalty(memorised):
+    """Refiner.step with still-produced removed records at the memorised recipe's ρ (λ = 0.03): the step lowers
+    n·R' + ρ·P (Armijo), and P itself, the removed record's distance to the base model's outputs."""
+    from llmeraser.recipes import recipe
+    from llmeraser.unlearner import Unlearner
+
+    _, model, tok, recs = memorised
+    req = request_from_rows([{"op": "remove", "id": recs[0].id}], recs)
+    s = recipe("memorised", max_length=64, template="chat", device="cpu", newton_steps=1, reset_removed=10.0)
+    model.eval()
+    unl = Unlearner(model, tok, recs, s)
+    delta, _, _ = unl.delta(req, progress=False)
+    theta = unl.theta_hat + delta
+    after, _, record = unl.more_steps(req, theta, progress=False, reset_ids=[recs[0].id])
+    reset = unl.refiner.reset_term([unl.problem.examples[0]])
+    assert record["reset_removed"] == 1 and record["line_search"]["accepted"]
+    assert reset.value(after) < reset.value(theta)
+    objective = lambda t: unl.refiner.objective(t) + 10.0 * reset.value(t)
+    assert objective(after) < objective(theta)

@@ -97,15 +97,17 @@ def _unlearn_model(model, tokenizer, records, req, weight_decay, settings, recip
         raise NumericalError("the update is not finite; nothing was written. Try a larger damping or curvature ggn")
     verification = None
     if settings.verify != "off":
-        theta, verification, last = verify_edit(unl, model, tokenizer, records, req, theta, progress)
-        result = last or result
+        theta, verification, kept_solve = verify_edit(unl, model, tokenizer, records, req, theta, progress)
+        result = kept_solve or result  # the solve of the step whose Θ is written
         stage["steps"] += verification["extra_steps"]
+        if stage.get("reset_removed") and verification["kept_after_extra_steps"]:
+            stage["reset_removed"]["distance_after_is_before_extra_steps"] = True
         delta = theta - p.theta_hat
     truncated_new = sum(e.truncated for e in p.sets(req).new)
     short = unconverged_steps(stage["steps"], settings)
     report = UnlearnReport(
         recipe=recipe, settings=settings.to_dict(),
-        request={"path": req.path, "sha256": req.sha256, "edits": req.raw},
+        request={"path": req.path, "sha256": req.sha256, "edits": redacted(req.raw)},
         data={"path": None, "sha256": hashlib.sha256(records_jsonl(records).encode("utf-8")).hexdigest()},
         n=p.n, affected=len(req.edits), counts=req.counts, parameters=p.params.numel,
         damping=unl.damping - p.weight_decay, damping_total=unl.damping, training_weight_decay=p.weight_decay,
@@ -124,13 +126,27 @@ def _unlearn_model(model, tokenizer, records, req, weight_decay, settings, recip
     return UnlearnResult(None, delta, result, report, adapter_state(model, p.params, theta))
 
 
+def redacted(edits: list[dict]) -> list[dict]:
+    """The request's edits as unlearn.json records them: each "private" part by its SHA-256, never its text
+    (the new adapter's folder must not carry the data it was made to forget)."""
+    import hashlib
+
+    return [{**e, "private": [hashlib.sha256(x.encode("utf-8")).hexdigest() for x in e["private"]]} if e.get("private") else e
+            for e in edits]
+
+
+# an extra step that moves Θ by less than this, relative to ‖Θ̂‖, ends --verify until: the next would not move it either
+NO_PROGRESS = 1e-6
+
+
 def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress: bool):
-    """(Θ, the verification, the last extra solve or None): the checks of verify.py at Θ and, with verify
-    'until', one more Newton step and check at a time until they pass, a step finds no descent, or
-    verify_steps or verify_seconds run out. A step pulls the removed records still produced toward the base
-    model (with reset_removed set). The Θ returned is the first that passes, else the one that failed least
-    (verify.shortfall; a tie goes to the later): a step that bought forgetting with retained answers is
-    not kept. The extra steps' records are in verification["extra_steps"]."""
+    """(Θ, the verification, the kept extra step's solve or None): the checks of verify.py at Θ and, with verify
+    'until', one more Newton step and check at a time until they pass, a step finds no descent or barely moves
+    Θ, or verify_steps or verify_seconds run out. A step pulls the removed records still produced toward the
+    base model (with reset_removed set: newton.Refiner.step). The Θ returned is the first that passes, else the
+    one that missed by the fewest records (verify.shortfall; a tie goes to the later), so a step that bought
+    forgetting with retained answers is not kept. The extra steps' records are in verification["extra_steps"],
+    each with "kept": whether the Θ returned includes it."""
     s, p = unl.settings, unl.problem
     t0 = time.perf_counter()
     if progress:
@@ -140,8 +156,8 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
     check = verifier.check(theta)
     rounds = [{"extra_steps": 0, "verified": check["verified"], "failures": check["failures"],
                "shortfall": shortfall(check), "seconds": time.perf_counter() - t0}]
-    best = (theta, check, 0)
-    extra, last, stopped = [], None, None
+    best = (theta, check, 0, None)
+    extra, stopped = [], None
     while s.verify == "until" and not check["verified"]:
         if len(extra) >= s.verify_steps:
             stopped = f"the budget of {s.verify_steps} extra steps ran out"
@@ -151,25 +167,31 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
         if stopped:
             break
         still = [r["id"] for r in check["records"] if r["kind"] == "removed" and r["checked"] and r["after"]]
-        theta_next, last, record = unl.more_steps(req, theta, progress, reset_ids=still)
+        theta_next, solve, record = unl.more_steps(req, theta, progress, reset_ids=still)
         extra.append({**record, "until_verified": True})
         if not record["line_search"]["accepted"]:
             stopped = f"Newton step {record['step']} found no descent on the retraining objective"
             break
+        moved = float((theta_next - theta).norm()) / max(float(p.theta_hat.norm()), 1e-30)
         theta = theta_next
         check = verifier.check(theta)
         rounds.append({"extra_steps": len(extra), "verified": check["verified"], "failures": check["failures"],
                        "shortfall": shortfall(check), "seconds": time.perf_counter() - t0})
         if shortfall(check) <= shortfall(best[1]):
-            best = (theta, check, len(extra))
+            best = (theta, check, len(extra), solve)
         if progress:
             print(f"llmeraser: after extra step {len(extra)}: {summary_line(check)}", file=sys.stderr)
+        if not check["verified"] and moved < NO_PROGRESS:
+            stopped = f"Newton step {record['step']} moved Θ by {moved:.1g} of ‖Θ̂‖: no progress"
+            break
     if unl.refiner is not None:
         unl.refiner.release()
-    theta, check, kept = best
+    theta, check, kept, kept_solve = best
+    for i, st in enumerate(extra):
+        st["kept"] = i < kept
     check = {**check, "rounds": rounds, "extra_steps": extra, "kept_after_extra_steps": kept, "stopped": stopped,
              "until_verified": s.verify == "until", "seconds": time.perf_counter() - t0}
-    return theta, check, last
+    return theta, check, kept_solve
 
 
 def unconverged_steps(steps: list[dict], settings: UnlearnSettings) -> list[dict]:

@@ -213,19 +213,27 @@ def _check_new(op: str, old: Record, new: dict, where: str) -> Record:
     return rec
 
 
-def _check_private(private, old: Record, where: str) -> tuple[str, ...]:
-    """The edit's "private" parts: a list of non-empty strings, each found in the old record's prompt or response."""
+def _check_private(private, op: str, old: Record, where: str) -> tuple[str, ...]:
+    """The edit's "private" parts: non-empty strings of the old record that the edited adapter must no longer
+    produce. A removal's or a correction's are parts of the old response (what its prompt asks for); a modified
+    query's are parts of the old prompt that its response does not hold (the response must still be given)."""
     if private is None:
         return ()
     if not isinstance(private, list) or not private or not all(isinstance(x, str) and x.strip() for x in private):
         raise InputError(f"{where}: 'private' must be a non-empty list of strings, the parts of the record that must "
                          'no longer be produced, e.g. ["jane@example.com"]')
     prompt, response = old.sides()
-    text = " ".join(m["content"] for m in prompt) + " " + response
-    missing = [x for x in private if x not in text]
-    if missing:
-        raise InputError(f"{where}: 'private' {missing[0]!r} does not occur in record {old.id!r}; give substrings of "
-                         "its prompt or response, exactly as written")
+    if op == "modify_query":
+        query = " ".join(m["content"] for m in prompt)
+        bad = next((x for x in private if x not in query or x in response), None)
+        if bad is not None:
+            raise InputError(f"{where}: 'private' {bad!r} must occur in the old prompt of record {old.id!r} and not in its "
+                             "response (a modified query's answer is still given); give the private part of the query")
+    else:
+        bad = next((x for x in private if x not in response), None)
+        if bad is not None:
+            raise InputError(f"{where}: 'private' {bad!r} does not occur in the response of record {old.id!r}; give "
+                             "substrings of the answer that must no longer be produced, exactly as written")
     return tuple(private)
 
 
@@ -285,7 +293,7 @@ def _request(rows: list[tuple], records: list[Record], source: str, sha256: str)
             new = None
         else:
             new = _check_new(op, old, e.get("new"), where)
-        edits.append(Edit(op, rid, index[rid], old, new, lineno, _check_private(e.get("private"), old, where)))
+        edits.append(Edit(op, rid, index[rid], old, new, lineno, _check_private(e.get("private"), op, old, where)))
         raw.append(e)
     if not edits:
         raise InputError(f"request {source} has no edits")

@@ -213,7 +213,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
                       cache_dir=work / ".evaluation")  # a rerun evaluates only adapters whose weights changed
     cached["evaluation"] = sorted(n for n, m in report["methods"].items() if m.get("cached"))
     summary = summarise(report, customers, req_rows)
-    verified = {k: verification[k] for k in ("verified", "failures", "removed", "corrected", "retained")}
+    verified = {k: verification[k] for k in ("verified", "failures", "removed", "corrected", "queries", "old", "retained")}
     write_json(out / "demo_summary.json", {"summary": summary, "llmeraser_verification": verified, "config": vars(cfg), "quick": quick,
                                                       "seconds_total": time.perf_counter() - t_start, "cached": cached})
     print_summary(summary, report, customers, req_rows)

@@ -7,7 +7,7 @@ away "5551234", and some tokenizers decode with spaces between tokens):
     remove            removed   the edit's 'private' parts, else the old response      must be absent
     correct_response  new       the new response                                       must be present
                       old       the old 'private' parts, else the old response         must be absent
-    modify_query      new       the response, asked with the new prompt                must be present
+    modify_query      query     the response, asked with the new prompt                must be present
                       old       the 'private' parts of the old prompt, if marked       must be absent
     retained sample   retained  the response of a kept record (seeded sample)          must stay present
 
@@ -16,8 +16,8 @@ removed record's own: retraining without it gives the same answer, so it is not 
 mark the private part of such a record with 'private'. The retained share counts only answers the
 adapter produced before the edit: one it never produced is not lost by the edit.
 
-    verified = no checked removed or old target produced, every new target produced, and at least
-               RETAINED_KEPT_MIN of the retained answers produced before still produced.
+    verified = no checked removed or old target produced, every new and query target produced, and at
+               least RETAINED_KEPT_MIN of the retained answers produced before still produced.
 
 No generated text is stored: the answers to removed prompts are the private data being removed.
 """
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import distributed
 from .curvature import seeded_subset
 from .data import EditRequest, Record
 from .modeling import adapter_at, fused_attention, merged_adapter
@@ -65,7 +66,7 @@ def probes(request: EditRequest, records: list[Record], retained: int, seed: int
     for e in request.edits:
         old_response = e.old.sides()[1]
         if e.op == "modify_query":
-            out.append(Probe(e.id, "new", e.new, (old_response,)))
+            out.append(Probe(e.id, "query", e.new, (old_response,)))
             if e.private:  # a private field of the old query must not surface in the answer to the new one
                 out.append(Probe(e.id, "old", e.new, e.private))
             continue
@@ -91,28 +92,45 @@ def judge(probe_list: list[Probe], before: list[bool], after: list[bool]) -> dic
     def of(kind, checked_only=True):
         return [(b, a) for p, b, a in rows if p.kind == kind and not (checked_only and p.shared)]
 
-    removed, old, new, retained = of("removed"), of("old"), of("new"), of("retained")
+    def present(kind):  # must be produced
+        pairs = of(kind)
+        return {"checked": len(pairs), "produced": sum(a for _, a in pairs), "produced_before": sum(b for b, _ in pairs)}
+
+    def absent(kind):  # must no longer be produced
+        pairs = of(kind)
+        return {"checked": len(pairs), "unchecked": len(of(kind, False)) - len(pairs),
+                "produced_before": sum(b for b, _ in pairs), "still_produced": sum(a for _, a in pairs)}
+
+    retained = of("retained")
     kept_before = sum(b for b, _ in retained)
     kept = sum(b and a for b, a in retained)
     share = kept / kept_before if kept_before else 1.0
-    figures = {
-        "removed": {"checked": len(removed), "unchecked_shared": len(of("removed", False)) - len(removed),
-                    "produced_before": sum(b for b, _ in removed), "still_produced": sum(a for _, a in removed)},
-        "corrected": {"checked": len(new), "produced": sum(a for _, a in new), "produced_before": sum(b for b, _ in new),
-                      "old_checked": len(old), "old_still_produced": sum(a for _, a in old)},
-        "retained": {"sampled": len(retained), "produced_before": kept_before, "kept": kept, "kept_share": share},
-    }
+    figures = {"removed": absent("removed"), "corrected": present("new"), "queries": present("query"),
+               "old": absent("old"),
+               "retained": {"sampled": len(retained), "produced_before": kept_before, "kept": kept, "kept_share": share}}
     failures = []
-    if figures["removed"]["still_produced"]:
-        failures.append(f"{figures['removed']['still_produced']} of {len(removed)} removed answers still produced")
-    if figures["corrected"]["produced"] < len(new):
-        failures.append(f"{len(new) - figures['corrected']['produced']} of {len(new)} corrections not produced")
-    if figures["corrected"]["old_still_produced"]:
-        failures.append(f"{figures['corrected']['old_still_produced']} of {len(old)} replaced answers still produced")
+    for key, what in (("removed", "removed answers"), ("old", "replaced answers or private parts")):
+        if figures[key]["still_produced"]:
+            failures.append(f"{figures[key]['still_produced']} of {figures[key]['checked']} {what} still produced")
+    for key, what in (("corrected", "corrections"), ("queries", "answers to modified queries")):
+        missing = figures[key]["checked"] - figures[key]["produced"]
+        if missing:
+            failures.append(f"{missing} of {figures[key]['checked']} {what} not produced")
     if share < RETAINED_KEPT_MIN:
         failures.append(f"{kept} of {kept_before} sampled retained answers kept (< {RETAINED_KEPT_MIN:.0%})")
     records = [{"id": p.id, "kind": p.kind, "checked": not p.shared, "before": b, "after": a} for p, b, a in rows]
     return {"verified": not failures, "failures": failures, **figures, "records": records}
+
+
+def shortfall(v: dict) -> int:
+    """How many records a verification misses by: removed or replaced answers still produced, corrections and
+    answers to modified queries missing, and retained answers lost beyond what RETAINED_KEPT_MIN allows.
+    0 exactly when verified."""
+    k = v["retained"]
+    allowed_loss = k["produced_before"] - math.ceil(RETAINED_KEPT_MIN * k["produced_before"] - 1e-9)
+    lost = k["produced_before"] - k["kept"]
+    return (v["removed"]["still_produced"] + v["old"]["still_produced"]
+            + sum(v[key]["checked"] - v[key]["produced"] for key in ("corrected", "queries")) + max(0, lost - allowed_loss))
 
 
 class Verifier:
@@ -129,12 +147,18 @@ class Verifier:
         self.asks = list({key(p.ask): p.ask for p in self.probes}.items())
         where = {k: i for i, (k, _) in enumerate(self.asks)}
         self.index = [where[key(p.ask)] for p in self.probes]
-        longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for p in self.probes for t in p.targets)
+        # long enough for every target and for the edited records' whole answers, where a private part may sit last
+        texts = [t for p in self.probes for t in p.targets] + [x.sides()[1] for e in request.edits for x in (e.old, e.new) if x]
+        longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
         self.eval = AdapterEval(model, tokenizer, template, batch_size, max_length, min(longest + MARGIN_TOKENS, max_length))
         self.before = self.hits(theta_hat)
 
     def hits(self, theta: torch.Tensor) -> list[bool]:
-        """Per probe: whether the adapter at Θ produces one of its targets."""
+        """Per probe: whether the adapter at Θ produces one of its targets. Rank 0 generates and every rank gets
+        its answer, so that all ranks take the same decisions from it."""
+        return distributed.on_main(lambda: self._hits(theta))
+
+    def _hits(self, theta: torch.Tensor) -> list[bool]:
         with adapter_at(self.model, self.params, theta), fused_attention(self.model), merged_adapter(self.model):
             answers = self.eval.generate([ask for _, ask in self.asks])
         return [produced(answers[i], p.targets) for i, p in zip(self.index, self.probes)]
@@ -143,25 +167,17 @@ class Verifier:
         return judge(self.probes, self.before, self.hits(theta))
 
 
-def shortfall(v: dict) -> int:
-    """How many checks a verification misses by, in records: removed or replaced answers still produced,
-    corrections missing, and retained answers lost beyond what RETAINED_KEPT_MIN allows. 0 when verified."""
-    r, c, k = v["removed"], v["corrected"], v["retained"]
-    allowed_loss = k["produced_before"] - math.ceil(RETAINED_KEPT_MIN * k["produced_before"] - 1e-9)
-    lost = k["produced_before"] - k["kept"]
-    return r["still_produced"] + (c["checked"] - c["produced"]) + c["old_still_produced"] + max(0, lost - allowed_loss)
-
-
 def summary_line(v: dict) -> str:
     """One line for the terminal: the verdict and its figures."""
-    r, c, k = v["removed"], v["corrected"], v["retained"]
     parts = []
-    if r["checked"] or r["unchecked_shared"]:
-        parts.append(f"removed answers still produced {r['still_produced']}/{r['checked']}"
-                     + (f" ({r['unchecked_shared']} shared with kept records, unchecked)" if r["unchecked_shared"] else ""))
-    if c["checked"]:
-        parts.append(f"corrections produced {c['produced']}/{c['checked']}")
-    if c["old_checked"]:
-        parts.append(f"replaced answers still produced {c['old_still_produced']}/{c['old_checked']}")
+    for key, what in (("removed", "removed answers still produced"), ("old", "replaced answers or private parts still produced")):
+        f = v[key]
+        if f["checked"] or f["unchecked"]:
+            parts.append(f"{what} {f['still_produced']}/{f['checked']}" + (f" ({f['unchecked']} unchecked: shared with kept "
+                                                                           "records or inside the new answer)" if f["unchecked"] else ""))
+    for key, what in (("corrected", "corrections produced"), ("queries", "modified queries answered")):
+        if v[key]["checked"]:
+            parts.append(f"{what} {v[key]['produced']}/{v[key]['checked']}")
+    k = v["retained"]
     parts.append(f"retained kept {k['kept']}/{k['produced_before']} of {k['sampled']} sampled")
     return ("verified: " if v["verified"] else "NOT verified: ") + "; ".join(parts)
