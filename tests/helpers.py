@@ -87,3 +87,19 @@ def toy_records(n: int = 12, seed: int = 0) -> list[dict]:
         name = names[i % len(names)] + (str(i // len(names)) if i >= len(names) else "")
         rows.append({"id": f"r{i}", "prompt": f"phone of {name}?", "response": "".join(rng.choice("0123456789") for _ in range(4))})
     return rows
+
+
+def memorised_tiny(root: Path, n: int, epochs: int, batch_size: int):
+    """(model, tokenizer, records): a wide tiny Llama with a LoRA adapter (r = 4) trained on n toy "phone numbers"
+    for `epochs` epochs (no weight decay), in eval mode; the base is saved in root/base, the data in root/train.jsonl."""
+    from llmeraser.data import load_records
+    from llmeraser.train import TrainSettings, add_lora, train_lora
+
+    make_base(root / "base", hidden=32, init_range=0.3)
+    records = load_records(write_jsonl(root / "train.jsonl", toy_records(n)))
+    recipe = TrainSettings(rank=4, alpha=8, epochs=epochs, lr=1e-2, batch_size=batch_size, seed=0)
+    model, tok = load_tiny(root / "base")
+    model = add_lora(model, recipe)
+    train_lora(model, tok, records, recipe, progress=False)
+    model.eval()
+    return model, tok, records

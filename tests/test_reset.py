@@ -78,18 +78,9 @@ def test_reset_forgets_memorised_records_and_keeps_the_rest(tmp_path):
     removed records' outputs toward the base model's further than the paper's step does, and it damages
     the kept records less than it forgets the removed ones.
     (This toy does not memorise to SmolLM2's ~1e-3 loss; the demo's numbers are in BENCHMARKS.md.)"""
-    from helpers import load_tiny, make_base, toy_records, write_jsonl
+    from helpers import memorised_tiny
 
-    from llmeraser.data import load_records
-    from llmeraser.train import TrainSettings, add_lora, train_lora
-
-    make_base(tmp_path / "base", hidden=32, init_range=0.3)
-    records = load_records(write_jsonl(tmp_path / "train.jsonl", toy_records(16)))
-    recipe = TrainSettings(rank=4, alpha=8, epochs=600, lr=1e-2, batch_size=16, seed=0)
-    model, tok = load_tiny(tmp_path / "base")
-    model = add_lora(model, recipe)
-    train_lora(model, tok, records, recipe, progress=False)
-    model.eval()
+    model, tok, records = memorised_tiny(tmp_path, 16, epochs=600, batch_size=16)
     request = _removal(records, [0, 1])
 
     def run(rho, kappa=0.0):

@@ -107,18 +107,10 @@ def test_verify_settings_are_checked():
 @pytest.fixture(scope="module")
 def memorised(tmp_path_factory):
     """(folder, model, tokenizer, records): a LoRA adapter trained until greedy generation gives every answer."""
-    from helpers import load_tiny, make_base, toy_records, write_jsonl
-
-    from llmeraser.train import TrainSettings, add_lora, train_lora
+    from helpers import memorised_tiny
 
     root = tmp_path_factory.mktemp("memorised")
-    make_base(root / "base", hidden=32, init_range=0.3)
-    recs = load_records(write_jsonl(root / "train.jsonl", toy_records(8)))
-    recipe = TrainSettings(rank=4, alpha=8, epochs=400, lr=1e-2, batch_size=8, seed=0)
-    model, tok = load_tiny(root / "base")
-    model = add_lora(model, recipe)
-    train_lora(model, tok, recs, recipe, progress=False)
-    model.eval()
+    model, tok, recs = memorised_tiny(root, 8, epochs=400, batch_size=8)
     model.save_pretrained(root / "adapter")
     return root, model, tok, recs
 
