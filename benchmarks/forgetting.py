@@ -16,7 +16,8 @@ twelve), the number n of records (one per person and field) and a seed. For each
 Pass criteria, fixed before any run (BENCHMARKS.md#forgetting-suite), per scenario and seed, never on
 average: removed values produced by llmeraser <= retraining's + 1 record; corrected values produced in
 >= 90% of corrections; retained values kept (produced by llmeraser among those the original produced)
->= 95%.
+>= 95%. A scenario whose original produces under 90% of the sampled retained values has not memorised its
+records and is reported invalid (added after the first runs: one such original, at loss 0.23).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ SCENARIOS = {
 RECIPE = dict(rank=8, alpha=16, batch_size=8, seed=0, epochs=15, lr=1e-2, layers=tuple(range(15, 30)),
               target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 CRITERIA = {"removed_over_retrain_max": 1, "corrected_min": 0.90, "retained_min": 0.95}
+MEMORISED_MIN = 0.9  # the original must produce this share of the sampled retained values for a scenario to count
 
 
 @dataclass(frozen=True)
@@ -146,16 +148,21 @@ def count(answers: dict, request: list[dict], values: dict, retained: list[str])
 
 
 def judge(counts: dict) -> dict:
-    """The pass criteria (module docstring) on the counts of original, retrain and llmeraser."""
+    """The pass criteria (module docstring) on the counts of original, retrain and llmeraser. A scenario whose
+    original produces fewer than MEMORISED_MIN of the sampled retained values did not memorise its records: the
+    criteria are about memorised data, so it is reported as invalid (passed None), to be rerun with more epochs."""
     o, r, u = counts["original"], counts["retrain"], counts["llmeraser"]
     before = [i for i, hit in o["retained"].items() if hit]
+    memorised = len(before) / len(o["retained"]) if o["retained"] else 0.0
     kept = sum(u["retained"][i] for i in before) / len(before) if before else 1.0
     checks = {
         "removed": u["removed_produced"] <= r["removed_produced"] + CRITERIA["removed_over_retrain_max"],
         "corrected": u["corrected_produced"] >= CRITERIA["corrected_min"] * u["corrected"],
         "retained": kept >= CRITERIA["retained_min"],
     }
-    return {"retained_kept": kept, "checks": checks, "passed": all(checks.values())}
+    valid = memorised >= MEMORISED_MIN
+    return {"retained_kept": kept, "original_memorised": memorised, "valid": valid, "checks": checks,
+            "passed": all(checks.values()) if valid else None}
 
 
 def answers_of(base_model, tok, adapter: Path, rows: list[dict], ids: list[str], max_new: int) -> dict:
@@ -229,12 +236,14 @@ def table(results: list[dict]) -> str:
         c, v = r["counts"], r["verdict"]
         o, rt, u = c["original"], c["retrain"], c["llmeraser"]
         failed = [k for k, ok in v["checks"].items() if not ok]
+        verdict = ("yes" if v["passed"] else "no: " + ", ".join(failed)) if v.get("valid", True) else \
+            f"invalid: the original produced {v['original_memorised']:.0%} of the retained values (not memorised)"
         lines.append(f"| {r['tag']} | {r['n']} | {o['removed_produced']} / {rt['removed_produced']} / {u['removed_produced']} of "
                      f"{u['removed']} | {rt['corrected_produced']} / {u['corrected_produced']} of {u['corrected']} | "
                      f"{rt['retained']} / {u['retained']} of {u['retained_sampled']} (kept {v['retained_kept']:.0%}) | "
                      f"{'verified' if r['unlearn_verification']['verified'] else 'not verified'} after "
                      f"{r['unlearn_verification']['extra_steps']} extra steps | {r['seconds']['retrain']:.0f} / "
-                     f"{r['seconds']['llmeraser']:.0f} | {'yes' if v['passed'] else 'no: ' + ', '.join(failed)} |")
+                     f"{r['seconds']['llmeraser']:.0f} | {verdict} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -264,7 +273,8 @@ def main(argv=None) -> int:
                 shape, kinds = SCENARIOS[name]
                 result = run(Scenario(name, shape, kinds, n, seed), args.base, args.work, mt, recipe, not args.no_progress, say)
                 write_json(args.results / f"{result['tag']}.json", result)
-                say(f"{result['tag']}: {'pass' if result['verdict']['passed'] else 'FAIL'} {result['verdict']['checks']}")
+                outcome = {True: "pass", False: "FAIL", None: "INVALID (the original did not memorise)"}[result["verdict"]["passed"]]
+                say(f"{result['tag']}: {outcome} {result['verdict']['checks']}")
     results = [json.loads(p.read_text()) for p in sorted(args.results.glob("*.json"))]
     (args.results / "forgetting.md").write_text(table(results))
     print(table(results))

@@ -40,7 +40,11 @@ def test_pass_criteria():
     v = judge({**counts, "llmeraser": _counts(3, 8, {**before, "k0": False})})
     assert v["checks"] == {"removed": False, "corrected": False, "retained": True} and v["retained_kept"] == 19 / 20
     v = judge({**counts, "llmeraser": _counts(0, 10, {**before, "k0": False, "k1": False})})
-    assert v["checks"]["retained"] is False and not v["passed"]  # 18/20 = 90% < 95%
+    assert v["checks"]["retained"] is False and v["passed"] is False  # 18/20 = 90% < 95%
+    # an original that produced 18 of 21 retained values (86% < 90%) did not memorise: the scenario is invalid
+    weak = {f"k{i}": i < 18 for i in range(21)}
+    v = judge({"original": _counts(4, 0, weak), "retrain": _counts(1, 10, weak), "llmeraser": _counts(0, 10, weak)})
+    assert v["valid"] is False and v["passed"] is None and v["checks"]["retained"] is True
 
 
 def test_one_scenario_end_to_end_on_the_tiny_model(trainable_dir, tmp_path):
