@@ -13,7 +13,7 @@ away "5551234", and some tokenizers decode with spaces between tokens):
 
 An old response that a kept record also gives (a label such as "Yes.", a common attribute) is not the
 removed record's own: retraining without it gives the same answer, so it is not checked ('shared');
-mark the private part of such a record with 'private'. The retained share counts only answers the
+a private value inside a longer answer is checked by marking it 'private'. The retained share counts only answers the
 adapter produced before the edit: one it never produced is not lost by the edit.
 
     verified = no checked removed or old target produced, every new and query target produced, and at
@@ -51,7 +51,7 @@ def produced(answer: str, targets: tuple[str, ...]) -> bool:
 @dataclass(frozen=True)
 class Probe:
     id: str  # the record's id
-    kind: str  # removed, old, new or retained
+    kind: str  # removed, new, old, query or retained
     ask: Record  # whose prompt is asked
     targets: tuple[str, ...]
     shared: bool = False  # a removed or old answer a kept record also gives: not checked
