@@ -233,3 +233,42 @@ def test_an_extra_step_with_the_reset_lowers_the_removed_records_penalty(memoris
     assert reset.value(after) < reset.value(theta)
     objective = lambda t: unl.refiner.objective(t) + 10.0 * reset.value(t)
     assert objective(after) < objective(theta)
+
+
+def test_until_keeps_the_theta_that_missed_least(monkeypatch):
+    """verify_edit with scripted checks: the first extra step halves what is missed, the second loses retained
+    answers; the Θ written is the first step's, its solve is reported, and each step says whether it was kept."""
+    from types import SimpleNamespace
+
+    from llmeraser import api
+
+    probe_list = [Probe("a", "removed", None, ("t",)), Probe("b", "removed", None, ("t",))] + \
+        [Probe(f"k{i}", "retained", None, ("t",)) for i in range(4)]
+    before = [True] * 6
+    after = {0.0: [True, True, True, True, True, True],     # 2 removed answers still produced: shortfall 2
+             1.0: [False, True, True, True, True, True],    # 1 still produced: shortfall 1
+             2.0: [False, False, False, False, True, True]}  # forgotten, but 2 of 4 retained lost: shortfall 2
+
+    class Scripted:
+        def __init__(self, *args):
+            pass
+
+        def check(self, theta):
+            return judge(probe_list, before, after[float(theta[0])])
+
+    monkeypatch.setattr(api, "Verifier", Scripted)
+    solves = []
+
+    def more_steps(req, theta, progress, reset_ids=()):
+        solves.append(SimpleNamespace(k=len(solves) + 2, reset_ids=reset_ids))
+        return theta + 1, solves[-1], {"step": len(solves) + 1, "line_search": {"accepted": True}}
+
+    settings = UnlearnSettings(verify="until", verify_steps=2)
+    problem = SimpleNamespace(params=None, theta_hat=torch.zeros(3), template="chat")
+    unl = SimpleNamespace(settings=settings, problem=problem, more_steps=more_steps, refiner=None)
+    theta, v, solve = api.verify_edit(unl, None, None, [], None, torch.zeros(3), progress=False)
+    assert [r["shortfall"] for r in v["rounds"]] == [2, 1, 2]
+    assert float(theta[0]) == 1.0 and v["kept_after_extra_steps"] == 1 and solve is solves[0]
+    assert [st["kept"] for st in v["extra_steps"]] == [True, False]
+    assert v["stopped"] == "the budget of 2 extra steps ran out" and not v["verified"]
+    assert solves[0].reset_ids == ["a", "b"] and solves[1].reset_ids == ["b"]  # the removed answers still produced
