@@ -5,7 +5,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import load_tiny, make_adapter, make_base, toy_records, write_jsonl  # noqa: E402
+from helpers import DEVICE, load_tiny, make_adapter, make_base, toy_records, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -36,5 +36,5 @@ def tiny64(tiny_dir):
     from llmeraser.data import load_records
     from llmeraser.modeling import load_adapter
 
-    model, tok = load_tiny(tiny_dir / "base", torch.float64)
+    model, tok = load_tiny(tiny_dir / "base", torch.float64, DEVICE)
     return load_adapter(model, tiny_dir / "adapter"), tok, load_records(tiny_dir / "train.jsonl")

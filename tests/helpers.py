@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import string
 from pathlib import Path
 
@@ -13,6 +14,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+# where the device-sensitive tests (test_hvp, test_dtype, test_memory) run: cpu here and in CI;
+# benchmarks/gpu_check.py sets it to cuda
+DEVICE = os.environ.get("LLMERASER_TEST_DEVICE", "cpu")
 
 
 def make_tokenizer():
@@ -48,10 +52,10 @@ def make_base(folder: Path, seed: int = 0, hidden: int = 16, layers: int = 2, in
     return folder
 
 
-def load_tiny(folder: Path, dtype=torch.float32):
+def load_tiny(folder: Path, dtype=torch.float32, device: str = "cpu"):
     from llmeraser.modeling import load_base
 
-    return load_base(str(folder), "cpu", dtype)
+    return load_base(str(folder), device, dtype)
 
 
 def make_adapter(base_model, folder: Path, rank: int = 2, seed: int = 0, init_scale: float = 0.1,

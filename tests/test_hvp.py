@@ -9,6 +9,8 @@ from llmeraser.modeling import theta_of
 from llmeraser.objective import CausalLMObjective
 from llmeraser.render import encode
 
+from helpers import DEVICE
+
 # HF's eager attention takes its softmax in float32, so float64 agreement stops near 1e-8.
 RTOL = 1e-6
 
@@ -17,7 +19,7 @@ def setup(tiny64):
     model, tok, records = tiny64
     params, theta = theta_of(model)
     obj = CausalLMObjective(model, tok.pad_token_id)
-    batch = obj.collate([encode(r, tok, "chat", 64) for r in records[:5]], "cpu")
+    batch = obj.collate([encode(r, tok, "chat", 64) for r in records[:5]], DEVICE)
     return obj, params, theta, batch
 
 
@@ -38,7 +40,7 @@ def close(a, b):
 def test_hvp_matches_explicit_hessian(tiny64, mode):
     obj, params, theta, batch = setup(tiny64)
     H = hessian(lambda t: obj.losses(obj.outputs(params.unflatten(t), batch), batch).mean())(theta)
-    v = torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    v = torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     hv = Curvature(obj, params, theta, "hessian", mode)(v, batch)
     assert close(hv, H @ v)
     # the Hessian at a random adapter is indefinite: the test case is not a trivial one
@@ -53,7 +55,7 @@ def test_ggn_matches_explicit_jt_hz_j(tiny64, mode):
     J = jacrev(lambda t: obj.outputs(params.unflatten(t), batch))(theta).reshape(z.numel(), -1)
     Hz = hessian(lambda zz: obj.losses(zz, batch).mean())(z.detach()).reshape(z.numel(), z.numel())
     G = J.T @ Hz @ J
-    v = torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    v = torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     curv = Curvature(obj, params, theta, "ggn", mode)
     gv = curv(v, batch)
     assert close(gv, G @ v)
@@ -75,36 +77,17 @@ def test_hvp_leaves_model_untouched(tiny64):
 def test_cached_ggn_linearisation_matches_fresh_products(tiny64):
     """The operator's kept linearisation gives the same G v, call after call, as a fresh product."""
     obj, params, theta, items, curv = operator_inputs(tiny64)
-    cached = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=2)
-    fresh = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=0)
+    cached = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=2, device=DEVICE)
+    fresh = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=0, device=DEVICE)
     g = torch.Generator().manual_seed(3)
     for _ in range(3):  # the retained graphs must survive repeated use
-        v = torch.randn(theta.numel(), dtype=torch.float64, generator=g)
+        v = torch.randn(theta.numel(), dtype=torch.float64, generator=g).to(DEVICE)
         assert close(cached.full(v), fresh.full(v))
     assert len(cached._linear) == 2  # 3 fixed batches, 2 of them cached
     cached.release()  # a finished Newton step drops its graphs; a later product rebuilds them
     assert not cached._linear
     assert close(cached.full(v), fresh.full(v))
     assert len(cached._linear) == 2
-
-
-@pytest.mark.parametrize("total, kept", [(2.5, 1), (1.5, 0)])
-def test_a_linearisation_is_kept_while_a_fresh_products_room_is_left(tiny64, monkeypatch, total, kept):
-    """Free memory falls by C per kept linearisation (a fake meter): the first stays when C is left beside
-    it (free 2.5C before building it), is dropped with 0.5C left (1.5C), and no second is started (3C
-    needed); the products agree with fresh ones either way."""
-    import llmeraser.curvature as curvature_module
-
-    obj, params, theta, items, curv = operator_inputs(tiny64)
-    op = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=3)
-    cost = 1000.0
-    monkeypatch.setattr(curvature_module, "available_memory_mb", lambda device: (total - len(op._linear)) * cost)
-    v = torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    out = op.full(v)
-    assert len(op._linear) == kept and op._cost_mb == cost
-    assert op.cache_batches == (3 if kept else 0)  # a dropped one stops caching for this operator
-    fresh = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=0)
-    assert close(out, fresh.full(v))
 
 
 def test_response_logits_only_match_the_full_projection(tiny64):
@@ -131,8 +114,8 @@ def test_ggn_base_is_the_gauss_newton_at_the_base_models_softmax(tiny64):
     model, tok, records = tiny64
     params, theta = theta_of(model)
     obj = CausalLMObjective(model, tok.pad_token_id)
-    batch = obj.collate([encode(r, tok, "chat", 64) for r in records[:3]], "cpu")
-    v = torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    batch = obj.collate([encode(r, tok, "chat", 64) for r in records[:3]], DEVICE)
+    v = torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     with model.disable_adapter(), torch.no_grad():
         p0 = torch.softmax(obj.outputs({}, batch), -1)
     J = jacrev(lambda t: obj.outputs(params.unflatten(t), batch))(theta)  # [rows, vocab, dim]
@@ -161,14 +144,14 @@ def test_fixed_batches_are_grouped_by_length_and_average_every_sample(tiny64):
     items = [encode(r, tok, "chat", 20 + 3 * (i % 5)) for i, r in enumerate(records[:10])]
     assert len({len(e.input_ids) for e in items}) == 5
     curv = Curvature(obj, params, theta, "ggn")
-    op = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=0)
+    op = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=0, device=DEVICE)
     widths = [b["input_ids"].shape[1] for b in op.fixed]
     assert widths == sorted(widths)
     padded = sum(b["input_ids"].numel() for b in op.fixed)
     unsorted = sum(len(items[i:i + 4]) * max(len(e.input_ids) for e in items[i:i + 4]) for i in range(0, 10, 4))
     assert padded <= unsorted
-    v = torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    slow = sum(curv(v, obj.collate([e], "cpu")) for e in items) / len(items) + 0.1 * v
+    v = torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    slow = sum(curv(v, obj.collate([e], DEVICE)) for e in items) / len(items) + 0.1 * v
     assert close(op.full(v), slow)
 
 
@@ -179,15 +162,15 @@ def test_operator_gradient_through_its_linearisations_is_the_sum_of_gradients(ti
     from llmeraser.rhs import sum_of_gradients
 
     obj, params, theta, items, curv = operator_inputs(tiny64, kind)
-    op = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=2)
+    op = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=2, device=DEVICE)
     grad, loss = op.loss_gradient()
     assert len(op._linear) == 2  # two batches through kept linearisations, the third through a fresh one
     assert close(grad, sum_of_gradients(obj, params, theta, items, 4, progress=False))
     with torch.no_grad():
-        expected = float(obj.losses(obj.outputs(params.unflatten(theta), obj.collate(items, "cpu")), obj.collate(items, "cpu")).sum())
+        expected = float(obj.losses(obj.outputs(params.unflatten(theta), obj.collate(items, DEVICE)), obj.collate(items, DEVICE)).sum())
     assert abs(loss - expected) <= 1e-10 * abs(expected)
-    fresh = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=0)
-    v = torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    fresh = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=0, device=DEVICE)
+    v = torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     assert close(op.full(v), fresh.full(v))
 
 
@@ -203,10 +186,10 @@ def test_base_probs_are_computed_once_for_every_newton_steps_operator(tiny64):
     outputs = obj.outputs
     obj.outputs = lambda p, b: calls.append(1) or outputs(p, b)
     try:
-        v = torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+        v = torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(6)).to(DEVICE)
         first = Curvature(obj, params, theta, "ggn-base", base_cache=cache)(v, batch)
         assert close(first, Curvature(obj, params, theta, "ggn-base")(v, batch))
-        moved = theta + 0.1 * torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+        moved = theta + 0.1 * torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(DEVICE)
         calls.clear()
         again = Curvature(obj, params, moved, "ggn-base", base_cache=cache)(v, batch)
         assert len(calls) == 2  # the product's own passes only (forward mode, then a forward for Jᵀ); p⁰ came from the cache

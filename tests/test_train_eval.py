@@ -99,6 +99,13 @@ def test_rouge_is_stemmed_f1():
     assert rouge("Yes.", "No.") == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
 
 
+def all_samples(folder):
+    """A config whose curvature sample is the whole training set (curvature_samples is a config setting)."""
+    path = folder / "all_samples.json"
+    path.write_text(json.dumps({"curvature_samples": 0}))
+    return path
+
+
 def test_evaluate_report(trainable_dir, trained, tmp_path):
     base, data, req = trainable_dir / "base", trainable_dir / "train.jsonl", trained / "req.jsonl"
     cli("baseline", "retrain", "--base", base, "--adapter", trained / "original", "--data", data, "--request", req,
@@ -106,7 +113,7 @@ def test_evaluate_report(trainable_dir, trained, tmp_path):
     cli("baseline", "gradient-ascent", "--base", base, "--adapter", trained / "original", "--data", data,
         "--request", req, "--out", tmp_path / "ga", "--steps", "3")
     cli("unlearn", "--base", base, "--adapter", trained / "original", "--data", data, "--request", req,
-        "--out", tmp_path / "llmeraser", "--curvature-samples", "0", "--allow-unconverged")
+        "--out", tmp_path / "llmeraser", "--config", all_samples(tmp_path), "--allow-unconverged")
     test = write_jsonl(tmp_path / "test.jsonl", [{"prompt": "phone of zed?", "response": "1234"},
                                                 {"instruction": "Like it?", "input": "x", "output": "Yes."}][:1])
     cli("evaluate", "--base", base, "--data", data, "--request", req, "--test", test, "--out", tmp_path / "report",
@@ -366,7 +373,7 @@ def test_layers_adapts_only_those_layers_through_train_retrain_and_unlearn(train
         trainable_dir / "train.jsonl", "--request", trained / "req.jsonl", "--out", tmp_path / "retrain")
     assert set(load_file(str(tmp_path / "retrain" / "adapter_model.safetensors"))) == keys
     cli("unlearn", "--base", trainable_dir / "base", "--adapter", tmp_path / "top", "--data", trainable_dir / "train.jsonl",
-        "--request", trained / "req.jsonl", "--out", tmp_path / "unlearned", "--curvature-samples", "0")
+        "--request", trained / "req.jsonl", "--out", tmp_path / "unlearned", "--config", all_samples(tmp_path))
     new = load_file(str(tmp_path / "unlearned" / "adapter_model.safetensors"))
     old = load_file(str(tmp_path / "top" / "adapter_model.safetensors"))
     assert set(new) == keys and any(not torch.equal(new[k], old[k]) for k in keys)

@@ -174,12 +174,12 @@ def test_until_verified_stops_on_its_budget_with_the_not_verified_status(memoris
     private = recs[0].sides()[1]
     req = write_jsonl(tmp_path / "request.jsonl", [{**_request(recs)[0], "private": [private]}, _request(recs)[1]])
     args = ["unlearn", "--base", str(root / "base"), "--adapter", str(root / "adapter"), "--data", str(root / "train.jsonl"),
-            "--request", str(req), "--damping", "1e6", "--curvature-samples", "0", "--max-length", "64",
+            "--request", str(req), "--damping", "1e6", "--max-length", "64",
             "--template", "chat", "--device", "cpu", "--verify", "until", "--quiet", "--allow-unconverged"]
     config = tmp_path / "budget.json"  # the budgets are settings of the config: at most 20 flags
     for name, budget, stopped in (("steps0", {"verify_steps": 0}, "the budget of 0 extra steps ran out"),
                                   ("clock", {"verify_seconds": 1e-9}, "the budget of 1e-09 s ran out")):
-        config.write_text(json.dumps({**budget, "verify_retained": 4}))
+        config.write_text(json.dumps({**budget, "verify_retained": 4, "curvature_samples": 0}))
         assert main(args + ["--out", str(tmp_path / name), "--config", str(config)]) == NOT_VERIFIED_EXIT
         text = (tmp_path / name / "unlearn.json").read_text()
         v = json.loads(text)["verification"]

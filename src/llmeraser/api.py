@@ -18,7 +18,7 @@ from . import distributed
 from .data import EditRequest, Record, load_records, load_request, records_from_rows, records_jsonl, request_from_rows
 from .errors import InputError, NotConvergedError, NumericalError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
-from .modeling import (adapter_state, check_adapter, check_base, fused_attention, load_adapter, load_base, resolve_device,
+from .modeling import (adapter_state, check_adapter, check_base, fused_attention, load_adapter, load_base, resolve_device, resolve_dtype,
                        write_adapter)
 from .recipes import recipe as recipe_settings
 from .report import UnlearnReport, peak_memory_mb
@@ -119,7 +119,7 @@ def _unlearn_model(model, tokenizer, records, req, weight_decay, settings, recip
         delta_norm=float(delta.norm()), theta_norm=float(p.theta_hat.norm()), converged=not short,
         seconds={"b": stage["b"], "solve": stage["solve"],
                  **({"verify": verification["seconds"]} if verification else {})},
-        peak_memory_mb=peak_memory_mb(p.device), verification=verification)
+        peak_memory_mb=peak_memory_mb(p.device), verification=verification, memory=p.memory.to_dict())
     for st in short if distributed.is_main() else ():
         print(f"llmeraser: warning: in Newton step {st['step']} the solver stopped at residual {st['final_residual']:.3g} "
               f"above tol {settings.solver_settings.tol} after {st['iterations']} iterations", file=sys.stderr)
@@ -241,7 +241,7 @@ def unlearn(base: str, adapter: str | Path, data: str | Path, request: str | Pat
     if record is not None and not allow_other_data:
         record.check_data(data, data_sha256, len(records))
     device = resolve_device(settings.device)
-    base_model, tokenizer = model_and_tokenizer if model_and_tokenizer is not None else load_base(base, device)
+    base_model, tokenizer = model_and_tokenizer if model_and_tokenizer is not None else load_base(base, device, resolve_dtype(settings.dtype, device))
     model = load_adapter(base_model, adapter)
     try:
         t_load = time.perf_counter() - t_start

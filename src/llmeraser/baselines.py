@@ -18,7 +18,8 @@ from . import distributed
 from .data import Record, apply_request, load_records, load_request, records_jsonl
 from .errors import InputError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
-from .modeling import adapter_weights_path, check_adapter, check_base, check_device, load_adapter, load_base, resolve_device
+from .modeling import (DTYPE_CHOICES, adapter_weights_path, check_adapter, check_base, check_device, check_dtype, load_adapter,
+                       load_base, resolve_device, resolve_dtype)
 from .train import TrainSettings, add_lora, mean_loss, train_lora
 from .trainrecord import TrainRecord
 from .report import peak_memory_mb
@@ -27,34 +28,39 @@ from .report import versions as _versions
 BASELINES = ("retrain", "gradient-ascent", "finetune-corrected")
 
 
-def _loaded(base, device, model_and_tokenizer):
-    return model_and_tokenizer if model_and_tokenizer is not None else load_base(base, resolve_device(device))
+def _loaded(base, device, model_and_tokenizer, dtype: str = "auto"):
+    if model_and_tokenizer is not None:
+        return model_and_tokenizer
+    device = resolve_device(device)
+    return load_base(base, device, resolve_dtype(dtype, device))
 
 
-def _preflight(base, device, model_and_tokenizer) -> None:
-    """Checks of --base and --device that need no model, made before any training."""
+def _preflight(base, device, model_and_tokenizer, dtype: str = "auto") -> None:
+    """Checks of --base, --device and --dtype that need no model, made before any training."""
     resolve_device(device)
+    check_dtype(dtype)
     if model_and_tokenizer is None:
         check_base(base)
 
 
 def train(base: str, data, out, settings: TrainSettings | None = None, overwrite: bool = False, device: str = "auto",
-          progress: bool = True, model_and_tokenizer=None, extra: dict | None = None, records: list[Record] | None = None) -> Path:
+          progress: bool = True, model_and_tokenizer=None, extra: dict | None = None, records: list[Record] | None = None,
+          dtype: str = "auto") -> Path:
     """LoRA fine-tuning; writes the adapter and train.json (arguments, data SHA-256, loss, seconds, memory).
 
     `records`: train on these instead of reading `data` (then `data` is only recorded, and train.json's
     data_sha256 is the SHA-256 of the records as JSONL); `retrain` uses it so no copy of the edited
-    data is ever written to disk."""
+    data is ever written to disk. `dtype`: the base's (modeling.resolve_dtype); the LoRA weights stay float32."""
     settings = settings or TrainSettings()
     inputs = (data, base)
     out = distributed.on_main(lambda: check_output_dir(out, overwrite, inputs=inputs))
-    _preflight(base, device, model_and_tokenizer)
+    _preflight(base, device, model_and_tokenizer, dtype)
     if records is None:
         records, data_sha256 = load_records(data), sha256_file(data)
     else:
         data_sha256 = hashlib.sha256(records_jsonl(records).encode("utf-8")).hexdigest()
     t0 = time.perf_counter()
-    base_model, tok = _loaded(base, device, model_and_tokenizer)
+    base_model, tok = _loaded(base, device, model_and_tokenizer, dtype)
     model = add_lora(base_model, settings)
     try:
         history = train_lora(model, tok, records, settings, progress)
@@ -68,7 +74,7 @@ def train(base: str, data, out, settings: TrainSettings | None = None, overwrite
                     "arguments": settings.to_dict(), "base": base, "data": str(Path(data).resolve()),
                     "data_sha256": data_sha256, "n": len(records), "final_loss": final,
                     "loss_history": history, "seconds": seconds, "peak_memory_mb": peak_memory_mb(next(model.parameters()).device),
-                    "versions": _versions(), **(extra or {})})
+                    "base_dtype": str(base_model.dtype).removeprefix("torch."), "versions": _versions(), **(extra or {})})
         distributed.on_main(write)
     finally:
         model.unload()  # give the caller its base model back unchanged
@@ -105,9 +111,13 @@ class BaselineSettings:
     steps: int = field(default=10, metadata={"help": "optimiser steps of gradient-ascent / finetune-corrected"})
     lr: float | None = field(default=None, metadata={"help": "learning rate of those steps (default: the recipe's)"})
     device: str = field(default="auto", metadata={"help": "'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'"})
+    dtype: str = field(default="auto", metadata={
+        "help": "the base model's dtype (auto: bfloat16 on CUDA, float32 on CPU/MPS); give retrain the original's",
+        "choices": DTYPE_CHOICES})
 
     def __post_init__(self):
         check_device(self.device)
+        check_dtype(self.dtype)
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise InputError(f"--steps {self.steps}: give an integer >= 1 (optimiser steps of the cheap baselines)")
         if self.lr is not None and not 0 < self.lr < math.inf:
@@ -123,7 +133,7 @@ def baseline(name: str, base: str, adapter, data, request, out, settings: Baseli
     steps, lr, device = st.steps, st.lr, st.device
     inputs = (adapter, data, request, base)
     out = distributed.on_main(lambda: check_output_dir(out, overwrite, inputs=inputs))
-    _preflight(base, device, model_and_tokenizer)
+    _preflight(base, device, model_and_tokenizer, st.dtype)
     check_adapter(adapter)
     records = load_records(data)
     req = load_request(request, records)
@@ -133,7 +143,7 @@ def baseline(name: str, base: str, adapter, data, request, out, settings: Baseli
         return train(base, data, out, recipe, overwrite, device, progress, model_and_tokenizer,
                      extra={"baseline": "retrain", "request_sha256": req.sha256, "original_data": str(Path(data).resolve()),
                             "original_data_sha256": sha256_file(data)},
-                     records=apply_request(records, req))
+                     records=apply_request(records, req), dtype=st.dtype)
     # each cheap baseline handles its own part of a mixed request and leaves the rest as it is
     if name == "gradient-ascent":
         targets = [e.old for e in req.edits if e.op == "remove"]
@@ -144,7 +154,7 @@ def baseline(name: str, base: str, adapter, data, request, out, settings: Baseli
         if not targets:
             raise InputError("finetune-corrected needs query or response edits; use gradient-ascent for removals")
     t0 = time.perf_counter()
-    base_model, tok = _loaded(base, device, model_and_tokenizer)
+    base_model, tok = _loaded(base, device, model_and_tokenizer, st.dtype)
     model = load_adapter(base_model, adapter)
     try:
         settings = TrainSettings(**{**recipe.to_dict(), "lr": lr or recipe.lr, "batch_size": min(recipe.batch_size, len(targets))})

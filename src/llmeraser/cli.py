@@ -166,10 +166,14 @@ def _flag_names(message: str) -> str:
 
 
 def _common(p, out_help, device: bool = True):
+    from .modeling import DTYPE_CHOICES
+
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and llmeraser wrote it")
     if device:
         p.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:N', 'mps' or 'auto' (default: auto)")
+        p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                       help="the base model's dtype; LoRA weights stay float32 (auto: bfloat16 on CUDA, float32 on CPU/MPS)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -192,7 +196,7 @@ def _run_train(args) -> int:
     from .train import TrainSettings
 
     out = train(args.base, args.data, args.out, dataclass_from_args(TrainSettings, args), args.overwrite,
-                args.device, not args.quiet)
+                args.device, not args.quiet, dtype=args.dtype)
     if not distributed.is_main():
         return 0
     meta = json.loads((out / "train.json").read_text())

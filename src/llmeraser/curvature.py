@@ -25,7 +25,8 @@ from torch.func import jvp
 
 from . import distributed
 from .errors import NumericalError
-from .objective import Objective, by_length
+from .memory import MemoryBudget, is_out_of_memory
+from .objective import Objective, by_length, wide, wide_softmax
 from .params import AdapterParams, zero_adapter
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class Curvature:
             self._theta0 = zero_adapter(self.params, self.theta_hat)
         with torch.no_grad():
             z0 = self.objective.outputs(self.params.unflatten(self._theta0), batch)
-        p0 = torch.softmax(z0.double(), -1).to(z0.dtype)
+        p0 = wide_softmax(z0)
         if cache is not None:
             cache.put(batch, p0)
         return p0
@@ -94,6 +95,8 @@ class Curvature:
             self.mode = "fwd_rev"
             return out
         except (NotImplementedError, RuntimeError) as e:
+            if is_out_of_memory(e):  # a full device is not a missing forward-mode rule: the mode stays undecided
+                raise
             log.info("forward-mode product unavailable (%s); using backward passes only", str(e).splitlines()[0])
             self.mode = "rev_rev"
             return slow(v, batch)
@@ -120,7 +123,7 @@ class Curvature:
 
         with torch.no_grad():  # forward mode is not switched off by no_grad; this only keeps no reverse graph
             z, jv = jvp(outputs, (self.theta_hat,), (v,))
-        hjv = self._loss_head(z, batch)(jv)
+        hjv = self._loss_head(z, batch)(jv).to(z.dtype)
         del z, jv
         with torch.enable_grad():
             theta = self.theta_hat.clone().requires_grad_(True)
@@ -132,14 +135,14 @@ class Curvature:
         differentiating only the loss head (cheap: no network pass); `keep` lets it be called more than once."""
         if self.kind == "ggn-base":
             p0, n = self.base_probs(batch), self.objective.batch_size(batch)
-            return lambda u: fisher_product(p0, batch, u) / n  # mean over the batch, as the loss
+            return lambda u: fisher_product(p0, batch, u.to(p0.dtype)) / n  # mean over the batch, as the loss
         with torch.enable_grad():
-            zd = z.detach().requires_grad_(True)
+            zd = wide(z.detach()).requires_grad_(True)
             (gz,) = torch.autograd.grad(self.objective.losses(zd, batch).mean(), zd, create_graph=True)
 
         def product(u):
             with torch.enable_grad():
-                return torch.autograd.grad(gz, zd, grad_outputs=u, retain_graph=keep)[0]
+                return torch.autograd.grad(gz, zd, grad_outputs=u.to(zd.dtype), retain_graph=keep)[0]
         return product
 
     def linearise(self, batch: dict, keep: bool = True, head="loss"):
@@ -168,7 +171,7 @@ class Curvature:
         def product(v: torch.Tensor) -> torch.Tensor:
             with torch.enable_grad():
                 (jv,) = torch.autograd.grad(jt_u, u, grad_outputs=v.to(self.theta_hat.dtype), retain_graph=keep)
-                (gv,) = torch.autograd.grad(z, theta, grad_outputs=out_curvature(jv), retain_graph=keep)
+                (gv,) = torch.autograd.grad(z, theta, grad_outputs=out_curvature(jv).to(z.dtype), retain_graph=keep)
             return gv
 
         def loss_gradient() -> tuple[torch.Tensor, float]:
@@ -191,10 +194,11 @@ class BaseProbsCache:
     p⁰ is the base model's prediction, the same at every Θ when Θ holds only LoRA A and B (B = 0 makes A
     irrelevant), so successive Newton steps' operators share one forward per batch
     (docs/design.md#base-probs-cache). With other tensors in Θ (modules_to_save) p⁰ moves with them: no caching.
-    Bounded by `max_bytes`: long responses make p⁰ large ([response tokens, vocabulary] per batch)."""
+    Bounded by `max_bytes` and the run's memory budget: long responses make p⁰ large ([response tokens, vocabulary]
+    per batch). Held for the whole run."""
 
-    def __init__(self, max_bytes: int = 2**29):
-        self.max_bytes, self.used, self._store = max_bytes, 0, {}
+    def __init__(self, max_bytes: int = 2**29, memory: MemoryBudget | None = None):
+        self.max_bytes, self.used, self._store, self.memory = max_bytes, 0, {}, memory
 
     @staticmethod
     def usable(params: AdapterParams) -> bool:
@@ -209,7 +213,7 @@ class BaseProbsCache:
 
     def put(self, batch: dict, p0: torch.Tensor) -> None:
         size = p0.numel() * p0.element_size()
-        if self.used + size <= self.max_bytes:
+        if self.used + size <= self.max_bytes and (self.memory is None or self.memory.hold("base_predictions", size / 2**20)):
             self._store[self._key(batch)] = p0
             self.used += size
 
@@ -217,32 +221,9 @@ class BaseProbsCache:
 def fisher_product(p0: torch.Tensor, batch: dict, v: torch.Tensor) -> torch.Tensor:
     """Per response token, (1/T_i) F⁰ v = (1/T_i)(p⁰ ⊙ v − p⁰ (p⁰ · v)), T_i its record's token count:
     the Hessian in the logits of Σ_i (mean token cross-entropy of record i) at prediction p⁰."""
-    w = 1.0 / batch["counts"][batch["rows"]].to(v.dtype)
+    w = 1.0 / batch["counts"][batch["rows"]].to(p0.dtype)
+    v = v.to(p0.dtype)
     return w[:, None] * (p0 * v - p0 * (p0 * v).sum(-1, keepdim=True))
-
-
-def available_memory_mb(device) -> float:
-    """Memory free for new tensors: the GPU's free memory, or MemAvailable of the host (Linux)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] / 2**20
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("inf")  # unknown: trust --cache-batches
-
-
-def room_beside_kept(free_mb: float, cost_mb: float) -> bool:
-    """Whether a just-built linearisation may stay: what is left must hold a fresh product on another batch.
-
-    A fresh product builds at most what one kept linearisation holds (the same forward and Jᵀ graph,
-    freed as it goes), so free memory ≥ one linearisation's cost is enough. Starting *another* needs 3×
-    (`_may_cache`; docs/design.md#kept-linearisations)."""
-    return free_mb >= cost_mb
 
 
 def seeded_subset(items: list, k: int | None, seed: int) -> list:
@@ -267,7 +248,7 @@ class HessianOperator:
 
     def __init__(self, curvature: Curvature, items: list, batch_size: int, damping: float,
                  curvature_samples: int | None = None, seed: int = 0, device="cpu", cache_batches: int = 0,
-                 terms: tuple = ()):
+                 terms: tuple = (), memory: MemoryBudget | None = None):
         if damping < 0:
             raise ValueError("damping must be >= 0")
         self.curvature, self.items, self.batch_size, self.damping = curvature, items, batch_size, damping
@@ -276,16 +257,19 @@ class HessianOperator:
         chosen = by_length(seeded_subset(items, curvature_samples, seed))
         k = len(chosen)
         collate, prepare = curvature.objective.collate, curvature.objective.prepare
+        # what this operator keeps between passes counts against one budget (memory.py), shared by a run's operators
+        self.memory = memory if memory is not None else MemoryBudget(device)
+        self._held = [0, 0.0]  # the fixed batches whose hidden states are stored, and their MiB
         # every product passes over these batches: `prepare` keeps what does not depend on Θ
         mine = distributed.shard(chosen)
-        self.fixed = [prepare(collate(mine[i:i + batch_size], device)) for i in range(0, len(mine), batch_size)]
+        self.fixed = [self._prepared(prepare, collate(mine[i:i + batch_size], device)) for i in range(0, len(mine), batch_size)]
         self._chosen = chosen  # the whole sample, for `fixed_batch` with several processes
         self.fixed_weights = [curvature.objective.batch_size(b) / k for b in self.fixed]
         self.hvp_count = 0
         # GGN products on the fixed batches reuse one linearisation per batch (built on first use)
         self.cache_batches = cache_batches
         self._linear: dict[int, object] = {}
-        self._cost_mb = 0.0  # the most memory one kept linearisation has taken (free before its build − after)
+        self._linear_mb = 0.0  # what the kept linearisations took
         # (w, E): further PSD terms w·E(v) of the objective's curvature that are not averages over
         # training batches (terms.py: the removed records' reset, the kept records' anchor); every product
         # includes them
@@ -302,23 +286,30 @@ class HessianOperator:
             out += w * product(v.to(self.curvature.theta_hat.dtype))
         return out
 
-    def _may_cache(self) -> bool:
-        """Keep another linearisation only within --cache-batches and with room for two more of them.
-
-        One holds a batch's activations and the graph of Jᵀ, so a fixed count alone can exhaust memory
-        (docs/design.md#kept-linearisations).
-        """
-        if not self.curvature.gauss_newton or len(self._linear) >= self.cache_batches:
-            return False
-        return not self._linear or available_memory_mb(self.device) > 3 * self._cost_mb
+    def _prepared(self, prepare, batch: dict) -> dict:
+        """The batch with the frozen layers' hidden states stored (objective.prepare) while the budget holds them."""
+        batch = prepare(batch)
+        if "prefix" in batch:
+            mb = batch["prefix"].numel() * batch["prefix"].element_size() / 2**20
+            if self.memory.hold("hidden_states", mb):
+                self._held[0] += 1
+                self._held[1] += mb
+            else:
+                del batch["prefix"]
+        return batch
 
     def release(self) -> None:
-        """Drop the kept linearisations (each holds a batch's activations); later products rebuild them.
+        """Drop the kept linearisations (each holds a batch's activations); later products rebuild them. Called
+        when the operator's solve is done, so its stored hidden states leave the budget too.
 
         A Newton step's operator is done once its solve is: holding its graphs while the next step builds
         its own doubles the memory, and builds on memory the process has not used before are slow
         (docs/design.md#release-between-steps)."""
+        self.memory.free("linearisation", self._linear_mb, len(self._linear))
         self._linear.clear()
+        self._linear_mb = 0.0
+        self.memory.free("hidden_states", self._held[1], self._held[0])
+        self._held = [0, 0.0]
 
     @property
     def dim(self) -> int:
@@ -359,20 +350,19 @@ class HessianOperator:
         return self._fixed_product(i, v) + self.damping * v + self._extra(v)
 
     def _kept_linearisation(self, i: int):
-        """Fixed batch i's kept linearisation, built now if allowed; None where it may not be kept."""
-        if i not in self._linear and not self._may_cache():
+        """Fixed batch i's kept linearisation, built now if --cache-batches and the memory budget allow (memory.py:
+        within the budget, with a fresh product's room left beside it); None where it is not kept. The first
+        refusal stops this operator from trying again (docs/design.md#kept-linearisations)."""
+        if i in self._linear:
+            return self._linear[i]
+        if not self.curvature.gauss_newton or len(self._linear) >= self.cache_batches:
             return None
-        if i not in self._linear:
-            before = available_memory_mb(self.device)
-            self._linear[i] = self.curvature.linearise(self.fixed[i])
-            self._cost_mb = max(self._cost_mb, before - available_memory_mb(self.device))
-            if not room_beside_kept(available_memory_mb(self.device), self._cost_mb):
-                # holding it would leave too little for the other batches' fresh products: stop caching
-                del self._linear[i]
-                self.cache_batches = len(self._linear)
-                log.info("not keeping GGN linearisations: one takes ~%.0f MB", self._cost_mb)
-                return None
-        return self._linear[i]
+        built, mb = self.memory.keep("linearisation", lambda: self.curvature.linearise(self.fixed[i]))
+        if built is None:
+            self.cache_batches = len(self._linear)
+            return None
+        self._linear[i], self._linear_mb = built, self._linear_mb + mb
+        return built
 
     def loss_gradient(self) -> tuple[torch.Tensor, float]:
         """(Σ ∇L_i, Σ L_i) over every sample of the fixed batches at Θ̂ (sums, not means; over every rank's).

@@ -29,8 +29,8 @@ from .data import Record, load_records, load_request
 from .errors import InputError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
 from .metrics import cosine, exact_match, relative_distance, roc_auc, rouge
-from .modeling import (adapter_weights_path, check_adapter, check_base, check_device, fused_attention, load_adapter, load_base, merged_adapter,
-                       read_adapter_file, resolve_device)
+from .modeling import (DTYPE_CHOICES, adapter_weights_path, check_adapter, check_base, check_device, check_dtype, fused_attention,
+                       load_adapter, load_base, merged_adapter, read_adapter_file, resolve_device, resolve_dtype)
 from . import privacy
 from .objective import CausalLMObjective
 from .privacy import token_stats
@@ -232,10 +232,13 @@ class EvaluateSettings:
     max_length: int = field(default=512, metadata={"help": "tokens per sample"})
     template: str = field(default="auto", metadata={"help": "prompt rendering", "choices": TEMPLATES})
     device: str = field(default="auto", metadata={"help": "'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'"})
+    dtype: str = field(default="auto", metadata={"help": "the base model's dtype (auto: bfloat16 on CUDA, float32 on CPU/MPS)",
+                                                 "choices": DTYPE_CHOICES})
     keep_samples: int = 10  # generated answers kept per split in the report (not a flag)
 
     def __post_init__(self):
         check_device(self.device)
+        check_dtype(self.dtype)
         if self.template not in TEMPLATES:
             raise InputError(f"--template must be one of {list(TEMPLATES)}")
         for name, least in (("max_new_tokens", 1), ("batch_size", 1), ("kl_samples", 0), ("retain_samples", 0),
@@ -272,7 +275,7 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, settings:
               "retain": [r for i, r in enumerate(records) if i not in edited], "test": load_records(test) if test else []}
     if retain_samples and len(splits["retain"]) > retain_samples:
         splits["retain"] = retain_sample(splits["retain"], retain_samples)
-    base_model, tok = model_and_tokenizer or load_base(base, device)
+    base_model, tok = model_and_tokenizer or load_base(base, device, resolve_dtype(st.dtype, device))
     tpl = resolve_template(tok, template)
     # records per split whose next-token distributions are compared with retrain's (KL)
     kl_keep = {s: min(kl_samples, len(recs)) if "retrain" in adapters and s in ("forget", "test") else 0

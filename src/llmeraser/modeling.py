@@ -29,6 +29,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 CONVERT_HINT = ("convert it once, in an environment you trust: python -c \"import torch; from safetensors.torch import "
                 "save_file; save_file(torch.load('{src}', weights_only=True), '{dst}')\"")
 DEVICE_TYPES = ("cpu", "cuda", "mps")
+# --dtype: the base model's weights and activations. Θ (the adapter), b, the solver's vectors and every loss stay
+# float32 whatever the base's dtype (PEFT keeps LoRA weights float32; losses upcast the logits)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
 
 
 def locate_smollm2() -> tuple[str, str]:
@@ -105,6 +109,27 @@ def check_device(device: str) -> str:
     if device != "auto" and (kind not in DEVICE_TYPES or (index and not (kind == "cuda" and index.isdigit()))):
         raise InputError(f"--device {device}: unknown device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     return device
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPE_CHOICES:
+        raise InputError(f"--dtype {dtype}: unknown; use one of {', '.join(DTYPE_CHOICES)}")
+    return dtype
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The base's torch dtype. 'auto': bfloat16 on a CUDA GPU that has it (float16 on one that does not): half
+    the memory of float32, the precision the products keep (docs/design.md#dtype); float32 on CPU and MPS, where
+    half-precision matrix products are slow or unsupported."""
+    check_dtype(dtype)
+    if dtype != "auto":
+        if dtype == "float16" and torch.device(device).type == "cpu":
+            log.warning("--dtype float16 on CPU: many CPU kernels are slow or missing in float16; bfloat16 is the "
+                        "half-precision type CPUs support")
+        return DTYPES[dtype]
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
 
 
 def resolve_device(device: str) -> torch.device:
@@ -193,12 +218,13 @@ def load_base(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype 
         kw["gguf_file"] = gguf
     else:
         kw["use_safetensors"] = True  # never a pickle (check_base refused one)
-    try:
-        model, tokenizer = _from_pretrained(folder, dtype, kw)
+    try:  # a GGUF is dequantised to float32, cached so, then cast (the cache serves every dtype)
+        model, tokenizer = _from_pretrained(folder, torch.float32 if converted is not None else dtype, kw)
     except Exception as e:  # noqa: BLE001 - any failure to load a user's model is a message, not a traceback
         raise InputError(f"--base {spec}: could not load the model ({str(e).splitlines()[0]})") from None
-    if converted is not None and dtype == torch.float32:
+    if converted is not None:
         write_converted(converted, lambda tmp: save_converted(model, tokenizer, tmp))
+        model.to(dtype)
     return _ready(model, tokenizer, device)
 
 

@@ -52,7 +52,8 @@ class Refiner:
             if self._reset[1] is not None:
                 self._reset[1].release()
             p = self.p
-            self._reset = (ids, OutputReset(p.objective, p.params, p.theta_hat, removed, self.s.batch_size, p.device))
+            self._reset = (ids, OutputReset(p.objective, p.params, p.theta_hat, removed, self.s.batch_size, p.device,
+                                            memory=p.memory))
         return self._reset[1]
 
     def step(self, theta: torch.Tensor, reset_removed: list | None = None):

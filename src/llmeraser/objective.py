@@ -21,6 +21,23 @@ from .render import Example
 log = logging.getLogger(__name__)
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float32 when it is half precision, else as it is: every loss, output-space curvature and distance is
+    taken in at least float32, so a bfloat16 base changes only the network's own rounding (docs/design.md#dtype)."""
+    return t.float() if t.dtype in HALF else t
+
+
+def wide_softmax(z: torch.Tensor) -> torch.Tensor:
+    """softmax(z) computed in float64 (float32 on MPS, which has no float64), returned in `wide(z)`'s dtype.
+
+    A saturated softmax (a memorised token) needs the extra digits for 1 − p, which the Fisher's diagonal holds."""
+    work = torch.float32 if z.device.type == "mps" else torch.float64
+    return torch.softmax(z.to(work), -1).to(wide(z).dtype)
+
+
 def by_length(items: list) -> list:
     """`items` in order of token count (stable), so fixed batches of them pad little; others as given.
 
@@ -184,8 +201,7 @@ class CausalLMObjective(Objective):
             return out.logits[batch["rows"], batch["cols"]]
 
     def losses(self, outputs, batch):
-        nll = F.cross_entropy(outputs.float() if outputs.dtype in (torch.float16, torch.bfloat16) else outputs,
-                              batch["targets"], reduction="none")
+        nll = F.cross_entropy(wide(outputs), batch["targets"], reduction="none")
         per_sample = torch.zeros(batch["n"], dtype=nll.dtype, device=nll.device).index_add(0, batch["rows"], nll)
         return per_sample / batch["counts"].to(nll.dtype)
 

@@ -18,6 +18,7 @@ import torch
 from . import distributed
 from .data import EditRequest, Record
 from .modeling import fused_attention, theta_of
+from .memory import MemoryBudget
 from .objective import CausalLMObjective, by_length
 from .render import encode, resolve_template
 from .rhs import gradient_sum, sum_of_gradients
@@ -46,12 +47,14 @@ class Problem:
     """Θ̂, the encoded training samples, and the sums over them that every stage needs."""
 
     def __init__(self, model, tokenizer, records: list[Record], template: str = "auto", max_length: int = 512,
-                 batch_size: int = 8, weight_decay: float = 0.0):
+                 batch_size: int = 8, weight_decay: float = 0.0, memory_mb: float = 0.0):
         self.model, self.tokenizer, self.records = model, tokenizer, records
         self.device = next(model.parameters()).device
         self.template = resolve_template(tokenizer, template)
         self.max_length, self.batch_size, self.weight_decay = max_length, batch_size, weight_decay
         self.params, self.theta_hat = theta_of(model)
+        # what the run keeps between passes (kept linearisations, stored hidden states, p⁰): one budget (memory.py)
+        self.memory = MemoryBudget(self.device, memory_mb)
         self.objective = CausalLMObjective(model, tokenizer.pad_token_id)
         # batches evaluated many times (CG's, the line search's) skip the layers below the adapter's lowest
         self.objective.freeze_prefix(self.params.names)
@@ -97,11 +100,15 @@ class Problem:
 
     def rhs(self, request: EditRequest, progress: bool = True) -> torch.Tensor:
         """b = Σ_S [∇L(old) − ∇L(new)] at Θ̂, unscaled."""
-        b = self.old_grad(request, progress).clone()
-        new = self.sets(request).new
-        if new:
-            b -= self.grad_sum(new, self.theta_hat, "b: new samples", progress)
-        return b
+        def compute():
+            b = self.old_grad(request, progress).clone()
+            new = self.sets(request).new
+            if new:
+                b -= self.grad_sum(new, self.theta_hat, "b: new samples", progress)
+            return b
+        # b's passes are gradients on batches like the curvature's: what they briefly took sizes the first kept
+        # linearisation before it is built (memory.MemoryBudget.estimate)
+        return self.memory.measure("gradient", compute)
 
     def batches(self, items, prepare: bool = True) -> list[dict]:
         """`items` in batches by length, for loss values at many Θ. With `prepare`, each of the first

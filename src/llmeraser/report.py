@@ -63,6 +63,7 @@ class UnlearnReport:
     base: str | None = None
     peak_memory_mb: float | None = None
     verification: dict | None = None  # verify.py's checks and verdict; None with verify off
+    memory: dict | None = None  # memory.MemoryBudget.to_dict(): the budget, what was kept, out-of-memory fallbacks
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:

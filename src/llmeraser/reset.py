@@ -29,8 +29,9 @@ import torch
 
 from . import distributed
 from .curvature import Curvature, fisher_product
+from .memory import MemoryBudget
 from .modeling import fused_attention
-from .objective import by_length
+from .objective import by_length, wide, wide_softmax
 from .params import zero_adapter  # noqa: F401  (re-exported: Θ₀ is part of this module's story)
 
 
@@ -38,7 +39,7 @@ class OutputReset:
     """P(Θ) above over the removed records: value, gradient and Gauss-Newton products at Θ̂."""
 
     def __init__(self, objective, params, theta_hat: torch.Tensor, examples: list, batch_size: int, device,
-                 anchor: bool = False):
+                 anchor: bool = False, memory: MemoryBudget | None = None):
         """`anchor`: the target is the adapter's own outputs at Θ̂ instead of the base model's (the
         --anchor-kept term: zero and flat at Θ̂, it only adds curvature), and the metric the base model's
         Fisher F⁰; otherwise the metric is F̄ above."""
@@ -51,15 +52,17 @@ class OutputReset:
                             for i in range(0, len(examples), batch_size)]
             base = [objective.outputs(params.unflatten(theta0), b).detach() for b in self.batches]
             hat = [objective.outputs(params.unflatten(self.theta_hat), b).detach() for b in self.batches]
-        softmax = (lambda t: torch.softmax(t.double(), -1).to(t.dtype))
         if anchor:
-            self.targets, self.probs = hat, [softmax(t) for t in base]
+            self.targets, self.probs = [wide(t) for t in hat], [wide_softmax(t) for t in base]
         else:
-            self.targets, self.probs = base, [0.5 * (softmax(t0) + softmax(t)) for t0, t in zip(base, hat)]
-        self._linear = None
+            self.targets, self.probs = [wide(t) for t in base], [0.5 * (wide_softmax(t0) + wide_softmax(t)) for t0, t in zip(base, hat)]
+        self._linear = None  # per batch: its kept linearisation, or None where the memory budget did not keep it
+        self._linear_mb = 0.0
+        self._curvature = Curvature(objective, params, self.theta_hat, "ggn")
+        self.memory = memory if memory is not None else MemoryBudget(device)
 
     def _penalty(self, theta, batch, target, p):
-        d = self.objective.outputs(self.params.unflatten(theta), batch) - target
+        d = wide(self.objective.outputs(self.params.unflatten(theta), batch)) - target
         return 0.5 * (d * fisher_product(p, batch, d)).sum()
 
     def value(self, theta: torch.Tensor) -> float:
@@ -76,14 +79,25 @@ class OutputReset:
                 out += g
         return distributed.all_sum(out)
 
+    def _linearise(self, batch, p, keep: bool = True):
+        return self._curvature.linearise(batch, keep, head=lambda z, b, v: fisher_product(p, b, v))
+
     def product(self, v: torch.Tensor) -> torch.Tensor:
-        """Σ_i J_iᵀ F_i J_i v at Θ̂ (the penalty's Gauss-Newton curvature), through kept linearisations."""
+        """Σ_i J_iᵀ F_i J_i v at Θ̂ (the penalty's Gauss-Newton curvature), through kept linearisations where the
+        memory budget keeps them (memory.py) and by fresh products elsewhere."""
         if self._linear is None:
-            curv = Curvature(self.objective, self.params, self.theta_hat, "ggn")
-            self._linear = [curv.linearise(b, head=lambda z, batch, v, p=p: fisher_product(p, batch, v))
-                            for b, p in zip(self.batches, self.probs)]
-        return distributed.all_sum(sum((f(v) for f in self._linear), torch.zeros_like(self.theta_hat)))
+            self._linear = []
+            for b, p in zip(self.batches, self.probs):
+                built, mb = self.memory.keep("reset", lambda b=b, p=p: self._linearise(b, p))
+                self._linear.append(built)
+                self._linear_mb += mb
+        out = torch.zeros_like(self.theta_hat)
+        for f, b, p in zip(self._linear, self.batches, self.probs):
+            out += f(v) if f is not None else self._linearise(b, p, keep=False)(v)
+        return distributed.all_sum(out)
 
     def release(self) -> None:
         """Drop the kept linearisations of `product` (value and grad do not need them)."""
-        self._linear = None
+        if self._linear is not None:
+            self.memory.free("reset", self._linear_mb, sum(f is not None for f in self._linear))
+        self._linear, self._linear_mb = None, 0.0

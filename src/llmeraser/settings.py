@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .curvature import CURVATURES, GAUSS_NEWTON, HVP_MODES
 from .errors import InputError
-from .modeling import check_device
+from .modeling import DTYPE_CHOICES, check_device
 from .render import TEMPLATES
 from .solvers import SOLVERS, SolverSettings
 
@@ -53,12 +53,15 @@ class UnlearnSettings:
         "data the curvature is taken over: 'edited' (the data after the request: a Newton step on the retraining "
         "objective) or 'original' (the paper's H over the n training samples)", choices=CURVATURE_DATA))
     curvature_samples: int = field(default=128, metadata=_meta(
-        "training samples in the fixed batches the solver and its residual use (0: all)", flag=True))
+        "training samples in the fixed batches the solver and its residual use (0: all)"))
     line_search_samples: int = field(default=0, metadata=_meta(
         "kept samples the line search estimates the retraining objective on (0: the curvature sample)"))
     cache_batches: int = field(default=4, metadata=_meta(
         "fixed curvature batches whose Gauss-Newton linearisation may be kept in memory between products "
         "(0: recompute every product, the least memory)"))
+    memory_mb: float = field(default=0.0, metadata=_meta(
+        "MiB unlearn may keep between passes (kept linearisations, stored hidden states, cached base predictions); "
+        "0: half of the memory free at the start (on CUDA counting the caching allocator's unused reserve)"))
     hvp_mode: str = field(default="auto", metadata=_meta(
         "how a fresh curvature product is taken: fwd_rev (forward mode), rev_rev (double backprop) or auto",
         choices=HVP_MODES))
@@ -74,6 +77,9 @@ class UnlearnSettings:
         "scale the step by 1, 1/2, 1/4, … until it lowers the retraining objective (Armijo)"))
     seed: int = field(default=0, metadata=_meta("seed for batch sampling"))
     device: str = field(default="auto", metadata=_meta("'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'", flag=True))
+    dtype: str = field(default="auto", metadata=_meta(
+        "the base model's dtype; the adapter and the maths stay float32 (auto: bfloat16 on CUDA, float32 on CPU/MPS)",
+        flag=True, choices=DTYPE_CHOICES))
     verify: str = field(default="check", metadata=_meta(
         "after the update, check by greedy generation that removed answers (or their 'private' parts) are no longer "
         "produced, corrected answers are, and sampled retained answers still are (unlearn.json 'verification'). "
@@ -92,7 +98,8 @@ class UnlearnSettings:
 
     def __post_init__(self):
         for name, allowed in (("curvature", CURVATURES), ("solver", tuple(sorted(SOLVERS))), ("hvp_mode", HVP_MODES),
-                              ("curvature_data", CURVATURE_DATA), ("template", TEMPLATES), ("verify", VERIFY_MODES)):
+                              ("curvature_data", CURVATURE_DATA), ("template", TEMPLATES), ("verify", VERIFY_MODES),
+                              ("dtype", DTYPE_CHOICES)):
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} {getattr(self, name)!r}: must be one of {list(allowed)}")
         check_device(self.device)
@@ -101,6 +108,9 @@ class UnlearnSettings:
         if isinstance(self.verify_seconds, bool) or not isinstance(self.verify_seconds, (int, float)) \
                 or not 0 <= self.verify_seconds < math.inf:
             raise InputError(f"verify_seconds {self.verify_seconds!r}: give a number of seconds >= 0 (0: no limit)")
+        if isinstance(self.memory_mb, bool) or not isinstance(self.memory_mb, (int, float)) \
+                or not 0 <= self.memory_mb < math.inf:
+            raise InputError(f"memory_mb {self.memory_mb!r}: give a number of MiB >= 0 (0: automatic)")
         if not 0 <= self.damping < math.inf:
             raise InputError(f"damping {self.damping}: give a finite number >= 0")
         try:

@@ -19,14 +19,14 @@ class Systems:
 
     def __init__(self, problem: Problem, settings: UnlearnSettings):
         self.problem, self.settings = problem, settings
-        self._base_probs = BaseProbsCache()
+        self._base_probs = BaseProbsCache(memory=problem.memory)
 
     def operator(self, theta: torch.Tensor, items: list, damping: float, terms: tuple = ()) -> HessianOperator:
         """(C + λI) over `items` at Θ, plus each (w, E) of `terms`."""
         s, p = self.settings, self.problem
         curv = Curvature(p.objective, p.params, theta, s.curvature, s.hvp_mode, self._base_probs)
         return HessianOperator(curv, items, s.batch_size, damping, s.curvature_samples, s.seed, p.device, s.cache_batches,
-                               terms=terms)
+                               terms=terms, memory=p.memory)
 
     def solve(self, op: HessianOperator, b: torch.Tensor, shifts: tuple[float, ...] = (), progress: bool = True,
               max_iters: int | None = None) -> list[SolveResult]:

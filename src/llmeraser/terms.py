@@ -41,10 +41,11 @@ def extension_terms(problem: Problem, request: EditRequest, settings: UnlearnSet
     toward the base holds its new answer back at the same positions, and a modified query keeps its answer."""
     p, sets, terms = problem, problem.sets(request), []
     if settings.reset_removed and sets.removed:
-        reset = OutputReset(p.objective, p.params, p.theta_hat, sets.removed, settings.batch_size, p.device)
+        reset = OutputReset(p.objective, p.params, p.theta_hat, sets.removed, settings.batch_size, p.device, memory=p.memory)
         terms.append(Term("reset_removed", settings.reset_removed, reset, flat=False))
     if settings.anchor_kept and sets.kept:
         sample = seeded_subset(sets.kept, settings.curvature_samples, settings.seed)
-        anchor = OutputReset(p.objective, p.params, p.theta_hat, sample, settings.batch_size, p.device, anchor=True)
+        anchor = OutputReset(p.objective, p.params, p.theta_hat, sample, settings.batch_size, p.device, anchor=True,
+                             memory=p.memory)
         terms.append(Term("anchor_kept", settings.anchor_kept * (len(sets.kept) / len(sample)), anchor, flat=True))
     return terms

@@ -34,7 +34,7 @@ class Unlearner:
     def __init__(self, model, tokenizer, records: list[Record], settings: UnlearnSettings, weight_decay: float = 0.0):
         self.settings = settings
         self.problem = Problem(model, tokenizer, records, settings.template, settings.max_length, settings.batch_size,
-                               weight_decay)
+                               weight_decay, settings.memory_mb)
         self.systems = Systems(self.problem, settings)
         # the λ (plus the training weight decay) of the last accepted step; later Newton steps use it
         self.damping = settings.dampings[0] + weight_decay
