@@ -6,8 +6,9 @@
    LLMERASER_TEST_DEVICE=cuda): curvature products against explicit matrices in float64, half-precision
    products against float64, the memory budget and out-of-memory handling.
 2. `llmeraser demo --quick` (its inputs and original adapter, made on the CPU), then `unlearn` of its request on
-   SmolLM2-135M on cuda in float32 and bfloat16 (benchmarks/dtype_check.py): seconds, peak memory against one
-   training step of the same model and batch, cos(Δ_bf16, Δ_fp32) and each run's verification.
+   SmolLM2-135M on cuda in float32, bfloat16 and bfloat16 with activation checkpointing (benchmarks/dtype_check.py):
+   seconds, peak memory against one training step of the same model and batch, cos(Δ, Δ_fp32) and each run's
+   verification.
 Meant to finish in under 8 minutes on one GPU. Writes OUT/gpu_check.json and prints everything it measured.
 """
 
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         raise SystemExit("gpu_check: the quick demo failed")
     say(f"demo done in {results['demo']['seconds']:.0f} s; unlearn on {a.device} in float32 and bfloat16")
     check = subprocess.run([sys.executable, "-m", "benchmarks.dtype_check", "--run", str(run), "--device", a.device,
-                            "--dtypes", "float32", "bfloat16", "--out", str(a.out / "dtype")], cwd=ROOT,
+                            "--dtypes", "float32", "bfloat16", "bfloat16-ckpt", "--out", str(a.out / "dtype")], cwd=ROOT,
                            capture_output=True, text=True)
     print(check.stdout, flush=True)
     if check.returncode != 0:

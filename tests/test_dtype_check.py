@@ -20,12 +20,16 @@ def test_dtype_check_compares_each_dtype_with_float32_and_a_training_step(tiny_d
     write_jsonl(run / "inputs" / "request.jsonl", [{"op": "remove", "id": "r1"},
                                                    {"op": "correct_response", "id": "r4", "new": {"response": "1234"}}])
     assert main(["--run", str(run), "--base", str(tiny_dir / "base"), "--device", "cpu",
-                 "--dtypes", "float32", "bfloat16", "--out", str(tmp_path / "out")]) == 0
+                 "--dtypes", "float32", "bfloat16", "float32-ckpt", "--out", str(tmp_path / "out")]) == 0
     res = json.loads((tmp_path / "out" / "dtype_check.json").read_text())
     cos = res["cosine_to_float32"]
     assert abs(cos["float32"] - 1.0) < 1e-12 and 0.95 < cos["bfloat16"] < 1.0  # the base really ran in bfloat16
+    assert abs(cos["float32-ckpt"] - 1.0) < 1e-6  # checkpointing: the same update, up to rounding
     for dtype, r in res["dtypes"].items():
         assert r["peak_mb"] > 0 and r["training_step"]["peak_mb"] > 0 and r["training_step"]["loss"] > 0
         assert abs(r["peak_over_training_step"] - r["peak_mb"] / r["training_step"]["peak_mb"]) < 1e-9
         assert isinstance(r["verified"], bool) and r["memory"]["budget_mb"] > 0
-    assert json.loads((tmp_path / "out" / "unlearn-bfloat16" / "unlearn.json").read_text())["settings"]["dtype"] == "bfloat16"
+    settings = {v: json.loads((tmp_path / "out" / f"unlearn-{v}" / "unlearn.json").read_text())["settings"]
+                for v in ("bfloat16", "float32-ckpt")}
+    assert settings["bfloat16"]["dtype"] == "bfloat16" and not settings["bfloat16"]["checkpointing"]
+    assert settings["float32-ckpt"]["dtype"] == "float32" and settings["float32-ckpt"]["checkpointing"]

@@ -18,7 +18,7 @@ from . import distributed
 from .data import EditRequest, Record, load_records, load_request, records_from_rows, records_jsonl, request_from_rows
 from .errors import InputError, NotConvergedError, NumericalError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
-from .modeling import (adapter_state, check_adapter, check_base, fused_attention, load_adapter, load_base, resolve_device, resolve_dtype,
+from .modeling import (adapter_state, checkpointed, check_adapter, check_base, fused_attention, load_adapter, load_base, resolve_device, resolve_dtype,
                        write_adapter)
 from .recipes import recipe as recipe_settings
 from .report import UnlearnReport, peak_memory_mb
@@ -79,7 +79,7 @@ def unlearn_model(model, tokenizer, records: Sequence, request: Sequence | EditR
     model.eval()
     progress = progress and distributed.is_main()  # with several processes rank 0 alone draws and prints
     try:
-        with fused_attention(model, "eager"):
+        with fused_attention(model, "eager"), checkpointed(model, settings.checkpointing):
             return _unlearn_model(model, tokenizer, records, req, float(weight_decay), settings, recipe, progress)
     finally:
         model.train(was_training)

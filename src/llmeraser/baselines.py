@@ -18,7 +18,7 @@ from . import distributed
 from .data import Record, apply_request, load_records, load_request, records_jsonl
 from .errors import InputError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
-from .modeling import (DTYPE_CHOICES, adapter_weights_path, check_adapter, check_base, check_device, check_dtype, load_adapter,
+from .modeling import (DTYPE_CHOICES, adapter_weights_path, check_adapter, check_base, check_device, check_dtype, checkpointed, load_adapter,
                        load_base, resolve_device, resolve_dtype)
 from .train import TrainSettings, add_lora, mean_loss, train_lora
 from .trainrecord import TrainRecord
@@ -45,12 +45,13 @@ def _preflight(base, device, model_and_tokenizer, dtype: str = "auto") -> None:
 
 def train(base: str, data, out, settings: TrainSettings | None = None, overwrite: bool = False, device: str = "auto",
           progress: bool = True, model_and_tokenizer=None, extra: dict | None = None, records: list[Record] | None = None,
-          dtype: str = "auto") -> Path:
+          dtype: str = "auto", checkpointing: bool = False) -> Path:
     """LoRA fine-tuning; writes the adapter and train.json (arguments, data SHA-256, loss, seconds, memory).
 
     `records`: train on these instead of reading `data` (then `data` is only recorded, and train.json's
     data_sha256 is the SHA-256 of the records as JSONL); `retrain` uses it so no copy of the edited
-    data is ever written to disk. `dtype`: the base's (modeling.resolve_dtype); the LoRA weights stay float32."""
+    data is ever written to disk. `dtype`: the base's (modeling.resolve_dtype); the LoRA weights stay float32.
+    `checkpointing`: activation checkpointing of the decoder layers (modeling.checkpointed; the same updates)."""
     settings = settings or TrainSettings()
     inputs = (data, base)
     out = distributed.on_main(lambda: check_output_dir(out, overwrite, inputs=inputs))
@@ -63,7 +64,8 @@ def train(base: str, data, out, settings: TrainSettings | None = None, overwrite
     base_model, tok = _loaded(base, device, model_and_tokenizer, dtype)
     model = add_lora(base_model, settings)
     try:
-        history = train_lora(model, tok, records, settings, progress)
+        with checkpointed(model, checkpointing):
+            history = train_lora(model, tok, records, settings, progress)
         seconds = time.perf_counter() - t0
         final = mean_loss(model, tok, records, settings)
 
@@ -114,6 +116,8 @@ class BaselineSettings:
     dtype: str = field(default="auto", metadata={
         "help": "the base model's dtype (auto: bfloat16 on CUDA, float32 on CPU/MPS); give retrain the original's",
         "choices": DTYPE_CHOICES})
+    checkpointing: bool = field(default=False, metadata={
+        "help": "activation checkpointing of the decoder layers: less memory, more time, the same updates"})
 
     def __post_init__(self):
         check_device(self.device)
@@ -143,7 +147,7 @@ def baseline(name: str, base: str, adapter, data, request, out, settings: Baseli
         return train(base, data, out, recipe, overwrite, device, progress, model_and_tokenizer,
                      extra={"baseline": "retrain", "request_sha256": req.sha256, "original_data": str(Path(data).resolve()),
                             "original_data_sha256": sha256_file(data)},
-                     records=apply_request(records, req), dtype=st.dtype)
+                     records=apply_request(records, req), dtype=st.dtype, checkpointing=st.checkpointing)
     # each cheap baseline handles its own part of a mixed request and leaves the rest as it is
     if name == "gradient-ascent":
         targets = [e.old for e in req.edits if e.op == "remove"]
@@ -158,7 +162,9 @@ def baseline(name: str, base: str, adapter, data, request, out, settings: Baseli
     model = load_adapter(base_model, adapter)
     try:
         settings = TrainSettings(**{**recipe.to_dict(), "lr": lr or recipe.lr, "batch_size": min(recipe.batch_size, len(targets))})
-        history = train_lora(model, tok, targets, settings, progress, max_steps=steps, ascent=name == "gradient-ascent", desc=name)
+        with checkpointed(model, st.checkpointing):
+            history = train_lora(model, tok, targets, settings, progress, max_steps=steps, ascent=name == "gradient-ascent",
+                                 desc=name)
         seconds = time.perf_counter() - t0
 
         def write():

@@ -174,6 +174,8 @@ def _common(p, out_help, device: bool = True):
         p.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:N', 'mps' or 'auto' (default: auto)")
         p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                        help="the base model's dtype; LoRA weights stay float32 (auto: bfloat16 on CUDA, float32 on CPU/MPS)")
+        p.add_argument("--checkpointing", action="store_true",
+                       help="activation checkpointing of the decoder layers: less memory, more time, the same updates")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -196,7 +198,7 @@ def _run_train(args) -> int:
     from .train import TrainSettings
 
     out = train(args.base, args.data, args.out, dataclass_from_args(TrainSettings, args), args.overwrite,
-                args.device, not args.quiet, dtype=args.dtype)
+                args.device, not args.quiet, dtype=args.dtype, checkpointing=args.checkpointing)
     if not distributed.is_main():
         return 0
     meta = json.loads((out / "train.json").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -307,6 +308,69 @@ def save_converted(model, tokenizer, folder: Path) -> None:
     model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     save_model(model, str(folder / "model.safetensors"))  # handles the tied embedding and output weights
+
+
+def decoder_layers(model) -> torch.nn.ModuleList | None:
+    """The model's stack of decoder layers: the longest ModuleList named `layers`, `h` or `blocks`."""
+    import re
+
+    found = [m for n, m in model.named_modules()
+             if isinstance(m, torch.nn.ModuleList) and len(m) and re.search(r"(^|\.)(layers|h|blocks)$", n)]
+    return max(found, key=len) if found else None
+
+
+def _checkpointed_call(layer, forward, *args, **kwargs):
+    """`layer`'s forward under non-reentrant checkpointing, recomputed with the tensors this call saw.
+
+    Under `functional_call` (every pass at a Θ other than the adapter's own) the layer sees Θ's tensors, but the
+    recomputation runs during the backward, after `functional_call` has put the module's own tensors back: it would
+    recompute the saved activations at the wrong Θ. So the tensors are captured here and put back for it."""
+    from torch.func import functional_call
+    from torch.utils.checkpoint import checkpoint
+
+    if not torch.is_grad_enabled() or layer.__dict__.get("_llmeraser_inside"):  # nothing to save, or the recomputation
+        return forward(*args, **kwargs)
+    tensors = {**dict(layer.named_parameters(remove_duplicate=False)), **dict(layer.named_buffers(remove_duplicate=False))}
+
+    def run(*a, **k):
+        layer.__dict__["_llmeraser_inside"] = True
+        try:
+            return functional_call(layer, tensors, a, k, tie_weights=False, strict=False)
+        finally:
+            layer.__dict__["_llmeraser_inside"] = False
+
+    return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+
+@contextmanager
+def checkpointed(model, on: bool = True):
+    """Activation checkpointing of every decoder layer while inside: a backward pass recomputes each layer's
+    activations from its input instead of holding them, so b's gradients, fresh curvature products and training
+    steps hold one layer's activations at a time (plus each layer's input). Works in eval mode, unlike the
+    Hugging Face switch (which checkpoints only in training mode): no dropout enters a gradient or a product.
+
+    The recomputation repeats the same operations, so results are bit-identical (tests/test_checkpointing.py).
+    torch.func's forward-over-reverse Hessian product does not support it (saved-tensor hooks); 'auto' then falls
+    back to double backprop. docs/design.md#checkpointing."""
+    layers = decoder_layers(model) if on else None
+    if on and layers is None:
+        log.warning("activation checkpointing: no decoder layer stack found in %s; running without it",
+                    type(model).__name__)
+    if not layers:
+        yield
+        return
+    before = [layer.__dict__.get("forward") for layer in layers]  # an instance-level forward (hooks) to restore
+    for layer in layers:
+        layer.forward = functools.partial(_checkpointed_call, layer, layer.forward)
+    try:
+        yield
+    finally:
+        for layer, old in zip(layers, before):
+            layer.__dict__.pop("_llmeraser_inside", None)
+            if old is None:
+                del layer.forward
+            else:
+                layer.forward = old
 
 
 @contextmanager

@@ -62,6 +62,9 @@ class UnlearnSettings:
     memory_mb: float = field(default=0.0, metadata=_meta(
         "MiB unlearn may keep between passes (kept linearisations, stored hidden states, cached base predictions); "
         "0: half of the memory free at the start (on CUDA counting the caching allocator's unused reserve)"))
+    checkpointing: bool = field(default=False, metadata=_meta(
+        "activation checkpointing of the decoder layers for b, curvature products and the Newton steps' gradients: "
+        "less memory, about one more forward per backward, the same numbers"))
     hvp_mode: str = field(default="auto", metadata=_meta(
         "how a fresh curvature product is taken: fwd_rev (forward mode), rev_rev (double backprop) or auto",
         choices=HVP_MODES))
@@ -103,8 +106,12 @@ class UnlearnSettings:
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} {getattr(self, name)!r}: must be one of {list(allowed)}")
         check_device(self.device)
-        if not isinstance(self.line_search, bool):
-            raise InputError(f"line_search {self.line_search!r}: give true or false")
+        for name in ("line_search", "checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} {getattr(self, name)!r}: give true or false")
+        if self.checkpointing and self.curvature == "hessian" and self.hvp_mode == "fwd_rev":
+            raise InputError("checkpointing with curvature 'hessian' needs hvp_mode 'rev_rev' or 'auto': torch.func's "
+                             "forward-over-reverse product does not support checkpointed layers")
         if isinstance(self.verify_seconds, bool) or not isinstance(self.verify_seconds, (int, float)) \
                 or not 0 <= self.verify_seconds < math.inf:
             raise InputError(f"verify_seconds {self.verify_seconds!r}: give a number of seconds >= 0 (0: no limit)")
