@@ -235,6 +235,34 @@ def test_an_extra_step_with_the_reset_lowers_the_removed_records_penalty(memoris
     assert objective(after) < objective(theta)
 
 
+def test_an_extra_step_pulls_a_missing_correction_toward_its_new_answer(memorised):
+    """Refiner.step with a correction not yet produced: at ρ the step lowers n·R' + ρ·L_new (Armijo) and lowers the
+    new answer's loss further than the same step without the pull; without ρ nothing is pulled."""
+    from llmeraser.recipes import recipe
+    from llmeraser.unlearner import Unlearner
+
+    _, model, tok, recs = memorised
+    req = request_from_rows([_request(recs)[1]], recs)
+    model.eval()
+    losses = {}
+    for rho in (0.0, 10.0):
+        s = recipe("memorised", max_length=64, template="chat", device="cpu", newton_steps=1, reset_removed=rho)
+        unl = Unlearner(model, tok, recs, s)
+        delta, _, _ = unl.delta(req, progress=False)
+        theta = unl.theta_hat + delta
+        after, _, record = unl.more_steps(req, theta, progress=False, teach_ids=[recs[1].id, "not-an-edit"])
+        new = unl.problem.batches(unl.problem.sets(req).new)
+        losses[rho] = (unl.problem.loss_sum(new, theta), unl.problem.loss_sum(new, after))
+        if rho:
+            assert record["pulled_new"] == 1 and record["line_search"]["accepted"]
+            pulled = lambda t: unl.refiner.objective(t) + rho * unl.problem.loss_sum(new, t)  # noqa: E731
+            assert pulled(after) < pulled(theta)
+        else:
+            assert "pulled_new" not in record
+    assert losses[10.0][0] == pytest.approx(losses[0.0][0], rel=1e-6)  # the same start
+    assert losses[10.0][1] < losses[0.0][1] and losses[10.0][1] < losses[10.0][0]
+
+
 def test_until_keeps_the_theta_that_missed_least(monkeypatch):
     """verify_edit with scripted checks: the first extra step halves what is missed, the second loses retained
     answers; the Θ written is the first step's, its solve is reported, and each step says whether it was kept."""
@@ -259,7 +287,7 @@ def test_until_keeps_the_theta_that_missed_least(monkeypatch):
     monkeypatch.setattr(api, "Verifier", Scripted)
     solves = []
 
-    def more_steps(req, theta, progress, reset_ids=()):
+    def more_steps(req, theta, progress, reset_ids=(), teach_ids=()):
         solves.append(SimpleNamespace(k=len(solves) + 2, reset_ids=reset_ids))
         return theta + 1, solves[-1], {"step": len(solves) + 1, "line_search": {"accepted": True}}
 

@@ -143,7 +143,8 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
     """(Θ, the verification, the kept extra step's solve or None): the checks of verify.py at Θ and, with verify
     'until', one more Newton step and check at a time until they pass, a step finds no descent or barely moves
     Θ, or verify_steps or verify_seconds run out. A step pulls the removed records still produced toward the
-    base model (with reset_removed set: newton.Refiner.step). The Θ returned is the first that passes, else the
+    base model and weights the loss of the new answers not yet produced (both by reset_removed's ρ:
+    newton.Refiner.step). The Θ returned is the first that passes, else the
     one that missed by the fewest records (verify.shortfall; a tie goes to the later), so a step that bought
     forgetting with retained answers is not kept. The extra steps' records are in verification["extra_steps"],
     each with "kept": whether the Θ returned includes it."""
@@ -167,7 +168,8 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
         if stopped:
             break
         still = [r["id"] for r in check["records"] if r["kind"] == "removed" and r["checked"] and r["after"]]
-        theta_next, solve, record = unl.more_steps(req, theta, progress, reset_ids=still)
+        missing = [r["id"] for r in check["records"] if r["kind"] in ("new", "query") and r["checked"] and not r["after"]]
+        theta_next, solve, record = unl.more_steps(req, theta, progress, reset_ids=still, teach_ids=missing)
         extra.append({**record, "until_verified": True})
         if not record["line_search"]["accepted"]:
             stopped = f"Newton step {record['step']} found no descent on the retraining objective"

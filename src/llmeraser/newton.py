@@ -56,18 +56,25 @@ class Refiner:
                                             memory=p.memory))
         return self._reset[1]
 
-    def step(self, theta: torch.Tensor, reset_removed: list | None = None):
+    def step(self, theta: torch.Tensor, reset_removed: list | None = None, teach_new: list | None = None):
         """(Θ after the step, the solve's result, the step's record); Θ is unchanged when its search finds
         no descent (record["line_search"]["accepted"] is False).
 
         `reset_removed`: removed samples whose answers are still produced; with the setting reset_removed = ρ > 0
         the step minimises n·R' + ρ·P over them (P of reset.py, its Gauss-Newton curvature taken at Θ̂), the
-        penalty the first step used (docs/design.md#verification)."""
+        penalty the first step used. `teach_new`: new versions (corrections, modified queries) whose answers are
+        not produced yet; with ρ > 0 the step adds ρ·Σ_T L_i, the same pull toward what retraining fits to near-zero
+        loss, with its curvature at Θ_k (docs/design.md#verification)."""
         p, s, cv, m = self.p, self.s, self.cv, len(self.edited)
         self.k += 1
         reset = self.reset_term(reset_removed) if reset_removed and s.reset_removed else None
         rho = s.reset_removed
         terms = ((rho / m, reset.product),) if reset is not None else ()
+        teach = None
+        if teach_new and rho:
+            # (C_T + 0·I) v is the mean over T: Σ_T G_i v = |T| times it
+            teach = (p.batches(teach_new), self.systems.operator(theta, teach_new, 0.0), len(teach_new))
+            terms += ((rho * teach[2] / m, teach[1].full),)
         op = self.systems.operator(theta, self.edited, self.damping, terms)
         if self.from_operator:
             g_sample_and_new = op.loss_gradient()[0]  # sample = kept here, scale = 1
@@ -81,8 +88,14 @@ class Refiner:
         if reset is not None:
             grad = grad + rho * reset.grad(theta)
             objective, start = (lambda t: self.objective(t) + rho * reset.value(t)), None
+        if teach is not None:
+            grad = grad + rho * p.grad_sum_of_batches(teach[0], theta, "verify: answers not produced", self.progress)
+            pulled = objective
+            objective, start = (lambda t: pulled(t) + rho * p.loss_sum(teach[0], t)), None
         result = self.systems.solve(op, -grad, (), self.progress, s.refine_iters or None)[0]
         op.release()
+        if teach is not None:
+            teach[1].release()
         step = result.delta / m  # op is the mean curvature over the m edited samples: x = m·Δ
         # backtracking along the solved direction (docs/design.md#newton-backtracking); f(Θ_k): the last accepted value
         search = backtrack(objective, theta, step, float(grad @ step), start=start)
@@ -90,6 +103,8 @@ class Refiner:
                   "final_residual": result.final_residual, "converged": result.converged, "line_search": search}
         if reset is not None:
             record["reset_removed"] = len(reset_removed)
+        if teach is not None:
+            record["pulled_new"] = teach[2]
         if search["accepted"]:
             theta = theta + search["scale"] * step
             # n·R' alone at the new Θ is known only when no penalty was added

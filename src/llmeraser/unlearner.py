@@ -98,16 +98,19 @@ class Unlearner:
                                       "distance_after": reset.penalty.value(theta)}
         return theta - p.theta_hat, result, stage
 
-    def more_steps(self, request: EditRequest, theta: torch.Tensor, progress: bool = True, reset_ids=()):
+    def more_steps(self, request: EditRequest, theta: torch.Tensor, progress: bool = True, reset_ids=(), teach_ids=()):
         """(Θ, the solve's result, the step's record): one more Newton step on the edited objective from Θ, after
         `delta(request)`; Θ is unchanged when its line search finds no descent. `reset_ids`: removed records
-        whose answers are still produced, pulled toward the base model's when the settings have reset_removed."""
+        whose answers are still produced, pulled toward the base model's when the settings have reset_removed;
+        `teach_ids`: edited records whose new answers are not produced yet, their loss weighted by the same ρ."""
         if self.refiner is None:
             self.refiner = Refiner(self.problem, request, self.systems, self.settings, self.damping, progress)
             self.refiner.k = max(self.settings.newton_steps, 1)
         index = {e.id: e.index for e in request.edits if e.op == "remove"}
         removed = [self.problem.examples[index[i]] for i in reset_ids if i in index]
-        return self.refiner.step(theta, removed or None)
+        new_of = dict(zip([e.id for e in request.edits if e.new is not None], self.problem.sets(request).new))
+        taught = [new_of[i] for i in dict.fromkeys(teach_ids) if i in new_of]
+        return self.refiner.step(theta, removed or None, taught or None)
 
     def accept(self, request, results, steps, neg_grad, penalty, moves: bool):
         """(index of the λ taken, its line search or None, the damping selection or None)."""
