@@ -349,7 +349,8 @@ def checkpointed(model, on: bool = True):
     steps hold one layer's activations at a time (plus each layer's input). Works in eval mode, unlike the
     Hugging Face switch (which checkpoints only in training mode): no dropout enters a gradient or a product.
 
-    The recomputation repeats the same operations, so results are bit-identical (tests/test_checkpointing.py).
+    The recomputation repeats the same operations: products and gradients are bit-identical in float64, whole runs
+    agree to float32 rounding (tests/test_checkpointing.py).
     torch.func's forward-over-reverse Hessian product does not support it (saved-tensor hooks); 'auto' then falls
     back to double backprop. docs/design.md#checkpointing."""
     layers = decoder_layers(model) if on else None
