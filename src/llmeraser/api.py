@@ -18,8 +18,8 @@ from . import distributed
 from .data import EditRequest, Record, load_records, load_request, records_from_rows, records_jsonl, request_from_rows
 from .errors import InputError, NotConvergedError, NumericalError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
-from .modeling import (adapter_state, checkpointed, check_adapter, check_base, fused_attention, load_adapter, load_base, resolve_device, resolve_dtype,
-                       write_adapter)
+from .modeling import (adapter_state, check_adapter, check_base, checkpointed, fused_attention, load_adapter, load_base,
+                       resolve_device, resolve_dtype, write_adapter)
 from .recipes import recipe as recipe_settings
 from .report import UnlearnReport, peak_memory_mb
 from .settings import UnlearnSettings
@@ -243,7 +243,10 @@ def unlearn(base: str, adapter: str | Path, data: str | Path, request: str | Pat
     if record is not None and not allow_other_data:
         record.check_data(data, data_sha256, len(records))
     device = resolve_device(settings.device)
-    base_model, tokenizer = model_and_tokenizer if model_and_tokenizer is not None else load_base(base, device, resolve_dtype(settings.dtype, device))
+    if model_and_tokenizer is not None:
+        base_model, tokenizer = model_and_tokenizer
+    else:
+        base_model, tokenizer = load_base(base, device, resolve_dtype(settings.dtype, device))
     model = load_adapter(base_model, adapter)
     try:
         t_load = time.perf_counter() - t_start

@@ -18,8 +18,8 @@ from . import distributed
 from .data import Record, apply_request, load_records, load_request, records_jsonl
 from .errors import InputError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
-from .modeling import (DTYPE_CHOICES, adapter_weights_path, check_adapter, check_base, check_device, check_dtype, checkpointed, load_adapter,
-                       load_base, resolve_device, resolve_dtype)
+from .modeling import (DTYPE_CHOICES, adapter_weights_path, check_adapter, check_base, check_device, check_dtype, checkpointed,
+                       load_adapter, load_base, resolve_device, resolve_dtype)
 from .train import TrainSettings, add_lora, mean_loss, train_lora
 from .trainrecord import TrainRecord
 from .report import peak_memory_mb
