@@ -148,7 +148,7 @@ def test_unlearn_json_records_the_budget_and_an_out_of_memory_fallback(tiny_dir,
     and unlearn.json says what happened."""
     req = write_jsonl(tmp_path / "req.jsonl", [{"op": "remove", "id": "r1"},
                                                {"op": "correct_response", "id": "r4", "new": {"response": "1234"}}])
-    s = dataclasses.replace(recipe("memorised"), device=DEVICE, verify="off", memory_mb=4096.0)
+    s = dataclasses.replace(recipe("memorised"), device=DEVICE, dtype="float32", verify="off", memory_mb=4096.0)
     args = (str(tiny_dir / "base"), tiny_dir / "adapter", tiny_dir / "train.jsonl", req)
     normal = unlearn(*args, tmp_path / "normal", settings=s, progress=False, allow_unconverged=True)
     rec = json.loads((tmp_path / "normal" / "unlearn.json").read_text())["memory"]
