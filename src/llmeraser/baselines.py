@@ -18,6 +18,7 @@ from . import distributed
 from .data import Record, apply_request, load_records, load_request, records_jsonl
 from .errors import InputError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
+from .items import attach, attach_items, frozen_tensors, read_item_table, save_modules
 from .modeling import (DTYPE_CHOICES, adapter_weights_path, check_adapter, check_base, check_device, check_dtype, checkpointed,
                        load_adapter, load_base, resolve_device, resolve_dtype)
 from .train import TrainSettings, add_lora, mean_loss, train_lora
@@ -45,17 +46,22 @@ def _preflight(base, device, model_and_tokenizer, dtype: str = "auto") -> None:
 
 def train(base: str, data, out, settings: TrainSettings | None = None, overwrite: bool = False, device: str = "auto",
           progress: bool = True, model_and_tokenizer=None, extra: dict | None = None, records: list[Record] | None = None,
-          dtype: str = "auto", checkpointing: bool = False) -> Path:
+          dtype: str = "auto", checkpointing: bool = False, item_table=None, modules_from=None) -> Path:
     """LoRA fine-tuning; writes the adapter and train.json (arguments, data SHA-256, loss, seconds, memory).
 
     `records`: train on these instead of reading `data` (then `data` is only recorded, and train.json's
     data_sha256 is the SHA-256 of the records as JSONL); `retrain` uses it so no copy of the edited
     data is ever written to disk. `dtype`: the base's (modeling.resolve_dtype); the LoRA weights stay float32.
-    `checkpointing`: activation checkpointing of the decoder layers (modeling.checkpointed; the same updates)."""
+    `checkpointing`: activation checkpointing of the decoder layers (modeling.checkpointed; the same updates).
+    `item_table`: a safetensors item table, for prompts with item slots: trains a projector with the LoRA tensors
+    and saves both (items.py). `modules_from`: an adapter folder whose modules to train afresh (retraining: the
+    same declaration and frozen tables, the trainable tensors initialised with the recipe's seed)."""
     settings = settings or TrainSettings()
     inputs = (data, base)
     out = distributed.on_main(lambda: check_output_dir(out, overwrite, inputs=inputs))
     _preflight(base, device, model_and_tokenizer, dtype)
+    if item_table is not None:
+        read_item_table(item_table)  # checked before the model is loaded
     if records is None:
         records, data_sha256 = load_records(data), sha256_file(data)
     else:
@@ -64,6 +70,10 @@ def train(base: str, data, out, settings: TrainSettings | None = None, overwrite
     base_model, tok = _loaded(base, device, model_and_tokenizer, dtype)
     model = add_lora(base_model, settings)
     try:
+        if item_table is not None:
+            attach_items(model, tok, item_table, seed=settings.seed)
+        elif modules_from is not None and frozen_tensors(modules_from) is not None:
+            attach(model, *frozen_tensors(modules_from), seed=settings.seed)
         with checkpointed(model, checkpointing):
             history = train_lora(model, tok, records, settings, progress)
         seconds = time.perf_counter() - t0
@@ -72,6 +82,7 @@ def train(base: str, data, out, settings: TrainSettings | None = None, overwrite
         def write():
             with atomic_dir(out, overwrite, inputs) as tmp:
                 model.save_pretrained(tmp)
+                save_modules(model, tmp)
                 write_json(tmp / "train.json", {
                     "arguments": settings.to_dict(), "base": base, "data": str(Path(data).resolve()),
                     "data_sha256": data_sha256, "n": len(records), "final_loss": final,
@@ -147,7 +158,7 @@ def baseline(name: str, base: str, adapter, data, request, out, settings: Baseli
         return train(base, data, out, recipe, overwrite, device, progress, model_and_tokenizer,
                      extra={"baseline": "retrain", "request_sha256": req.sha256, "original_data": str(Path(data).resolve()),
                             "original_data_sha256": sha256_file(data)},
-                     records=apply_request(records, req), dtype=st.dtype, checkpointing=st.checkpointing)
+                     records=apply_request(records, req), dtype=st.dtype, checkpointing=st.checkpointing, modules_from=adapter)
     # each cheap baseline handles its own part of a mixed request and leaves the rest as it is
     if name == "gradient-ascent":
         targets = [e.old for e in req.edits if e.op == "remove"]
@@ -170,6 +181,7 @@ def baseline(name: str, base: str, adapter, data, request, out, settings: Baseli
         def write():
             with atomic_dir(out, overwrite, inputs) as tmp:
                 model.save_pretrained(tmp)
+                save_modules(model, tmp)
                 write_json(tmp / "baseline.json", {
                     "baseline": name, "adapter": str(Path(adapter).resolve()), "request_sha256": req.sha256,
                     "adapter_sha256": sha256_file(adapter_weights_path(adapter)), "data_sha256": sha256_file(data),

@@ -188,6 +188,10 @@ def _train_parser(sub):
                                    "Writes the adapter and train.json.")
     p.add_argument("--base", required=True, help=BASE_HELP)
     p.add_argument("--data", required=True, help="training data: JSONL or a JSON array of records")
+    p.add_argument("--item-table", default=None,
+                   help="safetensors file with an [items, width] table of item vectors, for prompts that write items as "
+                        "[[item:ROW]]: a projector into the model's embeddings is trained with the LoRA tensors and saved "
+                        "beside them (part of what unlearn edits)")
     _common(p, "folder for the adapter and train.json (written atomically)")
     add_dataclass_flags(p.add_argument_group("recipe"), TrainSettings)
     p.set_defaults(func=_run_train)
@@ -198,7 +202,7 @@ def _run_train(args) -> int:
     from .train import TrainSettings
 
     out = train(args.base, args.data, args.out, dataclass_from_args(TrainSettings, args), args.overwrite,
-                args.device, not args.quiet, dtype=args.dtype, checkpointing=args.checkpointing)
+                args.device, not args.quiet, dtype=args.dtype, checkpointing=args.checkpointing, item_table=args.item_table)
     if not distributed.is_main():
         return 0
     meta = json.loads((out / "train.json").read_text())

@@ -15,6 +15,8 @@ import torch
 
 from .errors import InputError
 from .fileio import MARKER
+from .items import ATTR as ITEMS_ATTR
+from .items import MODULES_WEIGHTS, attach_saved, module_state, read_modules, write_modules
 from .params import AdapterParams
 
 log = logging.getLogger(__name__)
@@ -490,11 +492,13 @@ def check_adapter(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     if bad:
         raise InputError(f"--adapter {path}: {len(bad)} tensors are not finite (e.g. {bad[0]}), so the adapter diverged "
                          "in training; retrain it or give another adapter")
+    read_modules(adapter_dir)  # the trainable modules beside it, if any (items.py)
     return saved
 
 
 def load_adapter(base_model, adapter_dir: str | Path):
-    """PeftModel with the adapter's tensors trainable (that is how Θ is found), in eval mode.
+    """PeftModel with the adapter's tensors trainable (that is how Θ is found), in eval mode, with the
+    folder's own trainable modules attached (items.py: they are part of Θ).
 
     Refuses an adapter whose saved tensors do not all land in the model with the same shapes.
     """
@@ -522,6 +526,11 @@ def load_adapter(base_model, adapter_dir: str | Path):
         raise InputError(f"--adapter {adapter_dir}: adapter_model.safetensors lacks {len(absent)} of the {len(live)} tensors "
                          f"its adapter_config.json asks for (e.g. {absent[0]}), which PEFT would fill at random; the "
                          "file is incomplete: save the adapter again")
+    try:
+        attach_saved(model, adapter_dir)
+    except InputError:
+        model.unload()
+        raise
     return model
 
 
@@ -538,11 +547,18 @@ def theta_of(model) -> tuple[AdapterParams, torch.Tensor]:
 
 
 def adapter_state(model, params: AdapterParams, theta: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Θ as the adapter's state dict, keyed as PEFT saves it (`set_peft_model_state_dict` loads it)."""
+    """Θ as the adapter's state dict, keyed as PEFT saves it (`set_peft_model_state_dict` loads it), plus the
+    attached modules' tensors keyed ``llmeraser_modules.<name>.<tensor>`` (items.py; written to their own file)."""
     from peft import get_peft_model_state_dict
 
     state = {n: t.detach().cpu() for n, t in params.unflatten(theta).items()}
-    return get_peft_model_state_dict(model, state_dict=state, save_embedding_layers=False)
+    mods = module_state(model, state)
+    peft = {n: t for n, t in state.items() if not _is_module(n)}
+    return {**get_peft_model_state_dict(model, state_dict=peft, save_embedding_layers=False), **mods}
+
+
+def _is_module(name: str) -> bool:
+    return name.startswith(f"{ITEMS_ATTR}.") or f".{ITEMS_ATTR}." in name
 
 
 def write_adapter(state: dict[str, torch.Tensor], src_dir: str | Path, dst_dir: str | Path) -> None:
@@ -556,14 +572,20 @@ def write_adapter(state: dict[str, torch.Tensor], src_dir: str | Path, dst_dir: 
 
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
     saved = read_adapter_file(adapter_weights_path(src_dir))
-    out = state
+    out = {k: v for k, v in state.items() if not k.startswith(f"{ITEMS_ATTR}.")}
+    mods = {k: v for k, v in state.items() if k.startswith(f"{ITEMS_ATTR}.")}
+    modules = read_modules(src_dir)
+    if set(k.removeprefix(f"{ITEMS_ATTR}.") for k in mods) != set(modules[1] if modules else ()):
+        raise RuntimeError("internal: the written modules' tensors differ from the input adapter's")
     if set(out) != set(saved):
         raise RuntimeError(f"internal: written keys differ from the input adapter's ({sorted(set(out) ^ set(saved))[:3]})")
     out = {k: v.to(saved[k].dtype if saved[k].dtype in (torch.float32, torch.float64) else torch.float32).contiguous()
            for k, v in out.items()}
     # the adapter's other files (config, tokenizer, README); not its weights, pickles or records of how it was made
     for f in src_dir.iterdir():
-        if (f.is_file() and f.name not in WEIGHT_FILES + ("unlearn.json", "train.json", "baseline.json", MARKER)
+        if (f.is_file() and f.name not in WEIGHT_FILES + ("unlearn.json", "train.json", "baseline.json", MARKER, MODULES_WEIGHTS)
                 and not f.name.endswith(PICKLE_SUFFIXES)):
             shutil.copy2(f, dst_dir / f.name)
     save_file(out, str(dst_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    if modules:  # the declaration was copied above, byte for byte; the tensors are Θ's
+        write_modules(dst_dir, None, mods)

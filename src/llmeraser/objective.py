@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from .items import inserting
 from .render import Example
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class CausalLMObjective(Objective):
         above them. The first prepared batch checks that starting there gives the same logits as the
         whole model; where it does not (an architecture that transforms its input embeddings, say) the
         shortcut is switched off for good and every batch runs the whole model."""
-        if not self._prefix or "prefix" in batch:
+        if not self._prefix or "prefix" in batch or "slot_items" in batch:  # slots change the input embeddings
             return batch
         with torch.no_grad():
             try:
@@ -171,7 +172,12 @@ class CausalLMObjective(Objective):
         # short responses after long prompts the full [batch, length, vocab] logits (and their graphs
         # in a double backward) dominate an HVP's memory (docs/design.md#response-logits)
         keep, where = torch.unique(cols_t, return_inverse=True)
+        slots = [(i, at, item) for i, e in enumerate(items) for at, item in e.slots]
+        extra = {} if not slots else {"slot_rows": torch.tensor([s[0] for s in slots], device=device),
+                                      "slot_cols": torch.tensor([s[1] for s in slots], device=device),
+                                      "slot_items": torch.tensor([s[2] for s in slots], device=device)}
         return {
+            **extra,
             "n": len(items),
             "input_ids": ids.to(device),
             "attention_mask": mask.to(device),
@@ -184,6 +190,9 @@ class CausalLMObjective(Objective):
         }
 
     def outputs(self, params, batch):
+        if "slot_items" in batch:  # the item vectors, projected with the Θ in `params`, at their slots (items.py)
+            with inserting(self.model, batch["slot_rows"], batch["slot_cols"], batch["slot_items"]):
+                return self._logits(batch, params, skip=False)
         return self._logits(batch, params, skip="prefix" in batch and self._prefix > 0)
 
     def _logits(self, batch, params, skip: bool):

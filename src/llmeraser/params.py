@@ -52,7 +52,8 @@ class AdapterParams:
         """One line per group (lora_A, lora_B, other), as nanoGPT prints its parameter counts."""
         groups: dict[str, list[int]] = {}
         for n, k in zip(self.names, self.numels):
-            g = "lora_A" if ".lora_A." in n else "lora_B" if ".lora_B." in n else "modules_to_save" if "modules_to_save" in n else "other"
+            g = ("lora_A" if ".lora_A." in n else "lora_B" if ".lora_B." in n else "modules_to_save" if "modules_to_save" in n
+                 else "llmeraser_modules" if n.startswith("llmeraser_modules.") else "other")
             groups.setdefault(g, []).append(k)
         parts = [f"{g}: {len(v)} tensors, {sum(v):,} params" for g, v in sorted(groups.items())]
         return f"Θ = {len(self.names)} tensors, {self.numel:,} params ({'; '.join(parts)})"

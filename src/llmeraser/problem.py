@@ -17,6 +17,7 @@ import torch
 
 from . import distributed
 from .data import EditRequest, Record
+from .items import item_slots
 from .modeling import fused_attention, theta_of
 from .memory import MemoryBudget
 from .objective import CausalLMObjective, by_length
@@ -80,7 +81,7 @@ class Problem:
         return self._sets[id(request)]
 
     def encode(self, record: Record):
-        return encode(record, self.tokenizer, self.template, self.max_length)
+        return encode(record, self.tokenizer, self.template, self.max_length, item_slots(self.model))
 
     def grad_sum(self, items, theta, desc: str, progress: bool) -> torch.Tensor:
         """Σ_i ∇L(z_i; Θ) over `items`."""

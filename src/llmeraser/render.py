@@ -18,17 +18,20 @@ from dataclasses import dataclass
 
 from .data import Record
 from .errors import InputError
+from .items import SLOT, ItemEmbeddings, tokens_with_slots
 
 TEMPLATES = ("auto", "chat", "plain")
 
 
 @dataclass(frozen=True)
 class Example:
-    """A tokenised sample: ``input_ids = prompt + response``; loss on the response only."""
+    """A tokenised sample: ``input_ids = prompt + response``; loss on the response only. `slots`: (position,
+    item-table row) of each item slot in the prompt (items.py), whose input embedding is the projected item."""
 
     input_ids: tuple[int, ...]
     n_prompt: int
     truncated: bool = False
+    slots: tuple[tuple[int, int], ...] = ()
 
     @property
     def n_response(self) -> int:
@@ -61,13 +64,19 @@ def render_text(tokenizer, prompt: list[dict], response: str, template: str) -> 
 
 
 def prompt_ids(tokenizer, head: str, template: str) -> list[int]:
-    """The prompt's token ids. With the plain template, a tokenizer that starts every text with its BOS token
-    (Gemma's, Llama 2's) gets it here too: such base models were trained with it first, and answer poorly
-    without it. A chat template writes its own BOS into the text."""
-    ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    """The prompt's token ids (a prompt without item slots)."""
+    return prompt_tokens(tokenizer, head, template)[0]
+
+
+def prompt_tokens(tokenizer, head: str, template: str, items: ItemEmbeddings | None = None,
+                  where: str = "a record") -> tuple[list[int], list[tuple[int, int]]]:
+    """The prompt's token ids and its item slots ((position, table row); items.tokens_with_slots). With the plain
+    template, a tokenizer that starts every text with its BOS token (Gemma's, Llama 2's) gets it here too: such
+    base models were trained with it first, and answer poorly without it. A chat template writes its own BOS."""
+    ids, slots = tokens_with_slots(tokenizer, head, items, where)
     if template == "plain" and _adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
-        ids = [tokenizer.bos_token_id] + ids
-    return ids
+        ids, slots = [tokenizer.bos_token_id] + ids, [(at + 1, item) for at, item in slots]
+    return ids, slots
 
 
 def _adds_bos(tokenizer) -> bool:
@@ -78,10 +87,13 @@ def _adds_bos(tokenizer) -> bool:
     return bool(first) and first[0] == bos
 
 
-def encode(record: Record, tokenizer, template: str, max_length: int) -> Example:
+def encode(record: Record, tokenizer, template: str, max_length: int, items: ItemEmbeddings | None = None) -> Example:
+    """`record` as token ids; `items`: the model's item embeddings, which a prompt with item slots needs."""
     prompt, response = record.sides()
     head, tail = render_text(tokenizer, prompt, response, template)
-    p = prompt_ids(tokenizer, head, template)
+    if SLOT.search(tail):
+        raise InputError(f"{record.where}: the response holds an item slot ([[item:...]]); slots belong in the prompt")
+    p, slots = prompt_tokens(tokenizer, head, template, items, record.where)
     r = tokenizer(tail, add_special_tokens=False)["input_ids"]
     if not r:
         raise InputError(f"{record.where}: the response renders to no tokens; give a non-empty response")
@@ -91,5 +103,6 @@ def encode(record: Record, tokenizer, template: str, max_length: int) -> Example
     if truncated:
         # keep the start of the response and the end of the prompt (the part next to it)
         r = r[: max(1, max_length - 1)]
-        p = p[len(p) - (max_length - len(r)):]
-    return Example(tuple(p) + tuple(r), len(p), truncated)
+        cut = len(p) - (max_length - len(r))
+        p, slots = p[cut:], [(at - cut, item) for at, item in slots if at >= cut]
+    return Example(tuple(p) + tuple(r), len(p), truncated, tuple(slots))

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .data import Record
 from .errors import InputError, NumericalError
+from .items import item_slots
 from .modeling import fused_attention
 from .objective import CausalLMObjective
 from .render import encode, resolve_template
@@ -105,7 +106,7 @@ def train_lora(model, tokenizer, records: list[Record], settings: TrainSettings,
     """
     progress = progress and distributed.is_main()
     template = resolve_template(tokenizer, settings.template)
-    examples = [encode(r, tokenizer, template, settings.max_length) for r in records]
+    examples = [encode(r, tokenizer, template, settings.max_length, item_slots(model)) for r in records]
     objective = CausalLMObjective(model, tokenizer.pad_token_id)
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -197,7 +198,7 @@ def mean_loss(model, tokenizer, records: list[Record], settings: TrainSettings) 
 
     What `final_loss` in train.json reports: the loss history holds each update's loss *before* it."""
     template = resolve_template(tokenizer, settings.template)
-    examples = [encode(r, tokenizer, template, settings.max_length) for r in records]
+    examples = [encode(r, tokenizer, template, settings.max_length, item_slots(model)) for r in records]
     objective = CausalLMObjective(model, tokenizer.pad_token_id)
     device = next(model.parameters()).device
     total, mine = 0.0, distributed.shard(examples)  # each rank its share, summed over ranks
