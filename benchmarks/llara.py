@@ -156,9 +156,9 @@ def hit_ratio(answers: list[str], rows: list[dict], names: list[str]) -> dict:
     def norm(s):
         return " ".join(s.strip().strip(".").split()).lower()
 
-    hits = sum(norm(a) == norm(names[r["next"]]) for a, r in zip(answers, rows))
+    hits = [norm(a) == norm(names[r["next"]]) for a, r in zip(answers, rows)]
     valid = sum(norm(a) in {norm(names[c]) for c in r["candidates"]} for a, r in zip(answers, rows))
-    return {"hit_ratio_at_1": hits / len(rows), "valid": valid / len(rows), "n": len(rows)}
+    return {"hit_ratio_at_1": sum(hits) / len(rows), "valid": valid / len(rows), "n": len(rows), "hits": hits}
 
 
 def build(root: Path, sizes: Sizes, seed: int = SEED) -> dict:
@@ -179,31 +179,15 @@ def build(root: Path, sizes: Sizes, seed: int = SEED) -> dict:
             "test": test}
 
 
-def generate(base_model, tok, adapter: Path, rows: list[dict], max_new: int) -> list[str]:
-    from llmeraser.data import records_from_rows
-    from llmeraser.evaluate import AdapterEval
-    from llmeraser.modeling import fused_attention, load_adapter, merged_adapter
-    from llmeraser.render import resolve_template
-
-    model = load_adapter(base_model, adapter)
-    try:
-        with fused_attention(model), merged_adapter(model):
-            ev = AdapterEval(model, tok, resolve_template(tok, "auto"), 8, 1024, max_new)
-            return ev.generate(records_from_rows(records_only(rows)))
-    finally:
-        model.unload()
-
-
 def run(sizes: Sizes, base: str, work: Path, mt, data_root: Path, progress: bool, say, recipe: dict | None = None) -> dict:
     """Train the corrupted original and the clean retraining, apply the request with llmeraser and with
     fine-tuning on the corrected records, and measure each on the test prompts and on the corrected records."""
     from safetensors.torch import save_file
 
-    from benchmarks.costs import PeakMemory
-    from llmeraser.api import unlearn
-    from llmeraser.baselines import BaselineSettings, baseline, train, trained_with
-    from llmeraser.fileio import sha256_file, write_text_atomic
-    from llmeraser.recipes import recipe as unlearn_recipe
+    from benchmarks.edit_methods import METHODS, generate, seconds, solver_summary, train_and_edit
+    from llmeraser.data import records_from_rows
+    from llmeraser.fileio import write_text_atomic
+    from llmeraser.metrics import paired_bootstrap
     from llmeraser.train import TrainSettings
 
     work.mkdir(parents=True, exist_ok=True)
@@ -214,62 +198,37 @@ def run(sizes: Sizes, base: str, work: Path, mt, data_root: Path, progress: bool
     write_text_atomic(req, "".join(json.dumps(r) + "\n" for r in b["request"]))
     settings = TrainSettings(**(recipe or {"rank": 8, "alpha": 16, "target_modules": ("q_proj", "v_proj"),
                                            "epochs": sizes.epochs, "lr": sizes.lr, "batch_size": 8, "max_length": 1024}))
-    # each stage's peak above what the process held before it (costs.PeakMemory); a cached adapter keeps its own
-    peaks_file = work / "peaks.json"
-    peaks = json.loads(peaks_file.read_text()) if peaks_file.is_file() else {}
-    if not trained_with(work / "original", arguments=settings.to_dict(), data_sha256=sha256_file(data)):
-        say(f"training the original on {len(b['noisy'])} histories ({len(b['request'])} with an injected item)")
-        with PeakMemory() as mem:
-            train(base, data, work / "original", settings, overwrite=True, device="cpu", progress=progress,
-                  model_and_tokenizer=mt, item_table=work / "items.safetensors")
-        peaks["original"] = mem.peak_mb
-    if not trained_with(work / "retrain", arguments=settings.to_dict(), request_sha256=sha256_file(req)):
-        say("retrain on the clean histories")
-        with PeakMemory() as mem:
-            baseline("retrain", base, work / "original", data, req, work / "retrain", overwrite=True, progress=progress,
-                     model_and_tokenizer=mt)
-        peaks["retrain"] = mem.peak_mb
-    write_text_atomic(peaks_file, json.dumps(peaks))
-    say("llmeraser")
-    with PeakMemory() as mem:
-        res = unlearn(base, work / "original", data, req, work / "llmeraser", unlearn_recipe("default", device="cpu"),
-                      overwrite=True, progress=progress, model_and_tokenizer=mt, allow_unconverged=True)
-    peaks["llmeraser"] = mem.peak_mb
-    say("finetune-corrected")
-    with PeakMemory() as mem:
-        baseline("finetune-corrected", base, work / "original", data, req, work / "finetune-corrected",
-                 BaselineSettings(steps=10, device="cpu"), overwrite=True, progress=progress, model_and_tokenizer=mt)
-    peaks["finetune-corrected"] = mem.peak_mb
+    rep, peaks = train_and_edit(base, work, data, req, settings, mt, progress, say,
+                                f"{len(b['noisy'])} histories ({len(b['request'])} with an injected item)",
+                                item_table=work / "items.safetensors")
     tok = mt[1]
     max_new = max(len(tok(n)["input_ids"]) for n in b["names"]) + 2
     edited = {e["id"] for e in b["request"]}
     corrected = [r for r in b["clean"] if r["id"] in edited]
     metrics = {}
-    for name in ("original", "retrain", "llmeraser", "finetune-corrected"):
+    for name in METHODS:
         say(f"evaluate {name}")
-        metrics[name] = {"test": hit_ratio(generate(mt[0], tok, work / name, b["test"], max_new), b["test"], b["names"]),
-                         "corrected": hit_ratio(generate(mt[0], tok, work / name, corrected, max_new), corrected, b["names"])}
-    seconds = {n: json.loads((work / n / ("train.json" if n in ("original", "retrain") else "baseline.json")).read_text())["seconds"]
-               for n in ("original", "retrain", "finetune-corrected")}
-    rep = res.report
-    seconds["llmeraser"] = rep.seconds["b"] + rep.seconds["solve"] + rep.seconds.get("save", 0.0)
+        metrics[name] = {split: hit_ratio(generate(mt[0], tok, work / name, records_from_rows(records_only(rows)), max_new, 1024),
+                                          rows, b["names"]) for split, rows in (("test", b["test"]), ("corrected", corrected))}
+    ours, theirs = metrics["llmeraser"]["test"]["hits"], metrics["retrain"]["test"]["hits"]
+    diff = paired_bootstrap(lambda idx: sum(ours[i] - theirs[i] for i in idx) / len(idx), len(ours))
     return {"sizes": asdict(sizes), "base": base, "seed": SEED, "items": len(b["names"]), "gru_final_loss": b["gru_loss"],
             "n_train": len(b["noisy"]), "edits": len(b["request"]), "n_test": len(b["test"]), "metrics": metrics,
-            "seconds": seconds, "peak_mb": peaks, "llmeraser": {"iterations": rep.solver["iterations"],
-                                              "final_residual": rep.solver["final_residual"],
-                                              "parameters": rep.parameters, "damping": rep.damping},
-            "date": time.strftime("%Y-%m-%d")}
+            "llmeraser_minus_retrain_hit_ratio": {"point": diff[0], "low": diff[1], "high": diff[2]},
+            "seconds": seconds(work, rep), "peak_mb": peaks, "llmeraser": solver_summary(rep), "date": time.strftime("%Y-%m-%d")}
 
 
 def table(result: dict) -> str:
     m = result["metrics"]
     lines = ["| adapter | HitRatio@1 (test) | valid answers (test) | HitRatio@1 (corrected histories) | seconds | peak MiB |",
              "| --- | --- | --- | --- | --- | --- |"]
-    for name in ("original", "retrain", "llmeraser", "finetune-corrected"):
+    for name in ("original", "retrain", "llmeraser", "finetune-corrected"):  # edit_methods.METHODS
         secs, peak = result["seconds"].get(name), result.get("peak_mb", {}).get(name)
         lines.append(f"| {name} | {m[name]['test']['hit_ratio_at_1']:.3f} | {m[name]['test']['valid']:.3f} | "
                      f"{m[name]['corrected']['hit_ratio_at_1']:.3f} | {secs:.0f} | {'' if peak is None else f'{peak:,.0f}'} |")
-    return "\n".join(lines) + "\n"
+    d = result["llmeraser_minus_retrain_hit_ratio"]
+    return ("\n".join(lines) + f"\n\nllmeraser − retrain, test HitRatio@1: {d['point']:+.3f} (95% paired bootstrap "
+            f"{d['low']:+.3f} to {d['high']:+.3f})\n")
 
 
 def main(argv=None) -> int:
@@ -291,10 +250,9 @@ def main(argv=None) -> int:
     mt = load_base(args.base, "cpu")
     result = run(sizes, args.base, args.work / f"{args.base}-{tag}", mt, args.data_root, not args.no_progress,
                  lambda msg: print(f"[llara {time.strftime('%H:%M:%S')}] {msg}", flush=True))
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"{args.base}-{tag}.json").write_text(json.dumps(result, indent=1))
-    (args.results / f"{args.base}-{tag}.md").write_text(table(result))
-    print(table(result))
+    from benchmarks.edit_methods import write_results
+
+    write_results(args.results, f"{args.base}-{tag}", result, table(result))
     return 0
 
 

@@ -107,3 +107,41 @@ def memorised_tiny(root: Path, n: int, epochs: int, batch_size: int):
     train_lora(model, tok, records, recipe, progress=False)
     model.eval()
     return model, tok, records
+
+
+def make_llava(folder: Path, seed: int = 0, hidden: int = 16, image_size: int = 8, patch: int = 4) -> Path:
+    """Save a tiny random LLaVA (a 1-layer CLIP vision tower, a 2-layer Llama, the projector), its tokenizer
+    with an <image> token, and a CLIP image processor to `folder`. One image = (image_size / patch)² tokens."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    vc = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=2,
+                          image_size=image_size, patch_size=patch, num_channels=3)
+    tc = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                      image_seq_length=(image_size // patch) ** 2)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    return folder
+
+
+def write_images(folder: Path, n: int, size: int = 8, seed: int = 0) -> list[str]:
+    """n random RGB PNGs in `folder`; their names."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    names = []
+    for i in range(n):
+        pixels = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+        names.append(f"img{i}.png")
+    return names

@@ -31,7 +31,7 @@ def run(tiny_dir, tmp_path, request_rows=None, data=None, adapter=None, base=Non
 @pytest.mark.parametrize("rows, text, message", [
     ([{"op": "remove", "id": "nope"}], None, "req.jsonl:1: unknown id 'nope'"),
     ([{"op": "remove", "id": "r1"}, {"op": "remove", "id": "r1"}], None, "req.jsonl:2: id 'r1' is already edited at line 1"),
-    ([{"op": "modify_query", "id": "r1", "new": {"response": "x"}}], None, "may change only ['prompt', 'system']"),
+    ([{"op": "modify_query", "id": "r1", "new": {"response": "x"}}], None, "may change only ['image', 'prompt', 'system']"),
     ([{"op": "correct_response", "id": "r1", "new": {"prompt": "x"}}], None, "use modify_query for the prompt side"),
     ([{"op": "correct_response", "id": "r1"}], None, "needs a non-empty object 'new'"),
     ([{"op": "forget", "id": "r1"}], None, "'op' must be one of"),

@@ -38,7 +38,7 @@ def test_hit_ratio_and_valid_share():
     names = ["Heat (1995)", "Up (2009)", "Jaws (1975)"]
     rows = [{"next": 0, "candidates": [0, 1]}, {"next": 1, "candidates": [1, 2]}, {"next": 2, "candidates": [2, 0]}]
     m = hit_ratio(["heat (1995).", "Jaws (1975)", "something else"], rows, names)
-    assert m == {"hit_ratio_at_1": 1 / 3, "valid": 2 / 3, "n": 3}
+    assert m == {"hit_ratio_at_1": 1 / 3, "valid": 2 / 3, "n": 3, "hits": [True, False, False]}
 
 
 @pytest.mark.slow
@@ -55,6 +55,8 @@ def test_the_scenario_runs_end_to_end_on_the_tiny_model(trainable_dir, tmp_path)
     assert set(result["metrics"]) == {"original", "retrain", "llmeraser", "finetune-corrected"}
     for m in result["metrics"].values():
         assert 0 <= m["test"]["hit_ratio_at_1"] <= m["test"]["valid"] <= 1 and m["test"]["n"] == 4
+    d = result["llmeraser_minus_retrain_hit_ratio"]
+    assert d["low"] <= d["point"] <= d["high"]
     a, b = (load_file(str(tmp_path / d / "llmeraser_modules.safetensors")) for d in ("original", "llmeraser"))
     assert not bool((a["item_slots.projector.0.weight"] == b["item_slots.projector.0.weight"]).all())
     r = load_file(str(tmp_path / "retrain" / "llmeraser_modules.safetensors"))

@@ -8,8 +8,9 @@ A record is one training sample in one of three shapes:
 * ``{"messages": [{"role", "content"}, ...]}``  (chat; the last turn must be the assistant's
   and is the response, every earlier turn is the prompt)
 
-An optional ``"id"`` names the record; without it the id is its 0-based position as a string.
-Other keys are kept but ignored.
+An optional ``"id"`` names the record; without it the id is its 0-based position as a string. An optional
+``"image"`` (a path relative to the data file's folder) puts an image before the prompt, for vision-language
+bases (vision.py); it is part of the prompt side. Other keys are kept but ignored.
 
 An edit request is JSONL, one edit per line::
 
@@ -33,9 +34,9 @@ OPS = ("remove", "modify_query", "correct_response")
 
 # shape -> (prompt-side fields, response-side fields)
 SHAPES = {
-    "prompt": ({"prompt", "system"}, {"response"}),
-    "alpaca": ({"instruction", "input"}, {"output"}),
-    "chat": ({"messages"}, {"messages"}),
+    "prompt": ({"prompt", "system", "image"}, {"response"}),
+    "alpaca": ({"instruction", "input", "image"}, {"output"}),
+    "chat": ({"messages", "image"}, {"messages"}),
 }
 
 
@@ -45,13 +46,26 @@ class Record:
     fields: dict
     shape: str
     where: str  # "file:line" or "file[index]", for error messages
+    root: str = ""  # the data file's folder: relative image paths start there
 
     def sides(self) -> tuple[list[dict], str]:
         """(prompt as chat messages, response text): the single definition of what a sample says."""
         return sides(self.fields, self.shape, self.where)
 
+    def image(self) -> str | None:
+        """The record's image ("image", or a chat turn's image part) as a checked absolute path, or None."""
+        part = image_part(self.fields, self.shape, self.where)
+        if part is not None and "image" in self.fields:
+            raise InputError(f"{self.where}: the record has both an 'image' and an image part; give one image")
+        value = self.fields["image"] if "image" in self.fields else part
+        if value is None:
+            return None
+        from .vision import image_path
+
+        return image_path(value, self.root, self.where)
+
     def replaced(self, new: dict) -> "Record":
-        return Record(self.id, {**self.fields, **new}, self.shape, self.where)
+        return Record(self.id, {**self.fields, **new}, self.shape, self.where, self.root)
 
 
 @dataclass(frozen=True)
@@ -115,11 +129,45 @@ def sides(fields: dict, shape: str, where: str) -> tuple[list[dict], str]:
     if not isinstance(msgs, list) or len(msgs) < 2:
         raise InputError(f"{where}: 'messages' must be a list with at least a prompt turn and a final assistant turn")
     for m in msgs:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise InputError(f"{where}: every message needs string 'role' and 'content'")
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), (str, list)):
+            raise InputError(f"{where}: every message needs a string 'role' and a 'content' (a string, or a list of "
+                             '{"type": "text", "text": ...} and {"type": "image", "image": PATH} parts)')
     if msgs[-1]["role"] != "assistant":
         raise InputError(f"{where}: the last message must have role 'assistant' (it is the response)")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs[:-1]], msgs[-1]["content"]
+    if not isinstance(msgs[-1]["content"], str):
+        raise InputError(f"{where}: the assistant's last turn must be a string (it is the response)")
+    return [{"role": m["role"], "content": _text(m["content"], where)} for m in msgs[:-1]], msgs[-1]["content"]
+
+
+def _text(content, where: str) -> str:
+    """A turn's text: the string, or its text parts joined by newlines (image parts are `image_part`'s)."""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind != "image":
+            raise InputError(f"{where}: a content part must be {{\"type\": \"text\", \"text\": str}} or "
+                             f"{{\"type\": \"image\", \"image\": PATH}}, got {part!r}")
+    return "\n".join(texts)
+
+
+def image_part(fields: dict, shape: str, where: str) -> str | None:
+    """The image of a chat record's image part (one per record; it goes before the first user turn's text)."""
+    if shape != "chat" or not isinstance(fields.get("messages"), list):
+        return None
+    parts = [p for m in fields["messages"] if isinstance(m, dict) and isinstance(m.get("content"), list)
+             for p in m["content"] if isinstance(p, dict) and p.get("type") == "image"]
+    if len(parts) > 1:
+        raise InputError(f"{where}: {len(parts)} image parts; a record holds one image")
+    if parts:
+        value = parts[0].get("image", parts[0].get("path"))
+        if not isinstance(value, str):
+            raise InputError(f"{where}: an image part needs \"image\": a path to the image file")
+        return value
+    return None
 
 
 def _read_json_rows(path: Path) -> list[tuple[dict, str]]:
@@ -160,12 +208,12 @@ def load_records(path: str | Path) -> list[Record]:
     rows = _read_json_rows(path)
     if not rows:
         raise InputError(f"data file {path} has no records")
-    return _records(rows)
+    return _records(rows, str(path.resolve().parent))
 
 
-def records_from_rows(rows, source: str = "records") -> list[Record]:
+def records_from_rows(rows, source: str = "records", root: str = "") -> list[Record]:
     """Records from any sequence of mappings (a list of dicts, a `datasets.Dataset`), checked as a file's are;
-    errors name `source[i]`."""
+    errors name `source[i]`; relative image paths start at `root` (default: the working directory)."""
     out = []
     for i, r in enumerate(rows):
         if not hasattr(r, "keys"):
@@ -173,10 +221,10 @@ def records_from_rows(rows, source: str = "records") -> list[Record]:
         out.append((dict(r), f"{source}[{i}]"))
     if not out:
         raise InputError(f"{source}: no records")
-    return _records(out)
+    return _records(out, root)
 
 
-def _records(rows: list[tuple[dict, str]]) -> list[Record]:
+def _records(rows: list[tuple[dict, str]], root: str = "") -> list[Record]:
     records, seen = [], {}
     for i, (r, where) in enumerate(rows):
         rid = r.get("id", str(i))
@@ -186,8 +234,9 @@ def _records(rows: list[tuple[dict, str]]) -> list[Record]:
         if rid in seen:
             raise InputError(f"{where}: duplicate id {rid!r} (first at {seen[rid]}); ids must be unique")
         seen[rid] = where
-        rec = Record(rid, r, _shape_of(r, where), where)
+        rec = Record(rid, r, _shape_of(r, where), where, root)
         rec.sides()  # validates types now, not halfway through a solve
+        rec.image()  # and that an image is there and readable, before any model is loaded
         records.append(rec)
     return records
 
@@ -204,6 +253,7 @@ def _check_new(op: str, old: Record, new: dict, where: str) -> Record:
             + ("use correct_response for the response side" if op == "modify_query" else "use modify_query for the prompt side")
         )
     rec = old.replaced(new)
+    rec.image()
     old_prompt, old_resp = old.sides()
     new_prompt, new_resp = sides(rec.fields, rec.shape, where)
     if op == "modify_query" and new_resp != old_resp:

@@ -35,8 +35,8 @@ from .modeling import (DTYPE_CHOICES, adapter_weights_path, check_adapter, check
 from . import privacy
 from .objective import CausalLMObjective
 from .privacy import token_stats
-from .items import inserting, item_slots
-from .render import TEMPLATES, encode, prompt_tokens, render_text, resolve_template
+from .items import inserting
+from .render import TEMPLATES, encode, model_inputs, prompt_tokens, render_text, resolve_template, with_image
 
 YES_NO = ("Yes.", "No.")
 
@@ -50,11 +50,11 @@ class AdapterEval:
         # a decoding step reads every weight whatever the batch, so wider batches cost little more per step
         self.generate_batch_size = generate_batch_size or 4 * batch_size
         self.objective = CausalLMObjective(model, tok.pad_token_id)
-        self.items = item_slots(model)  # the item embeddings of prompts with item slots (items.py), or None
+        self.inputs = model_inputs(model)  # item embeddings and vision of prompts with item slots or images, or None
 
     def _batches(self, records):
         for i in range(0, len(records), self.batch_size):
-            yield self.objective.collate([encode(r, self.tok, self.template, self.max_length, self.items)
+            yield self.objective.collate([encode(r, self.tok, self.template, self.max_length, **self.inputs)
                                           for r in records[i:i + self.batch_size]], next(self.model.parameters()).device)
 
     def nll(self, records: list[Record]) -> list[float]:
@@ -92,7 +92,7 @@ class AdapterEval:
                 "auc": roc_auc(scores, labels), "by_sample": {"id": [r.id for r in records], "score": scores, "label": labels}}
 
     def _counts(self, records):
-        return [encode(r, self.tok, self.template, self.max_length, self.items).n_response for r in records]
+        return [encode(r, self.tok, self.template, self.max_length, **self.inputs).n_response for r in records]
 
     def generate(self, records: list[Record]) -> list[str]:
         """Greedy answers, batched with left padding (positions come from the attention mask).
@@ -100,11 +100,17 @@ class AdapterEval:
         Prompts are batched in order of length, so a batch pads little, and answered in input order."""
         device = next(self.model.parameters()).device
         pad = self.tok.pad_token_id
-        heads, slots = [], []
+        heads, slots, images = [], [], []
+        vision = self.inputs["vision"]
         for r in records:
-            ids, at = prompt_tokens(self.tok, render_text(self.tok, r.sides()[0], "", self.template)[0], self.template,
-                                    self.items, r.where)
+            prompt, image = r.sides()[0], r.image() if vision is not None else None
+            ids, at = prompt_tokens(self.tok, render_text(self.tok, with_image(prompt, r.where) if image else prompt, "",
+                                                          self.template)[0], self.template, self.inputs["items"], r.where, vision)
+            images.append(image)
             cut = max(0, len(ids) - self.max_length)  # the prompt's end, as training keeps it
+            if image and vision.image_token_id in ids[:cut]:
+                raise InputError(f"{r.where}: the prompt has {len(ids)} tokens, and cutting it to --max-length "
+                                 f"{self.max_length} would cut its image; raise --max-length")
             heads.append(ids[cut:])
             slots.append([(p - cut, item) for p, item in at if p >= cut])
         order = sorted(range(len(heads)), key=lambda i: len(heads[i]))
@@ -117,10 +123,12 @@ class AdapterEval:
                 mask = torch.tensor([[0] * (width - len(heads[j])) + [1] * len(heads[j]) for j in chunk], device=device)
                 # left padding moves each prompt's slots right by its padding
                 where = [(k, width - len(heads[j]) + p, item) for k, j in enumerate(chunk) for p, item in slots[j]]
+                pixels = [vision.pixels(images[j]) for j in chunk if images[j]]  # the model fills its image tokens in order
+                extra = {"pixel_values": torch.stack(pixels).to(device)} if pixels else {}
                 with (inserting(self.model, *(torch.tensor(c, device=device) for c in zip(*where)), first_only=True)
                       if where else contextlib.nullcontext()):
                     gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
-                                              do_sample=False, pad_token_id=pad)
+                                              do_sample=False, pad_token_id=pad, **extra)
                 for j, g in zip(chunk, gen):
                     outs[j] = self.tok.decode(g[width:], skip_special_tokens=True).strip()
         return outs

@@ -232,9 +232,14 @@ def load_base(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype 
 
 
 def _from_pretrained(folder: str, dtype, kw: dict):
-    """(model, tokenizer) from a folder, with eager attention (see load_base)."""
+    """(model, tokenizer) from a folder, with eager attention (see load_base); a vision-language folder's
+    model carries its image processor (vision.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .vision import is_vision_folder, load_vision
+
+    if is_vision_folder(folder):
+        return load_vision(folder, dtype, kw)
     use_safetensors = kw.pop("use_safetensors", None)
     tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
     if use_safetensors is not None:

@@ -18,6 +18,7 @@ from torch.func import functional_call
 
 from .items import inserting
 from .render import Example
+from .vision import vision_of
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class CausalLMObjective(Objective):
         self.model = model
         self.pad_id = pad_id
         self.keeps_logits = True
+        self.vision = vision_of(model)  # a vision-language model's image processor and image token, else None
         self._layers, self._prefix = None, 0  # the decoder's layer list, and how many of them Θ leaves frozen
         self._checked = False
 
@@ -108,7 +110,7 @@ class CausalLMObjective(Objective):
         above them. The first prepared batch checks that starting there gives the same logits as the
         whole model; where it does not (an architecture that transforms its input embeddings, say) the
         shortcut is switched off for good and every batch runs the whole model."""
-        if not self._prefix or "prefix" in batch or "slot_items" in batch:  # slots change the input embeddings
+        if not self._prefix or "prefix" in batch or "slot_items" in batch or "pixel_values" in batch:  # they change the input embeddings
             return batch
         with torch.no_grad():
             try:
@@ -176,6 +178,9 @@ class CausalLMObjective(Objective):
         extra = {} if not slots else {"slot_rows": torch.tensor([s[0] for s in slots], device=device),
                                       "slot_cols": torch.tensor([s[1] for s in slots], device=device),
                                       "slot_items": torch.tensor([s[2] for s in slots], device=device)}
+        images = [e.image for e in items if e.image is not None]
+        if images:  # the model writes each image's features over its image tokens, in order
+            extra["pixel_values"] = torch.stack([self.vision.pixels(p) for p in images]).to(device)
         return {
             **extra,
             "n": len(items),
@@ -197,6 +202,8 @@ class CausalLMObjective(Objective):
 
     def _logits(self, batch, params, skip: bool):
         kwargs = {"attention_mask": batch["attention_mask"], "use_cache": False}
+        if "pixel_values" in batch:
+            kwargs["pixel_values"] = batch["pixel_values"]
         # above the frozen layers the model starts from their stored output, passed as its input embeddings
         kwargs.update({"inputs_embeds": batch["prefix"]} if skip else {"input_ids": batch["input_ids"]})
         with self._skipping() if skip else contextlib.nullcontext():

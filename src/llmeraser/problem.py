@@ -17,11 +17,10 @@ import torch
 
 from . import distributed
 from .data import EditRequest, Record
-from .items import item_slots
 from .modeling import fused_attention, theta_of
 from .memory import MemoryBudget
 from .objective import CausalLMObjective, by_length
-from .render import encode, resolve_template
+from .render import encode, model_inputs, resolve_template
 from .rhs import gradient_sum, sum_of_gradients
 
 # bytes of stored hidden states (the layers below the adapter) a loss evaluation's batches may hold
@@ -81,7 +80,7 @@ class Problem:
         return self._sets[id(request)]
 
     def encode(self, record: Record):
-        return encode(record, self.tokenizer, self.template, self.max_length, item_slots(self.model))
+        return encode(record, self.tokenizer, self.template, self.max_length, **model_inputs(self.model))
 
     def grad_sum(self, items, theta, desc: str, progress: bool) -> torch.Tensor:
         """Σ_i ∇L(z_i; Θ) over `items`."""

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from .data import Record
 from .errors import InputError
-from .items import SLOT, ItemEmbeddings, tokens_with_slots
+from .items import SLOT, ItemEmbeddings, item_slots, tokens_with_slots
+from .vision import IMAGE_MARK, Vision, vision_of
 
 TEMPLATES = ("auto", "chat", "plain")
 
@@ -32,6 +33,7 @@ class Example:
     n_prompt: int
     truncated: bool = False
     slots: tuple[tuple[int, int], ...] = ()
+    image: str | None = None  # the record's image (vision.py): its tokens are in the prompt, its pixels batched
 
     @property
     def n_response(self) -> int:
@@ -68,12 +70,39 @@ def prompt_ids(tokenizer, head: str, template: str) -> list[int]:
     return prompt_tokens(tokenizer, head, template)[0]
 
 
+def model_inputs(model) -> dict:
+    """What rendering needs from a model beyond its tokenizer: {"items": its item embeddings, "vision": its
+    Vision}, each None when the model has none."""
+    return {"items": item_slots(model), "vision": vision_of(model)}
+
+
+def with_image(prompt: list[dict], where: str) -> list[dict]:
+    """The prompt turns with the image mark at the start of the first user turn."""
+    for m in prompt:
+        if IMAGE_MARK in m["content"]:
+            raise InputError(f"{where}: the text holds {IMAGE_MARK}, which marks where an image goes; remove it")
+    at = next((i for i, m in enumerate(prompt) if m["role"] == "user"), 0)
+    return [{**m, "content": f"{IMAGE_MARK}\n{m['content']}"} if i == at else m for i, m in enumerate(prompt)]
+
+
 def prompt_tokens(tokenizer, head: str, template: str, items: ItemEmbeddings | None = None,
-                  where: str = "a record") -> tuple[list[int], list[tuple[int, int]]]:
-    """The prompt's token ids and its item slots ((position, table row); items.tokens_with_slots). With the plain
-    template, a tokenizer that starts every text with its BOS token (Gemma's, Llama 2's) gets it here too: such
-    base models were trained with it first, and answer poorly without it. A chat template writes its own BOS."""
-    ids, slots = tokens_with_slots(tokenizer, head, items, where)
+                  where: str = "a record", vision: Vision | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+    """The prompt's token ids and its item slots ((position, table row); items.tokens_with_slots); an image mark
+    becomes the model's image tokens. With the plain template, a tokenizer that starts every text with its BOS
+    token (Gemma's, Llama 2's) gets it here too: such base models were trained with it first, and answer poorly
+    without it. A chat template writes its own BOS."""
+    if IMAGE_MARK in head and vision is None:
+        raise InputError(f"{where}: the text holds {IMAGE_MARK}, which marks where an image goes; remove it")
+    ids, slots = [], []
+    for k, piece in enumerate(head.split(IMAGE_MARK)):
+        if k:
+            ids += [vision.image_token_id] * vision.tokens_per_image
+        more, at = tokens_with_slots(tokenizer, piece, items, where) if piece else ([], [])
+        slots += [(p + len(ids), item) for p, item in at]
+        ids += more
+    if vision is not None and ids.count(vision.image_token_id) != vision.tokens_per_image * head.count(IMAGE_MARK):
+        raise InputError(f"{where}: the text holds the model's image token ({tokenizer.convert_ids_to_tokens(vision.image_token_id)}); "
+                         "give images with the record's 'image' field and remove the token from the text")
     if template == "plain" and _adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
         ids, slots = [tokenizer.bos_token_id] + ids, [(at + 1, item) for at, item in slots]
     return ids, slots
@@ -87,13 +116,22 @@ def _adds_bos(tokenizer) -> bool:
     return bool(first) and first[0] == bos
 
 
-def encode(record: Record, tokenizer, template: str, max_length: int, items: ItemEmbeddings | None = None) -> Example:
-    """`record` as token ids; `items`: the model's item embeddings, which a prompt with item slots needs."""
+def encode(record: Record, tokenizer, template: str, max_length: int, items: ItemEmbeddings | None = None,
+           vision: Vision | None = None) -> Example:
+    """`record` as token ids; `items` and `vision` (`model_inputs`): what prompts with item slots or an image need."""
     prompt, response = record.sides()
+    image = record.image()
+    if image is not None:
+        if vision is None:
+            raise InputError(f"{record.where}: the record has an image, but the base model reads text only; give a "
+                             "vision-language --base (e.g. a LLaVA folder)")
+        prompt = with_image(prompt, record.where)
     head, tail = render_text(tokenizer, prompt, response, template)
+    if head.count(IMAGE_MARK) != (image is not None) or IMAGE_MARK in tail:
+        raise InputError(f"{record.where}: the text holds {IMAGE_MARK}, which marks where an image goes; remove it")
     if SLOT.search(tail):
         raise InputError(f"{record.where}: the response holds an item slot ([[item:...]]); slots belong in the prompt")
-    p, slots = prompt_tokens(tokenizer, head, template, items, record.where)
+    p, slots = prompt_tokens(tokenizer, head, template, items, record.where, vision)
     r = tokenizer(tail, add_special_tokens=False)["input_ids"]
     if not r:
         raise InputError(f"{record.where}: the response renders to no tokens; give a non-empty response")
@@ -104,5 +142,8 @@ def encode(record: Record, tokenizer, template: str, max_length: int, items: Ite
         # keep the start of the response and the end of the prompt (the part next to it)
         r = r[: max(1, max_length - 1)]
         cut = len(p) - (max_length - len(r))
+        if image is not None and vision.image_token_id in p[:cut]:
+            raise InputError(f"{record.where}: {len(p) + len(r)} tokens, and cutting the prompt to --max-length "
+                             f"{max_length} would cut its image; raise --max-length")
         p, slots = p[cut:], [(at - cut, item) for at, item in slots if at >= cut]
-    return Example(tuple(p) + tuple(r), len(p), truncated, tuple(slots))
+    return Example(tuple(p) + tuple(r), len(p), truncated, tuple(slots), image)

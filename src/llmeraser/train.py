@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 from . import distributed
 from .data import Record
 from .errors import InputError, NumericalError
-from .items import item_slots
 from .modeling import fused_attention
 from .objective import CausalLMObjective
-from .render import encode, resolve_template
+from .render import encode, model_inputs, resolve_template
+from .vision import PROJECTOR, language_targets, vision_of
 
 
 @dataclass
@@ -80,11 +80,16 @@ def add_lora(base_model, settings: TrainSettings):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(settings.seed)
-    cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0,
-                     target_modules=list(settings.target_modules), task_type="CAUSAL_LM",
-                     modules_to_save=list(settings.modules_to_save) or None,
-                     layers_to_transform=list(settings.layers) or None)
+    targets, to_save, layers = list(settings.target_modules), list(settings.modules_to_save) or None, list(settings.layers) or None
+    if vision_of(base_model) is not None:
+        # LoRA on the language model only (the vision tower has modules of the same names and stays frozen); the
+        # multimodal projector trained in full and saved with the adapter, so it is part of Θ (vision.py)
+        targets, layers = language_targets(base_model, settings.target_modules, settings.layers), None
+        to_save = to_save or [PROJECTOR]
+    cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, target_modules=targets,
+                     task_type="CAUSAL_LM", modules_to_save=to_save, layers_to_transform=layers)
     n_layers = getattr(getattr(base_model, "config", None), "num_hidden_layers", None)
+    n_layers = n_layers or getattr(getattr(getattr(base_model, "config", None), "text_config", None), "num_hidden_layers", None)
     if settings.layers and n_layers is not None and max(settings.layers) >= n_layers:
         raise InputError(f"--layers {list(settings.layers)}: the base model has layers 0 to {n_layers - 1}")
     try:
@@ -106,7 +111,7 @@ def train_lora(model, tokenizer, records: list[Record], settings: TrainSettings,
     """
     progress = progress and distributed.is_main()
     template = resolve_template(tokenizer, settings.template)
-    examples = [encode(r, tokenizer, template, settings.max_length, item_slots(model)) for r in records]
+    examples = [encode(r, tokenizer, template, settings.max_length, **model_inputs(model)) for r in records]
     objective = CausalLMObjective(model, tokenizer.pad_token_id)
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -198,7 +203,7 @@ def mean_loss(model, tokenizer, records: list[Record], settings: TrainSettings) 
 
     What `final_loss` in train.json reports: the loss history holds each update's loss *before* it."""
     template = resolve_template(tokenizer, settings.template)
-    examples = [encode(r, tokenizer, template, settings.max_length, item_slots(model)) for r in records]
+    examples = [encode(r, tokenizer, template, settings.max_length, **model_inputs(model)) for r in records]
     objective = CausalLMObjective(model, tokenizer.pad_token_id)
     device = next(model.parameters()).device
     total, mine = 0.0, distributed.shard(examples)  # each rank its share, summed over ranks

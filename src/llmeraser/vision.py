@@ -1,0 +1,123 @@
+"""Images in prompts: LLaVA-style vision-language models (transformers' image-text-to-text classes).
+
+A record's optional ``"image"`` (a path, relative to the data file's folder) renders as `tokens_per_image` copies
+of the model's image token at the start of its first user turn; the model writes its projected vision features
+over their embeddings. The loss masks them like every prompt token, so a sample's loss is still the mean NLL of
+its response tokens. The vision tower stays frozen; LoRA adapts the language model only, and the multimodal
+projector is trained in full and saved with the adapter (PEFT's modules_to_save), so Θ = LoRA ∪ projector.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+IMAGE_MARK = "[[image]]"  # where a record's image goes in its rendered prompt (never written by users)
+PROJECTOR = "multi_modal_projector"
+ATTR = "llmeraser_vision"
+
+
+@dataclass
+class Vision:
+    """What rendering and batching need from a vision-language model: its image processor, its image token,
+    and how many of them stand for one image."""
+
+    processor: object
+    image_token_id: int
+    tokens_per_image: int
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def pixels(self, path: str) -> torch.Tensor:
+        """The image at `path` as the model's pixel tensor [channels, height, width] (read once per path)."""
+        if path not in self._cache:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                self._cache[path] = self.processor(images=im.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        return self._cache[path]
+
+
+def vision_of(model) -> Vision | None:
+    """The model's Vision (set by `load_vision`), through a PeftModel too; None for a text model."""
+    try:
+        return getattr(model, ATTR)
+    except AttributeError:
+        return None
+
+
+def is_vision_folder(folder: str) -> bool:
+    """Whether a model folder holds a vision-language model (its config has a vision_config)."""
+    try:
+        cfg = json.loads(Path(folder, "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and "vision_config" in cfg
+
+
+def tokens_per_image(config) -> int:
+    """Image tokens per image: one per patch, plus the CLS feature when the model keeps it ("full")."""
+    vc = config.vision_config
+    patches = (vc.image_size // vc.patch_size) ** 2
+    return patches + (1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0)
+
+
+def load_vision(folder: str, dtype, kw: dict):
+    """(model, tokenizer) of a vision-language folder, with eager attention; the model carries its Vision."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    use_safetensors = kw.pop("use_safetensors", None)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
+    processor = AutoImageProcessor.from_pretrained(folder, **kw)
+    if use_safetensors is not None:
+        kw["use_safetensors"] = use_safetensors
+    model = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager", dtype=dtype, **kw)
+    token = getattr(model.config, "image_token_id", None)
+    if token is None:
+        token = getattr(model.config, "image_token_index", None)
+    if token is None:
+        raise InputError(f"--base {folder}: the vision-language config names no image token (image_token_id)")
+    setattr(model, ATTR, Vision(processor, int(token), tokens_per_image(model.config)))
+    return model, tokenizer
+
+
+def language_targets(model, target_modules, layers=()) -> list[str]:
+    """Full names of the language model's modules named in `target_modules` (in `layers`, when given): LoRA's
+    targets in a vision-language model, where the same names also occur in the frozen vision tower."""
+    import re
+
+    out = []
+    for name, _ in model.named_modules():
+        if ".language_model." not in f".{name}." or name.split(".")[-1] not in target_modules:
+            continue
+        m = re.search(r"\.layers\.(\d+)\.", name)
+        if layers and (m is None or int(m.group(1)) not in layers):
+            continue
+        out.append(name)
+    if not out:
+        raise InputError(f"--target-modules {list(target_modules)}: no such module in the language model of this "
+                         "vision-language base")
+    return out
+
+
+def image_path(value, root: str, where: str) -> str:
+    """A record's "image" as an absolute path, checked to be a readable image (an InputError naming the record)."""
+    if not isinstance(value, str) or not value.strip():
+        raise InputError(f"{where}: 'image' must be a path to an image file (relative to the data file's folder)")
+    path = value if os.path.isabs(value) else os.path.join(root or ".", value)
+    if not os.path.isfile(path):
+        raise InputError(f"{where}: image {value!r} not found (looked for {path}); image paths are relative to the "
+                         "data file's folder")
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # noqa: BLE001 - Pillow raises many kinds for a damaged file
+        raise InputError(f"{where}: image {path} is not a readable image ({str(e).splitlines()[0]})") from None
+    return os.path.abspath(path)
