@@ -50,7 +50,7 @@ class Sizes:
 
 
 QUICK = Sizes(n_train=40, n_test=20, candidates=5, history=3, gru_epochs=20, epochs=3.0)
-FULL = Sizes(n_train=200, n_test=100, candidates=20, history=5)
+FULL = Sizes(n_train=128, n_test=100, candidates=20, history=5)  # n as the paper suite's scenarios
 
 
 def load_rows(root: Path) -> list[dict]:
