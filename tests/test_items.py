@@ -232,3 +232,21 @@ def test_bad_items_are_named(tiny_dir, folder, tmp_path, capsys):
     # an item slot in a response
     with pytest.raises(InputError, match="slots belong in the prompt"):
         encode(records_from_rows([{"prompt": "a", "response": "[[item:1]]"}])[0], load_tiny(tiny_dir / "base")[1], "plain", 64)
+
+
+def test_a_bad_modules_declaration_is_named(folder, tmp_path):
+    import shutil
+
+    from llmeraser.items import read_modules
+
+    shutil.copytree(folder / "adapter", tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / MODULES_CONFIG).read_text())
+    for modules, message in (({"x": {"kind": "soft_prompt"}}, "unknown kind 'soft_prompt'"),
+                             ({"items": cfg["modules"]["item_slots"]}, "cannot name a module"),
+                             ({"item_slots": {"kind": "item_embeddings"}}, "declared incompletely")):
+        (tmp_path / "a" / MODULES_CONFIG).write_text(json.dumps({**cfg, "modules": modules}))
+        with pytest.raises(InputError, match=message):
+            read_modules(tmp_path / "a")
+    (tmp_path / "a" / MODULES_CONFIG).unlink()
+    with pytest.raises(InputError, match="llmeraser_modules.json is missing"):
+        read_modules(tmp_path / "a")
