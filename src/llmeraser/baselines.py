@@ -70,10 +70,11 @@ def train(base: str, data, out, settings: TrainSettings | None = None, overwrite
     base_model, tok = _loaded(base, device, model_and_tokenizer, dtype)
     model = add_lora(base_model, settings)
     try:
+        inherited = frozen_tensors(modules_from) if modules_from is not None and item_table is None else None
         if item_table is not None:
             attach_items(model, tok, item_table, seed=settings.seed)
-        elif modules_from is not None and frozen_tensors(modules_from) is not None:
-            attach(model, *frozen_tensors(modules_from), seed=settings.seed)
+        elif inherited is not None:
+            attach(model, *inherited, seed=settings.seed)
         with checkpointed(model, checkpointing):
             history = train_lora(model, tok, records, settings, progress)
         seconds = time.perf_counter() - t0

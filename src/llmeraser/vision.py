@@ -9,6 +9,7 @@ projector is trained in full and saved with the adapter (PEFT's modules_to_save)
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -113,11 +114,20 @@ def image_path(value, root: str, where: str) -> str:
     if not os.path.isfile(path):
         raise InputError(f"{where}: image {value!r} not found (looked for {path}); image paths are relative to the "
                          "data file's folder")
+    problem = _unreadable(os.path.abspath(path))
+    if problem:
+        raise InputError(f"{where}: image {path} is not a readable image ({problem})")
+    return os.path.abspath(path)
+
+
+@functools.lru_cache(maxsize=None)
+def _unreadable(path: str) -> str:
+    """Why Pillow cannot read the image at `path` ('' when it can); once per file, as every encode asks again."""
     try:
         from PIL import Image
 
         with Image.open(path) as im:
             im.verify()
     except Exception as e:  # noqa: BLE001 - Pillow raises many kinds for a damaged file
-        raise InputError(f"{where}: image {path} is not a readable image ({str(e).splitlines()[0]})") from None
-    return os.path.abspath(path)
+        return str(e).splitlines()[0]
+    return ""
