@@ -72,7 +72,7 @@ def solver_summary(report) -> dict:
 def generate(base_model, tok, adapter: Path, records, max_new: int, max_length: int) -> list[str]:
     """Greedy answers of the adapter to `records` (llmeraser Records), merged for speed."""
     from llmeraser.evaluate import AdapterEval
-    from llmeraser.modeling import fused_attention, load_adapter, merged_adapter
+    from llmeraser.modeling import fused_attention, load_adapter, merged_adapter, unload_adapter
     from llmeraser.render import resolve_template
 
     model = load_adapter(base_model, adapter)
@@ -80,7 +80,7 @@ def generate(base_model, tok, adapter: Path, records, max_new: int, max_length: 
         with fused_attention(model), merged_adapter(model):
             return AdapterEval(model, tok, resolve_template(tok, "auto"), 8, max_length, max_new).generate(records)
     finally:
-        model.unload()
+        unload_adapter(model)
 
 
 def write_results(folder: Path, name: str, result: dict, table: str) -> None:

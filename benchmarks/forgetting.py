@@ -168,7 +168,7 @@ def judge(counts: dict) -> dict:
 def answers_of(base_model, tok, adapter: Path, rows: list[dict], ids: list[str], max_new: int) -> dict:
     from llmeraser.data import records_from_rows
     from llmeraser.evaluate import AdapterEval
-    from llmeraser.modeling import fused_attention, load_adapter, merged_adapter
+    from llmeraser.modeling import fused_attention, load_adapter, merged_adapter, unload_adapter
     from llmeraser.render import resolve_template
 
     records = {r.id: r for r in records_from_rows(rows)}
@@ -179,7 +179,7 @@ def answers_of(base_model, tok, adapter: Path, rows: list[dict], ids: list[str],
             ev = AdapterEval(model, tok, resolve_template(tok, "auto"), 8, 256, max_new)
             return dict(zip(ids, ev.generate([records[i] for i in ids])))
     finally:
-        model.unload()
+        unload_adapter(model)
 
 
 def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, say) -> dict:

@@ -24,7 +24,7 @@ from pathlib import Path
 from llmeraser.baselines import BaselineSettings, baseline, train, trained_with
 from llmeraser.evaluate import EvaluateSettings, evaluate
 from llmeraser.fileio import sha256_file, write_json
-from llmeraser.modeling import load_adapter
+from llmeraser.modeling import load_adapter, unload_adapter
 from llmeraser.solvers import SolverSettings
 from llmeraser.train import TrainSettings
 from llmeraser.api import unlearn
@@ -311,7 +311,7 @@ class Runner:
             return hvp_cost(model, self.mt[1], records, max_length=self.sizes.max_length, repeats=1,
                             warm_up=not is_quick(self.sizes), products=products)
         finally:
-            model.unload()
+            unload_adapter(model)
 
     def scenario(self, name: str) -> dict:
         s = self.sizes

@@ -63,6 +63,8 @@ def make_adapter(base_model, folder: Path, rank: int = 2, seed: int = 0, init_sc
     """A LoRA adapter with random (non-zero) A and B, saved with PEFT save_pretrained."""
     from peft import LoraConfig, get_peft_model
 
+    from llmeraser.modeling import unload_adapter
+
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(target_modules),
                      task_type="CAUSAL_LM")
     torch.manual_seed(seed)
@@ -72,7 +74,7 @@ def make_adapter(base_model, folder: Path, rank: int = 2, seed: int = 0, init_sc
             if "lora_" in n:
                 p.copy_(init_scale * torch.randn_like(p))
     model.save_pretrained(folder)
-    model.unload()  # restore the base model's modules for the caller
+    unload_adapter(model)  # restore the base model's modules for the caller
     return folder
 
 

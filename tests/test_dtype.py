@@ -12,7 +12,7 @@ from llmeraser.cli import main
 from llmeraser.curvature import Curvature
 from llmeraser.data import load_records
 from llmeraser.errors import InputError
-from llmeraser.modeling import load_adapter, resolve_dtype, theta_of
+from llmeraser.modeling import load_adapter, resolve_dtype, theta_of, unload_adapter
 from llmeraser.objective import CausalLMObjective
 from llmeraser.recipes import recipe
 from llmeraser.render import encode
@@ -37,7 +37,7 @@ def products(tiny_dir, dtype, v64):
                for kind in ("ggn", "ggn-base", "hessian") for mode in ("fwd_rev", "rev_rev")}
         return theta.dtype, out
     finally:
-        peft.unload()
+        unload_adapter(peft)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

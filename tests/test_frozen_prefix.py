@@ -9,7 +9,7 @@ from helpers import load_tiny, make_adapter, make_base, toy_records, write_jsonl
 from llmeraser import objective as objective_module
 from llmeraser.curvature import Curvature, HessianOperator
 from llmeraser.data import load_records, load_request
-from llmeraser.modeling import load_adapter
+from llmeraser.modeling import load_adapter, unload_adapter
 from llmeraser.objective import CausalLMObjective
 from llmeraser.render import encode
 from llmeraser.acceptance import line_objective
@@ -32,7 +32,7 @@ def adapted(tmp_path, layers_to_transform):
             if "lora_" in n:
                 p.copy_(0.1 * torch.randn_like(p))
     peft_model.save_pretrained(tmp_path / "adapter")
-    peft_model.unload()
+    unload_adapter(peft_model)
     write_jsonl(tmp_path / "train.jsonl", toy_records(12))
     return load_adapter(base, tmp_path / "adapter"), tok, load_records(tmp_path / "train.jsonl"), tmp_path
 

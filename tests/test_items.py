@@ -13,7 +13,7 @@ from llmeraser.data import load_records, records_from_rows
 from llmeraser.errors import InputError
 from llmeraser.evaluate import AdapterEval
 from llmeraser.items import MODULES_CONFIG, MODULES_WEIGHTS, attach_items, item_slots
-from llmeraser.modeling import load_adapter, theta_of
+from llmeraser.modeling import load_adapter, theta_of, unload_adapter
 from llmeraser.objective import CausalLMObjective
 from llmeraser.render import encode
 
@@ -169,7 +169,7 @@ def test_an_item_edit_moves_the_projector_and_the_written_adapter_round_trips(ti
         batch = obj.collate([encode(r, tok, "chat", 128, item_slots(model)) for r in load_records(folder / "train.jsonl")], "cpu")
         with torch.no_grad():
             logits.append(obj.outputs(params.unflatten(theta + delta) if delta is not None else {}, batch))
-        model.unload()
+        unload_adapter(model)
     assert torch.allclose(logits[0], logits[1], atol=1e-5)
 
 
@@ -204,7 +204,7 @@ def test_generation_puts_each_items_vector_at_its_slot_under_left_padding(tiny_d
             want[at] = proj(torch.tensor([item]))[0].detach()
         assert torch.allclose(prompt[k, pad:], want, atol=1e-6)
     assert answers == [ev.generate([r])[0] for r in recs]
-    model.unload()
+    unload_adapter(model)
 
 
 def test_bad_items_are_named(tiny_dir, folder, tmp_path, capsys):

@@ -12,7 +12,7 @@ from llmeraser.curvature import Curvature
 from llmeraser.data import load_records
 from llmeraser.errors import InputError
 from llmeraser.evaluate import AdapterEval
-from llmeraser.modeling import load_adapter, theta_of
+from llmeraser.modeling import load_adapter, theta_of, unload_adapter
 from llmeraser.objective import CausalLMObjective
 from llmeraser.recipes import recipe
 from llmeraser.render import encode, model_inputs
@@ -136,7 +136,7 @@ def test_gradient_and_curvature_over_lora_and_projector_match_explicit_matrices(
     for mode in ("fwd_rev", "rev_rev"):
         gv = Curvature(obj, params, theta, "ggn", mode)(v, batch)
         assert torch.linalg.vector_norm(gv - G @ v) <= 1e-6 * torch.linalg.vector_norm(G @ v)
-    model.unload()
+    unload_adapter(model)
 
 
 def test_identity_correction_gives_zero_delta(folder, tmp_path):
@@ -155,10 +155,10 @@ def test_a_correction_moves_the_projector_and_the_written_adapter_round_trips(fo
     base, _ = load_tiny(folder / "base")
     before = load_adapter(base, folder / "adapter")
     params, theta_hat = theta_of(before)
-    before.unload()
+    unload_adapter(before)
     after = load_adapter(base, tmp_path / "out")
     params2, theta = theta_of(after)
-    after.unload()
+    unload_adapter(after)
     assert params2.names == params.names
     assert torch.allclose(theta, theta_hat + res.delta, atol=1e-7)
     proj = [n for n in params.names if "multi_modal_projector" in n]
@@ -181,4 +181,36 @@ def test_generation_reads_the_image_and_batches_like_one_at_a_time(folder):
         hook.remove()
     assert seen == [3]  # one prompt pass with the 3 images, none in the one-token passes
     assert together == [ev.generate([r])[0] for r in recs]
-    model.unload()
+    unload_adapter(model)
+
+
+def test_a_shared_base_keeps_its_own_projector_through_train_unlearn_and_evaluation(folder, tmp_path):
+    """PEFT's own `unload` would leave the adapter's trained projector in the base (modules_to_save), so a second
+    training on the same loaded base would start from the first one's projector; `unload_adapter` puts the base's
+    back. Checked through every stage a benchmark runs on one loaded base."""
+    from llmeraser.baselines import train
+
+    base, tok = load_tiny(folder / "base")
+    start = {k: v.clone() for k, v in base.model.multi_modal_projector.state_dict().items()}
+
+    def same_as_start():
+        now = base.model.multi_modal_projector.state_dict()
+        return all(torch.equal(now[k], v) for k, v in start.items())
+
+    out = train(str(folder / "base"), folder / "train.jsonl", tmp_path / "a", TrainSettings(rank=2, epochs=2, batch_size=3),
+                device="cpu", progress=False, model_and_tokenizer=(base, tok))
+    assert same_as_start()
+    trained = load_adapter(base, out)
+    saved = {n: p.detach().clone() for n, p in trained.named_parameters() if "multi_modal_projector" in n and p.requires_grad}
+    unload_adapter(trained)
+    assert saved and not all(torch.equal(p, start[n.rsplit("multi_modal_projector.", 1)[1].replace("modules_to_save.default.", "")])
+                             for n, p in saved.items())  # the training moved the projector: the checks can fail
+    assert same_as_start()
+    req = write_jsonl(tmp_path / "req.jsonl", [{"op": "correct_response", "id": "d4", "new": {"response": "digit 2"}}])
+    unlearn(str(folder / "base"), out, folder / "train.jsonl", req, tmp_path / "u", recipe("default", device="cpu"),
+            progress=False, allow_unconverged=True, model_and_tokenizer=(base, tok))
+    assert same_as_start()
+    model = load_adapter(base, tmp_path / "u")
+    AdapterEval(model, tok, "chat", max_new_tokens=2).generate(load_records(folder / "train.jsonl")[:2])
+    unload_adapter(model)
+    assert same_as_start()

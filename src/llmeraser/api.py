@@ -19,7 +19,7 @@ from .data import EditRequest, Record, load_records, load_request, records_from_
 from .errors import InputError, NotConvergedError, NumericalError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
 from .modeling import (adapter_state, check_adapter, check_base, checkpointed, fused_attention, load_adapter, load_base,
-                       resolve_device, resolve_dtype, write_adapter)
+                       resolve_device, resolve_dtype, unload_adapter, write_adapter)
 from .recipes import recipe as recipe_settings
 from .report import UnlearnReport, peak_memory_mb
 from .settings import UnlearnSettings
@@ -284,4 +284,4 @@ def unlearn(base: str, adapter: str | Path, data: str | Path, request: str | Pat
             res.out = out
         return res
     finally:
-        model.unload()  # hand a caller's base model back without the adapter's layers
+        unload_adapter(model)  # hand a caller's base model back without the adapter's layers

@@ -20,7 +20,7 @@ from .errors import InputError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
 from .items import attach, attach_items, frozen_tensors, read_item_table, save_modules
 from .modeling import (DTYPE_CHOICES, adapter_weights_path, check_adapter, check_base, check_device, check_dtype, checkpointed,
-                       load_adapter, load_base, resolve_device, resolve_dtype)
+                       load_adapter, load_base, resolve_device, resolve_dtype, unload_adapter)
 from .train import TrainSettings, add_lora, mean_loss, train_lora
 from .trainrecord import TrainRecord
 from .report import peak_memory_mb
@@ -91,7 +91,7 @@ def train(base: str, data, out, settings: TrainSettings | None = None, overwrite
                     "base_dtype": str(base_model.dtype).removeprefix("torch."), "versions": _versions(), **(extra or {})})
         distributed.on_main(write)
     finally:
-        model.unload()  # give the caller its base model back unchanged
+        unload_adapter(model)  # give the caller its base model back unchanged
     return out
 
 
@@ -191,5 +191,5 @@ def baseline(name: str, base: str, adapter, data, request, out, settings: Baseli
                     "peak_memory_mb": peak_memory_mb(next(model.parameters()).device), "versions": _versions()})
         distributed.on_main(write)
     finally:
-        model.unload()
+        unload_adapter(model)
     return out

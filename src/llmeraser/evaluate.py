@@ -31,7 +31,8 @@ from .errors import InputError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
 from .metrics import cosine, exact_match, relative_distance, roc_auc, rouge
 from .modeling import (DTYPE_CHOICES, adapter_weights_path, check_adapter, check_base, check_device, check_dtype, fused_attention,
-                       load_adapter, load_base, merged_adapter, read_adapter_file, resolve_device, resolve_dtype)
+                       load_adapter, load_base, merged_adapter, read_adapter_file, resolve_device, resolve_dtype,
+                       unload_adapter)
 from . import privacy
 from .objective import CausalLMObjective
 from .privacy import token_stats
@@ -314,7 +315,7 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, settings:
                 ev = AdapterEval(model, tok, tpl, batch_size, max_length, max_new_tokens)
                 reference = {s: ev.scored(splits[s], k)[1] for s, k in kl_keep.items() if k}
         finally:
-            model.unload()
+            unload_adapter(model)
     for name in tqdm(order, desc="evaluate", disable=not progress):
         if cached.get(name) is not None:  # the adapter's own cost is read again: a rerun may have made it anew
             methods[name] = {**cached[name], **_cost(adapters[name]), "cached": True}
@@ -349,7 +350,7 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, settings:
                         kl[f"kl_{split}"] = float((reference[split].exp() * (reference[split] - lp)).sum(-1).mean())
                     res["vs_retrain"] = kl
         finally:
-            model.unload()
+            unload_adapter(model)
         res.update(_cost(adapters[name]))
         res["eval_seconds"] = time.perf_counter() - t0
         methods[name] = res

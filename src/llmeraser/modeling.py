@@ -521,22 +521,43 @@ def load_adapter(base_model, adapter_dir: str | Path):
     absent = sorted(set(live) - set(saved))  # PEFT leaves these at their random initialisation
     wrong = sorted(k for k in saved if k in live and tuple(saved[k].shape) != tuple(live[k].shape))
     if extra or wrong:
-        model.unload()
+        unload_adapter(model)
         raise InputError(f"--adapter {adapter_dir} does not match --base: "
                          + (f"{len(extra)} saved tensors have no place in the model (e.g. {extra[0]})" if extra
                             else f"{len(wrong)} tensors have other shapes (e.g. {wrong[0]})")
                          + "; use the base model the adapter was trained on")
     if absent:
-        model.unload()
+        unload_adapter(model)
         raise InputError(f"--adapter {adapter_dir}: adapter_model.safetensors lacks {len(absent)} of the {len(live)} tensors "
                          f"its adapter_config.json asks for (e.g. {absent[0]}), which PEFT would fill at random; the "
                          "file is incomplete: save the adapter again")
     try:
         attach_saved(model, adapter_dir)
     except InputError:
-        model.unload()
+        unload_adapter(model)
         raise
     return model
+
+
+def unload_adapter(model):
+    """The base model back from a PeftModel, with every module it had before the adapter was put on it.
+
+    PEFT's `unload` puts each `modules_to_save` wrapper's *trained copy* into the base where the wrapped module
+    was (peft/utils/other.py, `unload_and_optionally_merge_module`), so a base shared by several adapters (a
+    benchmark, `evaluate`, the API with `model_and_tokenizer`) would carry one adapter's trained projector or
+    head into the next: a retraining would start from the original's. Invariant: after this call every
+    parameter of the base is the one it held before the adapter was loaded (LoRA layers are removed unmerged)."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    wrapped = []
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            parent, _, attr = name.rpartition(".")
+            wrapped.append((model.get_submodule(parent) if parent else model, attr, module.original_module))
+    base = model.unload()
+    for parent, attr, original in wrapped:
+        setattr(parent, attr, original)
+    return base
 
 
 def theta_of(model) -> tuple[AdapterParams, torch.Tensor]:
