@@ -214,3 +214,19 @@ def test_a_shared_base_keeps_its_own_projector_through_train_unlearn_and_evaluat
     AdapterEval(model, tok, "chat", max_new_tokens=2).generate(load_records(folder / "train.jsonl")[:2])
     unload_adapter(model)
     assert same_as_start()
+
+
+def test_a_bfloat16_base_gives_the_float32_update(folder, tmp_path):
+    """The projector's tensors are in Θ as float32 while a bfloat16 base hands it bfloat16 image features: the
+    update must run and agree with the float32 one (the adapter's maths is float32 whatever the base)."""
+    import dataclasses
+
+    req = write_jsonl(tmp_path / "req.jsonl", [{"op": "correct_response", "id": "d4", "new": {"response": "digit 2"}}])
+    deltas = {}
+    for name in ("float32", "bfloat16"):
+        s = dataclasses.replace(recipe("default"), dtype=name, device="cpu", verify="off")
+        res = unlearn(str(folder / "base"), folder / "adapter", folder / "train.jsonl", req, None, settings=s,
+                      progress=False, allow_unconverged=True)
+        deltas[name] = res.delta.double()
+    cos = float(torch.nn.functional.cosine_similarity(deltas["bfloat16"], deltas["float32"], 0))
+    assert cos > 0.99 and not torch.equal(deltas["bfloat16"], deltas["float32"]), cos

@@ -84,7 +84,34 @@ def load_vision(folder: str, dtype, kw: dict):
     if token is None:
         raise InputError(f"--base {folder}: the vision-language config names no image token (image_token_id)")
     setattr(model, ATTR, Vision(processor, int(token), tokens_per_image(model.config)))
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == PROJECTOR:
+            bridge_precision(module)
     return model, tokenizer
+
+
+def bridge_precision(projector: torch.nn.Module) -> None:
+    """Let the projector run in its weights' dtype whatever its input's: each of its layers with a weight casts
+    its input to that weight's dtype, and the projector casts its output back to its input's dtype.
+
+    Why: Θ holds the projector's tensors in float32 (the adapter's maths is float32, docs/design.md#dtype), while a
+    bfloat16 base hands it bfloat16 vision features. No-ops when the dtypes agree. The hooks go with PEFT's
+    modules_to_save copy (a deepcopy keeps a module's hooks)."""
+    for module in projector.modules():
+        if isinstance(getattr(module, "weight", None), torch.Tensor):
+            module.register_forward_pre_hook(_input_in_weight_dtype)
+    projector.register_forward_hook(_output_in_input_dtype)
+
+
+def _input_in_weight_dtype(module, args):
+    dtype = module.weight.dtype
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _output_in_input_dtype(module, args, out):
+    if args and torch.is_tensor(args[0]) and args[0].is_floating_point() and torch.is_tensor(out):
+        return out.to(args[0].dtype)
+    return out
 
 
 def language_targets(model, target_modules, layers=()) -> list[str]:
