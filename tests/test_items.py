@@ -59,8 +59,12 @@ def test_train_writes_the_projector_beside_the_adapter_and_theta_holds_it(folder
     assert any(".lora_B." in n for n in params.names)
     assert "llmeraser_modules" in params.summary()
     # the projector was trained: it moved from the seeded initialisation a retraining starts from
-    train_json = json.loads((folder / "adapter" / "train.json").read_text())
-    assert train_json["loss_history"][0] > train_json["final_loss"]
+    from llmeraser.items import attach
+
+    start = attach(torch.nn.Linear(2, 2), config, {"item_slots.table": saved["item_slots.table"]})
+    start_state = start.state_dict()
+    moved = [k for k in saved if k != "item_slots.table" and not torch.equal(saved[k], start_state[k])]
+    assert sorted(moved) == sorted(f"item_slots.projector.{k}" for k in ("0.weight", "0.bias", "2.weight", "2.bias"))
 
 
 def test_slots_render_to_the_slot_token_at_their_positions(model64):
@@ -234,12 +238,25 @@ def test_bad_items_are_named(tiny_dir, folder, tmp_path, capsys):
         encode(records_from_rows([{"prompt": "a", "response": "[[item:1]]"}])[0], load_tiny(tiny_dir / "base")[1], "plain", 64)
 
 
-def test_a_bad_modules_declaration_is_named(folder, tmp_path):
+def test_a_bad_modules_declaration_is_named(folder, tiny_dir, tmp_path):
     import shutil
 
-    from llmeraser.items import read_modules
+    from llmeraser.items import ATTR, attach, read_modules
 
     shutil.copytree(folder / "adapter", tmp_path / "a")
+    base, _ = load_tiny(tiny_dir / "base")
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    attach(base, *read_modules(tmp_path / "a"), complete=True)
+    delattr(base, ATTR)
+    assert torch.equal(torch.rand(3), expected)  # building the modules (seeded) leaves the caller's RNG alone
+    tensors = load_file(tmp_path / "a" / MODULES_WEIGHTS)
+    table = next(k for k in tensors if k.endswith("table"))
+    save_file({k: v for k, v in tensors.items() if k != table}, str(tmp_path / "a" / MODULES_WEIGHTS))
+    with pytest.raises(InputError, match=f"lacks 1 of the {len(tensors)} tensors .*{table}"):
+        load_adapter(base, tmp_path / "a")  # not a zero table in silence
+    save_file(tensors, str(tmp_path / "a" / MODULES_WEIGHTS))
     cfg = json.loads((tmp_path / "a" / MODULES_CONFIG).read_text())
     for modules, message in (({"x": {"kind": "soft_prompt"}}, "unknown kind 'soft_prompt'"),
                              ({"items": cfg["modules"]["item_slots"]}, "cannot name a module"),

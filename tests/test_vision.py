@@ -230,3 +230,13 @@ def test_a_bfloat16_base_gives_the_float32_update(folder, tmp_path):
         deltas[name] = res.delta.double()
     cos = float(torch.nn.functional.cosine_similarity(deltas["bfloat16"], deltas["float32"], 0))
     assert cos > 0.99 and not torch.equal(deltas["bfloat16"], deltas["float32"]), cos
+
+
+def test_a_vision_family_other_than_llava_is_refused_by_name(folder, tmp_path):
+    import shutil
+
+    shutil.copytree(folder / "base", tmp_path / "base")
+    cfg = json.loads((tmp_path / "base" / "config.json").read_text())
+    (tmp_path / "base" / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2_vl"}))
+    with pytest.raises(InputError, match="a 'qwen2_vl' vision-language model; llmeraser supports \\['llava'\\]"):
+        load_tiny(tmp_path / "base")

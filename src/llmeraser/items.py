@@ -85,6 +85,13 @@ def item_slots(model) -> ItemEmbeddings | None:
 
 
 def _build(config: dict, where: str) -> torch.nn.ModuleDict:
+    """The declared modules, initialised from the RNG's current state, which is left as it was (a load must not
+    move the caller's RNG)."""
+    with torch.random.fork_rng(devices=[]):
+        return _build_modules(config, where)
+
+
+def _build_modules(config: dict, where: str) -> torch.nn.ModuleDict:
     if not isinstance(config, dict) or config.get("format") != FORMAT or not isinstance(config.get("modules"), dict):
         raise InputError(f"{where}: not an llmeraser modules file (expected {{\"format\": {FORMAT}, \"modules\": {{...}}}}); "
                          "write it again with `llmeraser train`")
@@ -97,20 +104,26 @@ def _build(config: dict, where: str) -> torch.nn.ModuleDict:
             raise InputError(f"{where}: module {name!r} has unknown kind {kind!r}; known: {sorted(KINDS)}")
         try:
             out[name] = KINDS[kind].from_config(cfg)
-        except (KeyError, TypeError, ValueError) as e:
-            raise InputError(f"{where}: module {name!r} is declared incompletely ({e}); write it again with `llmeraser train`") from None
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # RuntimeError: torch on a size ≤ 0
+            raise InputError(f"{where}: module {name!r} is declared incompletely or with impossible sizes "
+                             f"({str(e).splitlines()[0]}); write it again with `llmeraser train`") from None
     return out
 
 
 def attach(model, config: dict, tensors: dict[str, torch.Tensor] | None = None, seed: int = 0,
-           where: str = MODULES_CONFIG) -> torch.nn.ModuleDict:
+           where: str = MODULES_CONFIG, complete: bool = False) -> torch.nn.ModuleDict:
     """Build the declared modules on the model's device, load `tensors` (all of them, or some: the rest keep a
-    seeded initialisation), mark their parameters trainable, and hang them off
-    `model` as `llmeraser_modules`. Returns them."""
-    torch.manual_seed(seed)
-    mods = _build(config, where)
+    seeded initialisation; `complete` requires all), mark their parameters trainable, and hang them off
+    `model` as `llmeraser_modules`. Returns them. The global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mods = _build(config, where)
     if tensors is not None:
         own = mods.state_dict()
+        missing = sorted(set(own) - set(tensors))
+        if complete and missing:  # a lost tensor would silently keep its initial value (a zero item table)
+            raise InputError(f"{where}: {MODULES_WEIGHTS} lacks {len(missing)} of the {len(own)} tensors its declaration "
+                             f"asks for (e.g. {missing[0]}); the file is incomplete: copy or write the adapter again")
         extra = sorted(set(tensors) - set(own))
         wrong = sorted(k for k in tensors if k in own and tuple(tensors[k].shape) != tuple(own[k].shape))
         if extra or wrong:
@@ -172,7 +185,7 @@ def attach_saved(model, adapter_dir: str | Path) -> torch.nn.ModuleDict | None:
     if saved is None:
         return None
     config, tensors = saved
-    return attach(model, config, tensors, where=str(Path(adapter_dir) / MODULES_CONFIG))
+    return attach(model, config, tensors, where=str(Path(adapter_dir) / MODULES_CONFIG), complete=True)
 
 
 def module_state(model, theta_tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -285,8 +298,9 @@ def tokens_with_slots(tokenizer, text: str, items: ItemEmbeddings | None, where:
     if len(pieces) == 1:
         return tokenizer(text, add_special_tokens=False)["input_ids"], []
     if items is None:
-        raise InputError(f"{where}: the prompt holds item slots ([[item:{pieces[1]}]]) but the adapter has no item "
-                         "embeddings; train it with `llmeraser train --item-table TABLE`")
+        raise InputError(f"{where}: the prompt holds item slots ([[item:{pieces[1]}]]) but no item "
+                         "embeddings are attached: train it with `llmeraser train --item-table TABLE`, and for an adapter "
+                         "trained so, copy its whole folder (llmeraser_modules.json and .safetensors go with it)")
     ids, slots = [], []
     for k, piece in enumerate(pieces):
         if k % 2:

@@ -22,6 +22,7 @@ from .errors import InputError
 IMAGE_MARK = "[[image]]"  # where a record's image goes in its rendered prompt (never written by users)
 PROJECTOR = "multi_modal_projector"
 ATTR = "llmeraser_vision"
+SUPPORTED = {"llava"}  # config.json model_type of the vision-language families whose layout this module knows
 
 
 @dataclass
@@ -72,6 +73,12 @@ def load_vision(folder: str, dtype, kw: dict):
     """(model, tokenizer) of a vision-language folder, with eager attention; the model carries its Vision."""
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
+    model_type = json.loads(Path(folder, "config.json").read_text()).get("model_type")
+    if model_type not in SUPPORTED:
+        # the image-token count (tokens_per_image) and the projector's name are LLaVA's; another family would fail
+        # mid-run with "image features and image tokens do not match"
+        raise InputError(f"--base {folder}: a {model_type!r} vision-language model; llmeraser supports {sorted(SUPPORTED)} "
+                         "(LLaVA-style: a CLIP-like tower, a multi_modal_projector, one image token per patch) so far")
     use_safetensors = kw.pop("use_safetensors", None)
     tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
     processor = AutoImageProcessor.from_pretrained(folder, **kw)
