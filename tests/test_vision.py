@@ -240,3 +240,27 @@ def test_a_vision_family_other_than_llava_is_refused_by_name(folder, tmp_path):
     (tmp_path / "base" / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2_vl"}))
     with pytest.raises(InputError, match="a 'qwen2_vl' vision-language model; llmeraser supports \\['llava'\\]"):
         load_tiny(tmp_path / "base")
+
+
+def test_the_pixel_cache_stays_within_its_bound_and_gives_the_same_pixels(folder):
+    from llmeraser.vision import vision_of
+
+    base, _ = load_tiny(folder / "base")
+    vision = vision_of(base)
+    paths = sorted(str(p) for p in (folder / "images").iterdir())
+    first = vision.pixels(paths[0]).clone()
+    one = first.numel() * first.element_size()
+    vision.cache_mb = 2.5 * one / 2**20  # room for two images
+    for p in paths:
+        vision.pixels(p)
+    assert len(vision._cache) == 2 and vision._cached_bytes == 2 * one and paths[0] not in vision._cache
+    assert torch.equal(vision.pixels(paths[0]), first)  # read again after eviction: the same tensor values
+
+
+def test_modules_to_save_given_by_the_user_add_to_the_projector(folder):
+    base, _ = load_tiny(folder / "base")
+    model = add_lora(base, TrainSettings(rank=2, modules_to_save=("lm_head",)))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    unload_adapter(model)
+    assert any("multi_modal_projector.modules_to_save" in n for n in trainable)
+    assert any("lm_head.modules_to_save" in n for n in trainable)

@@ -60,7 +60,12 @@ class AdapterParams:
 
 
 def zero_adapter(params: AdapterParams, theta: torch.Tensor) -> torch.Tensor:
-    """Θ₀: Θ with every LoRA B matrix zeroed, which makes the adapter a no-op on the base model."""
+    """Θ₀: Θ with every LoRA B matrix zeroed, which makes every LoRA layer a no-op.
+
+    Tensors of Θ beyond LoRA (a trained multimodal projector, an item projector, modules_to_save) keep their
+    values: a projector trained from scratch has no base value, and zeroing it would blank every image or item
+    vector. So on such adapters the "base model" of ggn-base, reset_removed and anchor_kept is the base with the
+    adapter's own projector."""
     parts = params.unflatten(theta.clone())
     names = [n for n in params.names if ".lora_B." in n or n.endswith("lora_B.weight")]
     if not names:

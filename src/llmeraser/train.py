@@ -85,7 +85,7 @@ def add_lora(base_model, settings: TrainSettings):
         # LoRA on the language model only (the vision tower has modules of the same names and stays frozen); the
         # multimodal projector trained in full and saved with the adapter, so it is part of Θ (vision.py)
         targets, layers = language_targets(base_model, settings.target_modules, settings.layers), None
-        to_save = to_save or [PROJECTOR]
+        to_save = list(to_save or []) + ([PROJECTOR] if PROJECTOR not in (to_save or []) else [])
     cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, target_modules=targets,
                      task_type="CAUSAL_LM", modules_to_save=to_save, layers_to_transform=layers)
     n_layers = getattr(getattr(base_model, "config", None), "num_hidden_layers", None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .errors import InputError
 IMAGE_MARK = "[[image]]"  # where a record's image goes in its rendered prompt (never written by users)
 PROJECTOR = "multi_modal_projector"
 ATTR = "llmeraser_vision"
+CACHE_MB = 1024.0  # the pixel cache's bound (Vision.pixels)
 SUPPORTED = {"llava"}  # config.json model_type of the vision-language families whose layout this module knows
 
 
@@ -33,16 +35,28 @@ class Vision:
     processor: object
     image_token_id: int
     tokens_per_image: int
-    _cache: dict = field(default_factory=dict, repr=False)
+    cache_mb: float = CACHE_MB
+    _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _cached_bytes: int = field(default=0, repr=False)
 
     def pixels(self, path: str) -> torch.Tensor:
-        """The image at `path` as the model's pixel tensor [channels, height, width] (read once per path)."""
-        if path not in self._cache:
-            from PIL import Image
+        """The image at `path` as the model's pixel tensor [channels, height, width].
 
-            with Image.open(path) as im:
-                self._cache[path] = self.processor(images=im.convert("RGB"), return_tensors="pt")["pixel_values"][0]
-        return self._cache[path]
+        Kept in a least-recently-used cache of at most `cache_mb` MiB: every pass over the data (b, each curvature
+        batch, the line search) asks for the same images again, and a 336-pixel image is 1.3 MiB of float32."""
+        if path in self._cache:
+            self._cache.move_to_end(path)
+            return self._cache[path]
+        from PIL import Image
+
+        with Image.open(path) as im:
+            pixels = self.processor(images=im.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        self._cache[path] = pixels
+        self._cached_bytes += pixels.numel() * pixels.element_size()
+        while self._cached_bytes > self.cache_mb * 2**20 and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cached_bytes -= old.numel() * old.element_size()
+        return pixels
 
 
 def vision_of(model) -> Vision | None:
