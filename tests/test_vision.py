@@ -264,3 +264,17 @@ def test_modules_to_save_given_by_the_user_add_to_the_projector(folder):
     unload_adapter(model)
     assert any("multi_modal_projector.modules_to_save" in n for n in trainable)
     assert any("lm_head.modules_to_save" in n for n in trainable)
+
+
+def test_a_chat_template_that_drops_the_image_place_is_named(folder, monkeypatch):
+    import llmeraser.render as render
+
+    base, tok = load_tiny(folder / "base")
+    real = render.render_text
+    def dropping(*args):  # as a template that renders only list-of-parts content would
+        head, tail = real(*args)
+        return head.replace("[[image]]", ""), tail
+
+    monkeypatch.setattr(render, "render_text", dropping)
+    with pytest.raises(InputError, match="dropped the image's place.*--template plain"):
+        encode(load_records(folder / "train.jsonl")[0], tok, "chat", 256, **model_inputs(base))

@@ -127,6 +127,9 @@ def encode(record: Record, tokenizer, template: str, max_length: int, items: Ite
                              "vision-language --base (e.g. a LLaVA folder)")
         prompt = with_image(prompt, record.where)
     head, tail = render_text(tokenizer, prompt, response, template)
+    if image is not None and head.count(IMAGE_MARK) == 0 and IMAGE_MARK not in tail:
+        raise InputError(f"{record.where}: the chat template dropped the image's place from the prompt (it renders "
+                         "string content only as it likes); use --template plain")
     if head.count(IMAGE_MARK) != (image is not None) or IMAGE_MARK in tail:
         raise InputError(f"{record.where}: the text holds {IMAGE_MARK}, which marks where an image goes; remove it")
     if SLOT.search(tail):
