@@ -278,3 +278,13 @@ def test_a_chat_template_that_drops_the_image_place_is_named(folder, monkeypatch
     monkeypatch.setattr(render, "render_text", dropping)
     with pytest.raises(InputError, match="dropped the image's place.*--template plain"):
         encode(load_records(folder / "train.jsonl")[0], tok, "chat", 256, **model_inputs(base))
+
+
+def test_a_text_base_refuses_to_answer_an_image_record(folder, tiny_dir):
+    base, tok = load_tiny(tiny_dir / "base")
+    model = load_adapter(base, tiny_dir / "adapter")
+    try:
+        with pytest.raises(InputError, match="reads text only"):  # not an answer from the text alone
+            AdapterEval(model, tok, "chat", max_new_tokens=2).generate(load_records(folder / "train.jsonl")[:1])
+    finally:
+        unload_adapter(model)

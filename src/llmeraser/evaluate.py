@@ -37,7 +37,7 @@ from . import privacy
 from .objective import CausalLMObjective
 from .privacy import token_stats
 from .items import inserting
-from .render import TEMPLATES, encode, model_inputs, prompt_tokens, render_text, resolve_template, with_image
+from .render import TEMPLATES, encode, image_of, model_inputs, prompt_tokens, render_text, resolve_template, with_image
 
 YES_NO = ("Yes.", "No.")
 
@@ -104,7 +104,7 @@ class AdapterEval:
         heads, slots, images = [], [], []
         vision = self.inputs["vision"]
         for r in records:
-            prompt, image = r.sides()[0], r.image() if vision is not None else None
+            prompt, image = r.sides()[0], image_of(r, vision)  # never an answer without the record's image
             ids, at = prompt_tokens(self.tok, render_text(self.tok, with_image(prompt, r.where) if image else prompt, "",
                                                           self.template)[0], self.template, self.inputs["items"], r.where, vision)
             images.append(image)

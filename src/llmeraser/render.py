@@ -116,15 +116,21 @@ def _adds_bos(tokenizer) -> bool:
     return bool(first) and first[0] == bos
 
 
+def image_of(record: Record, vision: Vision | None) -> str | None:
+    """The record's image path (None without one); an InputError when the base model cannot read images."""
+    image = record.image()
+    if image is not None and vision is None:
+        raise InputError(f"{record.where}: the record has an image, but the base model reads text only; give a "
+                         "vision-language --base (e.g. a LLaVA folder)")
+    return image
+
+
 def encode(record: Record, tokenizer, template: str, max_length: int, items: ItemEmbeddings | None = None,
            vision: Vision | None = None) -> Example:
     """`record` as token ids; `items` and `vision` (`model_inputs`): what prompts with item slots or an image need."""
     prompt, response = record.sides()
-    image = record.image()
+    image = image_of(record, vision)
     if image is not None:
-        if vision is None:
-            raise InputError(f"{record.where}: the record has an image, but the base model reads text only; give a "
-                             "vision-language --base (e.g. a LLaVA folder)")
         prompt = with_image(prompt, record.where)
     head, tail = render_text(tokenizer, prompt, response, template)
     if image is not None and head.count(IMAGE_MARK) == 0 and IMAGE_MARK not in tail:
