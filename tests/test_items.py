@@ -92,6 +92,37 @@ def test_the_slot_carries_the_items_vector(model64):
     assert not torch.allclose(z[0], z[1])
 
 
+def test_each_slot_of_a_padded_batch_gets_its_own_items_vector(model64):
+    """In a right-padded training batch of prompts of unequal lengths, what the first decoder layer reads is, at
+    every slot, the projected vector of that record's item, and elsewhere the token's own embedding."""
+    model, tok = model64
+    obj = CausalLMObjective(model, tok.pad_token_id)
+    items = item_slots(model)
+    recs = records_from_rows([{"prompt": "a long prompt that saw [[item:1]] and then [[item:4]]", "response": "x"},
+                              {"prompt": "saw [[item:3]]", "response": "yz"}])
+    examples = [encode(r, tok, "chat", 64, items) for r in recs]
+    assert len(examples[0].input_ids) != len(examples[1].input_ids)
+    batch = obj.collate(examples, "cpu")
+    seen = []
+    layer = model.base_model.model.model.layers[0]
+    hook = layer.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone()), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            obj.outputs({}, batch)
+    finally:
+        hook.remove()
+    hidden = seen[0]
+    with torch.no_grad():
+        embedded = model.get_input_embeddings()(batch["input_ids"])
+        for row, ex in enumerate(examples):
+            for at, item in ex.slots:
+                assert torch.allclose(hidden[row, at], items(torch.tensor([item]))[0].to(hidden.dtype))
+                embedded[row, at] = hidden[row, at]
+    assert sum(len(ex.slots) for ex in examples) == 3
+    assert torch.equal(hidden, embedded)  # nothing else was written
+
+
 def test_gradient_and_curvature_over_lora_and_projector_match_explicit_matrices(model64):
     """b's gradients and the GGN/Hessian products over Θ = LoRA ∪ projector against jacrev/hessian, float64."""
     model, tok = model64
