@@ -44,8 +44,11 @@ def test_delta_matches_explicit_newton_step_on_tiny_llama(tiny64, tmp_path):
         {"op": "correct_response", "id": "r2", "new": {"response": "9"}}]), records)
     wd, lam, n = 0.1, 0.5, len(records)
     for data in ("original", "edited"):
-        s = UnlearnSettings(curvature="hessian", curvature_data=data, damping=lam, solver="exact", curvature_samples=0,
-                            batch_size=64, device="cpu", template="chat", line_search=False)
+        # CG to a 1e-12 residual rather than the exact solver: the same solution without 256 HVPs per dataset
+        # (the exact solver is checked against torch.linalg.solve in test_solvers)
+        s = UnlearnSettings(curvature="hessian", curvature_data=data, damping=lam, solver="cg", curvature_samples=0,
+                            batch_size=64, device="cpu", template="chat", line_search=False,
+                            solver_settings=SolverSettings(tol=1e-12, max_iters=256))
         unl = Unlearner(model, tok, records, s, weight_decay=wd)
         delta, _, _ = unl.delta(req, progress=False)
         b = unl.problem.rhs(req, progress=False)

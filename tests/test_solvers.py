@@ -43,7 +43,7 @@ def run(problem, name, batch_size, **kw):
 
 
 def test_exact(problem):
-    res, err, cond = run(problem, "exact", 4, tol=1e-8)
+    res, err, cond = run(problem, "exact", 12, tol=1e-8)  # one batch per HVP: 256 HVPs, a third of the passes
     assert err < 1e-4, (err, cond)
     assert res.converged
 
