@@ -17,6 +17,7 @@ def train_and_edit(base: str, work: Path, data: Path, request: Path, settings, m
     recipe and data, then run llmeraser and the fine-tuning baseline. Returns (llmeraser's report, peaks): each
     stage's peak memory above what the process held before it (costs.PeakMemory), kept in work/peaks.json for
     the cached adapters."""
+    from benchmarks import hardware
     from benchmarks.costs import PeakMemory
     from llmeraser.api import unlearn
     from llmeraser.baselines import BaselineSettings, baseline, train, trained_with
@@ -24,34 +25,35 @@ def train_and_edit(base: str, work: Path, data: Path, request: Path, settings, m
     from llmeraser.recipes import recipe
     from llmeraser.solvers import SolverSettings
 
+    device, dtype = hardware.of(mt)
     peaks_file = work / "peaks.json"
     peaks = json.loads(peaks_file.read_text()) if peaks_file.is_file() else {}
     if not trained_with(work / "original", arguments=settings.to_dict(), data_sha256=sha256_file(data)):
         say(f"training the original on {what}")
-        with PeakMemory() as mem:
-            train(base, data, work / "original", settings, overwrite=True, device="cpu", progress=progress,
-                  model_and_tokenizer=mt, **train_kwargs)
+        with PeakMemory(device) as mem:
+            train(base, data, work / "original", settings, overwrite=True, device=device, progress=progress,
+                  model_and_tokenizer=mt, dtype=dtype, **train_kwargs)
         peaks["original"] = mem.peak_mb
     if not trained_with(work / "retrain", arguments=settings.to_dict(), request_sha256=sha256_file(request)):
         say("retrain on the clean data")
-        with PeakMemory() as mem:
-            baseline("retrain", base, work / "original", data, request, work / "retrain", overwrite=True,
-                     progress=progress, model_and_tokenizer=mt)
+        with PeakMemory(device) as mem:
+            baseline("retrain", base, work / "original", data, request, work / "retrain",
+                     BaselineSettings(device=device, dtype=dtype), overwrite=True, progress=progress, model_and_tokenizer=mt)
         peaks["retrain"] = mem.peak_mb
     write_text_atomic(peaks_file, json.dumps(peaks))
     say("llmeraser")
     # the `default` recipe with the paper suite's cap on CG (8 iterations, as benchmarks/paper.py), at the
     # training's max_length so that every sample is the one trained on
-    settings_u = recipe("default", device="cpu", max_length=settings.max_length,
+    settings_u = recipe("default", device=device, dtype=dtype, max_length=settings.max_length,
                         solver_settings=SolverSettings(tol=0.05, max_iters=8, check_every=2))
-    with PeakMemory() as mem:
+    with PeakMemory(device) as mem:
         res = unlearn(base, work / "original", data, request, work / "llmeraser", settings_u,
                       overwrite=True, progress=progress, model_and_tokenizer=mt, allow_unconverged=True)
     peaks["llmeraser"] = mem.peak_mb
     say("finetune-corrected")
-    with PeakMemory() as mem:
+    with PeakMemory(device) as mem:
         baseline("finetune-corrected", base, work / "original", data, request, work / "finetune-corrected",
-                 BaselineSettings(steps=10, device="cpu"), overwrite=True, progress=progress, model_and_tokenizer=mt)
+                 BaselineSettings(steps=10, device=device, dtype=dtype), overwrite=True, progress=progress, model_and_tokenizer=mt)
     peaks["finetune-corrected"] = mem.peak_mb
     return res.report, peaks
 

@@ -31,6 +31,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchmarks import hardware
+
 HERE = Path(__file__).resolve().parent
 
 FIRST = ["Alma", "Bruno", "Carmen", "Dario", "Elena", "Felix", "Greta", "Hugo", "Ines", "Jonas", "Kira", "Lucas",
@@ -184,7 +186,7 @@ def answers_of(base_model, tok, adapter: Path, rows: list[dict], ids: list[str],
 
 def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, say) -> dict:
     from llmeraser.api import unlearn
-    from llmeraser.baselines import baseline, train, trained_with
+    from llmeraser.baselines import BaselineSettings, baseline, train, trained_with
     from llmeraser.curvature import seeded_subset
     from llmeraser.fileio import sha256_file, write_text_atomic
     from llmeraser.recipes import recipe as unlearn_recipe
@@ -197,18 +199,21 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
     for path, content in ((data, rows), (req, request)):
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in content))
     settings = TrainSettings(**recipe)
+    device, dtype = hardware.of(mt)
     seconds = {}
     if not trained_with(d / "original", arguments=settings.to_dict(), data_sha256=sha256_file(data)):
         say(f"{sc.tag}: training the original on {len(rows)} records")
-        train(base, data, d / "original", settings, overwrite=True, device="cpu", progress=progress, model_and_tokenizer=mt)
+        train(base, data, d / "original", settings, overwrite=True, device=device, dtype=dtype, progress=progress,
+              model_and_tokenizer=mt)
     seconds["train"] = json.loads((d / "original" / "train.json").read_text())["seconds"]
     if not trained_with(d / "retrain", arguments=settings.to_dict(), request_sha256=sha256_file(req)):
         say(f"{sc.tag}: retrain")
-        baseline("retrain", base, d / "original", data, req, d / "retrain", overwrite=True, progress=progress, model_and_tokenizer=mt)
+        baseline("retrain", base, d / "original", data, req, d / "retrain", BaselineSettings(device=device, dtype=dtype),
+                 overwrite=True, progress=progress, model_and_tokenizer=mt)
     seconds["retrain"] = json.loads((d / "retrain" / "train.json").read_text())["seconds"]
     say(f"{sc.tag}: llmeraser (memorised, --verify until)")
     t = time.perf_counter()
-    res = unlearn(base, d / "original", data, req, d / "llmeraser", unlearn_recipe("memorised", device="cpu", verify="until"),
+    res = unlearn(base, d / "original", data, req, d / "llmeraser", unlearn_recipe("memorised", device=device, dtype=dtype, verify="until"),
                   overwrite=True, progress=progress, model_and_tokenizer=mt, allow_unconverged=True, recipe="memorised")
     seconds["llmeraser"] = time.perf_counter() - t
     edited = {e["id"] for e in request}
@@ -257,13 +262,13 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=HERE / "work" / "forgetting", help="scratch folder (adapters are cached by recipe and data)")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "forgetting", help="where results go")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    hardware.add_args(ap)
     args = ap.parse_args(argv)
     from llmeraser.fileio import write_json
-    from llmeraser.modeling import load_base
 
     t0 = time.perf_counter()
     say = (lambda msg: print(f"[forgetting {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True))
-    mt = load_base(args.base, "cpu")
+    mt = hardware.load(args.base, args.device, args.dtype)
     layers = mt[0].config.num_hidden_layers
     recipe = {**RECIPE, "epochs": args.epochs, "layers": tuple(range(layers // 2, layers))}
     args.results.mkdir(parents=True, exist_ok=True)

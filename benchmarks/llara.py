@@ -32,6 +32,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchmarks import hardware
+
 HERE = Path(__file__).resolve().parent
 SEED = 0
 NOISE = 0.10  # share of training histories with an injected item (the paper's 10%)
@@ -239,15 +241,15 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=HERE / "work" / "llara", help="scratch folder (adapters cached by recipe and data)")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "llara", help="where the results go")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    hardware.add_args(ap)
     args = ap.parse_args(argv)
-    from llmeraser.modeling import load_base
 
     sizes = QUICK if args.quick else FULL
     tag = "quick" if args.quick else "full"
     if not (args.data_root / "tallrec-movie" / "valid.json").is_file():
         print(f"{args.data_root}/tallrec-movie/valid.json not found; give --data-root", file=sys.stderr)
         return 2
-    mt = load_base(args.base, "cpu")
+    mt = hardware.load(args.base, args.device, args.dtype)
     result = run(sizes, args.base, args.work / f"{args.base}-{tag}", mt, args.data_root, not args.no_progress,
                  lambda msg: print(f"[llara {time.strftime('%H:%M:%S')}] {msg}", flush=True))
     from benchmarks.edit_methods import write_results

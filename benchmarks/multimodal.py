@@ -26,6 +26,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchmarks import hardware
+
 HERE = Path(__file__).resolve().parent
 SEED = 0
 WRONG = 0.30  # the share of training answers that are wrong (the 30%)
@@ -149,12 +151,12 @@ def first_digit(text: str) -> str | None:
     return next((c for c in text if c.isdigit()), None)
 
 
-def run(sizes: Sizes, work: Path, progress: bool, say, base: str = "smollm2", mt=None, recipe: dict | None = None) -> dict:
+def run(sizes: Sizes, work: Path, progress: bool, say, base: str = "smollm2", mt=None, recipe: dict | None = None,
+        device: str = "cpu", dtype: str = "auto") -> dict:
     from benchmarks.edit_methods import METHODS, generate, seconds, solver_summary, train_and_edit
     from llmeraser.data import records_from_rows
     from llmeraser.fileio import write_text_atomic
     from llmeraser.metrics import paired_bootstrap
-    from llmeraser.modeling import load_base
     from llmeraser.train import TrainSettings
 
     work.mkdir(parents=True, exist_ok=True)
@@ -162,7 +164,7 @@ def run(sizes: Sizes, work: Path, progress: bool, say, base: str = "smollm2", mt
     if mt is None:
         say("assembling the LLaVA (SmolLM2 + a random CLIP tower + projector)")
         base = str(build_base(work / "llava-base", sizes, base))
-        mt = load_base(base, "cpu")
+        mt = hardware.load(base, device, dtype)
     data, req = work / "train.jsonl", work / "request.jsonl"
     write_text_atomic(data, "".join(json.dumps(r) + "\n" for r in b["noisy"]))
     write_text_atomic(req, "".join(json.dumps(r) + "\n" for r in b["request"]))
@@ -210,10 +212,12 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=HERE / "work" / "multimodal", help="scratch folder (images, the assembled base, adapters)")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "multimodal", help="where the results go")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    hardware.add_args(ap)
     args = ap.parse_args(argv)
     sizes, tag = (QUICK, "quick") if args.quick else (FULL, "full")
     result = run(sizes, args.work / f"{args.base}-{tag}", not args.no_progress,
-                 lambda msg: print(f"[multimodal {time.strftime('%H:%M:%S')}] {msg}", flush=True), args.base)
+                 lambda msg: print(f"[multimodal {time.strftime('%H:%M:%S')}] {msg}", flush=True), args.base,
+                 device=args.device, dtype=args.dtype)
     from benchmarks.edit_methods import write_results
 
     write_results(args.results, f"{args.base}-{tag}", result, table(result))
