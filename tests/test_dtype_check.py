@@ -33,3 +33,15 @@ def test_dtype_check_compares_each_dtype_with_float32_and_a_training_step(tiny_d
                 for v in ("bfloat16", "float32-ckpt")}
     assert settings["bfloat16"]["dtype"] == "bfloat16" and not settings["bfloat16"]["checkpointing"]
     assert settings["float32-ckpt"]["dtype"] == "float32" and settings["float32-ckpt"]["checkpointing"]
+
+
+def test_gpu_check_refuses_a_run_folder_without_a_demo(tmp_path):
+    """--run names a demo made elsewhere (the lent machine cannot make one without the 98 MB base): a folder without
+    one is refused by name before anything runs."""
+    import pytest
+
+    from benchmarks.gpu_check import main as gpu_check
+
+    (tmp_path / "run").mkdir()
+    with pytest.raises(SystemExit, match="holds no demo"):
+        gpu_check(["--device", "cpu", "--skip-tests", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
