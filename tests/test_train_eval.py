@@ -387,3 +387,17 @@ def test_bad_layers_name_the_problem(trainable_dir, tmp_path, capsys, layers, me
                  "--out", str(tmp_path / "out"), "--layers", *layers, "--device", "cpu", "--quiet"])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_quiet_draws_no_bar_not_even_transformers(trainable_dir, tmp_path, capfd):
+    """--quiet: no progress bar on stderr, including transformers' own while the base loads."""
+    from transformers.utils import logging as hf_logging
+
+    try:
+        hf_logging.enable_progress_bar()
+        cli("train", "--base", trainable_dir / "base", "--data", trainable_dir / "train.jsonl", "--out", tmp_path / "a",
+            "--epochs", "1", "--batch-size", "12")
+        err = capfd.readouterr().err
+        assert "Loading weights" not in err and "it/s]" not in err, err[-500:]
+    finally:
+        hf_logging.enable_progress_bar()

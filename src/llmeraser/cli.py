@@ -313,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     if not distributed.is_main():
         _silence()
         args.quiet = True
+    elif getattr(args, "quiet", False):
+        _no_bars()
     try:
         return args.func(args)
     except LLMEraserError as e:
@@ -324,6 +326,13 @@ def main(argv: list[str] | None = None) -> int:
             distributed.shutdown()
 
 
+def _no_bars() -> None:
+    """--quiet covers the bars transformers draws too (loading weights, converting a GGUF), not only llmeraser's."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _silence() -> None:
     """A rank other than 0 draws no bar and repeats no warning: rank 0 shows the user the same ones."""
     import warnings
@@ -331,7 +340,7 @@ def _silence() -> None:
     from transformers.utils import logging as hf_logging
 
     warnings.filterwarnings("ignore")
-    hf_logging.disable_progress_bar()
+    _no_bars()
     hf_logging.set_verbosity_error()
 
 
