@@ -63,3 +63,9 @@ def test_one_scenario_end_to_end_on_the_tiny_model(trainable_dir, tmp_path):
     assert set(result["verdict"]["checks"]) == {"removed", "corrected", "retained"}
     assert result["unlearn_verification"]["stopped"] is not None or result["unlearn_verification"]["verified"]
     assert "| prompt-code-n12-s0 | 12 |" in table([result])
+    # every stage ran on the loaded base's device and dtype (benchmarks/hardware.py), and recorded them
+    import json
+
+    d = tmp_path / sc.tag
+    assert json.loads((d / "llmeraser" / "unlearn.json").read_text())["settings"]["dtype"] == "float32"
+    assert {json.loads((d / n / "train.json").read_text())["base_dtype"] for n in ("original", "retrain")} == {"float32"}
