@@ -401,3 +401,20 @@ def test_quiet_draws_no_bar_not_even_transformers(trainable_dir, tmp_path, capfd
         assert "Loading weights" not in err and "it/s]" not in err, err[-500:]
     finally:
         hf_logging.enable_progress_bar()
+
+
+def test_wrapping_a_model_in_peft_warns_nothing_about_gradient_checkpointing(tiny_dir):
+    """PEFT's read of transformers' deprecated `is_gradient_checkpointing` is not our users' concern."""
+    import warnings
+
+    from helpers import load_tiny
+
+    from llmeraser.modeling import load_adapter, unload_adapter
+    from llmeraser.train import TrainSettings, add_lora
+
+    model, _ = load_tiny(tiny_dir / "base")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        unload_adapter(add_lora(model, TrainSettings(rank=2, alpha=4)))
+        unload_adapter(load_adapter(model, tiny_dir / "adapter"))
+    assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)], [str(w.message) for w in seen]

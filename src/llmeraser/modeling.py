@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -501,6 +502,15 @@ def check_adapter(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     return saved
 
 
+@contextmanager
+def peft_quietly():
+    """PEFT reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a FutureWarning
+    addressed to PEFT, shown to our users on every train and unlearn. Only that warning is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def load_adapter(base_model, adapter_dir: str | Path):
     """PeftModel with the adapter's tensors trainable (that is how Θ is found), in eval mode, with the
     folder's own trainable modules attached (items.py: they are part of Θ).
@@ -511,7 +521,8 @@ def load_adapter(base_model, adapter_dir: str | Path):
 
     saved = check_adapter(adapter_dir)
     try:
-        model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=True)
+        with peft_quietly():
+            model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=True)
     except Exception as e:  # noqa: BLE001 - PEFT raises many kinds for a mismatched adapter
         raise InputError(f"--adapter {adapter_dir} does not match --base: {str(e).splitlines()[0]}; "
                          "use the base model the adapter was trained on") from None

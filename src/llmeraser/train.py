@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .data import Record
 from .errors import InputError, NumericalError
-from .modeling import fused_attention
+from .modeling import fused_attention, peft_quietly
 from .objective import CausalLMObjective
 from .render import encode, model_inputs, resolve_template
 from .vision import PROJECTOR, language_targets, vision_of
@@ -93,7 +93,8 @@ def add_lora(base_model, settings: TrainSettings):
     if settings.layers and n_layers is not None and max(settings.layers) >= n_layers:
         raise InputError(f"--layers {list(settings.layers)}: the base model has layers 0 to {n_layers - 1}")
     try:
-        return get_peft_model(base_model, cfg)
+        with peft_quietly():
+            return get_peft_model(base_model, cfg)
     except ValueError as e:
         raise InputError(f"--target-modules {list(settings.target_modules)}"
                          + (f" --layers {list(settings.layers)}" if settings.layers else "") + f": {str(e).splitlines()[0]}") from None
