@@ -184,7 +184,9 @@ def answers_of(base_model, tok, adapter: Path, rows: list[dict], ids: list[str],
         unload_adapter(model)
 
 
-def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, say) -> dict:
+def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, say, unlearn_overrides: dict | None = None) -> dict:
+    """Train (cached), retrain (cached), unlearn and count. `unlearn_overrides`: settings replacing the `memorised`
+    recipe's (e.g. {"verify_retained": 64}); llmeraser's folder and the result's tag then name them."""
     from llmeraser.api import unlearn
     from llmeraser.baselines import BaselineSettings, baseline, train, trained_with
     from llmeraser.curvature import seeded_subset
@@ -211,9 +213,13 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
         baseline("retrain", base, d / "original", data, req, d / "retrain", BaselineSettings(device=device, dtype=dtype),
                  overwrite=True, progress=progress, model_and_tokenizer=mt)
     seconds["retrain"] = json.loads((d / "retrain" / "train.json").read_text())["seconds"]
-    say(f"{sc.tag}: llmeraser (memorised, --verify until)")
+    overrides = unlearn_overrides or {}
+    suffix = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+    ours = d / f"llmeraser{suffix}"
+    say(f"{sc.tag}: llmeraser (memorised, --verify until{', ' + suffix[1:] if suffix else ''})")
     t = time.perf_counter()
-    res = unlearn(base, d / "original", data, req, d / "llmeraser", unlearn_recipe("memorised", device=device, dtype=dtype, verify="until"),
+    res = unlearn(base, d / "original", data, req, ours,
+                  unlearn_recipe("memorised", device=device, dtype=dtype, verify="until", **overrides),
                   overwrite=True, progress=progress, model_and_tokenizer=mt, allow_unconverged=True, recipe="memorised")
     seconds["llmeraser"] = time.perf_counter() - t
     edited = {e["id"] for e in request}
@@ -221,11 +227,13 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
     ids = [e["id"] for e in request] + retained
     tok = mt[1]
     longest = max(len(tok(str(v if isinstance(v, str) else v[1]))["input_ids"]) for v in values.values())
-    counts = {name: count(answers_of(mt[0], tok, d / name, rows, ids, longest + 24), request, values, retained)
-              for name in ("original", "retrain", "llmeraser")}
+    folders = {"original": d / "original", "retrain": d / "retrain", "llmeraser": ours}
+    counts = {name: count(answers_of(mt[0], tok, folder, rows, ids, longest + 24), request, values, retained)
+              for name, folder in folders.items()}
     final_loss = json.loads((d / "original" / "train.json").read_text())["final_loss"]
     v = res.report.verification
-    return {"scenario": asdict(sc), "tag": sc.tag, "n": len(rows), "recipe": recipe, "final_training_loss": final_loss,
+    return {"scenario": asdict(sc), "tag": sc.tag + suffix, "n": len(rows), "recipe": recipe, "unlearn_overrides": overrides,
+            "final_training_loss": final_loss,
             "counts": {k: {**c, "retained": sum(c["retained"].values()), "retained_sampled": len(retained)} for k, c in counts.items()},
             "verdict": judge(counts), "seconds": seconds,
             "unlearn_verification": {k: v[k] for k in ("verified", "failures", "stopped")} | {"extra_steps": len(v["extra_steps"])},
@@ -252,6 +260,17 @@ def table(results: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def _setting(text: str) -> tuple[str, object]:
+    """'verify_retained=64' -> ('verify_retained', 64): an UnlearnSettings field and a JSON value (a bare word is a string)."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text}: give KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.forgetting", description=__doc__.split("\n\n")[0])
     ap.add_argument("--scenarios", nargs="+", choices=sorted(SCENARIOS), default=sorted(SCENARIOS), help="which scenarios (default: all)")
@@ -262,8 +281,11 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=HERE / "work" / "forgetting", help="scratch folder (adapters are cached by recipe and data)")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "forgetting", help="where results go")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--unlearn", type=_setting, nargs="*", default=[], metavar="KEY=VALUE",
+                    help="unlearn settings replacing the memorised recipe's, e.g. verify_retained=64 (the result's tag names them)")
     hardware.add_args(ap)
     args = ap.parse_args(argv)
+    args.unlearn = dict(args.unlearn)
     from llmeraser.fileio import write_json
 
     t0 = time.perf_counter()
@@ -276,7 +298,8 @@ def main(argv=None) -> int:
         for n in args.n:
             for seed in args.seeds:
                 shape, kinds = SCENARIOS[name]
-                result = run(Scenario(name, shape, kinds, n, seed), args.base, args.work, mt, recipe, not args.no_progress, say)
+                result = run(Scenario(name, shape, kinds, n, seed), args.base, args.work, mt, recipe, not args.no_progress, say,
+                             args.unlearn)
                 write_json(args.results / f"{result['tag']}.json", result)
                 outcome = {True: "pass", False: "FAIL", None: "INVALID (the original did not memorise)"}[result["verdict"]["passed"]]
                 say(f"{result['tag']}: {outcome} {result['verdict']['checks']}")

@@ -1,6 +1,8 @@
 """The forgetting suite (benchmarks/forgetting.py): its data and requests, its pass criteria, and one
 scenario end to end on the tiny model (the real runs are in BENCHMARKS.md)."""
 
+import argparse
+
 import pytest
 
 from benchmarks.forgetting import SCENARIOS, Scenario, build, judge, run, table
@@ -56,16 +58,27 @@ def test_one_scenario_end_to_end_on_the_tiny_model(trainable_dir, tmp_path):
     mt = load_tiny(trainable_dir / "base")
     recipe = {**RECIPE, "epochs": 2, "layers": (), "target_modules": ("q_proj", "v_proj"), "rank": 2, "alpha": 4}
     sc = Scenario("prompt-code", "prompt", ("code",), 12, seed=0)
-    result = run(sc, str(trainable_dir / "base"), tmp_path, mt, recipe, False, lambda msg: None)
+    result = run(sc, str(trainable_dir / "base"), tmp_path, mt, recipe, False, lambda msg: None, {"verify_retained": 8})
     c = result["counts"]
     assert set(c) == {"original", "retrain", "llmeraser"}
     assert all(x["removed"] == 1 and x["corrected"] == 1 and x["retained_sampled"] == 10 for x in c.values())
     assert set(result["verdict"]["checks"]) == {"removed", "corrected", "retained"}
     assert result["unlearn_verification"]["stopped"] is not None or result["unlearn_verification"]["verified"]
-    assert "| prompt-code-n12-s0 | 12 |" in table([result])
+    assert "| prompt-code-n12-s0-verify_retained8 | 12 |" in table([result])  # an override names itself
     # every stage ran on the loaded base's device and dtype (benchmarks/hardware.py), and recorded them
     import json
 
     d = tmp_path / sc.tag
-    assert json.loads((d / "llmeraser" / "unlearn.json").read_text())["settings"]["dtype"] == "float32"
+    ours = json.loads((d / "llmeraser-verify_retained8" / "unlearn.json").read_text())
+    assert ours["settings"]["dtype"] == "float32" and ours["settings"]["verify_retained"] == 8
+    assert ours["verification"]["retained"]["sampled"] == 8
     assert {json.loads((d / n / "train.json").read_text())["base_dtype"] for n in ("original", "retrain")} == {"float32"}
+
+
+def test_unlearn_overrides_parse_as_json_values():
+    from benchmarks.forgetting import _setting
+
+    assert _setting("verify_retained=64") == ("verify_retained", 64)
+    assert _setting("curvature=ggn") == ("curvature", "ggn")
+    with pytest.raises(argparse.ArgumentTypeError):
+        _setting("verify_retained")
