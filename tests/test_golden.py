@@ -1,9 +1,7 @@
 """The redesign changed no maths: every recorded golden case (tests/golden/cases.py) gives the same Δ to 1e-5 relative
-in float64, and the same key numbers (iterations, convergence, chosen λ, line-search scales).
-
-Why 1e-5 and not 1e-12: the same float64 maths on another CPU (an AMD EPYC here, against the machine that recorded the
-cases; other BLAS kernels) differs by up to 2e-6 relative in Δ after CG and the Newton steps amplify rounding (3e-7
-absolute), with every iteration count, λ and scale equal. A change of the maths moves Δ by far more."""
+in float64, and the same key numbers (iterations, convergence, chosen λ, line-search scales). Not 1e-12: float64
+rounding differs between machines and CG and the Newton steps amplify it (BENCHMARKS.md#golden-tolerance); a change
+of the maths moves Δ by far more."""
 
 import json
 
