@@ -86,3 +86,48 @@ def test_dtype_flag_is_recorded_and_auto_is_float32_on_cpu(tiny_dir, tmp_path):
     assert meta["settings"]["dtype"] == "bfloat16"
     from safetensors.torch import load_file
     assert all(t.dtype == torch.float32 for t in load_file(tmp_path / "out" / "adapter_model.safetensors").values())
+
+
+@pytest.fixture(scope="module")
+def head_adapter(tiny_dir, tmp_path_factory):
+    """The tiny adapter plus a trained copy of lm_head (modules_to_save), trained a little on a float32 base."""
+    from llmeraser.train import TrainSettings, add_lora, train_lora
+
+    root = tmp_path_factory.mktemp("head")
+    model, tok = load_tiny(tiny_dir / "base")
+    peft = add_lora(model, TrainSettings(rank=2, alpha=4, modules_to_save=("lm_head",), epochs=2, batch_size=4, lr=1e-2))
+    train_lora(peft, tok, load_records(tiny_dir / "train.jsonl"), TrainSettings(epochs=2, batch_size=4, lr=1e-2), progress=False)
+    peft.save_pretrained(root / "adapter")
+    unload_adapter(peft)
+    return root / "adapter"
+
+
+def test_a_trained_head_runs_in_float32_on_a_half_precision_base(tiny_dir, head_adapter, tmp_path):
+    """modules_to_save on a bfloat16 base: PEFT copies the head in bfloat16; Θ's copy must be float32, loaded exactly
+    as saved, trained in float32, and unlearn's Δ close to the float32 base's (it used to fail: float32 Θ, bfloat16
+    activations)."""
+    from safetensors.torch import load_file
+
+    from llmeraser.train import TrainSettings, add_lora
+
+    model, _ = load_tiny(tiny_dir / "base", torch.bfloat16)
+    fresh = add_lora(model, TrainSettings(rank=2, alpha=4, modules_to_save=("lm_head",)))
+    assert {p.dtype for p in fresh.parameters() if p.requires_grad} == {torch.float32}
+    unload_adapter(fresh)
+    assert model.lm_head.weight.dtype == torch.bfloat16  # the frozen base is untouched
+    loaded = load_adapter(model, head_adapter)
+    saved = load_file(str(head_adapter / "adapter_model.safetensors"))
+    head = next(t for k, t in saved.items() if "lm_head" in k)
+    live = dict(loaded.named_parameters())
+    copy = next(p for n, p in live.items() if "lm_head.modules_to_save" in n)
+    assert copy.dtype == torch.float32 and torch.equal(copy.detach(), head)  # as saved, not rounded to bfloat16
+    unload_adapter(loaded)
+    req = write_jsonl(tmp_path / "req.jsonl", REQUEST)
+    deltas = {}
+    for name in ("float32", "bfloat16"):
+        s = dataclasses.replace(recipe("default"), dtype=name, device=DEVICE, verify="off")
+        res = unlearn(str(tiny_dir / "base"), head_adapter, tiny_dir / "train.jsonl", req, None, settings=s,
+                      progress=False, allow_unconverged=True, allow_other_data=True)
+        deltas[name] = res.delta.double()
+    cos = float(torch.nn.functional.cosine_similarity(deltas["bfloat16"], deltas["float32"], 0))
+    assert cos > 0.99, cos

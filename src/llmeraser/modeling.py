@@ -511,6 +511,46 @@ def peft_quietly():
         yield
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def widen_trained_modules(model) -> list[str]:
+    """Run every fully trained module of Θ in float32 on a half-precision base; returns their names.
+
+    PEFT upcasts LoRA weights to float32 but deep-copies a `modules_to_save` module (a head, the embeddings, a LLaVA
+    projector) in the base's dtype: Adam would then train it in bfloat16, and Θ (float32, docs/design.md#dtype)
+    would meet bfloat16 activations inside it. Each such trained copy is cast to float32; its layers cast their
+    floating inputs to float32, and its output goes back to the dtype the base had there, so the rest of the
+    network runs as before. Idempotent; the frozen original stays as it was (unload_adapter puts it back)."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    widened = []
+    for name, wrapper in model.named_modules():
+        if not isinstance(wrapper, ModulesToSaveWrapper):
+            continue
+        for key, copy in wrapper.modules_to_save.items():
+            narrow = {p.dtype for p in copy.parameters() if p.dtype in HALF}
+            if not narrow or getattr(copy, "_llmeraser_widened", False):
+                continue
+            copy.float()
+            for m in copy.modules():
+                if isinstance(getattr(m, "weight", None), torch.Tensor):
+                    m.register_forward_pre_hook(_inputs_in_weight_dtype)
+            copy.register_forward_hook(functools.partial(_output_in, narrow.pop()))
+            copy._llmeraser_widened = True
+            widened.append(f"{name}.modules_to_save.{key}")
+    return widened
+
+
+def _inputs_in_weight_dtype(module, args):
+    dtype = module.weight.dtype
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _output_in(dtype, module, args, out):
+    return out.to(dtype) if torch.is_tensor(out) and out.is_floating_point() else out
+
+
 def load_adapter(base_model, adapter_dir: str | Path):
     """PeftModel with the adapter's tensors trainable (that is how Θ is found), in eval mode, with the
     folder's own trainable modules attached (items.py: they are part of Θ).
@@ -542,6 +582,13 @@ def load_adapter(base_model, adapter_dir: str | Path):
         raise InputError(f"--adapter {adapter_dir}: adapter_model.safetensors lacks {len(absent)} of the {len(live)} tensors "
                          f"its adapter_config.json asks for (e.g. {absent[0]}), which PEFT would fill at random; the "
                          "file is incomplete: save the adapter again")
+    if widen_trained_modules(model):
+        # PEFT loaded the saved float32 tensors into the half-precision copies: load them again, now in float32
+        live = get_peft_model_state_dict(model, save_embedding_layers=False)
+        with torch.no_grad():
+            for k, t in saved.items():
+                if live[k].dtype == torch.float32:
+                    live[k].copy_(t)
     try:
         attach_saved(model, adapter_dir)
     except InputError:

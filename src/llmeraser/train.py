@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .data import Record
 from .errors import InputError, NumericalError
-from .modeling import fused_attention, peft_quietly
+from .modeling import fused_attention, peft_quietly, widen_trained_modules
 from .objective import CausalLMObjective
 from .render import encode, model_inputs, resolve_template
 from .vision import PROJECTOR, language_targets, vision_of
@@ -94,7 +94,9 @@ def add_lora(base_model, settings: TrainSettings):
         raise InputError(f"--layers {list(settings.layers)}: the base model has layers 0 to {n_layers - 1}")
     try:
         with peft_quietly():
-            return get_peft_model(base_model, cfg)
+            model = get_peft_model(base_model, cfg)
+        widen_trained_modules(model)  # Θ's fully trained modules train in float32 on a half-precision base
+        return model
     except ValueError as e:
         raise InputError(f"--target-modules {list(settings.target_modules)}"
                          + (f" --layers {list(settings.layers)}" if settings.layers else "") + f": {str(e).splitlines()[0]}") from None
