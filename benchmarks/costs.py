@@ -72,13 +72,21 @@ class PeakMemory:
         return False
 
 
+def _sync() -> None:
+    """CUDA runs kernels asynchronously: a timer must wait for them, or it times their launch."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _timed(fn, repeats: int, warm_up: bool = True) -> float:
     if warm_up:
         fn()  # allocator, kernels
     times = []
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 

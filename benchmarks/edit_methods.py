@@ -28,13 +28,13 @@ def train_and_edit(base: str, work: Path, data: Path, request: Path, settings, m
     device, dtype = hardware.of(mt)
     peaks_file = work / "peaks.json"
     peaks = json.loads(peaks_file.read_text()) if peaks_file.is_file() else {}
-    if not trained_with(work / "original", arguments=settings.to_dict(), data_sha256=sha256_file(data)):
+    if not trained_with(work / "original", arguments=settings.to_dict(), data_sha256=sha256_file(data), base_dtype=dtype):
         say(f"training the original on {what}")
         with PeakMemory(device) as mem:
             train(base, data, work / "original", settings, overwrite=True, device=device, progress=progress,
                   model_and_tokenizer=mt, dtype=dtype, **train_kwargs)
         peaks["original"] = mem.peak_mb
-    if not trained_with(work / "retrain", arguments=settings.to_dict(), request_sha256=sha256_file(request)):
+    if not trained_with(work / "retrain", arguments=settings.to_dict(), request_sha256=sha256_file(request), base_dtype=dtype):
         say("retrain on the clean data")
         with PeakMemory(device) as mem:
             baseline("retrain", base, work / "original", data, request, work / "retrain",

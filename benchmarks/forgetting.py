@@ -203,12 +203,13 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
     settings = TrainSettings(**recipe)
     device, dtype = hardware.of(mt)
     seconds = {}
-    if not trained_with(d / "original", arguments=settings.to_dict(), data_sha256=sha256_file(data)):
+    # cached adapters are reused only for the same recipe, data and base dtype (a GPU run in bfloat16 retrains)
+    if not trained_with(d / "original", arguments=settings.to_dict(), data_sha256=sha256_file(data), base_dtype=dtype):
         say(f"{sc.tag}: training the original on {len(rows)} records")
         train(base, data, d / "original", settings, overwrite=True, device=device, dtype=dtype, progress=progress,
               model_and_tokenizer=mt)
     seconds["train"] = json.loads((d / "original" / "train.json").read_text())["seconds"]
-    if not trained_with(d / "retrain", arguments=settings.to_dict(), request_sha256=sha256_file(req)):
+    if not trained_with(d / "retrain", arguments=settings.to_dict(), request_sha256=sha256_file(req), base_dtype=dtype):
         say(f"{sc.tag}: retrain")
         baseline("retrain", base, d / "original", data, req, d / "retrain", BaselineSettings(device=device, dtype=dtype),
                  overwrite=True, progress=progress, model_and_tokenizer=mt)

@@ -116,7 +116,7 @@ def attach(model, config: dict, tensors: dict[str, torch.Tensor] | None = None, 
     seeded initialisation; `complete` requires all), mark their parameters trainable, and hang them off
     `model` as `llmeraser_modules`. Returns them. The global RNG is left as it was."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)  # the CPU's alone: fork_rng restores no CUDA generator here
         mods = _build(config, where)
     if tensors is not None:
         own = mods.state_dict()
