@@ -19,6 +19,7 @@ from .fileio import MARKER
 from .items import ATTR as ITEMS_ATTR
 from .items import MODULES_WEIGHTS, attach_saved, module_state, read_modules, write_modules
 from .params import AdapterParams
+from .vision import input_in_weight_dtype
 
 log = logging.getLogger(__name__)
 
@@ -535,16 +536,11 @@ def widen_trained_modules(model) -> list[str]:
             copy.float()
             for m in copy.modules():
                 if isinstance(getattr(m, "weight", None), torch.Tensor):
-                    m.register_forward_pre_hook(_inputs_in_weight_dtype)
+                    m.register_forward_pre_hook(input_in_weight_dtype)
             copy.register_forward_hook(functools.partial(_output_in, narrow.pop()))
             copy._llmeraser_widened = True
             widened.append(f"{name}.modules_to_save.{key}")
     return widened
-
-
-def _inputs_in_weight_dtype(module, args):
-    dtype = module.weight.dtype
-    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 def _output_in(dtype, module, args, out):

@@ -120,11 +120,12 @@ def bridge_precision(projector: torch.nn.Module) -> None:
     modules_to_save copy (a deepcopy keeps a module's hooks)."""
     for module in projector.modules():
         if isinstance(getattr(module, "weight", None), torch.Tensor):
-            module.register_forward_pre_hook(_input_in_weight_dtype)
+            module.register_forward_pre_hook(input_in_weight_dtype)
     projector.register_forward_hook(_output_in_input_dtype)
 
 
-def _input_in_weight_dtype(module, args):
+def input_in_weight_dtype(module, args):
+    """Forward pre-hook: floating inputs in the module's weight dtype."""
     dtype = module.weight.dtype
     return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
