@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (default: 0)")
     ap.add_argument("--base", default="smollm2", help="base model (default: smollm2)")
     ap.add_argument("--epochs", type=float, default=RECIPE["epochs"], help=f"training epochs (default: {RECIPE['epochs']})")
-    ap.add_argument("--work", type=Path, default=HERE / "work" / "forgetting", help="scratch folder (adapters are cached by recipe and data)")
+    ap.add_argument("--work", type=Path, default=HERE / "work" / "forgetting", help="scratch folder (adapters are cached by recipe, data and base dtype)")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "forgetting", help="where results go")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--unlearn", type=_setting, nargs="*", default=[], metavar="KEY=VALUE",
