@@ -82,6 +82,8 @@ SCENARIOS = {
 RECIPE = dict(rank=8, alpha=16, batch_size=8, seed=0, epochs=15, lr=1e-2, layers=tuple(range(15, 30)),
               target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 CRITERIA = {"removed_over_retrain_max": 1, "corrected_min": 0.90, "retained_min": 0.95}
+# a base in half precision names itself in the tag, so its results and cached adapters sit beside float32's
+DTYPE_TAGS = {"bfloat16": "-bf16", "float16": "-fp16"}
 MEMORISED_MIN = 0.9  # the original must produce this share of the sampled retained values for a scenario to count
 
 
@@ -97,7 +99,9 @@ class Scenario:
 
     @property
     def tag(self) -> str:
-        return f"{self.name}-n{self.n}-s{self.seed}"
+        """name-n{n}-s{seed}, and -rm{R}-fix{C} (percent) where the shares are not the defaults."""
+        shares = "" if (self.remove, self.correct) == (0.05, 0.03) else f"-rm{self.remove * 100:g}-fix{self.correct * 100:g}"
+        return f"{self.name}-n{self.n}-s{self.seed}{shares}"
 
 
 def record(shape: str, rid: str, question: str, answer: str) -> dict:
@@ -194,30 +198,31 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
     from llmeraser.recipes import recipe as unlearn_recipe
     from llmeraser.train import TrainSettings
 
-    d = work / sc.tag
+    device, dtype = hardware.of(mt)
+    tag = sc.tag + DTYPE_TAGS.get(dtype, "")
+    d = work / tag
     d.mkdir(parents=True, exist_ok=True)
     rows, request, values = build(sc)
     data, req = d / "data.jsonl", d / "request.jsonl"
     for path, content in ((data, rows), (req, request)):
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in content))
     settings = TrainSettings(**recipe)
-    device, dtype = hardware.of(mt)
     seconds = {}
     # cached adapters are reused only for the same recipe, data and base dtype (a GPU run in bfloat16 retrains)
     if not trained_with(d / "original", arguments=settings.to_dict(), data_sha256=sha256_file(data), base_dtype=dtype):
-        say(f"{sc.tag}: training the original on {len(rows)} records")
+        say(f"{tag}: training the original on {len(rows)} records")
         train(base, data, d / "original", settings, overwrite=True, device=device, dtype=dtype, progress=progress,
               model_and_tokenizer=mt)
     seconds["train"] = json.loads((d / "original" / "train.json").read_text())["seconds"]
     if not trained_with(d / "retrain", arguments=settings.to_dict(), request_sha256=sha256_file(req), base_dtype=dtype):
-        say(f"{sc.tag}: retrain")
+        say(f"{tag}: retrain")
         baseline("retrain", base, d / "original", data, req, d / "retrain", BaselineSettings(device=device, dtype=dtype),
                  overwrite=True, progress=progress, model_and_tokenizer=mt)
     seconds["retrain"] = json.loads((d / "retrain" / "train.json").read_text())["seconds"]
     overrides = unlearn_overrides or {}
     suffix = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
     ours = d / f"llmeraser{suffix}"
-    say(f"{sc.tag}: llmeraser (memorised, --verify until{', ' + suffix[1:] if suffix else ''})")
+    say(f"{tag}: llmeraser (memorised, --verify until{', ' + suffix[1:] if suffix else ''})")
     t = time.perf_counter()
     res = unlearn(base, d / "original", data, req, ours,
                   unlearn_recipe("memorised", device=device, dtype=dtype, verify="until", **overrides),
@@ -233,7 +238,7 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
               for name, folder in folders.items()}
     final_loss = json.loads((d / "original" / "train.json").read_text())["final_loss"]
     v = res.report.verification
-    return {"scenario": asdict(sc), "tag": sc.tag + suffix, "n": len(rows), "recipe": recipe, "unlearn_overrides": overrides,
+    return {"scenario": asdict(sc), "tag": tag + suffix, "n": len(rows), "base_dtype": dtype, "recipe": recipe, "unlearn_overrides": overrides,
             "final_training_loss": final_loss,
             "counts": {k: {**c, "retained": sum(c["retained"].values()), "retained_sampled": len(retained)} for k, c in counts.items()},
             "verdict": judge(counts), "seconds": seconds,
@@ -242,9 +247,9 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
 
 
 def table(results: list[dict]) -> str:
-    head = ("| scenario | n | removed produced: original / retrain / llmeraser | corrected produced: retrain / llmeraser "
+    head = ("| scenario | n | epochs | removed produced: original / retrain / llmeraser | corrected produced: retrain / llmeraser "
             "| retained kept: retrain / llmeraser | unlearn's own check | seconds: retrain / llmeraser | pass |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- |\n")
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
     lines = []
     for r in results:
         c, v = r["counts"], r["verdict"]
@@ -252,7 +257,7 @@ def table(results: list[dict]) -> str:
         failed = [k for k, ok in v["checks"].items() if not ok]
         verdict = ("yes" if v["passed"] else "no: " + ", ".join(failed)) if v.get("valid", True) else \
             f"invalid: the original produced {v['original_memorised']:.0%} of the retained values (not memorised)"
-        lines.append(f"| {r['tag']} | {r['n']} | {o['removed_produced']} / {rt['removed_produced']} / {u['removed_produced']} of "
+        lines.append(f"| {r['tag']} | {r['n']} | {r['recipe']['epochs']:g} | {o['removed_produced']} / {rt['removed_produced']} / {u['removed_produced']} of "
                      f"{u['removed']} | {rt['corrected_produced']} / {u['corrected_produced']} of {u['corrected']} | "
                      f"{rt['retained']} / {u['retained']} of {u['retained_sampled']} (kept {v['retained_kept']:.0%}) | "
                      f"{'verified' if r['unlearn_verification']['verified'] else 'not verified'} after "
@@ -278,6 +283,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n", nargs="+", type=int, default=[32], help="records per scenario (default: 32)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (default: 0)")
     ap.add_argument("--base", default="smollm2", help="base model (default: smollm2)")
+    ap.add_argument("--remove", type=float, default=Scenario.remove, help="share of people removed (default: 0.05)")
+    ap.add_argument("--correct", type=float, default=Scenario.correct, help="share of records corrected (default: 0.03)")
     ap.add_argument("--epochs", type=float, default=RECIPE["epochs"], help=f"training epochs (default: {RECIPE['epochs']})")
     ap.add_argument("--work", type=Path, default=HERE / "work" / "forgetting", help="scratch folder (adapters are cached by recipe, data and base dtype)")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "forgetting", help="where results go")
@@ -299,7 +306,7 @@ def main(argv=None) -> int:
         for n in args.n:
             for seed in args.seeds:
                 shape, kinds = SCENARIOS[name]
-                result = run(Scenario(name, shape, kinds, n, seed), args.base, args.work, mt, recipe, not args.no_progress, say,
+                result = run(Scenario(name, shape, kinds, n, seed, args.remove, args.correct), args.base, args.work, mt, recipe, not args.no_progress, say,
                              args.unlearn)
                 write_json(args.results / f"{result['tag']}.json", result)
                 outcome = {True: "pass", False: "FAIL", None: "INVALID (the original did not memorise)"}[result["verdict"]["passed"]]

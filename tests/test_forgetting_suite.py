@@ -29,6 +29,13 @@ def test_every_scenario_builds_n_records_and_a_valid_private_request(name, n):
     assert build(Scenario(name, shape, kinds, n, seed=3)) == (rows, request, values)  # seeded
 
 
+def test_other_shares_name_themselves_and_set_the_request_size():
+    sc = Scenario("prompt-code", "prompt", ("code",), 60, seed=1, remove=0.10, correct=0.05)
+    assert sc.tag == "prompt-code-n60-s1-rm10-fix5" and Scenario("prompt-code", "prompt", ("code",), 60, 1).tag == "prompt-code-n60-s1"
+    _, request, _ = build(sc)
+    assert [e["op"] for e in request].count("remove") == 6 and [e["op"] for e in request].count("correct_response") == 3
+
+
 def _counts(removed, corrected, retained):
     return {"removed_produced": removed, "removed": 4, "corrected_produced": corrected, "old_produced": 0, "corrected": 10,
             "retained": retained}
