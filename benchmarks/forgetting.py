@@ -78,9 +78,10 @@ SCENARIOS = {
     "chat-code+email": ("chat", ("code", "email")),
     "prompt-code": ("prompt", ("code",)),
 }
-# the demo's quick recipe: LoRA r = 8 on every linear module of the top half of SmolLM2's layers, until memorised
+# the demo's quick recipe: LoRA r = 8 on every linear module of the top half of SmolLM2's layers, until memorised;
+# gradients clipped to norm 1, without which lr 1e-2 diverged at n = 128 (BENCHMARKS.md#forgetting-n128)
 RECIPE = dict(rank=8, alpha=16, batch_size=8, seed=0, epochs=15, lr=1e-2, layers=tuple(range(15, 30)),
-              target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+              target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), max_grad_norm=1.0)
 CRITERIA = {"removed_over_retrain_max": 1, "corrected_min": 0.90, "retained_min": 0.95}
 # a base in half precision names itself in the tag, so its results and cached adapters sit beside float32's
 DTYPE_TAGS = {"bfloat16": "-bf16", "float16": "-fp16"}

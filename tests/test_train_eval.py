@@ -418,3 +418,32 @@ def test_wrapping_a_model_in_peft_warns_nothing_about_gradient_checkpointing(tin
         unload_adapter(add_lora(model, TrainSettings(rank=2, alpha=4)))
         unload_adapter(load_adapter(model, tiny_dir / "adapter"))
     assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)], [str(w.message) for w in seen]
+
+
+def test_max_grad_norm_scales_long_gradients_only(trainable_dir):
+    """Adam's first update is lr·g/(|g| + ε) per element: ≈ lr·sign(g) for the raw gradient, ≈ 0 once g is clipped to
+    a norm far below ε; a bound above ‖g‖ changes nothing, bit for bit."""
+    from helpers import load_tiny
+
+    from llmeraser.data import load_records
+    from llmeraser.modeling import unload_adapter
+    from llmeraser.train import TrainSettings, add_lora, train_lora
+
+    model, tok = load_tiny(trainable_dir / "base")
+    records = load_records(trainable_dir / "train.jsonl")
+
+    def first_update(clip):
+        settings = TrainSettings(rank=2, alpha=4, lr=1e-2, max_grad_norm=clip, max_length=64)
+        peft = add_lora(model, settings)
+        before = [p.detach().clone() for p in peft.parameters() if p.requires_grad]
+        train_lora(peft, tok, records, settings, progress=False, max_steps=1)
+        step = torch.cat([(p.detach() - b).flatten() for p, b in zip((p for p in peft.parameters() if p.requires_grad), before)])
+        unload_adapter(peft)
+        return step
+
+    raw = first_update(0.0)
+    assert raw.abs().max() > 1e-3  # lr·sign(g) on lora_B, which starts at 0
+    assert first_update(1e-14).abs().max() < 1e-5 * raw.abs().max()
+    assert torch.equal(first_update(1e9), raw)
+    with pytest.raises(Exception, match="max-grad-norm"):
+        TrainSettings(max_grad_norm=-1.0)

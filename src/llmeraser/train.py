@@ -47,6 +47,8 @@ class TrainSettings:
     batch_size: int = field(default=8, metadata={"help": "samples per step"})
     grad_accum: int = field(default=1, metadata={"help": "steps accumulated per optimiser update"})
     weight_decay: float = field(default=0.0, metadata={"help": "L2 coefficient wd in (wd/2)‖Θ‖² (enters unlearn's damping)"})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "scale each update's gradient down to this global L2 norm when it is "
+                                                         "longer (0: never); 1 steadies a high --lr"})
     max_length: int = field(default=512, metadata={"help": "tokens per sample"})
     template: str = field(default="auto", metadata={"help": "'chat', 'plain' or 'auto'"})
     seed: int = field(default=0, metadata={"help": "seed for LoRA init and shuffling"})
@@ -65,8 +67,9 @@ class TrainSettings:
         for name in ("epochs", "lr", "alpha"):
             if not 0 < getattr(self, name) < math.inf:
                 raise InputError(f"--{name} {getattr(self, name)}: give a finite number > 0")
-        if not 0 <= self.weight_decay < math.inf:
-            raise InputError(f"--weight-decay {self.weight_decay}: give a finite number >= 0")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: give a finite number >= 0")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -154,6 +157,8 @@ def train_lora(model, tokenizer, records: list[Record], settings: TrainSettings,
             running += value / settings.grad_accum
             if (step + 1) % settings.grad_accum == 0 or step + 1 == total_steps:
                 _sum_grads(params)
+                if settings.max_grad_norm:  # g <- g·min(1, c/‖g‖), on the summed gradient, so every rank clips alike
+                    torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 sched.step()
