@@ -154,13 +154,19 @@ def count(answers: dict, request: list[dict], values: dict, retained: list[str])
             "retained": {i: produced(answers[i], (values[i],)) for i in retained}}
 
 
+def memorised_share(original: dict) -> float:
+    """Share of the sampled retained values the original produces (count()'s "retained": id -> produced)."""
+    hits = original["retained"]
+    return sum(hits.values()) / len(hits) if hits else 0.0
+
+
 def judge(counts: dict) -> dict:
     """The pass criteria (module docstring) on the counts of original, retrain and llmeraser. A scenario whose
     original produces fewer than MEMORISED_MIN of the sampled retained values did not memorise its records: the
     criteria are about memorised data, so it is reported as invalid (passed None), to be rerun with more epochs."""
     o, r, u = counts["original"], counts["retrain"], counts["llmeraser"]
     before = [i for i, hit in o["retained"].items() if hit]
-    memorised = len(before) / len(o["retained"]) if o["retained"] else 0.0
+    memorised = memorised_share(o)
     kept = sum(u["retained"][i] for i in before) / len(before) if before else 1.0
     checks = {
         "removed": u["removed_produced"] <= r["removed_produced"] + CRITERIA["removed_over_retrain_max"],
@@ -189,9 +195,13 @@ def answers_of(base_model, tok, adapter: Path, rows: list[dict], ids: list[str],
         unload_adapter(model)
 
 
-def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, say, unlearn_overrides: dict | None = None) -> dict:
-    """Train (cached), retrain (cached), unlearn and count. `unlearn_overrides`: settings replacing the `memorised`
-    recipe's (e.g. {"verify_retained": 64}); llmeraser's folder and the result's tag then name them."""
+def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, say, unlearn_overrides: dict | None = None,
+        run_unmemorised: bool = False) -> dict:
+    """Train (cached), check that the original memorised its records, retrain (cached), unlearn and count.
+    `unlearn_overrides`: settings replacing the `memorised` recipe's (e.g. {"verify_retained": 64}); llmeraser's
+    folder and the result's tag then name them. An original that produces under MEMORISED_MIN of the sampled
+    retained values makes the scenario invalid whatever follows, so retraining and unlearning are skipped (most of
+    a run's time) unless `run_unmemorised`."""
     from llmeraser.api import unlearn
     from llmeraser.baselines import BaselineSettings, baseline, train, trained_with
     from llmeraser.curvature import seeded_subset
@@ -207,6 +217,15 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
     data, req = d / "data.jsonl", d / "request.jsonl"
     for path, content in ((data, rows), (req, request)):
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in content))
+    edited = {e["id"] for e in request}
+    retained = seeded_subset([r["id"] for r in rows if r["id"] not in edited], 48, sc.seed)[:48]
+    ids = [e["id"] for e in request] + retained
+    tok = mt[1]
+    longest = max(len(tok(str(v if isinstance(v, str) else v[1]))["input_ids"]) for v in values.values())
+
+    def counted(folder: Path) -> dict:
+        return count(answers_of(mt[0], tok, folder, rows, ids, longest + 24), request, values, retained)
+
     settings = TrainSettings(**recipe)
     seconds = {}
     # cached adapters are reused only for the same recipe, data and base dtype (a GPU run in bfloat16 retrains)
@@ -214,7 +233,20 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
         say(f"{tag}: training the original on {len(rows)} records")
         train(base, data, d / "original", settings, overwrite=True, device=device, dtype=dtype, progress=progress,
               model_and_tokenizer=mt)
-    seconds["train"] = json.loads((d / "original" / "train.json").read_text())["seconds"]
+    trained = json.loads((d / "original" / "train.json").read_text())
+    seconds["train"] = trained["seconds"]
+    counts = {"original": counted(d / "original")}
+    memorised = memorised_share(counts["original"])
+    head = {"scenario": asdict(sc), "n": len(rows), "base_dtype": dtype, "recipe": recipe,
+            "final_training_loss": trained["final_loss"]}
+    if memorised < MEMORISED_MIN and not run_unmemorised:
+        say(f"{tag}: the original produces {memorised:.0%} of the sampled retained values (< {MEMORISED_MIN:.0%}): "
+            "invalid, retraining and unlearning skipped; rerun with more --epochs")
+        return {**head, "tag": tag, "unlearn_overrides": {}, "counts": _totals(counts, retained),
+                "verdict": {"retained_kept": None, "original_memorised": memorised, "valid": False, "checks": {},
+                            "passed": None},
+                "seconds": seconds, "unlearn_verification": None, "skipped": ["retrain", "llmeraser"],
+                "date": time.strftime("%Y-%m-%d")}
     if not trained_with(d / "retrain", arguments=settings.to_dict(), request_sha256=sha256_file(req), base_dtype=dtype):
         say(f"{tag}: retrain")
         baseline("retrain", base, d / "original", data, req, d / "retrain", BaselineSettings(device=device, dtype=dtype),
@@ -229,22 +261,17 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
                   unlearn_recipe("memorised", device=device, dtype=dtype, verify="until", **overrides),
                   overwrite=True, progress=progress, model_and_tokenizer=mt, allow_unconverged=True, recipe="memorised")
     seconds["llmeraser"] = time.perf_counter() - t
-    edited = {e["id"] for e in request}
-    retained = seeded_subset([r["id"] for r in rows if r["id"] not in edited], 48, sc.seed)[:48]
-    ids = [e["id"] for e in request] + retained
-    tok = mt[1]
-    longest = max(len(tok(str(v if isinstance(v, str) else v[1]))["input_ids"]) for v in values.values())
-    folders = {"original": d / "original", "retrain": d / "retrain", "llmeraser": ours}
-    counts = {name: count(answers_of(mt[0], tok, folder, rows, ids, longest + 24), request, values, retained)
-              for name, folder in folders.items()}
-    final_loss = json.loads((d / "original" / "train.json").read_text())["final_loss"]
+    counts |= {"retrain": counted(d / "retrain"), "llmeraser": counted(ours)}
     v = res.report.verification
-    return {"scenario": asdict(sc), "tag": tag + suffix, "n": len(rows), "base_dtype": dtype, "recipe": recipe, "unlearn_overrides": overrides,
-            "final_training_loss": final_loss,
-            "counts": {k: {**c, "retained": sum(c["retained"].values()), "retained_sampled": len(retained)} for k, c in counts.items()},
+    return {**head, "tag": tag + suffix, "unlearn_overrides": overrides, "counts": _totals(counts, retained),
             "verdict": judge(counts), "seconds": seconds,
             "unlearn_verification": {k: v[k] for k in ("verified", "failures", "stopped")} | {"extra_steps": len(v["extra_steps"])},
             "date": time.strftime("%Y-%m-%d")}
+
+
+def _totals(counts: dict, retained: list[str]) -> dict:
+    """count()'s per-record retained hits -> their total, beside the sample's size (what a result file keeps)."""
+    return {k: {**c, "retained": sum(c["retained"].values()), "retained_sampled": len(retained)} for k, c in counts.items()}
 
 
 def table(results: list[dict]) -> str:
@@ -253,17 +280,22 @@ def table(results: list[dict]) -> str:
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
     lines = []
     for r in results:
-        c, v = r["counts"], r["verdict"]
-        o, rt, u = c["original"], c["retrain"], c["llmeraser"]
+        c, v, uv = r["counts"], r["verdict"], r["unlearn_verification"]
+        o = c["original"]
+        # a result skipped after an unmemorised original has no retrain / llmeraser counts: "–" stands for them
+        rt, u = c.get("retrain", {}), c.get("llmeraser", {})
         failed = [k for k, ok in v["checks"].items() if not ok]
         verdict = ("yes" if v["passed"] else "no: " + ", ".join(failed)) if v.get("valid", True) else \
             f"invalid: the original produced {v['original_memorised']:.0%} of the retained values (not memorised)"
-        lines.append(f"| {r['tag']} | {r['n']} | {r['recipe']['epochs']:g} | {o['removed_produced']} / {rt['removed_produced']} / {u['removed_produced']} of "
-                     f"{u['removed']} | {rt['corrected_produced']} / {u['corrected_produced']} of {u['corrected']} | "
-                     f"{rt['retained']} / {u['retained']} of {u['retained_sampled']} (kept {v['retained_kept']:.0%}) | "
-                     f"{'verified' if r['unlearn_verification']['verified'] else 'not verified'} after "
-                     f"{r['unlearn_verification']['extra_steps']} extra steps | {r['seconds']['retrain']:.0f} / "
-                     f"{r['seconds']['llmeraser']:.0f} | {verdict} |")
+        kept = f" (kept {v['retained_kept']:.0%})" if v["retained_kept"] is not None else ""
+        check = ("not run" if uv is None else
+                 f"{'verified' if uv['verified'] else 'not verified'} after {uv['extra_steps']} extra steps")
+        secs = " / ".join(f"{r['seconds'][k]:.0f}" if k in r["seconds"] else "–" for k in ("retrain", "llmeraser"))
+        lines.append(f"| {r['tag']} | {r['n']} | {r['recipe']['epochs']:g} | {o['removed_produced']} / "
+                     f"{rt.get('removed_produced', '–')} / {u.get('removed_produced', '–')} of {o['removed']} | "
+                     f"{rt.get('corrected_produced', '–')} / {u.get('corrected_produced', '–')} of {o['corrected']} | "
+                     f"{rt.get('retained', '–')} / {u.get('retained', '–')} of {o['retained_sampled']}{kept} | "
+                     f"{check} | {secs} | {verdict} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -290,12 +322,14 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=HERE / "work" / "forgetting", help="scratch folder (adapters are cached by recipe, data and base dtype)")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "forgetting", help="where results go")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--run-unmemorised", action="store_true",
+                    help="retrain and unlearn even when the original did not memorise its records (the result stays invalid)")
     ap.add_argument("--unlearn", type=_setting, nargs="*", default=[], metavar="KEY=VALUE",
                     help="unlearn settings replacing the memorised recipe's, e.g. verify_retained=64 (the result's tag names them)")
     hardware.add_args(ap)
     args = ap.parse_args(argv)
     args.unlearn = dict(args.unlearn)
-    from llmeraser.fileio import write_json
+    from llmeraser.fileio import write_json, write_text_atomic
 
     t0 = time.perf_counter()
     say = (lambda msg: print(f"[forgetting {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True))
@@ -308,12 +342,12 @@ def main(argv=None) -> int:
             for seed in args.seeds:
                 shape, kinds = SCENARIOS[name]
                 result = run(Scenario(name, shape, kinds, n, seed, args.remove, args.correct), args.base, args.work, mt, recipe, not args.no_progress, say,
-                             args.unlearn)
+                             args.unlearn, args.run_unmemorised)
                 write_json(args.results / f"{result['tag']}.json", result)
                 outcome = {True: "pass", False: "FAIL", None: "INVALID (the original did not memorise)"}[result["verdict"]["passed"]]
                 say(f"{result['tag']}: {outcome} {result['verdict']['checks']}")
     results = [json.loads(p.read_text()) for p in sorted(args.results.glob("*.json"))]
-    (args.results / "forgetting.md").write_text(table(results))
+    write_text_atomic(args.results / "forgetting.md", table(results))
     print(table(results))
     print(f"results in {args.results}; total {time.perf_counter() - t0:.0f}s")
     return 0

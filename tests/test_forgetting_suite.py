@@ -65,7 +65,14 @@ def test_one_scenario_end_to_end_on_the_tiny_model(trainable_dir, tmp_path):
     mt = load_tiny(trainable_dir / "base")
     recipe = {**RECIPE, "epochs": 2, "layers": (), "target_modules": ("q_proj", "v_proj"), "rank": 2, "alpha": 4}
     sc = Scenario("prompt-code", "prompt", ("code",), 12, seed=0)
-    result = run(sc, str(trainable_dir / "base"), tmp_path, mt, recipe, False, lambda msg: None, {"verify_retained": 8})
+    # two epochs do not memorise: the scenario is invalid, and retraining and unlearning are skipped
+    skipped = run(sc, str(trainable_dir / "base"), tmp_path, mt, recipe, False, lambda msg: None, {"verify_retained": 8})
+    assert skipped["verdict"]["original_memorised"] < 0.9 and skipped["verdict"]["passed"] is None
+    assert set(skipped["counts"]) == {"original"} and skipped["skipped"] == ["retrain", "llmeraser"]
+    assert not (tmp_path / sc.tag / "retrain").exists() and not (tmp_path / sc.tag / "llmeraser-verify_retained8").exists()
+    assert " / – / – of 1 | – / – of 1 |" in table([skipped]) and "| not run | – / – | invalid:" in table([skipped])
+    result = run(sc, str(trainable_dir / "base"), tmp_path, mt, recipe, False, lambda msg: None, {"verify_retained": 8},
+                 run_unmemorised=True)
     c = result["counts"]
     assert set(c) == {"original", "retrain", "llmeraser"}
     assert all(x["removed"] == 1 and x["corrected"] == 1 and x["retained_sampled"] == 10 for x in c.values())
