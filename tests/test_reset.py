@@ -9,8 +9,7 @@ from llmeraser.errors import InputError
 from llmeraser.modeling import fused_attention, theta_of
 from llmeraser.objective import CausalLMObjective
 from llmeraser.render import encode
-from llmeraser.objective import by_length
-from llmeraser.reset import OutputReset, private_token_mask, zero_adapter
+from llmeraser.reset import OutputReset, zero_adapter
 from llmeraser.solvers import SolverSettings
 from llmeraser.settings import UnlearnSettings
 from llmeraser.terms import extension_terms
@@ -35,17 +34,9 @@ def test_zero_adapter_gives_the_base_model(tiny64):
     assert torch.allclose(obj.outputs(params.unflatten(theta0), batch), base, rtol=1e-10, atol=1e-12)
 
 
-def _masks(items):
-    """Every other response token of the even items; the odd items keep all of theirs (None)."""
-    return [tuple(t % 2 == 0 for t in range(x.n_response)) if i % 2 == 0 else None for i, x in enumerate(items)]
-
-
-@pytest.mark.parametrize("masked", [False, True])
-def test_penalty_gradient_and_curvature_match_autograd(tiny64, masked):
+def test_penalty_gradient_and_curvature_match_autograd(tiny64):
     model, obj, params, theta, items = setup(tiny64)
-    masks = _masks(items) if masked else None
-    # two batches: 3 + 1
-    reset = OutputReset(obj, params, theta, items, batch_size=3, device="cpu", masks=masks)
+    reset = OutputReset(obj, params, theta, items, batch_size=3, device="cpu")  # two batches: 3 + 1
     assert reset.value(zero_adapter(params, theta)) == pytest.approx(0.0, abs=1e-20)
     g = torch.Generator().manual_seed(5)
     point = theta + 0.1 * torch.randn(theta.numel(), dtype=torch.float64, generator=g)
@@ -53,18 +44,15 @@ def test_penalty_gradient_and_curvature_match_autograd(tiny64, masked):
     auto = torch.func.grad(value)(point)
     assert torch.allclose(reset.grad(point), auto, rtol=1e-8)
     # P = Σ_i ½ Σ_t (1/T_i) dᵀ(diag p̄ − p̄p̄ᵀ)d, p̄ the mean of the base model's softmax and the
-    # adapter's at Θ̂, written out by hand; with masks t and T_i run over each record's masked tokens only
-    keep = {id(x): m or (True,) * x.n_response for x, m in zip(items, masks or [None] * len(items))}
-    order = by_length(items)  # the reset's batching order
+    # adapter's at Θ̂, written out by hand
     by_hand, explicit = 0.0, []
-    for j, (b, z0) in enumerate(zip(reset.batches, reset.targets)):
+    for b, z0 in zip(reset.batches, reset.targets):
         with fused_attention(model):  # the kernel value() runs (and its targets were made) with
             d = obj.outputs(params.unflatten(point), b) - z0
             z_hat = obj.outputs(params.unflatten(theta), b)
         p_mean = 0.5 * (torch.softmax(z0, -1) + torch.softmax(z_hat, -1))
         F = [torch.diag(p) - torch.outer(p, p) for p in p_mean]
-        rows = [(x, t) for x in order[3 * j:3 * j + 3] for t in keep[id(x)]]
-        w = [float(t) / sum(keep[id(x)]) for x, t in rows]
+        w = 1.0 / b["counts"][b["rows"]].double()
         by_hand += sum(0.5 * float(wt * dt @ Ft @ dt) for wt, dt, Ft in zip(w, d, F))
         explicit.append((b, w, F))
     assert reset.value(point) == pytest.approx(by_hand, rel=1e-10)
@@ -78,34 +66,6 @@ def test_penalty_gradient_and_curvature_match_autograd(tiny64, masked):
     assert torch.allclose(reset.product(v), expected, rtol=1e-6)
     reset.release()  # dropping the kept linearisations loses nothing
     assert torch.allclose(reset.product(v), expected, rtol=1e-6)
-
-
-def test_private_token_mask_marks_the_tokens_of_the_private_part(tiny64):
-    _, tok, records = tiny64
-    item = encode(records[0], tok, "chat", 64)
-    response = records[0].sides()[1]  # four digits, one token each, then the end-of-turn tokens
-    assert private_token_mask(tok, item, [response[1:3]]) == (False, True, True) + (False,) * (item.n_response - 3)
-    assert private_token_mask(tok, item, [response]) == (True,) * 4 + (False,) * (item.n_response - 4)
-    assert private_token_mask(tok, item, ["not in it"]) is None and private_token_mask(tok, item, []) is None
-
-
-def test_reset_private_pulls_only_the_private_tokens(tiny64):
-    """With reset_private the first step's reset (terms.py) counts only the private part's tokens of a record that
-    marks one, and every response token of one that does not; without it, every token of both."""
-    model, tok, records = tiny64
-    part = records[0].sides()[1][1:3]
-    request = EditRequest([Edit("remove", records[0].id, 0, records[0], None, 1, (part,)),
-                           Edit("remove", records[1].id, 1, records[1], None, 2)], "request.jsonl", "0" * 64)
-    for private in (True, False):
-        s = UnlearnSettings(reset_removed=1.0, reset_private=private, curvature_samples=0, max_length=64, template="chat",
-                            device="cpu")
-        unl = Unlearner(model, tok, records, s)
-        (term,) = extension_terms(unl.problem, request, s)
-        (batch,), (p,) = term.penalty.batches, term.penalty.probs
-        counted = torch.zeros(2).index_add_(0, batch["rows"], (p.abs().sum(-1) > 0).float())
-        whole = [unl.problem.examples[i].n_response for i in (0, 1)]
-        expected = sorted([2, whole[1]] if private else whole)
-        assert sorted(counted.tolist()) == expected and sorted(batch["counts"].tolist()) == expected
 
 
 def _removal(records, indices):

@@ -15,7 +15,7 @@ from .acceptance import backtrack, control_variate, retraining_objective
 from .curvature import GAUSS_NEWTON
 from .data import EditRequest
 from .problem import Problem
-from .reset import OutputReset, removed_private_masks
+from .reset import OutputReset
 from .settings import UnlearnSettings
 from .systems import Systems
 
@@ -34,7 +34,6 @@ class Refiner:
     def __init__(self, problem: Problem, request: EditRequest, systems: Systems, settings: UnlearnSettings,
                  damping: float, progress: bool):
         self.p, self.s, self.systems, self.damping, self.progress = problem, settings, systems, damping, progress
-        self.request = request
         self.cv = control_variate(problem, request, settings.curvature_samples, settings.seed, "refine", progress)
         self.edited = self.cv.kept + self.cv.new
         self.from_operator = gradient_from_operator(settings, len(self.edited))
@@ -53,9 +52,8 @@ class Refiner:
             if self._reset[1] is not None:
                 self._reset[1].release()
             p = self.p
-            masks = removed_private_masks(p, self.request, removed) if self.s.reset_private else None
             self._reset = (ids, OutputReset(p.objective, p.params, p.theta_hat, removed, self.s.batch_size, p.device,
-                                            memory=p.memory, masks=masks))
+                                            memory=p.memory))
         return self._reset[1]
 
     def step(self, theta: torch.Tensor, reset_removed: list | None = None, teach_new: list | None = None):

@@ -42,9 +42,6 @@ class UnlearnSettings:
     reset_removed: float = field(default=0.0, metadata=_meta(
         "ρ: add ρ·P to the edited objective, P the removed records' distance to the base model's outputs (for "
         "memorised private data; needs a Gauss-Newton curvature; 0: off)"))
-    reset_private: bool = field(default=False, metadata=_meta(
-        "the reset pulls only the tokens of each removed record's 'private' parts toward the base model's outputs "
-        "(records without them: every response token), so the answer's shared wording is left to the kept records"))
     anchor_kept: float = field(default=0.0, metadata=_meta(
         "κ: add κ·A, A the kept records' distance from their outputs before the edit (adds curvature only; needs "
         "a Gauss-Newton curvature and newton_steps 1; 0: off)"))
@@ -111,7 +108,7 @@ class UnlearnSettings:
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} {getattr(self, name)!r}: must be one of {list(allowed)}")
         check_device(self.device)
-        for name in ("line_search", "checkpointing", "reset_private"):
+        for name in ("line_search", "checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} {getattr(self, name)!r}: give true or false")
         if self.checkpointing and self.curvature == "hessian" and self.hvp_mode == "fwd_rev":

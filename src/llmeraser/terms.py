@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .curvature import seeded_subset
 from .data import EditRequest
 from .problem import Problem
-from .reset import OutputReset, removed_private_masks
+from .reset import OutputReset
 from .settings import UnlearnSettings
 
 
@@ -41,9 +41,7 @@ def extension_terms(problem: Problem, request: EditRequest, settings: UnlearnSet
     toward the base holds its new answer back at the same positions, and a modified query keeps its answer."""
     p, sets, terms = problem, problem.sets(request), []
     if settings.reset_removed and sets.removed:
-        masks = removed_private_masks(p, request, sets.removed) if settings.reset_private else None
-        reset = OutputReset(p.objective, p.params, p.theta_hat, sets.removed, settings.batch_size, p.device, memory=p.memory,
-                            masks=masks)
+        reset = OutputReset(p.objective, p.params, p.theta_hat, sets.removed, settings.batch_size, p.device, memory=p.memory)
         terms.append(Term("reset_removed", settings.reset_removed, reset, flat=False))
     if settings.anchor_kept and sets.kept:
         sample = seeded_subset(sets.kept, settings.curvature_samples, settings.seed)
