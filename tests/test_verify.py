@@ -287,7 +287,7 @@ def test_until_keeps_the_theta_that_missed_least(monkeypatch):
     monkeypatch.setattr(api, "Verifier", Scripted)
     solves = []
 
-    def more_steps(req, theta, progress, reset_ids=(), teach_ids=()):
+    def more_steps(req, theta, progress, reset_ids=(), teach_ids=(), restore_ids=()):
         solves.append(SimpleNamespace(k=len(solves) + 2, reset_ids=reset_ids))
         return theta + 1, solves[-1], {"step": len(solves) + 1, "line_search": {"accepted": True}}
 
@@ -300,3 +300,75 @@ def test_until_keeps_the_theta_that_missed_least(monkeypatch):
     assert [st["kept"] for st in v["extra_steps"]] == [True, False]
     assert v["stopped"] == "the budget of 2 extra steps ran out" and not v["verified"]
     assert solves[0].reset_ids == ["a", "b"] and solves[1].reset_ids == ["b"]  # the removed answers still produced
+
+
+def test_worst_token_nll_against_a_loop_over_tokens_and_below_ln2_it_is_greedy(memorised):
+    """Problem.worst_token_nll against an explicit loop over one record's tokens, in the order given; and the
+    certificate it serves: an answer whose every token is below ln 2 is produced by greedy generation."""
+    from llmeraser.problem import Problem
+    from llmeraser.verify import CERTAIN_NLL, Verifier
+
+    _, model, tok, recs = memorised
+    model.eval()
+    p = Problem(model, tok, recs, "chat", 64, batch_size=3)
+    items = list(reversed(p.examples))  # not in length order
+    got = p.worst_token_nll(items, p.theta_hat)
+    for x, v in zip(items, got):
+        (b,) = p.batches([x], prepare=False)
+        logits = p.objective.outputs(p.params.unflatten(p.theta_hat), b)
+        slow = max(-float(torch.log_softmax(logits[t].double(), -1)[b["targets"][t]]) for t in range(len(b["targets"])))
+        assert v == pytest.approx(slow, rel=1e-5, abs=1e-7)
+    certain = [r.id for r, v in zip(reversed(recs), got) if v < CERTAIN_NLL]
+    assert certain  # the memorised adapter is sure of its answers
+    req = request_from_rows([{"op": "remove", "id": recs[0].id}], recs)
+    verifier = Verifier(model, tok, p.params, p.theta_hat, recs, req, "chat", 64, 8, len(recs), 0)
+    produced_ids = {pr.id for pr, hit in zip(verifier.probes, verifier.before) if pr.kind == "retained" and hit}
+    assert set(certain) - {recs[0].id} <= produced_ids
+
+
+def test_uncertain_kept_names_the_kept_answers_an_edit_made_uncertain(memorised):
+    """Unlearner.uncertain_kept at a Θ that undoes part of the adapter: exactly the kept records certain at Θ̂
+    (every token's −log p < ln 2) and not at Θ, by id; never an edited record; none at Θ̂ itself."""
+    from llmeraser.recipes import recipe
+    from llmeraser.unlearner import Unlearner
+    from llmeraser.verify import CERTAIN_NLL
+
+    _, model, tok, recs = memorised
+    model.eval()
+    req = request_from_rows([{"op": "remove", "id": recs[0].id}], recs)
+    unl = Unlearner(model, tok, recs, recipe("memorised", max_length=64, template="chat", device="cpu"))
+    p = unl.problem
+    assert unl.uncertain_kept(req, p.theta_hat) == []
+    theta = 0.6 * p.theta_hat  # a shrunken adapter: some answers lose their margin
+    before, after = p.worst_token_nll(p.examples, p.theta_hat), p.worst_token_nll(p.examples, theta)
+    expected = [r.id for r, b, a in zip(recs[1:], before[1:], after[1:]) if b < CERTAIN_NLL <= a]
+    assert expected, "the shrunken adapter must make some answer uncertain for this test to mean anything"
+    assert unl.uncertain_kept(req, theta) == expected
+
+
+def test_an_extra_step_restores_an_uncertain_kept_answer(memorised):
+    """Refiner.step with kept records to restore at ρ: the step lowers n·R' + ρ·Σ_T L_i and their loss further than
+    the same step without them; the record counts them."""
+    from llmeraser.recipes import recipe
+    from llmeraser.unlearner import Unlearner
+
+    _, model, tok, recs = memorised
+    model.eval()
+    req = request_from_rows([{"op": "remove", "id": recs[0].id}], recs)
+    s = recipe("memorised", max_length=64, template="chat", device="cpu", newton_steps=1, reset_removed=10.0)
+    theta = 0.6 * Unlearner(model, tok, recs, s).theta_hat
+    losses = {}
+    for restore in ((), (recs[2].id, recs[3].id, "not-kept", recs[0].id)):
+        unl = Unlearner(model, tok, recs, s)
+        unl.delta(req, progress=False)
+        after, _, record = unl.more_steps(req, theta, progress=False, restore_ids=restore)
+        batches = unl.problem.batches([unl.problem.examples[2], unl.problem.examples[3]])
+        losses[restore] = (unl.problem.loss_sum(batches, theta), unl.problem.loss_sum(batches, after))
+        if restore:
+            assert record["restored_kept"] == 2 and record["pulled_new"] == 0 and record["line_search"]["accepted"]
+            pulled = lambda t: unl.refiner.objective(t) + 10.0 * unl.problem.loss_sum(batches, t)  # noqa: E731
+            assert pulled(after) < pulled(theta)
+        else:
+            assert "restored_kept" not in record
+    without, with_ = losses[()], losses[next(k for k in losses if k)]
+    assert with_[0] == pytest.approx(without[0], rel=1e-6) and with_[1] < without[1] and with_[1] < with_[0]

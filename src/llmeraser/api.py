@@ -144,7 +144,8 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
     'until', one more Newton step and check at a time until they pass, a step finds no descent or barely moves
     Θ, or verify_steps or verify_seconds run out. A step pulls the removed records still produced toward the
     base model and weights the loss of the new answers not yet produced (both by reset_removed's ρ:
-    newton.Refiner.step). The Θ returned is the first that passes, else the
+    newton.Refiner.step), and with verify_restore the loss of the kept records whose answers Θ made uncertain
+    (Unlearner.uncertain_kept). The Θ returned is the first that passes, else the
     one that missed by the fewest records (verify.shortfall; a tie goes to the later), so a step that bought
     forgetting with retained answers is not kept. The extra steps' records are in verification["extra_steps"],
     each with "kept": whether the Θ returned includes it."""
@@ -169,7 +170,12 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
             break
         still = [r["id"] for r in check["records"] if r["kind"] == "removed" and r["checked"] and r["after"]]
         missing = [r["id"] for r in check["records"] if r["kind"] in ("new", "query") and r["checked"] and not r["after"]]
-        theta_next, solve, record = unl.more_steps(req, theta, progress, reset_ids=still, teach_ids=missing)
+        # with verify_restore: every kept record whose answer this Θ no longer certainly gives (not the sample)
+        uncertain = unl.uncertain_kept(req, theta) if s.verify_restore else []
+        theta_next, solve, record = unl.more_steps(req, theta, progress, reset_ids=still, teach_ids=missing,
+                                                   restore_ids=uncertain)
+        if s.verify_restore:
+            record["uncertain_kept"] = len(uncertain)
         extra.append({**record, "until_verified": True})
         if not record["line_search"]["accepted"]:
             stopped = f"Newton step {record['step']} found no descent on the retraining objective"

@@ -56,7 +56,8 @@ class Refiner:
                                             memory=p.memory))
         return self._reset[1]
 
-    def step(self, theta: torch.Tensor, reset_removed: list | None = None, teach_new: list | None = None):
+    def step(self, theta: torch.Tensor, reset_removed: list | None = None, teach_new: list | None = None,
+             restore_kept: list | None = None):
         """(Θ after the step, the solve's result, the step's record); Θ is unchanged when its search finds
         no descent (record["line_search"]["accepted"] is False).
 
@@ -64,16 +65,18 @@ class Refiner:
         the step minimises n·R' + ρ·P over them (P of reset.py, its Gauss-Newton curvature taken at Θ̂), the
         penalty the first step used. `teach_new`: new versions (corrections, modified queries) whose answers are
         not produced yet; with ρ > 0 the step adds ρ·Σ_T L_i, the same pull toward what retraining fits to near-zero
-        loss, with its curvature at Θ_k (docs/design.md#verification)."""
+        loss, with its curvature at Θ_k (docs/design.md#verification). `restore_kept`: kept samples whose answers
+        the edit made uncertain, added to the same ρ·Σ_T L_i: retraining fits them as it fits the new answers."""
         p, s, cv, m = self.p, self.s, self.cv, len(self.edited)
+        taught = list(teach_new or ()) + list(restore_kept or ())
         self.k += 1
         reset = self.reset_term(reset_removed) if reset_removed and s.reset_removed else None
         rho = s.reset_removed
         terms = ((rho / m, reset.product),) if reset is not None else ()
         teach = None
-        if teach_new and rho:
+        if taught and rho:
             # (C_T + 0·I) v is the mean over T: Σ_T G_i v = |T| times it
-            teach = (p.batches(teach_new), self.systems.operator(theta, teach_new, 0.0), len(teach_new))
+            teach = (p.batches(taught), self.systems.operator(theta, taught, 0.0), len(taught))
             terms += ((rho * teach[2] / m, teach[1].full),)
         op = self.systems.operator(theta, self.edited, self.damping, terms)
         if self.from_operator:
@@ -104,7 +107,9 @@ class Refiner:
         if reset is not None:
             record["reset_removed"] = len(reset_removed)
         if teach is not None:
-            record["pulled_new"] = teach[2]
+            record["pulled_new"] = len(teach_new or ())
+            if restore_kept:
+                record["restored_kept"] = len(restore_kept)
         if search["accepted"]:
             theta = theta + search["scale"] * step
             # n·R' alone at the new Θ is known only when no penalty was added

@@ -221,6 +221,12 @@ class CausalLMObjective(Objective):
         per_sample = torch.zeros(batch["n"], dtype=nll.dtype, device=nll.device).index_add(0, batch["rows"], nll)
         return per_sample / batch["counts"].to(nll.dtype)
 
+    def worst_token_losses(self, outputs, batch):
+        """Per sample, max_t −log p(y_t | prompt, y_<t) over its response tokens: its least likely token."""
+        nll = F.cross_entropy(wide(outputs), batch["targets"], reduction="none")
+        out = torch.zeros(batch["n"], dtype=nll.dtype, device=nll.device)
+        return out.scatter_reduce(0, batch["rows"], nll, reduce="amax", include_self=True)
+
 
 class _Stop(Exception):
     """Raised by the hook that stops a forward pass at the first adapted layer."""

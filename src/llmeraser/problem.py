@@ -126,6 +126,21 @@ class Problem:
                 out.append(batch)
         return out
 
+    def worst_token_nll(self, items, theta) -> list[float]:
+        """Per item, in the order given: max_t −log p(y_t | prompt, y_<t; Θ) over its response tokens. Below ln 2
+        every token has p > ½, so it is the greedy choice: greedy decoding then reproduces the whole answer
+        (verify.CERTAIN_NLL). One teacher-forced pass per batch, on this process alone."""
+        order = sorted(range(len(items)), key=lambda i: len(getattr(items[i], "input_ids", ())))
+        out = [0.0] * len(items)
+        with torch.no_grad(), fused_attention(self.model):
+            for j in range(0, len(order), self.batch_size):
+                idx = order[j:j + self.batch_size]
+                batch = self.objective.collate([items[i] for i in idx], self.device)
+                worst = self.objective.worst_token_losses(self.objective.outputs(self.params.unflatten(theta), batch), batch)
+                for i, v in zip(idx, worst.tolist()):
+                    out[i] = v
+        return out
+
     def loss_sum(self, batches: list[dict], theta) -> float:
         """Σ_i L(z_i; Θ) over already batched samples (this rank's share of `batches`, summed over ranks)."""
         total = 0.0

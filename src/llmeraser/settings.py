@@ -94,6 +94,9 @@ class UnlearnSettings:
     verify_steps: int = field(default=4, metadata=_meta("most extra Newton steps verify 'until' takes"))
     verify_seconds: float = field(default=0.0, metadata=_meta(
         "most seconds verify 'until' spends on extra steps and their checks (0: no limit)"))
+    verify_restore: bool = field(default=False, metadata=_meta(
+        "verify 'until': also weight by ρ the loss of kept records whose answer the edit made uncertain "
+        "(a token's −log p rose past ln 2, from below it at every token before the edit), all kept records checked"))
     solver_settings: SolverSettings = field(default_factory=SolverSettings)
 
     @property
@@ -108,7 +111,7 @@ class UnlearnSettings:
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} {getattr(self, name)!r}: must be one of {list(allowed)}")
         check_device(self.device)
-        for name in ("line_search", "checkpointing"):
+        for name in ("line_search", "checkpointing", "verify_restore"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} {getattr(self, name)!r}: give true or false")
         if self.checkpointing and self.curvature == "hessian" and self.hvp_mode == "fwd_rev":

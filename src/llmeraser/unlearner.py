@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from . import distributed
 from .acceptance import backtrack, choose_step, line_objective
 from .data import EditRequest, Record
 from .errors import InputError
@@ -24,6 +25,7 @@ from .problem import EditSets, Problem
 from .settings import UnlearnSettings
 from .systems import Systems
 from .terms import extension_terms
+from .verify import CERTAIN_NLL
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class Unlearner:
         # the λ (plus the training weight decay) of the last accepted step; later Newton steps use it
         self.damping = settings.dampings[0] + weight_decay
         self.refiner: Refiner | None = None  # the Newton refinement of the last request, to take more steps with
+        self._certain = (None, [])  # (the kept ids, those whose answer Θ̂ certainly produces): uncertain_kept
 
     @property
     def params(self):
@@ -98,11 +101,13 @@ class Unlearner:
                                       "distance_after": reset.penalty.value(theta)}
         return theta - p.theta_hat, result, stage
 
-    def more_steps(self, request: EditRequest, theta: torch.Tensor, progress: bool = True, reset_ids=(), teach_ids=()):
+    def more_steps(self, request: EditRequest, theta: torch.Tensor, progress: bool = True, reset_ids=(), teach_ids=(),
+                   restore_ids=()):
         """(Θ, the solve's result, the step's record): one more Newton step on the edited objective from Θ, after
         `delta(request)`; Θ is unchanged when its line search finds no descent. `reset_ids`: removed records
         whose answers are still produced, pulled toward the base model's when the settings have reset_removed;
-        `teach_ids`: edited records whose new answers are not produced yet, their loss weighted by the same ρ."""
+        `teach_ids`: edited records whose new answers are not produced yet, their loss weighted by the same ρ;
+        `restore_ids`: kept records (ids of the data) whose answers the edit made uncertain, weighted likewise."""
         if self.refiner is None:
             self.refiner = Refiner(self.problem, request, self.systems, self.settings, self.damping, progress)
             self.refiner.k = max(self.settings.newton_steps, 1)
@@ -110,7 +115,27 @@ class Unlearner:
         removed = [self.problem.examples[index[i]] for i in reset_ids if i in index]
         new_of = dict(zip([e.id for e in request.edits if e.new is not None], self.problem.sets(request).new))
         taught = [new_of[i] for i in dict.fromkeys(teach_ids) if i in new_of]
-        return self.refiner.step(theta, removed or None, taught or None)
+        kept = dict(self._kept(request))
+        restored = [kept[i] for i in dict.fromkeys(restore_ids) if i in kept]
+        return self.refiner.step(theta, removed or None, taught or None, restored or None)
+
+    def _kept(self, request: EditRequest) -> list[tuple[str, object]]:
+        """(record id, encoded sample) of every record the request leaves as it is."""
+        edited = {e.index for e in request.edits}
+        return [(r.id, x) for i, (r, x) in enumerate(zip(self.problem.records, self.problem.examples)) if i not in edited]
+
+    def uncertain_kept(self, request: EditRequest, theta: torch.Tensor) -> list[str]:
+        """Ids of the kept records whose answer Θ̂ certainly produces and Θ no longer does: teacher-forced
+        max_t −log p_t below verify.CERTAIN_NLL at Θ̂ (every token the greedy choice) and at or above it at Θ.
+        Every kept record is checked (two forward passes over them, the one at Θ̂ once per request), on rank 0."""
+        kept = self._kept(request)
+        key = tuple(i for i, _ in kept)
+        if self._certain[0] != key:
+            nll = distributed.on_main(lambda: self.problem.worst_token_nll([x for _, x in kept], self.theta_hat))
+            self._certain = (key, [k for k, v in zip(kept, nll) if v < CERTAIN_NLL])
+        certain = self._certain[1]
+        nll = distributed.on_main(lambda: self.problem.worst_token_nll([x for _, x in certain], theta))
+        return [i for (i, _), v in zip(certain, nll) if v >= CERTAIN_NLL]
 
     def accept(self, request, results, steps, neg_grad, penalty, moves: bool):
         """(index of the λ taken, its line search or None, the damping selection or None)."""

@@ -35,6 +35,8 @@ from .data import EditRequest, Record
 from .modeling import adapter_at, fused_attention, merged_adapter
 
 RETAINED_KEPT_MIN = 0.95  # the scenario suite's pass criterion for retained fields (BENCHMARKS.md)
+# an answer whose every token has teacher-forced −log p_t below ln 2 (p_t > ½, the argmax): greedy decoding reproduces it
+CERTAIN_NLL = math.log(2)
 MARGIN_TOKENS = 8  # generated beyond the longest target, so a target after a short preamble is still seen
 
 
