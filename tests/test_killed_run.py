@@ -118,3 +118,26 @@ def test_a_previous_output_moved_aside_by_a_killed_run_is_put_back(tmp_path):
     (d / ".lock").write_text("123\n")
     assert remove_stale(out) == [d]
     assert (out / "adapter_model.safetensors").read_text() == "the previous result"
+
+
+def test_two_writers_of_one_path_do_not_take_each_others_temporary_file(tmp_path, monkeypatch):
+    """write_text_atomic while another write of the same path runs between its write and its rename (as two
+    processes may): both succeed, the last rename wins whole, and no temporary file is left. With one fixed
+    temporary name the inner write would rename the outer's file away and the outer rename would fail."""
+    import os
+
+    from llmeraser import fileio
+
+    path = tmp_path / "data.jsonl"
+    real_replace, inner = os.replace, []
+
+    def replace(src, dst):
+        if not inner:
+            inner.append(True)
+            fileio.write_text_atomic(path, "second\n")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    fileio.write_text_atomic(path, "first\n")
+    assert path.read_text() == "first\n" and inner
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -64,9 +65,11 @@ def write_json(path: str | Path, obj) -> None:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write UTF-8 text through a temporary sibling and rename, so a reader never sees half a file."""
+    """Write UTF-8 text through a temporary sibling and rename, so a reader never sees half a file. The sibling's
+    name is unique (process id and a random part), so two processes writing the same path do not take each other's
+    temporary file; the last rename wins, whole."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
