@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -356,9 +355,8 @@ def evaluate(base: str, adapters: dict[str, Path], data, request, out, settings:
         methods[name] = res
         if cache_dir:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            tmp = Path(cache_dir) / f".{name}.json.tmp"
-            write_json(tmp, {"key": keys[name], "result": res})
-            os.replace(tmp, Path(cache_dir) / f"{name}.json")  # a reader never sees half an entry
+            # write_json renames a whole file into place: a reader never sees half an entry
+            write_json(Path(cache_dir) / f"{name}.json", {"key": keys[name], "result": res})
     if "retrain" in adapters and original in adapters:
         _parameter_space(adapters, original, methods)
     retrain_auc = methods.get("retrain", {}).get("privacy", {}).get("auc")
