@@ -372,3 +372,10 @@ def test_an_extra_step_restores_an_uncertain_kept_answer(memorised):
             assert "restored_kept" not in record
     without, with_ = losses[()], losses[next(k for k in losses if k)]
     assert with_[0] == pytest.approx(without[0], rel=1e-6) and with_[1] < without[1] and with_[1] < with_[0]
+
+
+def test_verify_restore_without_a_reset_weight_is_refused():
+    """verify_restore weights by ρ = reset_removed; with ρ = 0 it would silently do nothing."""
+    with pytest.raises(InputError, match="verify_restore weights the kept records by reset_removed's ρ"):
+        UnlearnSettings(curvature="ggn", verify_restore=True)
+    assert UnlearnSettings(curvature="ggn", reset_removed=10.0, verify_restore=True).verify_restore

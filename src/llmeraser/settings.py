@@ -140,6 +140,9 @@ class UnlearnSettings:
         gauss_newton = self.curvature in GAUSS_NEWTON
         if self.reset_removed and not gauss_newton:
             raise InputError("reset_removed needs curvature 'ggn' or 'ggn-base'")
+        if self.verify_restore and not self.reset_removed:
+            raise InputError("verify_restore weights the kept records by reset_removed's ρ, which is 0 here: set "
+                             "reset_removed (the memorised recipe's is 10) or leave verify_restore off")
         if self.anchor_kept and (not gauss_newton or self.newton_steps > 1):
             raise InputError("anchor_kept needs curvature 'ggn' or 'ggn-base', and newton_steps 1")
         for name, least in (("batch_size", 1), ("newton_steps", 1), ("max_length", 2), ("curvature_samples", 0),
