@@ -265,8 +265,17 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
     v = res.report.verification
     return {**head, "tag": tag + suffix, "unlearn_overrides": overrides, "counts": _totals(counts, retained),
             "verdict": judge(counts), "seconds": seconds,
-            "unlearn_verification": {k: v[k] for k in ("verified", "failures", "stopped")} | {"extra_steps": len(v["extra_steps"])},
+            "unlearn_verification": {k: v[k] for k in ("verified", "failures", "stopped")} | {"extra_steps": len(v["extra_steps"])}
+            | {"rounds": v["rounds"], "steps": _step_trace(res.report.newton_steps)},
             "date": time.strftime("%Y-%m-%d")}
+
+
+def _step_trace(steps: list[dict]) -> list[dict]:
+    """Each Newton step's solve and search in a line (the recipe's steps, then --verify until's extra ones), so a
+    result file shows where a run's progress came from without its unlearn.json."""
+    keep = ("step", "iterations", "final_residual", "pulled_new", "restored_kept", "reset_removed", "kept")
+    return [{k: s[k] for k in keep if k in s} | {"accepted": s["line_search"].get("accepted"),
+                                                  "scale": s["line_search"].get("scale")} for s in steps]
 
 
 def _totals(counts: dict, retained: list[str]) -> dict:

@@ -86,6 +86,11 @@ def test_one_scenario_end_to_end_on_the_tiny_model(trainable_dir, tmp_path):
     ours = json.loads((d / "llmeraser-verify_retained8" / "unlearn.json").read_text())
     assert ours["settings"]["dtype"] == "float32" and ours["settings"]["verify_retained"] == 8
     assert ours["verification"]["retained"]["sampled"] == 8
+    # the result's trace: one line per Newton step written, and the verification's rounds as unlearn.json has them
+    trace = result["unlearn_verification"]
+    assert [s["step"] for s in trace["steps"]] == [s["step"] for s in ours["newton_steps"]]
+    assert [s["iterations"] for s in trace["steps"]] == [s["iterations"] for s in ours["newton_steps"]]
+    assert trace["rounds"] == ours["verification"]["rounds"]
     assert {json.loads((d / n / "train.json").read_text())["base_dtype"] for n in ("original", "retrain")} == {"float32"}
 
 
