@@ -379,3 +379,18 @@ def test_verify_restore_without_a_reset_weight_is_refused():
     with pytest.raises(InputError, match="verify_restore weights the kept records by reset_removed's ρ"):
         UnlearnSettings(curvature="ggn", verify_restore=True)
     assert UnlearnSettings(curvature="ggn", reset_removed=10.0, verify_restore=True).verify_restore
+
+
+def test_the_memorised_recipes_restore_follows_a_chosen_rho_of_zero():
+    """The memorised recipe turns verify_restore on; a user's ρ = 0 turns it off with it (overrides or --config),
+    unless verify_restore is asked for too, which is then refused as above."""
+    from llmeraser.recipes import recipe, resolve
+
+    assert recipe("memorised").verify_restore and recipe("memorised").verify_steps == 10
+    assert not recipe("memorised", reset_removed=0.0).verify_restore
+    assert recipe("memorised", reset_removed=3.0).verify_restore
+    assert not resolve("memorised", {"recipe": None, "settings": {"reset_removed": 0}})[1].verify_restore
+    assert not resolve("memorised", None, {"reset_removed": 0.0})[1].verify_restore
+    with pytest.raises(InputError, match="verify_restore weights"):
+        resolve("memorised", None, {"reset_removed": 0.0, "verify_restore": True})
+    assert not recipe("default").verify_restore and recipe("default").verify_steps == 4

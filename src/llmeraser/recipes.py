@@ -35,9 +35,10 @@ def memorised() -> UnlearnSettings:
     """For an adapter that memorised its records (private text repeated verbatim): the base model's
     softmax curvature (the adapter's own is ~0 on saturated answers), the removed records pulled toward
     the base model's outputs (ρ = 10), and three Newton steps, the later two with CG capped at 5 and the
-    first at 10 (docs/recipes.md#memorised)."""
+    first at 10. Under `--verify until` each extra step also pulls, by the same ρ, the kept records whose answers the
+    edit made uncertain (verify_restore), and up to 10 extra steps are taken (docs/recipes.md#memorised)."""
     return UnlearnSettings(curvature="ggn-base", curvature_data="edited", solver="cg", damping=0.03, reset_removed=10.0,
-                           newton_steps=3, refine_iters=5, curvature_samples=0,
+                           newton_steps=3, refine_iters=5, curvature_samples=0, verify_restore=True, verify_steps=10,
                            solver_settings=SolverSettings(tol=0.05, max_iters=10))
 
 
@@ -54,9 +55,17 @@ def recipe(name: str, **overrides) -> UnlearnSettings:
     d = base.to_dict()
     solver = overrides.pop("solver_settings", None)
     d.update(overrides)
+    _restore_follows_rho(d, overrides)
     if solver is not None:
         d["solver_settings"] = solver
     return UnlearnSettings.from_dict(d, f"recipe {name!r} with overrides")
+
+
+def _restore_follows_rho(merged: dict, given: dict) -> None:
+    """A reset weight ρ = 0 the user chose turns off the recipe's verify_restore (which weights by ρ and is refused
+    without it), unless verify_restore was asked for too."""
+    if "reset_removed" in given and not merged["reset_removed"] and "verify_restore" not in given:
+        merged["verify_restore"] = False
 
 
 # settings that live in SolverSettings but are set like the others (flags, overrides)
@@ -86,6 +95,7 @@ def resolve(name: str | None = None, config: dict | None = None, overrides: dict
     merged["solver_settings"] = {**merged["solver_settings"], **solver_given,
                                  **{k: overrides.pop(k) for k in SOLVER_KEYS if k in overrides}}
     merged.update(overrides)
+    _restore_follows_rho(merged, {**given, **overrides})
     # a λ or a solver the user chose replaces the recipe's grid of λ, unless a grid was asked for too
     if ("damping" in overrides or merged["solver"] != "cg") and "damping_grid" not in given and "damping_grid" not in overrides:
         merged["damping_grid"] = []
