@@ -394,3 +394,54 @@ def test_the_memorised_recipes_restore_follows_a_chosen_rho_of_zero():
     with pytest.raises(InputError, match="verify_restore weights"):
         resolve("memorised", None, {"reset_removed": 0.0, "verify_restore": True})
     assert not recipe("default").verify_restore and recipe("default").verify_steps == 4
+
+
+def test_a_sure_teacher_forced_answer_is_how_greedy_generation_starts(memorised):
+    """AdapterEval.sure_answers against generation itself: every answer it vouches for is the start of the greedy
+    answer, at Θ̂, under a stricter bound that only some answers meet, and at a shrunken Θ; and a
+    generation config that is not the plain argmax (a repetition penalty) makes it vouch for none."""
+    from llmeraser.evaluate import AdapterEval
+    from llmeraser.modeling import adapter_at, fused_attention, merged_adapter, theta_of
+    from llmeraser.verify import SURE_NLL, normalise
+
+    _, model, tok, recs = memorised
+    model.eval()
+    params, theta_hat = theta_of(model)
+    ev = AdapterEval(model, tok, "chat", 3, 64, 16)
+    vouched = {}
+    for scale, sure_nll in ((1.0, SURE_NLL), (1.0, 0.3), (0.6, SURE_NLL)):
+        with adapter_at(model, params, scale * theta_hat), fused_attention(model), merged_adapter(model):
+            sure, answers = ev.sure_answers(recs, sure_nll), ev.generate(recs)
+        vouched[scale, sure_nll] = sum(s is not None for s in sure)
+        for s, a in zip(sure, answers):
+            assert s is None or normalise(a).startswith(normalise(s)), (s, a)
+    # all at Θ̂; some under a stricter bound (the tiny model's tokens have p_t from 0.68 to 0.97); none at 0.6·Θ̂
+    assert list(vouched.values())[::2] == [len(recs), 0] and 0 < vouched[1.0, 0.3] < len(recs), vouched
+    old = model.generation_config.repetition_penalty
+    model.generation_config.repetition_penalty = 1.3
+    try:
+        assert ev.sure_answers(recs, SURE_NLL) == [None] * len(recs)
+    finally:
+        model.generation_config.repetition_penalty = old
+
+
+def test_the_teacher_forced_shortcut_gives_the_figures_of_generating_every_answer(memorised):
+    """Verifier.check with and without the shortcut: the same hits for every probe at Θ̂, at a shrunken Θ and at
+    the zero adapter, while the shortcut generates fewer prompts where the adapter is sure of its answers."""
+    from llmeraser.modeling import theta_of
+    from llmeraser.verify import Verifier
+
+    _, model, tok, recs = memorised
+    model.eval()
+    params, theta_hat = theta_of(model)
+    req = request_from_rows(_request(recs), recs)
+    fast, slow = (Verifier(model, tok, params, theta_hat, recs, req, "chat", 64, 8, len(recs), 0, teacher_forced=tf)
+                  for tf in (True, False))
+    assert fast.before == slow.before
+    for theta in (theta_hat, 0.6 * theta_hat, torch.zeros_like(theta_hat)):
+        a, b = fast.check(theta), slow.check(theta)
+        assert a["records"] == b["records"] and a["verified"] == b["verified"]
+        assert b["generated"] == b["prompts"] and a["prompts"] == b["prompts"]
+    # at Θ̂ only the prompts of the edits are generated: the removed answer is sure (settled as still produced),
+    # while the correction's prompt must be generated to see that the old answer is absent
+    assert fast.check(theta_hat)["generated"] == 1

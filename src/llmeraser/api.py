@@ -157,7 +157,7 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
                         s.verify_retained, s.seed)
     check = verifier.check(theta)
     rounds = [{"extra_steps": 0, "verified": check["verified"], "failures": check["failures"],
-               "shortfall": shortfall(check), "seconds": time.perf_counter() - t0}]
+               "shortfall": shortfall(check), "generated": check.get("generated"), "seconds": time.perf_counter() - t0}]
     best = (theta, check, 0, None)
     extra, stopped = [], None
     while s.verify == "until" and not check["verified"]:
@@ -184,7 +184,7 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
         theta = theta_next
         check = verifier.check(theta)
         rounds.append({"extra_steps": len(extra), "verified": check["verified"], "failures": check["failures"],
-                       "shortfall": shortfall(check), "seconds": time.perf_counter() - t0})
+                       "shortfall": shortfall(check), "generated": check.get("generated"), "seconds": time.perf_counter() - t0})
         if shortfall(check) <= shortfall(best[1]):
             best = (theta, check, len(extra), solve)
         if progress:

@@ -41,6 +41,19 @@ from .render import TEMPLATES, encode, image_of, model_inputs, prompt_tokens, re
 YES_NO = ("Yes.", "No.")
 
 
+# generation settings under which greedy decoding is not the plain argmax of the logits, with their neutral values
+_GREEDY_NEUTRAL = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
+                   "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "min_length": (None, 0),
+                   "min_new_tokens": (None, 0), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+                   "sequence_bias": (None,), "encoder_repetition_penalty": (None, 1.0),
+                   "exponential_decay_length_penalty": (None,), "watermarking_config": (None,)}
+
+
+def pure_greedy(config) -> bool:
+    """Whether greedy decoding under this generation config picks the argmax of the model's logits at every step."""
+    return all(getattr(config, k, None) in neutral for k, neutral in _GREEDY_NEUTRAL.items())
+
+
 class AdapterEval:
     """Metrics for one loaded PEFT model."""
 
@@ -93,6 +106,31 @@ class AdapterEval:
 
     def _counts(self, records):
         return [encode(r, self.tok, self.template, self.max_length, **self.inputs).n_response for r in records]
+
+    def sure_answers(self, records: list[Record], sure_nll: float) -> list[str | None]:
+        """Per record: the text of its own response where greedy decoding certainly starts its answer with it, else None.
+
+        One teacher-forced pass: a response token with −log p(y_t | prompt, y_<t) < sure_nll ≤ ln 2 has p_t > ½, so
+        it is the argmax (every other token has less than 1 − p_t); with every token so, greedy decoding emits these
+        tokens first. sure_nll below ln 2 leaves a lead over the runner-up that rounding between this pass and the
+        cached decoding steps cannot overturn. Holds for plain argmax decoding only (`pure_greedy`), and for a record
+        that is not truncated (generation cuts a long prompt differently) and whose response fits max_new_tokens."""
+        out: list[str | None] = [None] * len(records)
+        if not pure_greedy(self.model.generation_config):
+            return out
+        xs = [encode(r, self.tok, self.template, self.max_length, **self.inputs) for r in records]
+        fits = sorted((i for i, x in enumerate(xs) if not x.truncated and x.n_response <= self.max_new_tokens),
+                      key=lambda i: len(xs[i].input_ids))
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            for j in range(0, len(fits), self.batch_size):
+                idx = fits[j:j + self.batch_size]
+                b = self.objective.collate([xs[i] for i in idx], device)
+                worst = self.objective.worst_token_losses(self.objective.outputs({}, b), b)
+                for i, w in zip(idx, worst.tolist()):
+                    if w < sure_nll:
+                        out[i] = self.tok.decode(xs[i].input_ids[xs[i].n_prompt:], skip_special_tokens=True).strip()
+        return out
 
     def generate(self, records: list[Record]) -> list[str]:
         """Greedy answers, batched with left padding (positions come from the attention mask).
