@@ -411,7 +411,7 @@ def test_a_sure_teacher_forced_answer_is_how_greedy_generation_starts(memorised)
     vouched = {}
     for scale, sure_nll in ((1.0, SURE_NLL), (1.0, 0.3), (0.6, SURE_NLL)):
         with adapter_at(model, params, scale * theta_hat), fused_attention(model), merged_adapter(model):
-            sure, answers = ev.sure_answers(recs, sure_nll), ev.generate(recs)
+            sure, answers = ev.sure_answers(recs, sure_nll)[0], ev.generate(recs)
         vouched[scale, sure_nll] = sum(s is not None for s in sure)
         for s, a in zip(sure, answers):
             assert s is None or normalise(a).startswith(normalise(s)), (s, a)
@@ -420,7 +420,7 @@ def test_a_sure_teacher_forced_answer_is_how_greedy_generation_starts(memorised)
     old = model.generation_config.repetition_penalty
     model.generation_config.repetition_penalty = 1.3
     try:
-        assert ev.sure_answers(recs, SURE_NLL) == [None] * len(recs)
+        assert ev.sure_answers(recs, SURE_NLL) == ([None] * len(recs), [False] * len(recs))
     finally:
         model.generation_config.repetition_penalty = old
 
@@ -445,3 +445,25 @@ def test_the_teacher_forced_shortcut_gives_the_figures_of_generating_every_answe
     # at Θ̂ only the prompts of the edits are generated: the removed answer is sure (settled as still produced),
     # while the correction's prompt must be generated to see that the old answer is absent
     assert fast.check(theta_hat)["generated"] == 1
+
+
+def test_a_correction_greedy_gives_on_a_near_tie_is_not_produced(memorised):
+    """A new answer counts only when the teacher-forced pass is sure of it: with generation giving every record's
+    response but the pass sure of none, the correction is not produced while the retained answers (judged by
+    generation) stay; where the pass cannot tell (a truncated record), generation alone decides."""
+    from types import SimpleNamespace
+
+    from llmeraser.modeling import theta_of
+    from llmeraser.verify import Verifier
+
+    _, model, tok, recs = memorised
+    model.eval()
+    params, theta_hat = theta_of(model)
+    verifier = Verifier(model, tok, params, theta_hat, recs, request_from_rows(_request(recs), recs), "chat", 64, 8, 4, 0)
+    own_answers = lambda rs: [r.sides()[1] for r in rs]  # noqa: E731 - greedy gives every record's response
+    for told, produced_count in ((True, 0), (False, 1)):
+        verifier.eval = SimpleNamespace(generate=own_answers,
+                                        sure_answers=lambda rs, nll, told=told: ([None] * len(rs), [told] * len(rs)))
+        v = verifier.check(theta_hat)
+        assert v["corrected"]["produced"] == produced_count and v["retained"]["kept"] == v["retained"]["produced_before"] == 4
+        assert ("1 of 1 corrections not produced" in v["failures"]) == (produced_count == 0)

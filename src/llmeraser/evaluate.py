@@ -107,20 +107,22 @@ class AdapterEval:
     def _counts(self, records):
         return [encode(r, self.tok, self.template, self.max_length, **self.inputs).n_response for r in records]
 
-    def sure_answers(self, records: list[Record], sure_nll: float) -> list[str | None]:
-        """Per record: the text of its own response where greedy decoding certainly starts its answer with it, else None.
+    def sure_answers(self, records: list[Record], sure_nll: float) -> tuple[list[str | None], list[bool]]:
+        """(per record: the text of its own response where greedy decoding certainly starts its answer with it, else
+        None; per record: whether the pass could tell, i.e. whether None means "not certain").
 
         One teacher-forced pass: a response token with −log p(y_t | prompt, y_<t) < sure_nll ≤ ln 2 has p_t > ½, so
         it is the argmax (every other token has less than 1 − p_t); with every token so, greedy decoding emits these
         tokens first. sure_nll below ln 2 leaves a lead over the runner-up that rounding between this pass and the
-        cached decoding steps cannot overturn. Holds for plain argmax decoding only (`pure_greedy`), and for a record
-        that is not truncated (generation cuts a long prompt differently) and whose response fits max_new_tokens."""
+        cached decoding steps cannot overturn. The pass tells only under plain argmax decoding (`pure_greedy`), for a
+        record that is not truncated (generation cuts a long prompt differently) and whose response fits
+        max_new_tokens."""
         out: list[str | None] = [None] * len(records)
         if not pure_greedy(self.model.generation_config):
-            return out
+            return out, [False] * len(records)
         xs = [encode(r, self.tok, self.template, self.max_length, **self.inputs) for r in records]
-        fits = sorted((i for i, x in enumerate(xs) if not x.truncated and x.n_response <= self.max_new_tokens),
-                      key=lambda i: len(xs[i].input_ids))
+        told = [not x.truncated and x.n_response <= self.max_new_tokens for x in xs]
+        fits = sorted((i for i, ok in enumerate(told) if ok), key=lambda i: len(xs[i].input_ids))
         device = next(self.model.parameters()).device
         with torch.no_grad():
             for j in range(0, len(fits), self.batch_size):
@@ -130,7 +132,7 @@ class AdapterEval:
                 for i, w in zip(idx, worst.tolist()):
                     if w < sure_nll:
                         out[i] = self.tok.decode(xs[i].input_ids[xs[i].n_prompt:], skip_special_tokens=True).strip()
-        return out
+        return out, told
 
     def generate(self, records: list[Record]) -> list[str]:
         """Greedy answers, batched with left padding (positions come from the attention mask).

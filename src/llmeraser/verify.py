@@ -5,11 +5,14 @@ compared case-folded and without whitespace (a hit: any target occurs in the ans
 away "5551234", and some tokenizers decode with spaces between tokens):
 
     remove            removed   the edit's 'private' parts, else the old response      must be absent
-    correct_response  new       the new response                                       must be present
+    correct_response  new       the new response                                       must be present, sure
                       old       the old 'private' parts, else the old response         must be absent
-    modify_query      query     the response, asked with the new prompt                must be present
+    modify_query      query     the response, asked with the new prompt                must be present, sure
                       old       the 'private' parts of the old prompt, if marked       must be absent
     retained sample   retained  the response of a kept record (seeded sample)          must stay present
+
+"Sure": a new answer must also be certain by one teacher-forced pass (every token's p_t > 0.6, SURE_NLL), not a
+near-tie that greedy decoding resolves one way in this batch and another in a deployment.
 
 An old response that a kept record also gives (a label such as "Yes.", a common attribute) is not the
 removed record's own: retraining without it gives the same answer, so it is not checked ('shared');
@@ -46,6 +49,7 @@ CERTAIN_NLL = math.log(2)
 # where bf16 rounding moves logits by hundredths): greedy decoding certainly reproduces the response, so the check
 # needs no generation for it (Verifier._hits)
 SURE_NLL = math.log(5 / 3)
+SURE_KINDS = ("new", "query")  # probes whose answer must be produced with every token above that bound, not on a near-tie
 MARGIN_TOKENS = 8  # generated beyond the longest target, so a target after a short preamble is still seen
 
 
@@ -172,10 +176,14 @@ class Verifier:
     def _hits(self, theta: torch.Tensor) -> list[bool]:
         """A prompt whose greedy answer certainly starts with its record's response (AdapterEval.sure_answers) and
         whose every probe finds a target in that response is settled without generation: a hit found in the start
-        of the answer is a hit of the whole answer. Every other prompt is answered by greedy generation."""
+        of the answer is a hit of the whole answer. Every other prompt is answered by greedy generation.
+        A new answer (a correction, a modified query) counts as produced only when it is also certain: an answer
+        that greedy decoding gives on a near-tie is one that another batch, precision or device can flip
+        (BENCHMARKS.md#verify-sure), and retraining fits a correction to near-zero loss."""
         asks = [ask for _, ask in self.asks]
         with adapter_at(self.model, self.params, theta), fused_attention(self.model), merged_adapter(self.model):
-            answers = self.eval.sure_answers(asks, SURE_NLL) if self.teacher_forced else [None] * len(asks)
+            sure, told = self.eval.sure_answers(asks, SURE_NLL)
+            answers = list(sure) if self.teacher_forced else [None] * len(asks)
             settled = [a is not None for a in answers]
             for i, p in zip(self.index, self.probes):
                 settled[i] = settled[i] and produced(answers[i], p.targets)
@@ -183,7 +191,8 @@ class Verifier:
             for i, text in zip(todo, self.eval.generate([asks[i] for i in todo])):
                 answers[i] = text
         self.generated = len(todo)
-        return [produced(answers[i], p.targets) for i, p in zip(self.index, self.probes)]
+        return [produced(answers[i], p.targets) and (p.kind not in SURE_KINDS or not told[i] or produced(sure[i] or "", p.targets))
+                for i, p in zip(self.index, self.probes)]
 
     def check(self, theta: torch.Tensor) -> dict:
         hits = self.hits(theta)
