@@ -113,8 +113,8 @@ class AdapterEval:
 
         One teacher-forced pass: a response token with −log p(y_t | prompt, y_<t) < sure_nll ≤ ln 2 has p_t > ½, so
         it is the argmax (every other token has less than 1 − p_t); with every token so, greedy decoding emits these
-        tokens first. sure_nll below ln 2 leaves a lead over the runner-up that rounding between this pass and the
-        cached decoding steps cannot overturn. The pass tells only under plain argmax decoding (`pure_greedy`), for a
+        tokens first. sure_nll below ln 2 leaves a lead over the runner-up as a margin for rounding differences between
+        this pass and the cached decoding steps. The pass tells only under plain argmax decoding (`pure_greedy`), for a
         record that is not truncated (generation cuts a long prompt differently) and whose response fits
         max_new_tokens."""
         out: list[str | None] = [None] * len(records)

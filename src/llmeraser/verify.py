@@ -46,8 +46,8 @@ RETAINED_KEPT_MIN = 0.95  # the scenario suite's pass criterion for retained fie
 # an answer whose every token has teacher-forced −log p_t below ln 2 (p_t > ½, the argmax): greedy decoding reproduces it
 CERTAIN_NLL = math.log(2)
 # −log p_t below this for every response token (p_t > 0.6, a lead of over ln 1.5 ≈ 0.4 nats on every other token,
-# where bf16 rounding moves logits by hundredths): greedy decoding certainly reproduces the response, so the check
-# needs no generation for it (Verifier._hits)
+# a margin for rounding differences between a teacher-forced pass and cached decoding): greedy decoding reproduces
+# the response, so the check needs no generation for it (Verifier._hits)
 SURE_NLL = math.log(5 / 3)
 SURE_KINDS = ("new", "query")  # probes whose answer must be produced with every token above that bound, not on a near-tie
 MARGIN_TOKENS = 8  # generated beyond the longest target, so a target after a short preamble is still seen
