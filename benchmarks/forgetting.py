@@ -210,7 +210,9 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
     from llmeraser.train import TrainSettings
 
     device, dtype = hardware.of(mt)
-    tag = sc.tag + DTYPE_TAGS.get(dtype, "")
+    # a batch other than the recipe's names itself too (its adapters and results sit beside the recipe's)
+    batch = "" if recipe["batch_size"] == RECIPE["batch_size"] else f"-b{recipe['batch_size']}"
+    tag = sc.tag + DTYPE_TAGS.get(dtype, "") + batch
     d = work / tag
     d.mkdir(parents=True, exist_ok=True)
     rows, request, values = build(sc)
@@ -328,6 +330,8 @@ def main(argv=None) -> int:
     ap.add_argument("--remove", type=float, default=Scenario.remove, help="share of people removed (default: 0.05)")
     ap.add_argument("--correct", type=float, default=Scenario.correct, help="share of records corrected (default: 0.03)")
     ap.add_argument("--epochs", type=float, default=RECIPE["epochs"], help=f"training epochs (default: {RECIPE['epochs']})")
+    ap.add_argument("--batch-size", type=int, default=RECIPE["batch_size"],
+                    help=f"training batch (default: {RECIPE['batch_size']}; another names itself in the tag)")
     ap.add_argument("--work", type=Path, default=HERE / "work" / "forgetting", help="scratch folder (adapters are cached by recipe, data and base dtype)")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "forgetting", help="where results go")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -344,7 +348,7 @@ def main(argv=None) -> int:
     say = (lambda msg: print(f"[forgetting {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True))
     mt = hardware.load(args.base, args.device, args.dtype)
     layers = mt[0].config.num_hidden_layers
-    recipe = {**RECIPE, "epochs": args.epochs, "layers": tuple(range(layers // 2, layers))}
+    recipe = {**RECIPE, "epochs": args.epochs, "batch_size": args.batch_size, "layers": tuple(range(layers // 2, layers))}
     args.results.mkdir(parents=True, exist_ok=True)
     for name in args.scenarios:
         for n in args.n:
