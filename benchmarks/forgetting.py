@@ -260,7 +260,7 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
     say(f"{tag}: llmeraser (memorised, --verify until{', ' + suffix[1:] if suffix else ''})")
     t = time.perf_counter()
     res = unlearn(base, d / "original", data, req, ours,
-                  unlearn_recipe("memorised", device=device, dtype=dtype, verify="until", **overrides),
+                  unlearn_recipe("memorised", **{"device": device, "dtype": dtype, "verify": "until", **overrides}),
                   overwrite=True, progress=progress, model_and_tokenizer=mt, allow_unconverged=True, recipe="memorised")
     seconds["llmeraser"] = time.perf_counter() - t
     counts |= {"retrain": counted(d / "retrain"), "llmeraser": counted(ours)}

@@ -9,7 +9,9 @@ idle), with the training batch and epochs chosen from a measured step time.
 a few MB, so it can run before the weights are on the machine); `run` picks, for the given budget, the smallest
 batch whose epochs reach `--min-epochs` (else the largest batch), launches `benchmarks.forgetting` once per
 scenario with those settings and a `verify_seconds` cap, and stops every process at the deadline. Each scenario's
-result lands in OUT/results, its log in OUT/<scenario>.log. The chosen plan is printed and saved (OUT/plan.json).
+result is copied to OUT/results, its log written to OUT/<scenario>.log, with '+' in a name spelled '_' (the device
+tool brings back only names of letters, digits, '.', '_' and '-'). The chosen plan is printed and saved (OUT/plan.json).
+What one H200 measured with it: BENCHMARKS.md#forgetting-n512-gpu.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -104,9 +107,9 @@ def run(a) -> int:
     for name in a.scenarios:
         cmd = [sys.executable, "-m", "benchmarks.forgetting", "--scenarios", name, "--n", str(a.n), "--seeds", *map(str, a.seeds),
                "--epochs", str(p["epochs"]), "--batch-size", str(p["batch_size"]), "--base", a.base, "--device", a.device,
-               "--dtype", a.dtype, "--no-progress", "--work", str(a.work), "--results", str(a.out / "results"),
+               "--dtype", a.dtype, "--no-progress", "--work", str(a.work), "--results", str(a.work / "results"),
                "--unlearn", f"verify_seconds={p['verify_seconds']}", *a.unlearn]
-        log = open(a.out / f"{name}.log", "w")
+        log = open(a.out / f"{portable(name)}.log", "w")
         procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                              env={**os.environ, "OMP_NUM_THREADS": str(a.threads)}), log))
     while any(pr.poll() is None for _, pr, _ in procs) and time.perf_counter() - t0 < a.budget:
@@ -118,8 +121,16 @@ def run(a) -> int:
         else:
             say(f"{name}: exit {pr.returncode}")
         log.close()
+    (a.out / "results").mkdir(exist_ok=True)
+    for f in sorted((a.work / "results").glob("*")):
+        shutil.copyfile(f, a.out / "results" / portable(f.name))
     say(f"done in {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def portable(name: str) -> str:
+    """A scenario's name as a file name the device tool brings back ('chat-code+email' -> 'chat-code_email')."""
+    return name.replace("+", "_")
 
 
 def main(argv=None) -> int:

@@ -28,3 +28,14 @@ def test_plan_slows_each_step_by_the_other_processes():
     # 100 / (64 · 0.01) = 156.25 -> 155 alone; 100 / (64 · 0.02) = 78.1 -> 75 with two others
     assert (one["epochs"], three["epochs"]) == (155, 75)
     assert math.isclose(three["per_training_s"], one["per_training_s"])
+
+
+def test_portable_names_keep_only_what_the_device_tool_brings_back():
+    import re
+
+    from benchmarks.forgetting import SCENARIOS
+    from benchmarks.gpu_forgetting import portable
+
+    names = [portable(f"{s}-n512-s0-bf16.json") for s in SCENARIOS]
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names)
+    assert len(set(names)) == len(SCENARIOS)  # no two scenarios collide

@@ -165,7 +165,7 @@ def test_operator_gradient_through_its_linearisations_is_the_sum_of_gradients(ti
     op = HessianOperator(curv, items, batch_size=4, damping=0.1, curvature_samples=0, cache_batches=2, device=DEVICE)
     grad, loss = op.loss_gradient()
     assert len(op._linear) == 2  # two batches through kept linearisations, the third through a fresh one
-    assert close(grad, sum_of_gradients(obj, params, theta, items, 4, progress=False))
+    assert close(grad, sum_of_gradients(obj, params, theta, items, 4, DEVICE, progress=False))
     with torch.no_grad():
         expected = float(obj.losses(obj.outputs(params.unflatten(theta), obj.collate(items, DEVICE)), obj.collate(items, DEVICE)).sum())
     assert abs(loss - expected) <= 1e-10 * abs(expected)
