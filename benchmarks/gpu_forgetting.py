@@ -11,7 +11,9 @@ batch whose epochs reach `--min-epochs` (else the largest batch), launches `benc
 scenario with those settings and a `verify_seconds` cap, and stops every process at the deadline. Each scenario's
 result is copied to OUT/results, its log written to OUT/<scenario>.log, with '+' in a name spelled '_' (the device
 tool brings back only names of letters, digits, '.', '_' and '-'). The chosen plan is printed and saved (OUT/plan.json).
-What one H200 measured with it: BENCHMARKS.md#forgetting-n512-gpu.
+What one H200 measured with it: BENCHMARKS.md#forgetting-n512-gpu. There, at n = 512, training and retraining took
+261 s and the check-only `unlearn` 119 s, so `--verify until` does not fit one 10-minute call with them: a second
+`run` (or `benchmarks.forgetting`) on the same --work reuses the cached adapters and goes straight to `unlearn`.
 """
 
 from __future__ import annotations
@@ -149,15 +151,16 @@ def main(argv=None) -> int:
     rp = sub.add_parser("run", help="the suite's scenarios in parallel within a budget")
     rp.add_argument("--probe", required=True, help="the probe's JSON")
     rp.add_argument("--base", required=True, help="the base model (alias or .gguf)")
-    rp.add_argument("--scenarios", nargs="+", default=DEFAULT_SCENARIOS, choices=sorted(forgetting.SCENARIOS))
+    rp.add_argument("--scenarios", nargs="+", default=DEFAULT_SCENARIOS, choices=sorted(forgetting.SCENARIOS),
+                    help=f"one process each (default: {' '.join(DEFAULT_SCENARIOS)})")
     rp.add_argument("--n", type=int, default=512, help="records per scenario (default: 512)")
     rp.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
     rp.add_argument("--budget", type=float, default=520, help="seconds until every process is stopped (default: 520)")
-    rp.add_argument("--min-epochs", type=float, default=80, help="the smallest batch reaching this many epochs is used")
-    rp.add_argument("--max-epochs", type=float, default=150, help="never more epochs than this")
+    rp.add_argument("--min-epochs", type=float, default=80, help="the smallest batch reaching this many epochs is used (default: 80)")
+    rp.add_argument("--max-epochs", type=float, default=150, help="never more epochs than this (default: 150)")
     rp.add_argument("--unlearn", nargs="*", default=[], metavar="KEY=VALUE",
                     help="more unlearn settings for benchmarks.forgetting, e.g. batch_size=32")
-    rp.add_argument("--threads", type=int, default=4, help="CPU threads per process")
+    rp.add_argument("--threads", type=int, default=4, help="CPU threads per process (default: 4)")
     rp.add_argument("--work", type=Path, default=Path("/tmp/gpu-forgetting"), help="scratch folder for adapters")
     rp.add_argument("--out", type=Path, required=True, help="plan, logs and results")
     rp.add_argument("--device", default="cuda", help="device (default: cuda)")
