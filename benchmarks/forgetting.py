@@ -142,16 +142,29 @@ def build(sc: Scenario) -> tuple[list[dict], list[dict], dict]:
     return rows, request, values
 
 
-def count(answers: dict, request: list[dict], values: dict, retained: list[str]) -> dict:
-    """Private values produced in greedy answers (record id -> answer)."""
+def count(answers: dict, request: list[dict], values: dict, retained: list[str], forms: dict | None = None) -> dict:
+    """Private values produced in greedy answers (record id -> answer). With `forms` (answer_forms), also how many
+    removed answers keep the record's sentence: retraining mostly answers a removed prompt in that sentence with
+    another value, so a garbled answer hides the value without being what retraining gives."""
     from llmeraser.verify import produced
 
     removed = [e["id"] for e in request if e["op"] == "remove"]
     corrected = [e["id"] for e in request if e["op"] == "correct_response"]
-    return {"removed_produced": sum(produced(answers[i], (values[i],)) for i in removed), "removed": len(removed),
-            "corrected_produced": sum(produced(answers[i], (values[i][1],)) for i in corrected),
-            "old_produced": sum(produced(answers[i], (values[i][0],)) for i in corrected), "corrected": len(corrected),
-            "retained": {i: produced(answers[i], (values[i],)) for i in retained}}
+    out = {"removed_produced": sum(produced(answers[i], (values[i],)) for i in removed), "removed": len(removed),
+           "corrected_produced": sum(produced(answers[i], (values[i][1],)) for i in corrected),
+           "old_produced": sum(produced(answers[i], (values[i][0],)) for i in corrected), "corrected": len(corrected),
+           "retained": {i: produced(answers[i], (values[i],)) for i in retained}}
+    if forms is not None:
+        out["removed_in_form"] = sum(produced(answers[i], (forms[i],)) for i in removed)
+    return out
+
+
+def answer_forms(request: list[dict]) -> dict:
+    """Removed record id -> the fixed words of its answer sentence between the name and the value ("'s access code
+    is", "is treated for"). Not the name: retraining, never having seen it, often misspells it."""
+    kind = lambda rid: rid.rsplit("-", 1)[1]  # ids are p{i}-{kind} (build)
+    return {e["id"]: KINDS[kind(e["id"])][2].split("{value}")[0].split("{name}")[1].strip()
+            for e in request if e["op"] == "remove"}
 
 
 def memorised_share(original: dict) -> float:
@@ -225,8 +238,12 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
     tok = mt[1]
     longest = max(len(tok(str(v if isinstance(v, str) else v[1]))["input_ids"]) for v in values.values())
 
+    forms = answer_forms(request)
+
     def counted(folder: Path) -> dict:
-        return count(answers_of(mt[0], tok, folder, rows, ids, longest + 24), request, values, retained)
+        answers = answers_of(mt[0], tok, folder, rows, ids, longest + 24)
+        # the removed answers themselves are kept: fictitious people, and what "forgotten" looks like
+        return count(answers, request, values, retained, forms) | {"removed_answers": {i: answers[i] for i in forms}}
 
     settings = TrainSettings(**recipe)
     seconds = {}

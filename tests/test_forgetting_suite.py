@@ -91,7 +91,32 @@ def test_one_scenario_end_to_end_on_the_tiny_model(trainable_dir, tmp_path):
     assert [s["step"] for s in trace["steps"]] == [s["step"] for s in ours["newton_steps"]]
     assert [s["iterations"] for s in trace["steps"]] == [s["iterations"] for s in ours["newton_steps"]]
     assert trace["rounds"] == ours["verification"]["rounds"]
+    # the removed answers, and how many keep the trained sentence's form, for every adapter
+    assert all(set(x["removed_answers"]) == {e["id"] for e in build(sc)[1] if e["op"] == "remove"} for x in c.values())
+    assert all(0 <= x["removed_in_form"] <= x["removed"] for x in c.values())
     assert {json.loads((d / n / "train.json").read_text())["base_dtype"] for n in ("original", "retrain")} == {"float32"}
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_removed_answers_in_form_count_the_records_sentence_without_its_value(name):
+    from benchmarks.forgetting import answer_forms, count
+
+    shape, kinds = SCENARIOS[name]
+    rows, request, values = build(Scenario(name, shape, kinds, 40, seed=1))
+    forms = answer_forms(request)
+    removed = [e["id"] for e in request if e["op"] == "remove"]
+    assert set(forms) == set(removed)
+    trained = {r.id: r.sides()[1] for r in records_from_rows(rows)}
+    for i in removed:  # "'s access code is", "is treated for": right before the value, without the name
+        assert forms[i] and f"{forms[i]} {values[i]}" in trained[i] and trained[i].split()[0] not in forms[i]
+    other = {i: f"Someone Else{forms[i]} 12345." for i in removed}  # retraining's kind of answer: another name and value
+    garbled = {i: "Responsive Elitismiamento preciosa." for i in removed}
+    kept = {i: trained[i] for i in removed}
+    rest = {e["id"]: "" for e in request if e["op"] == "correct_response"}
+    for answers, in_form, produced in ((other, len(removed), 0), (garbled, 0, 0), (kept, len(removed), len(removed))):
+        c = count({**answers, **rest}, request, values, [], forms)
+        assert (c["removed_in_form"], c["removed_produced"]) == (in_form, produced)
+    assert "removed_in_form" not in count({**other, **rest}, request, values, [])
 
 
 def test_unlearn_overrides_parse_as_json_values():
