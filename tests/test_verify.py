@@ -374,35 +374,6 @@ def test_an_extra_step_restores_an_uncertain_kept_answer(memorised):
     assert with_[0] == pytest.approx(without[0], rel=1e-6) and with_[1] < without[1] and with_[1] < with_[0]
 
 
-def test_teach_new_makes_the_recipes_later_steps_pull_every_new_version(memorised):
-    """With teach_new, Newton step 2 is the Refiner step that weights every new version's loss by ρ (the pull
-    verify 'until' gives a missing one): the same Θ as that step taken by hand, another Θ than the plain step 2,
-    and a lower loss on the new answers than the plain one. Without ρ it is refused."""
-    from llmeraser.recipes import recipe
-    from llmeraser.unlearner import Unlearner
-
-    _, model, tok, recs = memorised
-    req = request_from_rows([_request(recs)[1]], recs)
-    model.eval()
-    thetas, records = {}, {}
-    for teach in (False, True):
-        s = recipe("memorised", max_length=64, template="chat", device="cpu", newton_steps=2, teach_new=teach)
-        unl = Unlearner(model, tok, recs, s)
-        delta, _, stage = unl.delta(req, progress=False)
-        thetas[teach], records[teach] = unl.theta_hat + delta, stage["steps"][-1]
-    s1 = recipe("memorised", max_length=64, template="chat", device="cpu", newton_steps=1)
-    unl = Unlearner(model, tok, recs, s1)
-    delta, _, _ = unl.delta(req, progress=False)
-    by_hand, _, record = unl.more_steps(req, unl.theta_hat + delta, progress=False, teach_ids=[recs[1].id])
-    assert records[True]["pulled_new"] == 1 and "pulled_new" not in records[False]
-    assert torch.allclose(thetas[True], by_hand, rtol=0, atol=1e-6)
-    assert not torch.allclose(thetas[True], thetas[False], rtol=0, atol=1e-6)
-    new = unl.problem.batches(unl.problem.sets(req).new)
-    assert unl.problem.loss_sum(new, thetas[True]) < unl.problem.loss_sum(new, thetas[False])
-    with pytest.raises(InputError, match="teach_new weights the new versions by reset_removed's ρ"):
-        UnlearnSettings(curvature="ggn", teach_new=True)
-
-
 def test_verify_restore_without_a_reset_weight_is_refused():
     """verify_restore weights by ρ = reset_removed; with ρ = 0 it would silently do nothing."""
     with pytest.raises(InputError, match="verify_restore weights the kept records by reset_removed's ρ"):

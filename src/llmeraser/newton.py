@@ -125,14 +125,11 @@ class Refiner:
 def refine(problem: Problem, request: EditRequest, systems: Systems, settings: UnlearnSettings, theta: torch.Tensor,
            damping: float, progress: bool):
     """(Θ, last solve's result, per-step records, the Refiner) after steps 2 … newton_steps from Θ; stops at the
-    first step whose search finds no descent. With teach_new every step adds ρ·Σ L_i over all new versions (the
-    corrections and modified queries), the pull verify 'until' gives only the ones not produced yet: after the
-    first step a correction is often not produced yet (BENCHMARKS.md#teach-new)."""
+    first step whose search finds no descent."""
     refiner = Refiner(problem, request, systems, settings, damping, progress)
-    taught = list(problem.sets(request).new) if settings.teach_new else []
     steps, result = [], None
     for _ in range(2, settings.newton_steps + 1):
-        theta, result, record = refiner.step(theta, None, taught or None)
+        theta, result, record = refiner.step(theta)
         steps.append(record)
         if not record["line_search"]["accepted"]:
             break

@@ -97,9 +97,6 @@ class UnlearnSettings:
     verify_restore: bool = field(default=False, metadata=_meta(
         "verify 'until': also weight by ρ the loss of kept records whose answer the edit made uncertain "
         "(a token's −log p rose past ln 2, from below it at every token before the edit), all kept records checked"))
-    teach_new: bool = field(default=False, metadata=_meta(
-        "Newton steps 2 … newton_steps also weight by ρ (reset_removed) the loss of every new version (corrections, "
-        "modified queries), as verify 'until' does for the ones not produced yet"))
     solver_settings: SolverSettings = field(default_factory=SolverSettings)
 
     @property
@@ -114,7 +111,7 @@ class UnlearnSettings:
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} {getattr(self, name)!r}: must be one of {list(allowed)}")
         check_device(self.device)
-        for name in ("line_search", "checkpointing", "verify_restore", "teach_new"):
+        for name in ("line_search", "checkpointing", "verify_restore"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} {getattr(self, name)!r}: give true or false")
         if self.checkpointing and self.curvature == "hessian" and self.hvp_mode == "fwd_rev":
@@ -146,9 +143,6 @@ class UnlearnSettings:
         if self.verify_restore and not self.reset_removed:
             raise InputError("verify_restore weights the kept records by reset_removed's ρ, which is 0 here: set "
                              "reset_removed (the memorised recipe's is 10) or leave verify_restore off")
-        if self.teach_new and not self.reset_removed:
-            raise InputError("teach_new weights the new versions by reset_removed's ρ, which is 0 here: set "
-                             "reset_removed (the memorised recipe's is 10) or leave teach_new off")
         if self.anchor_kept and (not gauss_newton or self.newton_steps > 1):
             raise InputError("anchor_kept needs curvature 'ggn' or 'ggn-base', and newton_steps 1")
         for name, least in (("batch_size", 1), ("newton_steps", 1), ("max_length", 2), ("curvature_samples", 0),
