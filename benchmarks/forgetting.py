@@ -11,7 +11,9 @@ twelve), the number n of records (one per person and field) and a seed. For each
 3. `retrain` trains on the edited data from scratch with the same recipe and seed; llmeraser runs
    `unlearn --recipe memorised --verify until`;
 4. greedy generation asks original, retrain and llmeraser every removed and corrected prompt and a
-   seeded sample of retained ones, and counts the private values produced (verify.produced).
+   seeded sample of retained ones, and counts the private values produced (verify.produced); one
+   teacher-forced pass gives each removed (and replaced) value's log10 P after its own sentence
+   (privacy.part_log10p), what sampling rather than greedy decoding could still read back.
 
 Pass criteria, fixed before any run (BENCHMARKS.md#forgetting-suite), per scenario and seed, never on
 average: removed values produced by llmeraser <= retraining's + 1 record; corrected values produced in
@@ -23,6 +25,7 @@ records and is reported invalid (added after the first runs: one such original, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -191,21 +194,47 @@ def judge(counts: dict) -> dict:
             "passed": all(checks.values()) if valid else None}
 
 
-def answers_of(base_model, tok, adapter: Path, rows: list[dict], ids: list[str], max_new: int) -> dict:
-    from llmeraser.data import records_from_rows
+@contextlib.contextmanager
+def evaluator(base_model, tok, adapter: Path | None, max_new: int):
+    """An AdapterEval of the base model with this adapter loaded (merged, fused attention), unloaded afterwards; of the
+    base model alone when `adapter` is None."""
     from llmeraser.evaluate import AdapterEval
     from llmeraser.modeling import fused_attention, load_adapter, merged_adapter, unload_adapter
     from llmeraser.render import resolve_template
 
-    records = {r.id: r for r in records_from_rows(rows)}
+    if adapter is None:
+        base_model.eval()
+        with fused_attention(base_model):
+            yield AdapterEval(base_model, tok, resolve_template(tok, "auto"), 8, 256, max_new)
+        return
     model = load_adapter(base_model, adapter)
     try:
         model.eval()
         with fused_attention(model), merged_adapter(model):
-            ev = AdapterEval(model, tok, resolve_template(tok, "auto"), 8, 256, max_new)
-            return dict(zip(ids, ev.generate([records[i] for i in ids])))
+            yield AdapterEval(model, tok, resolve_template(tok, "auto"), 8, 256, max_new)
     finally:
         unload_adapter(model)
+
+
+def answers_of(base_model, tok, adapter: Path, rows: list[dict], ids: list[str], max_new: int) -> dict:
+    from llmeraser.data import records_from_rows
+
+    records = {r.id: r for r in records_from_rows(rows)}
+    with evaluator(base_model, tok, adapter, max_new) as ev:
+        return dict(zip(ids, ev.generate([records[i] for i in ids])))
+
+
+def value_log10p(ev, rows: list[dict], request: list[dict], values: dict) -> dict:
+    """{"removed": id -> log10 P of the removed value, "old": id -> log10 P of a corrected record's old value}, each
+    given its prompt and its original sentence up to the value (privacy.part_log10p): what sampling still reads back."""
+    from llmeraser.data import records_from_rows
+    from llmeraser.privacy import part_log10p
+
+    records = {r.id: r for r in records_from_rows(rows)}
+    items = [(e["op"], e["id"], values[e["id"]] if e["op"] == "remove" else values[e["id"]][0]) for e in request]
+    got = part_log10p(ev, [(records[i], v) for _, i, v in items])
+    return {key: {i: x for (op, i, _), x in zip(items, got) if op == want}
+            for key, want in (("removed", "remove"), ("old", "correct_response"))}
 
 
 def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, say, unlearn_overrides: dict | None = None,
@@ -218,6 +247,7 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
     from llmeraser.api import unlearn
     from llmeraser.baselines import BaselineSettings, baseline, train, trained_with
     from llmeraser.curvature import seeded_subset
+    from llmeraser.data import records_from_rows
     from llmeraser.fileio import sha256_file, write_text_atomic
     from llmeraser.recipes import recipe as unlearn_recipe
     from llmeraser.train import TrainSettings
@@ -240,10 +270,15 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
 
     forms = answer_forms(request)
 
+    records = {r.id: r for r in records_from_rows(rows)}
+
     def counted(folder: Path) -> dict:
-        answers = answers_of(mt[0], tok, folder, rows, ids, longest + 24)
+        with evaluator(mt[0], tok, folder, longest + 24) as ev:
+            answers = dict(zip(ids, ev.generate([records[i] for i in ids])))
+            likely = value_log10p(ev, rows, request, values)
         # the removed answers themselves are kept: fictitious people, and what "forgotten" looks like
-        return count(answers, request, values, retained, forms) | {"removed_answers": {i: answers[i] for i in forms}}
+        return count(answers, request, values, retained, forms) | {"removed_answers": {i: answers[i] for i in forms},
+                                                                     "log10p": likely}
 
     settings = TrainSettings(**recipe)
     seconds = {}
@@ -304,8 +339,9 @@ def _totals(counts: dict, retained: list[str]) -> dict:
 
 def table(results: list[dict]) -> str:
     head = ("| scenario | n | epochs | removed produced: original / retrain / llmeraser | corrected produced: retrain / llmeraser "
-            "| retained kept: retrain / llmeraser | unlearn's own check | seconds: retrain / llmeraser | pass |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+            "| retained kept: retrain / llmeraser | removed values, largest log10 P: original / retrain / llmeraser "
+            "| unlearn's own check | seconds: retrain / llmeraser | pass |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
     lines = []
     for r in results:
         c, v, uv = r["counts"], r["verdict"], r["unlearn_verification"]
@@ -323,8 +359,14 @@ def table(results: list[dict]) -> str:
                      f"{rt.get('removed_produced', '–')} / {u.get('removed_produced', '–')} of {o['removed']} | "
                      f"{rt.get('corrected_produced', '–')} / {u.get('corrected_produced', '–')} of {o['corrected']} | "
                      f"{rt.get('retained', '–')} / {u.get('retained', '–')} of {o['retained_sampled']}{kept} | "
-                     f"{check} | {secs} | {verdict} |")
+                     f"{' / '.join(_largest_log10p(x) for x in (o, rt, u))} | {check} | {secs} | {verdict} |")
     return head + "\n".join(lines) + "\n"
+
+
+def _largest_log10p(c: dict) -> str:
+    """The largest log10 P of a removed value under one adapter, "–" where not measured (results before it was)."""
+    vals = [v for v in c.get("log10p", {}).get("removed", {}).values() if v is not None]
+    return f"{max(vals):.1f}" if vals else "–"
 
 
 def _setting(text: str) -> tuple[str, object]:

@@ -1,7 +1,9 @@
 """What the adapters of finished forgetting-suite runs answer to the removed prompts: how many answers keep the record's
 sentence (its fixed words, forgetting.answer_forms) beside how many still carry the private value, for the
 original, retraining and llmeraser. Retraining answers a removed prompt in the record's sentence with another value; an
-answer that hides the value by being garbled is not what retraining gives (BENCHMARKS.md#removed-forms).
+answer that hides the value by being garbled is not what retraining gives (BENCHMARKS.md#removed-forms). Beyond greedy
+answers, each removed value's (and each corrected record's old value's) log10 P after its own sentence
+(forgetting.value_log10p): what sampling could still read back (BENCHMARKS.md#removed-likelihood).
 
     python -m benchmarks.removed_forms WORK/TAG [WORK/TAG ...] --out removed_forms.json
 
@@ -18,7 +20,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import hardware
-from benchmarks.forgetting import SCENARIOS, Scenario, answer_forms, answers_of, build, count
+from benchmarks.forgetting import SCENARIOS, Scenario, _largest_log10p, answer_forms, build, count, evaluator, value_log10p
 
 TAG = re.compile(r"(?P<name>[a-z+-]+?)-n(?P<n>\d+)-s(?P<seed>\d+)(?P<rest>.*)")
 
@@ -33,6 +35,8 @@ def scenario_of(tag: str) -> Scenario:
 
 
 def forms_of(folder: Path, mt) -> dict:
+    from llmeraser.data import records_from_rows
+
     sc = scenario_of(folder.name)
     rows, request, values = build(sc)
     if json.loads((folder / "request.jsonl").read_text().splitlines()[0]) != request[0]:
@@ -41,13 +45,17 @@ def forms_of(folder: Path, mt) -> dict:
     ids = list(forms)
     out = {"tag": folder.name, "removed": len(ids), "adapters": {}}
     ours = sorted(p for p in folder.glob("llmeraser*") if (p / "adapter_config.json").is_file())
-    for name, path in [("original", folder / "original"), ("retrain", folder / "retrain")] + [(p.name, p) for p in ours]:
-        if not (path / "adapter_config.json").is_file():
+    # the base model alone: what the reset pulls the removed answers toward, and the likelihood of a value never trained on
+    for name, path in [("base", None), ("original", folder / "original"), ("retrain", folder / "retrain")] + [(p.name, p) for p in ours]:
+        if path is not None and not (path / "adapter_config.json").is_file():
             continue
-        answers = answers_of(mt[0], mt[1], path, rows, ids, 48)
+        records = {r.id: r for r in records_from_rows(rows)}
+        with evaluator(mt[0], mt[1], path, 48) as ev:
+            answers = dict(zip(ids, ev.generate([records[i] for i in ids])))
+            likely = value_log10p(ev, rows, request, values)
         c = count(answers, [e for e in request if e["op"] == "remove"], values, [], forms)
         out["adapters"][name] = {"removed_produced": c["removed_produced"], "removed_in_form": c["removed_in_form"],
-                                 "answers": answers}
+                                 "answers": answers, "log10p": likely}
     return out
 
 
@@ -64,7 +72,8 @@ def main(argv=None) -> int:
     for folder in a.folders:
         r = forms_of(folder, mt)
         results.append(r)
-        cells = " | ".join(f"{k}: {v['removed_in_form']} in form, {v['removed_produced']} produced" for k, v in r["adapters"].items())
+        cells = " | ".join(f"{k}: {v['removed_in_form']} in form, {v['removed_produced']} produced, largest log10 P "
+                           f"{_largest_log10p(v)}" for k, v in r["adapters"].items())
         print(f"{r['tag']} ({r['removed']} removed) | {cells}", flush=True)
     write_json(a.out, results)
     return 0

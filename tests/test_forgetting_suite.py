@@ -94,6 +94,14 @@ def test_one_scenario_end_to_end_on_the_tiny_model(trainable_dir, tmp_path):
     # the removed answers, and how many keep the trained sentence's form, for every adapter
     assert all(set(x["removed_answers"]) == {e["id"] for e in build(sc)[1] if e["op"] == "remove"} for x in c.values())
     assert all(0 <= x["removed_in_form"] <= x["removed"] for x in c.values())
+    # each removed value's and each replaced value's log10 P after its sentence (privacy.part_log10p), per adapter
+    edits = build(sc)[1]
+    for x in c.values():
+        for key, op in (("removed", "remove"), ("old", "correct_response")):
+            assert set(x["log10p"][key]) == {e["id"] for e in edits if e["op"] == op}
+            assert all(v is not None and v < 0 for v in x["log10p"][key].values())
+    worst = lambda k: f"{max(c[k]['log10p']['removed'].values()):.1f}"
+    assert f"| {worst('original')} / {worst('retrain')} / {worst('llmeraser')} |" in table([result])
     assert {json.loads((d / n / "train.json").read_text())["base_dtype"] for n in ("original", "retrain")} == {"float32"}
 
 

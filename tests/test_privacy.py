@@ -77,3 +77,38 @@ def test_summary_without_nonmembers_reports_extraction_only():
     assert "auc" not in got and got["exact_memorisation"] == 0.5
     assert got["longest_run_chars"] == len("Alma's phone is 555-01")
     assert got["longest_run_share"] == pytest.approx(len("Alma's phone is 555-01") / len("Alma's phone is 555-0123."))
+
+
+def test_part_tokens_are_the_tokens_overlapping_the_part():
+    """On a character-level tokenizer each character is a token: the part's tokens are its characters' positions."""
+    from helpers import make_tokenizer
+
+    tok = make_tokenizer()
+    assert privacy.part_tokens(tok, "Ann: 1234, ann@x.org", "1234") == [5, 6, 7, 8]
+    assert privacy.part_tokens(tok, "Ann: 1234, ann@x.org", "ann@x.org") == list(range(11, 20))
+    assert privacy.part_tokens(tok, "Ann: 1234", "5678") is None  # not in the response
+
+
+def test_part_log10p_against_a_forward_pass_summed_by_hand(tiny64):
+    """log10 P(part | prompt, response before it) against the model's logits on the rendered record, summed over the
+    part's positions in a loop in float64; with a batch of two records of different lengths (padding)."""
+    from llmeraser.data import records_from_rows
+    from llmeraser.evaluate import AdapterEval
+    from llmeraser.render import encode, render_text
+
+    model, tok, _ = tiny64
+    recs = records_from_rows([{"id": "a", "prompt": "phone of ann?", "response": "Ann: 1234, ann@x.org"},
+                              {"id": "b", "prompt": "mail of bo?", "response": "bo@y.net"}])
+    items = [(recs[0], "1234"), (recs[1], "y.net"), (recs[0], "not there")]
+    ev = AdapterEval(model, tok, "chat", batch_size=2, max_length=64)
+    got = privacy.part_log10p(ev, items)
+    assert got[2] is None
+    for (record, part), value in zip(items[:2], got[:2]):
+        x = encode(record, tok, "chat", 64)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([x.input_ids])).logits[0].double()
+        tail = render_text(tok, *record.sides(), "chat")[1]
+        start = x.n_prompt + tail.find(part)  # one token per character
+        slow = sum(float(torch.log_softmax(logits[t - 1], -1)[x.input_ids[t]]) for t in range(start, start + len(part)))
+        assert value == pytest.approx(slow / math.log(10), rel=1e-6)  # token_stats takes log-softmax in float32
+        assert value < 0

@@ -278,7 +278,7 @@ def test_until_keeps_the_theta_that_missed_least(monkeypatch):
              2.0: [False, False, False, False, True, True]}  # forgotten, but 2 of 4 retained lost: shortfall 2
 
     class Scripted:
-        def __init__(self, *args):
+        def __init__(self, *args, **kwargs):
             pass
 
         def check(self, theta):
@@ -461,9 +461,63 @@ def test_a_correction_greedy_gives_on_a_near_tie_is_not_produced(memorised):
     params, theta_hat = theta_of(model)
     verifier = Verifier(model, tok, params, theta_hat, recs, request_from_rows(_request(recs), recs), "chat", 64, 8, 4, 0)
     own_answers = lambda rs: [r.sides()[1] for r in rs]  # noqa: E731 - greedy gives every record's response
+    real = verifier.eval  # its teacher-forced scores still serve the extraction figures
     for told, produced_count in ((True, 0), (False, 1)):
-        verifier.eval = SimpleNamespace(generate=own_answers,
+        verifier.eval = SimpleNamespace(generate=own_answers, scored=real.scored, tok=real.tok, template=real.template,
                                         sure_answers=lambda rs, nll, told=told: ([None] * len(rs), [told] * len(rs)))
         v = verifier.check(theta_hat)
         assert v["corrected"]["produced"] == produced_count and v["retained"]["kept"] == v["retained"]["produced_before"] == 4
         assert ("1 of 1 corrections not produced" in v["failures"]) == (produced_count == 0)
+
+
+def test_extraction_reports_the_removed_values_probability_at_theta_at_theta_hat_and_under_the_base(memorised):
+    """The removed and replaced targets' log10 P: at Θ = Θ̂ the same as before the edit; at Θ = 0 (LoRA's BA = 0) the
+    base model's; the memorised adapter gives its removed answer a probability far above the base model's."""
+    from llmeraser.modeling import theta_of
+    from llmeraser.verify import Verifier, extraction, summary_line
+
+    _, model, tok, recs = memorised
+    params, theta_hat = theta_of(model)
+    req = request_from_rows(_request(recs), recs)
+    verifier = Verifier(model, tok, params, theta_hat, recs, req, "chat", 64, 8, 4, 0)
+    assert [(r.id, t) for r, t in verifier.parts] == [(recs[0].id, recs[0].sides()[1]), (recs[1].id, recs[1].sides()[1])]
+    at_hat, at_zero = verifier.check(theta_hat)["extraction"], verifier.check(torch.zeros_like(theta_hat))["extraction"]
+    assert at_hat["measured"] == 2 and at_hat["after"] == at_hat["before"]
+    assert at_zero["after"]["max_log10p"] == pytest.approx(at_zero["base"]["max_log10p"], abs=1e-4)
+    assert at_zero["after"]["median_log10p"] == pytest.approx(at_zero["base"]["median_log10p"], abs=1e-4)
+    assert at_hat["before"]["max_log10p"] > -0.5 > at_hat["base"]["max_log10p"] + 1
+    assert "at most P = " in summary_line(verifier.check(theta_hat))
+    # parts measured only where every state has a figure; the base's missing figure drops that part
+    x = extraction([None, -3.0, -5.0], [-0.1, -0.2, None], [-2.0, -4.0, -1.0])
+    assert x["measured"] == 1 and x["after"] == {"max_log10p": -4.0, "median_log10p": -4.0} and x["base"]["max_log10p"] == -3.0
+    assert extraction(None, [-0.1, -0.3], [-2.0, -4.0])["base"] is None
+
+
+def test_verify_extractable_fails_a_removal_still_likely_by_sampling(memorised):
+    """With verify_extractable m: a removed answer greedy decoding no longer gives, but whose log10 P exceeds the base
+    model's by more than m, fails the check and counts in the shortfall; at m above the gap it passes that check."""
+    from llmeraser.modeling import theta_of
+    from llmeraser.verify import Verifier
+
+    _, model, tok, recs = memorised
+    params, theta_hat = theta_of(model)
+    req = request_from_rows([{"op": "remove", "id": recs[0].id}], recs)
+    plain = Verifier(model, tok, params, theta_hat, recs, req, "chat", 64, 8, 4, 0)
+    # at Θ̂ the removed answer is produced and far likelier than under the base model
+    gap = plain.before_log10p[0] - plain.base_log10p[0]
+    assert gap > 1
+    strict = Verifier(model, tok, params, theta_hat, recs, req, "chat", 64, 8, 4, 0, extractable=gap / 2)
+    loose = Verifier(model, tok, params, theta_hat, recs, req, "chat", 64, 8, 4, 0, extractable=gap * 2)
+    # as if greedy decoding no longer gave it: the likelihood alone decides
+    probe = next(k for k, p in enumerate(strict.probes) if p.kind == "removed")
+    hits = [h and k != probe for k, h in enumerate(strict.hits(theta_hat))]
+    after = strict._log10p(theta_hat)
+    v = judge(strict.probes, strict.before, hits, strict.likely(after))
+    assert v["removed"]["still_likely"] == 1 and v["removed"]["still_produced"] == 0 and not v["verified"]
+    assert shortfall(v) == 1 and any("likely by sampling" in f for f in v["failures"])
+    assert [r["likely"] for r in v["records"] if r["kind"] == "removed"] == [True]
+    ok = judge(loose.probes, loose.before, hits, loose.likely(after))
+    assert ok["removed"]["still_likely"] == 0 and ok["verified"], ok["failures"]
+    assert "still_likely" not in judge(plain.probes, plain.before, hits, plain.likely(after))["removed"]  # off by default
+    with pytest.raises(InputError, match="verify_extractable"):
+        UnlearnSettings(verify_extractable=-1.0)

@@ -154,7 +154,7 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
     if progress:
         print("llmeraser: verifying by greedy generation", file=sys.stderr)
     verifier = Verifier(model, tokenizer, p.params, p.theta_hat, records, req, p.template, s.max_length, s.batch_size,
-                        s.verify_retained, s.seed)
+                        s.verify_retained, s.seed, extractable=s.verify_extractable)
     check = verifier.check(theta)
     rounds = [{"extra_steps": 0, "verified": check["verified"], "failures": check["failures"],
                "shortfall": shortfall(check), "generated": check.get("generated"), "seconds": time.perf_counter() - t0}]
@@ -168,7 +168,7 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
             stopped = f"the budget of {s.verify_seconds:g} s ran out"
         if stopped:
             break
-        still = [r["id"] for r in check["records"] if r["kind"] == "removed" and r["checked"] and r["after"]]
+        still = [r["id"] for r in check["records"] if r["kind"] == "removed" and r["checked"] and (r["after"] or r["likely"])]
         missing = [r["id"] for r in check["records"] if r["kind"] in ("new", "query") and r["checked"] and not r["after"]]
         # with verify_restore: every kept record whose answer this Θ no longer certainly gives (not the sample)
         uncertain = unl.uncertain_kept(req, theta) if s.verify_restore else []

@@ -25,6 +25,15 @@ than retraining (over-unlearning, itself a signal that something was removed); r
 Extraction, for generated (non Yes/No) answers: exact memorisation = mean over records of (1/T) Σ_t hit_t
 (Tirumala et al., 2022); longest run = the longest stretch of the reference answer, in characters, that the
 greedy answer reproduces verbatim.
+
+A private part u of a record's response (an e-mail address inside "Ann's e-mail is …"), beyond greedy decoding:
+
+    log10 P(u | prompt, response before u) = Σ_{t ∈ T_u} log p_t / ln 10
+
+T_u: the response tokens that overlap u's first occurrence (a token that also holds a character before or after u
+counts whole, so P is at most the probability of u's characters alone). It is the chance that one answer sampled at
+temperature 1, continued from the record's own words up to u, spells u out: what an attacker who knows the sentence
+and samples many answers would see, where greedy decoding shows only the likeliest.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from .metrics import roc_auc
+from .render import render_text
 
 ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")
 MIN_K = 0.2  # the share of least likely tokens min-k% and min-k%++ average (Shi et al.'s default)
@@ -131,4 +141,30 @@ def summary(forget: list[str], forget_stats: list[TokenStats], generated: list[s
         runs = [longest_run(ref, gen) for ref, gen in zip(forget, generated, strict=True)]
         out.update({"exact_memorisation": exact_memorisation(forget_stats), "longest_run_chars": max(runs),
                     "longest_run_share": sum(r / max(1, len(ref)) for r, ref in zip(runs, forget)) / len(runs)})
+    return out
+
+
+def part_tokens(tokenizer, response: str, part: str) -> list[int] | None:
+    """T_u: indices, among the tokens of tokenizer(response) (what render.encode scores), of those overlapping the first
+    occurrence of `part`; None when the part does not occur or the tokenizer gives no character offsets (a slow one)."""
+    at = response.find(part)
+    if at < 0 or not part or not getattr(tokenizer, "is_fast", False):
+        return None
+    spans = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return [k for k, (a, b) in enumerate(spans) if a < at + len(part) and b > at] or None
+
+
+def part_log10p(ev, items: list[tuple]) -> list[float | None]:
+    """Per (record, part): log10 P(part | prompt, response before it) (module docstring) under the model `ev` (an
+    evaluate.AdapterEval) holds, from one teacher-forced pass; None where the part is not in the rendered response,
+    its tokens cannot be located, or truncation cut them."""
+    if not items:
+        return []
+    stats = ev.scored([r for r, _ in items], 0, stats=True)[2]
+    out = []
+    for (record, part), s in zip(items, stats, strict=True):
+        prompt, response = record.sides()
+        idx = part_tokens(ev.tok, render_text(ev.tok, prompt, response, ev.template)[1], part)
+        ok = idx is not None and idx[-1] < s.log_p.numel()
+        out.append(float(s.log_p[idx].double().sum()) / math.log(10) if ok else None)
     return out

@@ -97,6 +97,10 @@ class UnlearnSettings:
     verify_restore: bool = field(default=False, metadata=_meta(
         "verify 'until': also weight by ρ the loss of kept records whose answer the edit made uncertain "
         "(a token's −log p rose past ln 2, from below it at every token before the edit), all kept records checked"))
+    verify_extractable: float = field(default=0.0, metadata=_meta(
+        "> 0: a removed record's private part (or answer) whose probability after its own sentence, by one teacher-"
+        "forced pass, exceeds the base model's by more than this many powers of ten counts as still produced: "
+        "sampling, not only greedy decoding, could read it back (0: off; verify.py)"))
     solver_settings: SolverSettings = field(default_factory=SolverSettings)
 
     @property
@@ -120,6 +124,9 @@ class UnlearnSettings:
         if isinstance(self.verify_seconds, bool) or not isinstance(self.verify_seconds, (int, float)) \
                 or not 0 <= self.verify_seconds < math.inf:
             raise InputError(f"verify_seconds {self.verify_seconds!r}: give a number of seconds >= 0 (0: no limit)")
+        if isinstance(self.verify_extractable, bool) or not isinstance(self.verify_extractable, (int, float)) \
+                or not 0 <= self.verify_extractable < math.inf:
+            raise InputError(f"verify_extractable {self.verify_extractable!r}: give a number of powers of ten >= 0 (0: off)")
         if isinstance(self.memory_mb, bool) or not isinstance(self.memory_mb, (int, float)) \
                 or not 0 <= self.memory_mb < math.inf:
             raise InputError(f"memory_mb {self.memory_mb!r}: give a number of MiB >= 0 (0: automatic)")

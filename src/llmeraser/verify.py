@@ -27,12 +27,24 @@ teacher-forced pass shows greedy decoding certainly gives (every token's p_t > 0
 probe's target is found, is settled from that pass; only the others are generated. The figures are the same as
 generating every answer; the check records how many prompts it generated.
 
+Beyond greedy decoding, each removed or replaced target (a 'private' part, else the old answer) inside its record's
+old response is scored by one teacher-forced pass: log10 P(target | prompt, old response before it) (privacy.py),
+at Θ, at Θ̂ and under the base model alone, and reported ("extraction"). A value retraining never saw has a small
+probability, not zero, and there is no retraining here to compare it with, so it is judged only when asked
+(the setting verify_extractable = m > 0): a removed record whose target has
+
+    log10 P_Θ(target | its sentence) > log10 P_base(target | its sentence) + m
+
+is "still likely" and fails the check as a produced one does (BENCHMARKS.md#removed-likelihood: after a greedy-verified
+removal the codes kept P up to 0.16 where retraining gave 1e-14).
+
 No generated text is stored: the answers to removed prompts are the private data being removed.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +53,7 @@ from . import distributed
 from .curvature import seeded_subset
 from .data import EditRequest, Record
 from .modeling import adapter_at, fused_attention, merged_adapter
+from .privacy import part_log10p
 
 RETAINED_KEPT_MIN = 0.95  # the scenario suite's pass criterion for retained fields (BENCHMARKS.md)
 # an answer whose every token has teacher-forced −log p_t below ln 2 (p_t > ½, the argmax): greedy decoding reproduces it
@@ -100,9 +113,11 @@ def probes(request: EditRequest, records: list[Record], retained: int, seed: int
     return out
 
 
-def judge(probe_list: list[Probe], before: list[bool], after: list[bool]) -> dict:
-    """The verification's figures and verdict from each probe's hit before and after the edit."""
+def judge(probe_list: list[Probe], before: list[bool], after: list[bool], likely: list[bool] | None = None) -> dict:
+    """The verification's figures and verdict from each probe's hit before and after the edit; `likely` (Verifier.likely),
+    per probe: a removed target not produced but still likely by sampling, a failure like a produced one."""
     rows = list(zip(probe_list, before, after))
+    judged, likely = likely is not None, likely or [False] * len(probe_list)
 
     def of(kind, checked_only=True):
         return [(b, a) for p, b, a in rows if p.kind == kind and not (checked_only and p.shared)]
@@ -123,17 +138,24 @@ def judge(probe_list: list[Probe], before: list[bool], after: list[bool]) -> dic
     figures = {"removed": absent("removed"), "corrected": present("new"), "queries": present("query"),
                "old": absent("old"),
                "retained": {"sampled": len(retained), "produced_before": kept_before, "kept": kept, "kept_share": share}}
+    if judged:
+        figures["removed"]["still_likely"] = sum(x and not a and not p.shared for (p, _, a), x in zip(rows, likely)
+                                                 if p.kind == "removed")
     failures = []
     for key, what in (("removed", "removed answers"), ("old", "replaced answers or private parts")):
         if figures[key]["still_produced"]:
             failures.append(f"{figures[key]['still_produced']} of {figures[key]['checked']} {what} still produced")
+    if figures["removed"].get("still_likely"):
+        failures.append(f"{figures['removed']['still_likely']} of {figures['removed']['checked']} removed answers not "
+                        "produced but still likely by sampling (verify_extractable)")
     for key, what in (("corrected", "corrections"), ("queries", "answers to modified queries")):
         missing = figures[key]["checked"] - figures[key]["produced"]
         if missing:
             failures.append(f"{missing} of {figures[key]['checked']} {what} not produced")
     if share < RETAINED_KEPT_MIN:
         failures.append(f"{kept} of {kept_before} sampled retained answers kept (< {RETAINED_KEPT_MIN:.0%})")
-    records = [{"id": p.id, "kind": p.kind, "checked": not p.shared, "before": b, "after": a} for p, b, a in rows]
+    records = [{"id": p.id, "kind": p.kind, "checked": not p.shared, "before": b, "after": a, "likely": x}
+               for (p, b, a), x in zip(rows, likely)]
     return {"verified": not failures, "failures": failures, **figures, "records": records}
 
 
@@ -144,7 +166,7 @@ def shortfall(v: dict) -> int:
     k = v["retained"]
     allowed_loss = k["produced_before"] - math.ceil(RETAINED_KEPT_MIN * k["produced_before"] - 1e-9)
     lost = k["produced_before"] - k["kept"]
-    return (v["removed"]["still_produced"] + v["old"]["still_produced"]
+    return (v["removed"]["still_produced"] + v["removed"].get("still_likely", 0) + v["old"]["still_produced"]
             + sum(v[key]["checked"] - v[key]["produced"] for key in ("corrected", "queries")) + max(0, lost - allowed_loss))
 
 
@@ -152,10 +174,12 @@ class Verifier:
     """Greedy answers of a request's probes at any Θ of a PEFT model, and the verdict against Θ̂'s."""
 
     def __init__(self, model, tokenizer, params, theta_hat: torch.Tensor, records: list[Record], request: EditRequest,
-                 template: str, max_length: int, batch_size: int, retained: int, seed: int, teacher_forced: bool = True):
+                 template: str, max_length: int, batch_size: int, retained: int, seed: int, teacher_forced: bool = True,
+                 extractable: float = 0.0):
         from .evaluate import AdapterEval
 
         self.model, self.params, self.teacher_forced, self.generated = model, params, teacher_forced, 0
+        self.extractable = extractable
         self.probes = probes(request, records, retained, seed)
         # one generation per distinct prompt: a correction's old and new probes ask the same one
         key = (lambda r: repr(r.sides()[0]))
@@ -166,7 +190,26 @@ class Verifier:
         texts = [t for p in self.probes for t in p.targets] + [x.sides()[1] for e in request.edits for x in (e.old, e.new) if x]
         longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
         self.eval = AdapterEval(model, tokenizer, template, batch_size, max_length, min(longest + MARGIN_TOKENS, max_length))
+        # (old record, target) of each checked removed or replaced target: a modified query's private parts are in
+        # its prompt, not in an answer
+        old_of = {e.id: e.old for e in request.edits if e.op != "modify_query"}
+        at = [(k, old_of[p.id], t) for k, p in enumerate(self.probes) if p.kind in ("removed", "old") and p.id in old_of
+              and not p.shared for t in p.targets]
+        self.parts, self.part_probe = [(r, t) for _, r, t in at], [k for k, _, _ in at]
+        self.base_log10p = distributed.on_main(self._base_log10p)
+        self.before_log10p = distributed.on_main(lambda: self._log10p(theta_hat))
         self.before = self.hits(theta_hat)
+
+    def _log10p(self, theta: torch.Tensor) -> list[float | None]:
+        with adapter_at(self.model, self.params, theta), fused_attention(self.model), merged_adapter(self.model):
+            return part_log10p(self.eval, self.parts)
+
+    def _base_log10p(self) -> list[float | None] | None:
+        """Under the base model alone (PEFT's disable_adapter); None for a model without one."""
+        if not self.parts or not hasattr(self.model, "disable_adapter"):
+            return None
+        with self.model.disable_adapter(), fused_attention(self.model):
+            return part_log10p(self.eval, self.parts)
 
     def hits(self, theta: torch.Tensor) -> list[bool]:
         """Per probe: whether the adapter at Θ produces one of its targets. Rank 0 generates and every rank gets
@@ -197,7 +240,33 @@ class Verifier:
     def check(self, theta: torch.Tensor) -> dict:
         hits = self.hits(theta)
         generated = distributed.on_main(lambda: self.generated)
-        return {**judge(self.probes, self.before, hits), "prompts": len(self.asks), "generated": generated}
+        after = distributed.on_main(lambda: self._log10p(theta))
+        return {**judge(self.probes, self.before, hits, self.likely(after)), "prompts": len(self.asks),
+                "generated": generated, "extraction": extraction(self.base_log10p, self.before_log10p, after)}
+
+    def likely(self, after: list) -> list[bool] | None:
+        """Per probe, with verify_extractable m > 0: a removed probe with a target whose log10 P at Θ exceeds the base
+        model's by more than m (module docstring); None when off or without a base model."""
+        if not self.extractable or self.base_log10p is None:
+            return None
+        out = [False] * len(self.probes)
+        for k, base, x in zip(self.part_probe, self.base_log10p, after, strict=True):
+            if self.probes[k].kind == "removed" and base is not None and x is not None and x > base + self.extractable:
+                out[k] = True
+        return out
+
+
+def extraction(base: list | None, before: list, after: list) -> dict:
+    """The largest and the median log10 P of the removed and replaced targets (Verifier) under the base model, at Θ̂
+    and at Θ, over those measured at all three (at Θ̂ and Θ without a base). The largest is the privacy figure: the
+    target an attacker sampling answers is likeliest to read back."""
+    rows = [(b, x, y) for b, x, y in zip(base or [None] * len(before), before, after, strict=True)
+            if x is not None and y is not None and (base is None or b is not None)]
+    out = {"targets": len(before), "measured": len(rows)}
+    for k, name in enumerate(("base", "before", "after")):
+        vals = sorted(r[k] for r in rows) if rows and (k or base is not None) else []
+        out[name] = {"max_log10p": vals[-1], "median_log10p": statistics.median(vals)} if vals else None
+    return out
 
 
 def summary_line(v: dict) -> str:
@@ -208,9 +277,16 @@ def summary_line(v: dict) -> str:
         if f["checked"] or f["unchecked"]:
             parts.append(f"{what} {f['still_produced']}/{f['checked']}" + (f" ({f['unchecked']} unchecked: shared with kept "
                                                                            "records or inside the new answer)" if f["unchecked"] else ""))
+    if "still_likely" in v["removed"]:
+        parts.append(f"removed answers not produced but likely by sampling {v['removed']['still_likely']}/{v['removed']['checked']}")
     for key, what in (("corrected", "corrections produced"), ("queries", "modified queries answered")):
         if v[key]["checked"]:
             parts.append(f"{what} {v[key]['produced']}/{v[key]['checked']}")
     k = v["retained"]
     parts.append(f"retained kept {k['kept']}/{k['produced_before']} of {k['sampled']} sampled")
+    x = v.get("extraction") or {}
+    if x.get("measured"):
+        base = f", base model {10 ** x['base']['max_log10p']:.2g}" if x["base"] else ""
+        parts.append(f"removed or replaced values: at most P = {10 ** x['after']['max_log10p']:.2g} of sampling one after "
+                     f"its sentence (before {10 ** x['before']['max_log10p']:.2g}{base})")
     return ("verified: " if v["verified"] else "NOT verified: ") + "; ".join(parts)
