@@ -80,12 +80,15 @@ def test_summary_without_nonmembers_reports_extraction_only():
 
 
 def test_part_tokens_are_the_tokens_overlapping_the_part():
-    """On a character-level tokenizer each character is a token: the part's tokens are its characters' positions."""
+    """On a character-level tokenizer each character is a token: the part's tokens are its characters' positions and
+    those of the whitespace right before it."""
     from helpers import make_tokenizer
 
     tok = make_tokenizer()
-    assert privacy.part_tokens(tok, "Ann: 1234, ann@x.org", "1234") == [5, 6, 7, 8]
-    assert privacy.part_tokens(tok, "Ann: 1234, ann@x.org", "ann@x.org") == list(range(11, 20))
+    assert privacy.part_tokens(tok, "Ann: 1234, ann@x.org", "1234") == [4, 5, 6, 7, 8]
+    assert privacy.part_tokens(tok, "Ann:  \n1234", "1234") == list(range(4, 11))
+    assert privacy.part_tokens(tok, "Ann: 1234, ann@x.org", "ann@x.org") == list(range(10, 20))
+    assert privacy.part_tokens(tok, "1234 and more", "1234") == [0, 1, 2, 3]  # nothing before it
     assert privacy.part_tokens(tok, "Ann: 1234", "5678") is None  # not in the response
 
 
@@ -108,7 +111,8 @@ def test_part_log10p_against_a_forward_pass_summed_by_hand(tiny64):
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([x.input_ids])).logits[0].double()
         tail = render_text(tok, *record.sides(), "chat")[1]
-        start = x.n_prompt + tail.find(part)  # one token per character
-        slow = sum(float(torch.log_softmax(logits[t - 1], -1)[x.input_ids[t]]) for t in range(start, start + len(part)))
+        at = tail.find(part)
+        start = x.n_prompt + len(tail[:at].rstrip())  # one token per character, from the whitespace before the part
+        slow = sum(float(torch.log_softmax(logits[t - 1], -1)[x.input_ids[t]]) for t in range(start, x.n_prompt + at + len(part)))
         assert value == pytest.approx(slow / math.log(10), rel=1e-6)  # token_stats takes log-softmax in float32
         assert value < 0

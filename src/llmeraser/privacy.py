@@ -30,10 +30,12 @@ A private part u of a record's response (an e-mail address inside "Ann's e-mail 
 
     log10 P(u | prompt, response before u) = Σ_{t ∈ T_u} log p_t / ln 10
 
-T_u: the response tokens that overlap u's first occurrence (a token that also holds a character before or after u
-counts whole, so P is at most the probability of u's characters alone). It is the chance that one answer sampled at
-temperature 1, continued from the record's own words up to u, spells u out: what an attacker who knows the sentence
-and samples many answers would see, where greedy decoding shows only the likeliest.
+T_u: the response tokens that overlap u's first occurrence together with the whitespace right before it (a token
+that also holds a character before or after counts whole). The whitespace matters: a tokenizer that writes " 6" as " "
+then "6" conditions the digit on a space token that only digit-led values follow, so scoring from the space on would
+credit u with a choice the model made before it. It is the chance that one answer sampled at temperature 1, continued
+from the record's own words up to u, spells u out: what an attacker who knows the sentence and samples many answers
+would see, where greedy decoding shows only the likeliest.
 """
 
 from __future__ import annotations
@@ -146,12 +148,14 @@ def summary(forget: list[str], forget_stats: list[TokenStats], generated: list[s
 
 def part_tokens(tokenizer, response: str, part: str) -> list[int] | None:
     """T_u: indices, among the tokens of tokenizer(response) (what render.encode scores), of those overlapping the first
-    occurrence of `part`; None when the part does not occur or the tokenizer gives no character offsets (a slow one)."""
+    occurrence of `part` or the whitespace right before it; None when the part does not occur or the tokenizer gives no
+    character offsets (a slow one)."""
     at = response.find(part)
     if at < 0 or not part or not getattr(tokenizer, "is_fast", False):
         return None
+    end, start = at + len(part), len(response[:at].rstrip())
     spans = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    return [k for k, (a, b) in enumerate(spans) if a < at + len(part) and b > at] or None
+    return [k for k, (a, b) in enumerate(spans) if a < end and b > start] or None
 
 
 def part_log10p(ev, items: list[tuple]) -> list[float | None]:
