@@ -486,7 +486,7 @@ def test_extraction_reports_the_removed_values_probability_at_theta_at_theta_hat
     assert at_zero["after"]["max_log10p"] == pytest.approx(at_zero["base"]["max_log10p"], abs=1e-4)
     assert at_zero["after"]["median_log10p"] == pytest.approx(at_zero["base"]["median_log10p"], abs=1e-4)
     assert at_hat["before"]["max_log10p"] > -0.5 > at_hat["base"]["max_log10p"] + 1
-    assert "at most P = " in summary_line(verifier.check(theta_hat))
+    assert "largest chance of being sampled after their sentence" in summary_line(verifier.check(theta_hat))
     # parts measured only where every state has a figure; the base's missing figure drops that part
     x = extraction([None, -3.0, -5.0], [-0.1, -0.2, None], [-2.0, -4.0, -1.0])
     assert x["measured"] == 1 and x["after"] == {"max_log10p": -4.0, "median_log10p": -4.0} and x["base"]["max_log10p"] == -3.0

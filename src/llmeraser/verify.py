@@ -36,7 +36,7 @@ probability, not zero, and there is no retraining here to compare it with, so it
     log10 P_Θ(target | its sentence) > log10 P_base(target | its sentence) + m
 
 is "still likely" and fails the check as a produced one does (BENCHMARKS.md#removed-likelihood: after a greedy-verified
-removal the codes kept P up to 0.16 where retraining gave 1e-14).
+removal an access code kept P = 0.16 where retraining gave it 1e-19).
 
 No generated text is stored: the answers to removed prompts are the private data being removed.
 """
@@ -287,6 +287,6 @@ def summary_line(v: dict) -> str:
     x = v.get("extraction") or {}
     if x.get("measured"):
         base = f", base model {10 ** x['base']['max_log10p']:.2g}" if x["base"] else ""
-        parts.append(f"removed or replaced values: at most P = {10 ** x['after']['max_log10p']:.2g} of sampling one after "
-                     f"its sentence (before {10 ** x['before']['max_log10p']:.2g}{base})")
+        parts.append(f"removed or replaced values, largest chance of being sampled after their sentence "
+                     f"{10 ** x['after']['max_log10p']:.2g} (before the edit {10 ** x['before']['max_log10p']:.2g}{base})")
     return ("verified: " if v["verified"] else "NOT verified: ") + "; ".join(parts)
