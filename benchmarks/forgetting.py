@@ -202,26 +202,14 @@ def evaluator(base_model, tok, adapter: Path | None, max_new: int):
     from llmeraser.modeling import fused_attention, load_adapter, merged_adapter, unload_adapter
     from llmeraser.render import resolve_template
 
-    if adapter is None:
-        base_model.eval()
-        with fused_attention(base_model):
-            yield AdapterEval(base_model, tok, resolve_template(tok, "auto"), 8, 256, max_new)
-        return
-    model = load_adapter(base_model, adapter)
+    model = base_model if adapter is None else load_adapter(base_model, adapter)
     try:
         model.eval()
-        with fused_attention(model), merged_adapter(model):
+        with fused_attention(model), merged_adapter(model) if adapter is not None else contextlib.nullcontext():
             yield AdapterEval(model, tok, resolve_template(tok, "auto"), 8, 256, max_new)
     finally:
-        unload_adapter(model)
-
-
-def answers_of(base_model, tok, adapter: Path, rows: list[dict], ids: list[str], max_new: int) -> dict:
-    from llmeraser.data import records_from_rows
-
-    records = {r.id: r for r in records_from_rows(rows)}
-    with evaluator(base_model, tok, adapter, max_new) as ev:
-        return dict(zip(ids, ev.generate([records[i] for i in ids])))
+        if adapter is not None:
+            unload_adapter(model)
 
 
 def value_log10p(ev, rows: list[dict], request: list[dict], values: dict) -> dict:

@@ -100,6 +100,16 @@ def test_one_scenario_end_to_end_on_the_tiny_model(trainable_dir, tmp_path):
         for key, op in (("removed", "remove"), ("old", "correct_response")):
             assert set(x["log10p"][key]) == {e["id"] for e in edits if e["op"] == op}
             assert all(v is not None and v < 0 for v in x["log10p"][key].values())
+    # the base model alone (no adapter loaded): its own figures, and the model handed back as it came
+    from benchmarks.forgetting import evaluator, value_log10p
+
+    rows, request, values = build(sc)
+    with evaluator(mt[0], mt[1], None, 8) as ev:
+        assert ev.model is mt[0]
+        base = value_log10p(ev, rows, request, values)
+    with evaluator(mt[0], mt[1], d / "original", 8) as ev:
+        assert value_log10p(ev, rows, request, values) == c["original"]["log10p"]
+    assert base["removed"] != c["original"]["log10p"]["removed"] and type(mt[0]).__name__ == "LlamaForCausalLM"
     worst = lambda k: f"{max(c[k]['log10p']['removed'].values()):.1f}"
     assert f"| {worst('original')} / {worst('retrain')} / {worst('llmeraser')} |" in table([result])
     assert {json.loads((d / n / "train.json").read_text())["base_dtype"] for n in ("original", "retrain")} == {"float32"}
