@@ -212,6 +212,16 @@ def evaluator(base_model, tok, adapter: Path | None, max_new: int):
             unload_adapter(model)
 
 
+def answered(base_model, tok, adapter: Path | None, rows: list[dict], ids: list[str], request: list[dict], values: dict,
+             max_new: int) -> tuple[dict, dict]:
+    """(id -> greedy answer for `ids`, value_log10p) under one adapter (the base model alone for None), one load."""
+    from llmeraser.data import records_from_rows
+
+    records = {r.id: r for r in records_from_rows(rows)}
+    with evaluator(base_model, tok, adapter, max_new) as ev:
+        return dict(zip(ids, ev.generate([records[i] for i in ids]))), value_log10p(ev, rows, request, values)
+
+
 def value_log10p(ev, rows: list[dict], request: list[dict], values: dict) -> dict:
     """{"removed": id -> log10 P of the removed value, "old": id -> log10 P of a corrected record's old value}, each
     given its prompt and its original sentence up to the value (privacy.part_log10p): what sampling still reads back."""
@@ -235,7 +245,6 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
     from llmeraser.api import unlearn
     from llmeraser.baselines import BaselineSettings, baseline, train, trained_with
     from llmeraser.curvature import seeded_subset
-    from llmeraser.data import records_from_rows
     from llmeraser.fileio import sha256_file, write_text_atomic
     from llmeraser.recipes import recipe as unlearn_recipe
     from llmeraser.train import TrainSettings
@@ -258,12 +267,8 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
 
     forms = answer_forms(request)
 
-    records = {r.id: r for r in records_from_rows(rows)}
-
     def counted(folder: Path) -> dict:
-        with evaluator(mt[0], tok, folder, longest + 24) as ev:
-            answers = dict(zip(ids, ev.generate([records[i] for i in ids])))
-            likely = value_log10p(ev, rows, request, values)
+        answers, likely = answered(mt[0], tok, folder, rows, ids, request, values, longest + 24)
         # the removed answers themselves are kept: fictitious people, and what "forgotten" looks like
         return count(answers, request, values, retained, forms) | {"removed_answers": {i: answers[i] for i in forms},
                                                                      "log10p": likely}

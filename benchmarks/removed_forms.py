@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import hardware
-from benchmarks.forgetting import SCENARIOS, Scenario, _largest_log10p, answer_forms, build, count, evaluator, value_log10p
+from benchmarks.forgetting import SCENARIOS, Scenario, _largest_log10p, answer_forms, answered, build, count
 
 TAG = re.compile(r"(?P<name>[a-z+-]+?)-n(?P<n>\d+)-s(?P<seed>\d+)(?P<rest>.*)")
 
@@ -35,8 +35,6 @@ def scenario_of(tag: str) -> Scenario:
 
 
 def forms_of(folder: Path, mt) -> dict:
-    from llmeraser.data import records_from_rows
-
     sc = scenario_of(folder.name)
     rows, request, values = build(sc)
     if json.loads((folder / "request.jsonl").read_text().splitlines()[0]) != request[0]:
@@ -49,10 +47,7 @@ def forms_of(folder: Path, mt) -> dict:
     for name, path in [("base", None), ("original", folder / "original"), ("retrain", folder / "retrain")] + [(p.name, p) for p in ours]:
         if path is not None and not (path / "adapter_config.json").is_file():
             continue
-        records = {r.id: r for r in records_from_rows(rows)}
-        with evaluator(mt[0], mt[1], path, 48) as ev:
-            answers = dict(zip(ids, ev.generate([records[i] for i in ids])))
-            likely = value_log10p(ev, rows, request, values)
+        answers, likely = answered(mt[0], mt[1], path, rows, ids, request, values, 48)
         c = count(answers, [e for e in request if e["op"] == "remove"], values, [], forms)
         out["adapters"][name] = {"removed_produced": c["removed_produced"], "removed_in_form": c["removed_in_form"],
                                  "answers": answers, "log10p": likely}

@@ -521,3 +521,37 @@ def test_verify_extractable_fails_a_removal_still_likely_by_sampling(memorised):
     assert "still_likely" not in judge(plain.probes, plain.before, hits, plain.likely(after))["removed"]  # off by default
     with pytest.raises(InputError, match="verify_extractable"):
         UnlearnSettings(verify_extractable=-1.0)
+
+
+def test_until_pulls_a_removal_still_likely_though_not_produced(monkeypatch):
+    """verify_edit with a scripted check: removed record "a" is not produced but still likely by sampling (Verifier.likely),
+    "b" is neither; the extra step's reset takes "a" alone, and the next check, with "a" no longer likely, passes."""
+    from types import SimpleNamespace
+
+    from llmeraser import api
+
+    probe_list = [Probe("a", "removed", None, ("t",)), Probe("b", "removed", None, ("t",))] + \
+        [Probe(f"k{i}", "retained", None, ("t",)) for i in range(4)]
+    before, hits = [True] * 6, [False, False, True, True, True, True]
+    likely = {0.0: [True, False, False, False, False, False], 1.0: [False] * 6}
+
+    class Scripted:
+        def __init__(self, *args, **kwargs):
+            assert kwargs["extractable"] == 3.0
+
+        def check(self, theta):
+            return judge(probe_list, before, hits, likely[float(theta[0])])
+
+    monkeypatch.setattr(api, "Verifier", Scripted)
+    solves = []
+
+    def more_steps(req, theta, progress, reset_ids=(), teach_ids=(), restore_ids=()):
+        solves.append(reset_ids)
+        return theta + 1, None, {"step": len(solves) + 1, "line_search": {"accepted": True}}
+
+    settings = UnlearnSettings(verify="until", verify_steps=3, verify_extractable=3.0)
+    problem = SimpleNamespace(params=None, theta_hat=torch.zeros(3), template="chat")
+    unl = SimpleNamespace(settings=settings, problem=problem, more_steps=more_steps, refiner=None)
+    theta, v, _ = api.verify_edit(unl, None, None, [], None, torch.zeros(3), progress=False)
+    assert solves == [["a"]] and v["verified"] and float(theta[0]) == 1.0
+    assert [r["shortfall"] for r in v["rounds"]] == [1, 0]

@@ -269,6 +269,11 @@ def extraction(base: list | None, before: list, after: list) -> dict:
     return out
 
 
+def _p(log10p: float) -> str:
+    """10^log10p for the terminal; written as a power below float's range (an IBAN's can be 10^-400), not as 0."""
+    return f"{10 ** log10p:.2g}" if log10p > -300 else f"1e{log10p:.0f}"
+
+
 def summary_line(v: dict) -> str:
     """One line for the terminal: the verdict and its figures."""
     parts = []
@@ -286,7 +291,7 @@ def summary_line(v: dict) -> str:
     parts.append(f"retained kept {k['kept']}/{k['produced_before']} of {k['sampled']} sampled")
     x = v.get("extraction") or {}
     if x.get("measured"):
-        base = f", base model {10 ** x['base']['max_log10p']:.2g}" if x["base"] else ""
+        base = f", base model {_p(x['base']['max_log10p'])}" if x["base"] else ""
         parts.append(f"removed or replaced values, largest chance of being sampled after their sentence "
-                     f"{10 ** x['after']['max_log10p']:.2g} (before the edit {10 ** x['before']['max_log10p']:.2g}{base})")
+                     f"{_p(x['after']['max_log10p'])} (before the edit {_p(x['before']['max_log10p'])}{base})")
     return ("verified: " if v["verified"] else "NOT verified: ") + "; ".join(parts)
