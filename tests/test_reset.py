@@ -121,3 +121,76 @@ def test_reset_needs_ggn():
         UnlearnSettings(anchor_kept=1.0, newton_steps=2)
     with pytest.raises(InputError, match="reset_removed -1.0"):
         UnlearnSettings(reset_removed=-1.0)
+
+
+def test_parts_target_pulls_the_marked_tokens_and_holds_the_rest(tiny64):
+    """verify_reset 'parts': per removed record, target z*_t = z_t(Θ₀) on the listed response tokens and z_t(Θ̂) on its
+    others; a record not listed is pulled at every token. Against P summed by hand record by record (no batching),
+    at Θ̂ (where only the listed tokens count) and at a random point; listing every token is the plain reset."""
+    model, obj, params, theta, items = setup(tiny64)
+    parts = {id(items[0]): [1, 2], id(items[2]): [0]}
+    reset = OutputReset(obj, params, theta, items, batch_size=3, device="cpu", parts=parts)
+    theta0 = zero_adapter(params, theta)
+
+    def by_hand(point, only_parts=True):
+        total = 0.0
+        for e in items:
+            b = obj.collate([e], "cpu")
+            with fused_attention(model), torch.no_grad():
+                z, z0, zh = (obj.outputs(params.unflatten(t), b) for t in (point, theta0, theta))
+            pulled = torch.ones(e.n_response, dtype=torch.bool)
+            if only_parts and id(e) in parts:
+                pulled = torch.zeros(e.n_response, dtype=torch.bool)
+                pulled[parts[id(e)]] = True
+            p_mean = 0.5 * (torch.softmax(z0, -1) + torch.softmax(zh, -1))
+            for t in range(e.n_response):
+                d = z[t] - (z0[t] if pulled[t] else zh[t])
+                F = torch.diag(p_mean[t]) - torch.outer(p_mean[t], p_mean[t])
+                total += 0.5 * float(d @ F @ d) / e.n_response
+        return total
+
+    g = torch.Generator().manual_seed(7)
+    point = theta + 0.1 * torch.randn(theta.numel(), dtype=torch.float64, generator=g)
+    assert reset.value(theta) == pytest.approx(by_hand(theta), rel=1e-9)
+    assert reset.value(point) == pytest.approx(by_hand(point), rel=1e-9)
+    plain = OutputReset(obj, params, theta, items, batch_size=3, device="cpu")
+    assert plain.value(point) == pytest.approx(by_hand(point, only_parts=False), rel=1e-9)
+    assert reset.value(theta) < plain.value(theta)  # the held tokens are at their target at Θ̂
+    every = {id(e): list(range(e.n_response)) for e in items}
+    full = OutputReset(obj, params, theta, items, batch_size=3, device="cpu", parts=every)
+    assert full.value(point) == pytest.approx(plain.value(point), rel=1e-12)
+    assert torch.allclose(full.grad(point), plain.grad(point), rtol=1e-10)
+
+
+def test_verify_reset_parts_locates_the_private_value_among_the_response_tokens(tiny64):
+    """Unlearner.more_steps with verify_reset 'parts' hands the step the tokens of the marked part (the whitespace
+    before it included), by Problem.part_positions: decoded, they are the value."""
+    from llmeraser.data import records_from_rows, request_from_rows
+
+    model, tok, _ = tiny64
+    recs = records_from_rows([{"id": "a", "prompt": "phone of ann?", "response": "Ann: 1234, ok"},
+                              {"id": "b", "prompt": "phone of bob?", "response": "Bob: 5678, ok"}])
+    s = UnlearnSettings(reset_removed=1.0, verify_reset="parts", max_length=64, template="chat", device="cpu")
+    unl = Unlearner(model, tok, recs, s)
+    at = unl.problem.part_positions(recs[0], ("1234",))
+    ex = unl.problem.examples[0]
+    assert tok.decode(list(ex.input_ids[ex.n_prompt:][k] for k in at)).replace(" ", "") == "1234"
+    assert unl.problem.part_positions(recs[0], ("9999",)) is None
+    with pytest.raises(InputError, match="verify_reset 'parts' chooses what reset_removed pulls"):
+        UnlearnSettings(verify_reset="parts")
+    with pytest.raises(InputError, match="verify_reset"):
+        UnlearnSettings(reset_removed=1.0, verify_reset="value")
+    req = request_from_rows([{"op": "remove", "id": "a", "private": ["1234"]}], recs)
+    seen = {}
+    from llmeraser import newton
+
+    def spy(self, theta, *args, **kw):
+        seen["parts"] = args[3] if len(args) > 3 else kw.get("reset_parts")
+        return theta, None, {"line_search": {"accepted": False}}
+    orig = newton.Refiner.step
+    newton.Refiner.step = spy
+    try:
+        unl.more_steps(req, unl.theta_hat, progress=False, reset_ids=["a"])
+    finally:
+        newton.Refiner.step = orig
+    assert seen["parts"] == {id(unl.problem.examples[0]): at}

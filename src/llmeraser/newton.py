@@ -45,32 +45,34 @@ class Refiner:
         """n·R'(Θ) + const under the same stationarity assumption as the gradient, so the two agree."""
         return retraining_objective(self.cv.data_part(t), t, 1, self.p.n * self.p.weight_decay)
 
-    def reset_term(self, removed: list):
-        """ρ·P over these removed samples (reset.py), kept while the same ones are asked for."""
-        ids = tuple(id(x) for x in removed)
-        if self._reset[0] != ids:
+    def reset_term(self, removed: list, parts: dict | None = None):
+        """ρ·P over these removed samples (reset.py; `parts`: its private-parts-only targets), kept while the same
+        ones are asked for."""
+        key = (tuple(id(x) for x in removed), tuple(sorted((k, tuple(v)) for k, v in (parts or {}).items())))
+        if self._reset[0] != key:
             if self._reset[1] is not None:
                 self._reset[1].release()
             p = self.p
-            self._reset = (ids, OutputReset(p.objective, p.params, p.theta_hat, removed, self.s.batch_size, p.device,
-                                            memory=p.memory))
+            self._reset = (key, OutputReset(p.objective, p.params, p.theta_hat, removed, self.s.batch_size, p.device,
+                                            memory=p.memory, parts=parts))
         return self._reset[1]
 
     def step(self, theta: torch.Tensor, reset_removed: list | None = None, teach_new: list | None = None,
-             restore_kept: list | None = None):
+             restore_kept: list | None = None, reset_parts: dict | None = None):
         """(Θ after the step, the solve's result, the step's record); Θ is unchanged when its search finds
         no descent (record["line_search"]["accepted"] is False).
 
         `reset_removed`: removed samples whose answers are still produced; with the setting reset_removed = ρ > 0
         the step minimises n·R' + ρ·P over them (P of reset.py, its Gauss-Newton curvature taken at Θ̂), the
-        penalty the first step used. `teach_new`: new versions (corrections, modified queries) whose answers are
+        penalty the first step used; `reset_parts` ({id(sample): token indices}) pulls only those tokens of a
+        sample and holds its others at Θ̂'s outputs (reset.py). `teach_new`: new versions (corrections, modified queries) whose answers are
         not produced yet; with ρ > 0 the step adds ρ·Σ_T L_i, the same pull toward what retraining fits to near-zero
         loss, with its curvature at Θ_k (docs/design.md#verification). `restore_kept`: kept samples whose answers
         the edit made uncertain, added to the same ρ·Σ_T L_i: retraining fits them as it fits the new answers."""
         p, s, cv, m = self.p, self.s, self.cv, len(self.edited)
         taught = list(teach_new or ()) + list(restore_kept or ())
         self.k += 1
-        reset = self.reset_term(reset_removed) if reset_removed and s.reset_removed else None
+        reset = self.reset_term(reset_removed, reset_parts) if reset_removed and s.reset_removed else None
         rho = s.reset_removed
         terms = ((rho / m, reset.product),) if reset is not None else ()
         teach = None
@@ -106,6 +108,8 @@ class Refiner:
                   "final_residual": result.final_residual, "converged": result.converged, "line_search": search}
         if reset is not None:
             record["reset_removed"] = len(reset_removed)
+            if reset_parts:
+                record["reset_parts_only"] = len(reset_parts)
         if teach is not None:
             record["pulled_new"] = len(teach_new or ())
             if restore_kept:

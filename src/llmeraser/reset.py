@@ -21,6 +21,15 @@ curvature holds their answers in place, so the step resets what the removed reco
 The base model is not what retraining predicts for those prompts (that is the kept data's
 generalisation, which this target leaves to the kept samples' curvature), so the term is off by default
 and meant for memorised private data.
+
+Private parts only (`parts`, the setting verify_reset = 'parts'): for a removed record whose request marks
+its private parts, the target is the base model's logits at the parts' tokens T_u only and the adapter's
+own at Θ̂ elsewhere,
+    z*_t = z_t(Θ₀) for t ∈ T_u,   z*_t = z_t(Θ̂) otherwise,
+so d_t = 0 at Θ̂ outside T_u: those tokens add curvature only and hold the sentence around the value as
+the adapter gives it, while the value's tokens are pulled to the base model's prediction. Why: pulling the
+whole answer toward the base model, step after step, lowers the value's probability but garbles the
+sentence, which retraining still answers in (docs/design.md#verify-reset).
 """
 
 from __future__ import annotations
@@ -35,14 +44,29 @@ from .objective import by_length, wide, wide_softmax
 from .params import zero_adapter  # noqa: F401  (re-exported: Θ₀ is part of this module's story)
 
 
+def pulled_tokens(items: list, parts: dict) -> torch.Tensor:
+    """Over a batch's response tokens, in collate's order (item by item, each response in order): True where
+    the target is the base model's: the tokens `parts` lists for an item, every token of an item it omits."""
+    out = []
+    for e in items:
+        at = parts.get(id(e))
+        m = torch.ones(e.n_response, dtype=torch.bool) if at is None else torch.zeros(e.n_response, dtype=torch.bool)
+        if at is not None:
+            m[[k for k in at if k < e.n_response]] = True
+        out.append(m)
+    return torch.cat(out)
+
+
 class OutputReset:
     """P(Θ) above over the removed records: value, gradient and Gauss-Newton products at Θ̂."""
 
     def __init__(self, objective, params, theta_hat: torch.Tensor, examples: list, batch_size: int, device,
-                 anchor: bool = False, memory: MemoryBudget | None = None):
+                 anchor: bool = False, memory: MemoryBudget | None = None, parts: dict | None = None):
         """`anchor`: the target is the adapter's own outputs at Θ̂ instead of the base model's (the
         --anchor-kept term: zero and flat at Θ̂, it only adds curvature), and the metric the base model's
-        Fisher F⁰; otherwise the metric is F̄ above."""
+        Fisher F⁰; otherwise the metric is F̄ above. `parts`: {id(example): indices among its response tokens}
+        of the examples whose target is the base model's at those tokens only and Θ̂'s elsewhere (module
+        docstring); an example not in it is pulled at every response token."""
         self.objective, self.params, self.theta_hat = objective, params, theta_hat.detach()
         examples = distributed.shard(by_length(examples))  # this rank's share; value, grad, product sum over ranks
         theta0 = zero_adapter(params, self.theta_hat)
@@ -55,7 +79,12 @@ class OutputReset:
         if anchor:
             self.targets, self.probs = [wide(t) for t in hat], [wide_softmax(t) for t in base]
         else:
-            self.targets, self.probs = [wide(t) for t in base], [0.5 * (wide_softmax(t0) + wide_softmax(t)) for t0, t in zip(base, hat)]
+            self.probs = [0.5 * (wide_softmax(t0) + wide_softmax(t)) for t0, t in zip(base, hat)]
+            self.targets = [wide(t0) for t0 in base]
+            if parts:
+                masks = [pulled_tokens(examples[i:i + batch_size], parts) for i in range(0, len(examples), batch_size)]
+                self.targets = [torch.where(m.to(t0.device)[:, None], wide(t0), wide(t))
+                                for m, t0, t in zip(masks, base, hat)]
         self._linear = None  # per batch: its kept linearisation, or None where the memory budget did not keep it
         self._linear_mb = 0.0
         self._curvature = Curvature(objective, params, self.theta_hat, "ggn")

@@ -22,6 +22,7 @@ from .solvers import SOLVERS, SolverSettings
 
 CURVATURE_DATA = ("edited", "original")
 VERIFY_MODES = ("off", "check", "until")
+VERIFY_RESETS = ("response", "parts")
 
 
 def _meta(help: str, flag: bool = False, **kw) -> dict:
@@ -101,6 +102,10 @@ class UnlearnSettings:
         "> 0: a removed record's private part (or answer) whose probability after its own sentence, by one teacher-"
         "forced pass, exceeds the base model's by more than this many powers of ten counts as still produced: "
         "sampling, not only greedy decoding, could read it back (0: off; verify.py)"))
+    verify_reset: str = field(default="response", metadata=_meta(
+        "verify 'until': what an extra step pulls toward the base model for a removed record still produced: its "
+        "whole answer, or only the tokens of its marked 'private' parts, holding the rest of its answer as the "
+        "adapter gave it (reset.py; a record without marked parts: its whole answer)", choices=VERIFY_RESETS))
     solver_settings: SolverSettings = field(default_factory=SolverSettings)
 
     @property
@@ -111,7 +116,7 @@ class UnlearnSettings:
     def __post_init__(self):
         for name, allowed in (("curvature", CURVATURES), ("solver", tuple(sorted(SOLVERS))), ("hvp_mode", HVP_MODES),
                               ("curvature_data", CURVATURE_DATA), ("template", TEMPLATES), ("verify", VERIFY_MODES),
-                              ("dtype", DTYPE_CHOICES)):
+                              ("dtype", DTYPE_CHOICES), ("verify_reset", VERIFY_RESETS)):
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} {getattr(self, name)!r}: must be one of {list(allowed)}")
         check_device(self.device)
@@ -147,6 +152,9 @@ class UnlearnSettings:
         gauss_newton = self.curvature in GAUSS_NEWTON
         if self.reset_removed and not gauss_newton:
             raise InputError("reset_removed needs curvature 'ggn' or 'ggn-base'")
+        if self.verify_reset != "response" and not self.reset_removed:
+            raise InputError(f"verify_reset {self.verify_reset!r} chooses what reset_removed pulls, which is 0 here: set "
+                             "reset_removed (the memorised recipe's is 10) or leave verify_reset 'response'")
         if self.verify_restore and not self.reset_removed:
             raise InputError("verify_restore weights the kept records by reset_removed's ρ, which is 0 here: set "
                              "reset_removed (the memorised recipe's is 10) or leave verify_restore off")

@@ -105,19 +105,24 @@ class Unlearner:
                    restore_ids=()):
         """(Θ, the solve's result, the step's record): one more Newton step on the edited objective from Θ, after
         `delta(request)`; Θ is unchanged when its line search finds no descent. `reset_ids`: removed records
-        whose answers are still produced, pulled toward the base model's when the settings have reset_removed;
+        whose answers are still produced, pulled toward the base model's when the settings have reset_removed (at
+        their private parts' tokens only, the rest held, with verify_reset 'parts');
         `teach_ids`: edited records whose new answers are not produced yet, their loss weighted by the same ρ;
         `restore_ids`: kept records (ids of the data) whose answers the edit made uncertain, weighted likewise."""
         if self.refiner is None:
             self.refiner = Refiner(self.problem, request, self.systems, self.settings, self.damping, progress)
             self.refiner.k = max(self.settings.newton_steps, 1)
-        index = {e.id: e.index for e in request.edits if e.op == "remove"}
-        removed = [self.problem.examples[index[i]] for i in reset_ids if i in index]
+        edits = {e.id: e for e in request.edits if e.op == "remove"}
+        removed = [self.problem.examples[edits[i].index] for i in reset_ids if i in edits]
+        parts = None
+        if self.settings.verify_reset == "parts":
+            at = {i: self.problem.part_positions(edits[i].old, edits[i].private) for i in reset_ids if i in edits}
+            parts = {id(self.problem.examples[edits[i].index]): v for i, v in at.items() if v}
         new_of = dict(zip([e.id for e in request.edits if e.new is not None], self.problem.sets(request).new))
         taught = [new_of[i] for i in dict.fromkeys(teach_ids) if i in new_of]
         kept = dict(self._kept(request))
         restored = [kept[i] for i in dict.fromkeys(restore_ids) if i in kept]
-        return self.refiner.step(theta, removed or None, taught or None, restored or None)
+        return self.refiner.step(theta, removed or None, taught or None, restored or None, parts or None)
 
     def _kept(self, request: EditRequest) -> list[tuple[str, object]]:
         """(record id, encoded sample) of every record the request leaves as it is."""
