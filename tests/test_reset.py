@@ -164,12 +164,14 @@ def test_parts_target_pulls_the_marked_tokens_and_holds_the_rest(tiny64):
 
 def test_verify_reset_parts_locates_the_private_value_among_the_response_tokens(tiny64):
     """Unlearner.more_steps with verify_reset 'parts' hands the step the tokens of the marked part (the whitespace
-    before it included), by Problem.part_positions: decoded, they are the value."""
+    before it included), by Problem.part_positions: decoded, they are the value; a correction's old record joins the
+    pull at its old value only."""
     from llmeraser.data import records_from_rows, request_from_rows
 
     model, tok, _ = tiny64
     recs = records_from_rows([{"id": "a", "prompt": "phone of ann?", "response": "Ann: 1234, ok"},
-                              {"id": "b", "prompt": "phone of bob?", "response": "Bob: 5678, ok"}])
+                              {"id": "b", "prompt": "phone of bob?", "response": "Bob: 5678, ok"},
+                              {"id": "c", "prompt": "phone of cy?", "response": "Cy: 9012, ok"}])
     s = UnlearnSettings(reset_removed=1.0, verify_reset="parts", max_length=64, template="chat", device="cpu")
     unl = Unlearner(model, tok, recs, s)
     at = unl.problem.part_positions(recs[0], ("1234",))
@@ -180,17 +182,25 @@ def test_verify_reset_parts_locates_the_private_value_among_the_response_tokens(
         UnlearnSettings(verify_reset="parts")
     with pytest.raises(InputError, match="verify_reset"):
         UnlearnSettings(reset_removed=1.0, verify_reset="value")
-    req = request_from_rows([{"op": "remove", "id": "a", "private": ["1234"]}], recs)
-    seen = {}
+    req = request_from_rows([{"op": "remove", "id": "a", "private": ["1234"]},
+                             {"op": "correct_response", "id": "b", "private": ["5678"], "new": {"response": "Bob: 5679, ok"}}],
+                            recs)
+    seen = []
     from llmeraser import newton
 
-    def spy(self, theta, *args, **kw):
-        seen["parts"] = args[3] if len(args) > 3 else kw.get("reset_parts")
+    def spy(self, theta, removed=None, teach=None, restore=None, parts=None):
+        seen.append((removed, parts))
         return theta, None, {"line_search": {"accepted": False}}
     orig = newton.Refiner.step
     newton.Refiner.step = spy
     try:
-        unl.more_steps(req, unl.theta_hat, progress=False, reset_ids=["a"])
+        unl.more_steps(req, unl.theta_hat, progress=False, reset_ids=["a", "b"])
+        whole = Unlearner(model, tok, recs, UnlearnSettings(reset_removed=1.0, max_length=64, template="chat", device="cpu"))
+        whole.more_steps(req, whole.theta_hat, progress=False, reset_ids=["a", "b"])
     finally:
         newton.Refiner.step = orig
-    assert seen["parts"] == {id(unl.problem.examples[0]): at}
+    ex = unl.problem.examples
+    # 'parts': the removal and the correction's old record, each at its value's tokens
+    assert seen[0] == ([ex[0], ex[1]], {id(ex[0]): at, id(ex[1]): unl.problem.part_positions(recs[1], ("5678",))})
+    # 'response': the removal at every token; a correction's old answer is not pulled (its new one shares the sentence)
+    assert seen[1] == ([whole.problem.examples[0]], None)

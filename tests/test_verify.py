@@ -8,7 +8,7 @@ import torch
 from llmeraser.data import load_records, request_from_rows
 from llmeraser.errors import NOT_VERIFIED_EXIT, InputError
 from llmeraser.settings import UnlearnSettings
-from llmeraser.verify import Probe, judge, probes, produced, shortfall
+from llmeraser.verify import Probe, judge, probes, produced, shortfall, summary_line
 
 ROWS = [{"id": "a", "prompt": "phone of ann?", "response": "Ann: 1234, ann@x.org"},
         {"id": "b", "prompt": "phone of bob?", "response": "Yes."},
@@ -555,3 +555,14 @@ def test_until_pulls_a_removal_still_likely_though_not_produced(monkeypatch):
     theta, v, _ = api.verify_edit(unl, None, None, [], None, torch.zeros(3), progress=False)
     assert solves == [["a"]] and v["verified"] and float(theta[0]) == 1.0
     assert [r["shortfall"] for r in v["rounds"]] == [1, 0]
+
+
+def test_a_corrections_old_value_still_likely_fails_the_check():
+    """verify_extractable judges a correction's old value as it judges a removed one: not produced but likely by
+    sampling is a failure, in the shortfall and the summary line."""
+    probe_list = [Probe("d", "new", None, ("n",)), Probe("d", "old", None, ("o",)), Probe("k", "retained", None, ("t",))]
+    v = judge(probe_list, [False, True, True], [True, False, True], [False, True, False])
+    assert v["old"]["still_likely"] == 1 and v["old"]["still_produced"] == 0 and not v["verified"]
+    assert shortfall(v) == 1 and any("replaced answers or private parts not produced but still likely" in f for f in v["failures"])
+    assert "replaced answers not produced but likely by sampling 1/1" in summary_line(v)
+    assert judge(probe_list, [False, True, True], [True, False, True], [False] * 3)["verified"]

@@ -168,7 +168,10 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
             stopped = f"the budget of {s.verify_seconds:g} s ran out"
         if stopped:
             break
-        still = [r["id"] for r in check["records"] if r["kind"] == "removed" and r["checked"] and (r["after"] or r["likely"])]
+        # removed records, and corrections' old values (pulled only with verify_reset 'parts': Unlearner.more_steps),
+        # still produced or still likely
+        still = [r["id"] for r in check["records"] if r["kind"] in ("removed", "old") and r["checked"]
+                 and (r["after"] or r["likely"])]
         missing = [r["id"] for r in check["records"] if r["kind"] in ("new", "query") and r["checked"] and not r["after"]]
         # with verify_restore: every kept record whose answer this Θ no longer certainly gives (not the sample)
         uncertain = unl.uncertain_kept(req, theta) if s.verify_restore else []

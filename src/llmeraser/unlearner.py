@@ -105,19 +105,25 @@ class Unlearner:
                    restore_ids=()):
         """(Θ, the solve's result, the step's record): one more Newton step on the edited objective from Θ, after
         `delta(request)`; Θ is unchanged when its line search finds no descent. `reset_ids`: removed records
-        whose answers are still produced, pulled toward the base model's when the settings have reset_removed (at
-        their private parts' tokens only, the rest held, with verify_reset 'parts');
+        whose answers are still produced (or likely), pulled toward the base model's when the settings have
+        reset_removed; with verify_reset 'parts' only their private parts' tokens, the rest held, and then corrections'
+        ids here pull their old records' private parts too;
         `teach_ids`: edited records whose new answers are not produced yet, their loss weighted by the same ρ;
         `restore_ids`: kept records (ids of the data) whose answers the edit made uncertain, weighted likewise."""
         if self.refiner is None:
             self.refiner = Refiner(self.problem, request, self.systems, self.settings, self.damping, progress)
             self.refiner.k = max(self.settings.newton_steps, 1)
-        edits = {e.id: e for e in request.edits if e.op == "remove"}
-        removed = [self.problem.examples[edits[i].index] for i in reset_ids if i in edits]
-        parts = None
+        edits, wanted = {e.id: e for e in request.edits}, list(dict.fromkeys(reset_ids))
+        at = {}  # id -> the private parts' response tokens of its old record, with verify_reset 'parts'
         if self.settings.verify_reset == "parts":
-            at = {i: self.problem.part_positions(edits[i].old, edits[i].private) for i in reset_ids if i in edits}
-            parts = {id(self.problem.examples[edits[i].index]): v for i, v in at.items() if v}
+            at = {i: self.problem.part_positions(edits[i].old, edits[i].private) for i in wanted
+                  if i in edits and edits[i].private and edits[i].op != "modify_query"}
+            at = {i: v for i, v in at.items() if v}
+        # a removal is pulled at its parts, else at its whole answer; a correction's old record only at its parts (its
+        # whole old answer would fight the new one, which shares the sentence)
+        ids = [i for i in wanted if i in edits and (edits[i].op == "remove" or i in at)]
+        removed = [self.problem.examples[edits[i].index] for i in ids]
+        parts = {id(self.problem.examples[edits[i].index]): at[i] for i in ids if i in at}
         new_of = dict(zip([e.id for e in request.edits if e.new is not None], self.problem.sets(request).new))
         taught = [new_of[i] for i in dict.fromkeys(teach_ids) if i in new_of]
         kept = dict(self._kept(request))

@@ -31,7 +31,7 @@ Beyond greedy decoding, each removed or replaced target (a 'private' part, else 
 old response is scored by one teacher-forced pass: log10 P(target | prompt, old response before it) (privacy.py),
 at Θ, at Θ̂ and under the base model alone, and reported ("extraction"). A value retraining never saw has a small
 probability, not zero, and there is no retraining here to compare it with, so it is judged only when asked
-(the setting verify_extractable = m > 0): a removed record whose target has
+(the setting verify_extractable = m > 0): a removed record's target, or a correction's old one, with
 
     log10 P_Θ(target | its sentence) > log10 P_base(target | its sentence) + m
 
@@ -139,15 +139,16 @@ def judge(probe_list: list[Probe], before: list[bool], after: list[bool], likely
                "old": absent("old"),
                "retained": {"sampled": len(retained), "produced_before": kept_before, "kept": kept, "kept_share": share}}
     if judged:
-        figures["removed"]["still_likely"] = sum(x and not a and not p.shared for (p, _, a), x in zip(rows, likely)
-                                                 if p.kind == "removed")
+        for kind in ("removed", "old"):
+            figures[kind]["still_likely"] = sum(x and not a and not p.shared for (p, _, a), x in zip(rows, likely)
+                                                if p.kind == kind)
     failures = []
     for key, what in (("removed", "removed answers"), ("old", "replaced answers or private parts")):
         if figures[key]["still_produced"]:
             failures.append(f"{figures[key]['still_produced']} of {figures[key]['checked']} {what} still produced")
-    if figures["removed"].get("still_likely"):
-        failures.append(f"{figures['removed']['still_likely']} of {figures['removed']['checked']} removed answers not "
-                        "produced but still likely by sampling (verify_extractable)")
+        if figures[key].get("still_likely"):
+            failures.append(f"{figures[key]['still_likely']} of {figures[key]['checked']} {what} not produced but still "
+                            "likely by sampling (verify_extractable)")
     for key, what in (("corrected", "corrections"), ("queries", "answers to modified queries")):
         missing = figures[key]["checked"] - figures[key]["produced"]
         if missing:
@@ -167,6 +168,7 @@ def shortfall(v: dict) -> int:
     allowed_loss = k["produced_before"] - math.ceil(RETAINED_KEPT_MIN * k["produced_before"] - 1e-9)
     lost = k["produced_before"] - k["kept"]
     return (v["removed"]["still_produced"] + v["removed"].get("still_likely", 0) + v["old"]["still_produced"]
+            + v["old"].get("still_likely", 0)
             + sum(v[key]["checked"] - v[key]["produced"] for key in ("corrected", "queries")) + max(0, lost - allowed_loss))
 
 
@@ -245,13 +247,14 @@ class Verifier:
                 "generated": generated, "extraction": extraction(self.base_log10p, self.before_log10p, after)}
 
     def likely(self, after: list) -> list[bool] | None:
-        """Per probe, with verify_extractable m > 0: a removed probe with a target whose log10 P at Θ exceeds the base
-        model's by more than m (module docstring); None when off or without a base model."""
+        """Per probe, with verify_extractable m > 0: a removed or replaced probe (a correction's old value) with a target
+        whose log10 P at Θ exceeds the base model's by more than m (module docstring); None when off or without a base
+        model."""
         if not self.extractable or self.base_log10p is None:
             return None
         out = [False] * len(self.probes)
         for k, base, x in zip(self.part_probe, self.base_log10p, after, strict=True):
-            if self.probes[k].kind == "removed" and base is not None and x is not None and x > base + self.extractable:
+            if base is not None and x is not None and x > base + self.extractable:
                 out[k] = True
         return out
 
@@ -282,8 +285,9 @@ def summary_line(v: dict) -> str:
         if f["checked"] or f["unchecked"]:
             parts.append(f"{what} {f['still_produced']}/{f['checked']}" + (f" ({f['unchecked']} unchecked: shared with kept "
                                                                            "records or inside the new answer)" if f["unchecked"] else ""))
-    if "still_likely" in v["removed"]:
-        parts.append(f"removed answers not produced but likely by sampling {v['removed']['still_likely']}/{v['removed']['checked']}")
+    for key, what in (("removed", "removed"), ("old", "replaced")):
+        if "still_likely" in v[key] and v[key]["checked"]:
+            parts.append(f"{what} answers not produced but likely by sampling {v[key]['still_likely']}/{v[key]['checked']}")
     for key, what in (("corrected", "corrections produced"), ("queries", "modified queries answered")):
         if v[key]["checked"]:
             parts.append(f"{what} {v[key]['produced']}/{v[key]['checked']}")
