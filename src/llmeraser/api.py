@@ -142,8 +142,9 @@ NO_PROGRESS = 1e-6
 def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress: bool):
     """(Θ, the verification, the kept extra step's solve or None): the checks of verify.py at Θ and, with verify
     'until', one more Newton step and check at a time until they pass, a step finds no descent or barely moves
-    Θ, or verify_steps or verify_seconds run out. A step pulls the removed records still produced toward the
-    base model and weights the loss of the new answers not yet produced (both by reset_removed's ρ:
+    Θ, or verify_steps or verify_seconds run out. A step pulls the removed records still produced (or likely) toward
+    the base model (with verify_reset 'parts', at their private parts only, and corrections' old values too) and
+    weights the loss of the new answers not yet produced (both by reset_removed's ρ:
     newton.Refiner.step), and with verify_restore the loss of the kept records whose answers Θ made uncertain
     (Unlearner.uncertain_kept). The Θ returned is the first that passes, else the
     one that missed by the fewest records (verify.shortfall; a tie goes to the later), so a step that bought

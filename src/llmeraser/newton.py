@@ -65,9 +65,9 @@ class Refiner:
         `reset_removed`: removed samples whose answers are still produced; with the setting reset_removed = ρ > 0
         the step minimises n·R' + ρ·P over them (P of reset.py, its Gauss-Newton curvature taken at Θ̂), the
         penalty the first step used; `reset_parts` ({id(sample): token indices}) pulls only those tokens of a
-        sample and holds its others at Θ̂'s outputs (reset.py). `teach_new`: new versions (corrections, modified queries) whose answers are
-        not produced yet; with ρ > 0 the step adds ρ·Σ_T L_i, the same pull toward what retraining fits to near-zero
-        loss, with its curvature at Θ_k (docs/design.md#verification). `restore_kept`: kept samples whose answers
+        sample and holds its others at Θ̂'s outputs (reset.py). `teach_new`: new versions (corrections, modified
+        queries) whose answers are not produced yet; with ρ > 0 the step adds ρ·Σ_T L_i, the same pull toward what
+        retraining fits to near-zero loss, with its curvature at Θ_k (docs/design.md#verification). `restore_kept`: kept samples whose answers
         the edit made uncertain, added to the same ρ·Σ_T L_i: retraining fits them as it fits the new answers."""
         p, s, cv, m = self.p, self.s, self.cv, len(self.edited)
         taught = list(teach_new or ()) + list(restore_kept or ())

@@ -99,13 +99,14 @@ class UnlearnSettings:
         "verify 'until': also weight by ρ the loss of kept records whose answer the edit made uncertain "
         "(a token's −log p rose past ln 2, from below it at every token before the edit), all kept records checked"))
     verify_extractable: float = field(default=0.0, metadata=_meta(
-        "> 0: a removed record's private part (or answer) whose probability after its own sentence, by one teacher-"
-        "forced pass, exceeds the base model's by more than this many powers of ten counts as still produced: "
-        "sampling, not only greedy decoding, could read it back (0: off; verify.py)"))
+        "> 0: a removed record's private part (or answer), or a correction's old one, whose probability after its own "
+        "sentence, by one teacher-forced pass, exceeds the base model's by more than this many powers of ten counts as "
+        "still produced: sampling, not only greedy decoding, could read it back (0: off; verify.py)"))
     verify_reset: str = field(default="response", metadata=_meta(
-        "verify 'until': what an extra step pulls toward the base model for a removed record still produced: its "
-        "whole answer, or only the tokens of its marked 'private' parts, holding the rest of its answer as the "
-        "adapter gave it (reset.py; a record without marked parts: its whole answer)", choices=VERIFY_RESETS))
+        "verify 'until': what an extra step pulls toward the base model for a removed record still produced (or "
+        "likely): its whole answer ('response'), or only the tokens of its marked 'private' parts, holding the rest "
+        "of its answer as the adapter gave it ('parts'; a record without marked parts: its whole answer; a "
+        "correction's old value is pulled too, at its parts only; reset.py)", choices=VERIFY_RESETS))
     solver_settings: SolverSettings = field(default_factory=SolverSettings)
 
     @property
