@@ -50,9 +50,8 @@ def pulled_tokens(items: list, parts: dict) -> torch.Tensor:
     out = []
     for e in items:
         at = parts.get(id(e))
-        m = torch.ones(e.n_response, dtype=torch.bool) if at is None else torch.zeros(e.n_response, dtype=torch.bool)
-        if at is not None:
-            m[[k for k in at if k < e.n_response]] = True
+        m = torch.zeros(e.n_response, dtype=torch.bool)
+        m[slice(None) if at is None else [k for k in at if k < e.n_response]] = True
         out.append(m)
     return torch.cat(out)
 
