@@ -9,7 +9,7 @@ from llmeraser.errors import InputError
 from llmeraser.modeling import fused_attention, theta_of
 from llmeraser.objective import CausalLMObjective
 from llmeraser.render import encode
-from llmeraser.reset import OutputReset, zero_adapter
+from llmeraser.reset import OutputReset, past_shared_prefix, zero_adapter
 from llmeraser.solvers import SolverSettings
 from llmeraser.settings import UnlearnSettings
 from llmeraser.terms import extension_terms
@@ -165,7 +165,7 @@ def test_parts_target_pulls_the_marked_tokens_and_holds_the_rest(tiny64):
 def test_verify_reset_parts_locates_the_private_value_among_the_response_tokens(tiny64):
     """Unlearner.more_steps with verify_reset 'parts' hands the step the tokens of the marked part (the whitespace
     before it included), by Problem.part_positions: decoded, they are the value; a correction's old record joins the
-    pull at its old value only."""
+    pull at its old value's tokens after the first one where old and new answers differ (reset.past_shared_prefix)."""
     from llmeraser.data import records_from_rows, request_from_rows
 
     model, tok, _ = tiny64
@@ -183,7 +183,7 @@ def test_verify_reset_parts_locates_the_private_value_among_the_response_tokens(
     with pytest.raises(InputError, match="verify_reset"):
         UnlearnSettings(reset_removed=1.0, verify_reset="value")
     req = request_from_rows([{"op": "remove", "id": "a", "private": ["1234"]},
-                             {"op": "correct_response", "id": "b", "private": ["5678"], "new": {"response": "Bob: 5679, ok"}}],
+                             {"op": "correct_response", "id": "b", "private": ["5678"], "new": {"response": "Bob: 5611, ok"}}],
                             recs)
     seen = []
     from llmeraser import newton
@@ -200,7 +200,24 @@ def test_verify_reset_parts_locates_the_private_value_among_the_response_tokens(
     finally:
         newton.Refiner.step = orig
     ex = unl.problem.examples
-    # 'parts': the removal and the correction's old record, each at its value's tokens
-    assert seen[0] == ([ex[0], ex[1]], {id(ex[0]): at, id(ex[1]): unl.problem.part_positions(recs[1], ("5678",))})
+    # the correction's old value's tokens, less those up to and at the first one differing from the new answer
+    value = unl.problem.part_positions(recs[1], ("5678",))
+    old_r, new_r = ex[1].input_ids[ex[1].n_prompt:], unl.problem.encode(req.edits[1].new).input_ids[ex[1].n_prompt:]
+    first = min(k for k in range(len(old_r)) if old_r[k] != new_r[k])
+    past = [k for k in value if k > first]
+    assert 0 < len(past) < len(value)  # the shared "56" lies inside the value: the case the rule is for
+    # 'parts': the removal at its value's tokens, the correction's old record past the shared prefix
+    assert seen[0] == ([ex[0], ex[1]], {id(ex[0]): at, id(ex[1]): past})
     # 'response': the removal at every token; a correction's old answer is not pulled (its new one shares the sentence)
     assert seen[1] == ([whole.problem.examples[0]], None)
+
+
+def test_past_shared_prefix_keeps_the_tokens_whose_contexts_differ():
+    """Against the definition: the first differing position of the full sequences, counted among the response tokens;
+    different prompts keep every index; a new answer that extends the old one keeps none."""
+    from llmeraser.render import Example
+
+    old = Example(input_ids=(1, 2, 3, 4, 5, 6), n_prompt=2)
+    assert past_shared_prefix(old, Example(input_ids=(1, 2, 3, 9, 5, 6), n_prompt=2), [0, 1, 2, 3]) == [2, 3]
+    assert past_shared_prefix(old, Example(input_ids=(1, 7, 3, 4, 5, 6), n_prompt=2), [0, 3]) == [0, 3]
+    assert past_shared_prefix(old, Example(input_ids=(1, 2, 3, 4, 5, 6, 7), n_prompt=2), [0, 3]) == []

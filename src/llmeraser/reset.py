@@ -30,6 +30,10 @@ so d_t = 0 at Θ̂ outside T_u: those tokens add curvature only and hold the sen
 the adapter gives it, while the value's tokens are pulled to the base model's prediction. Why: pulling the
 whole answer toward the base model, step after step, lowers the value's probability but garbles the
 sentence, which retraining still answers in (docs/design.md#verify-reset).
+
+A correction's old record is pulled only at its parts' tokens after the first token where its old and new
+answers differ (`past_shared_prefix`): up to and at that token both records see the same context, so pulling
+the old record there toward the base model pulls the new answer, which the same step teaches, away from itself.
 """
 
 from __future__ import annotations
@@ -42,6 +46,17 @@ from .memory import MemoryBudget
 from .modeling import fused_attention
 from .objective import by_length, wide, wide_softmax
 from .params import zero_adapter  # noqa: F401  (re-exported: Θ₀ is part of this module's story)
+
+
+def past_shared_prefix(old, new, at) -> list[int]:
+    """The indices of `at` (among `old`'s response tokens) that come after the first position where the token
+    sequences of `old` and `new` (render.Example) differ. Invariant: at each kept index the two records' contexts
+    differ, so the old record's target there says nothing about the new answer's tokens; with different prompts
+    every index is kept."""
+    a, b = old.input_ids, new.input_ids
+    j = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    first = j - old.n_prompt  # the first differing response token (negative: the prompts already differ)
+    return [k for k in at if k > first]
 
 
 def pulled_tokens(items: list, parts: dict) -> torch.Tensor:

@@ -22,6 +22,7 @@ from .data import EditRequest, Record
 from .errors import InputError
 from .newton import Refiner, refine
 from .problem import EditSets, Problem
+from .reset import past_shared_prefix
 from .settings import UnlearnSettings
 from .systems import Systems
 from .terms import extension_terms
@@ -114,17 +115,20 @@ class Unlearner:
             self.refiner = Refiner(self.problem, request, self.systems, self.settings, self.damping, progress)
             self.refiner.k = max(self.settings.newton_steps, 1)
         edits, wanted = {e.id: e for e in request.edits}, list(dict.fromkeys(reset_ids))
+        new_of = dict(zip([e.id for e in request.edits if e.new is not None], self.problem.sets(request).new))
         at = {}  # id -> the private parts' response tokens of its old record, with verify_reset 'parts'
         if self.settings.verify_reset == "parts":
             at = {i: self.problem.part_positions(edits[i].old, edits[i].private) for i in wanted
                   if i in edits and edits[i].private and edits[i].op != "modify_query"}
+            # a correction's old record past the prefix it shares with the new answer only (reset.past_shared_prefix)
+            at = {i: past_shared_prefix(self.problem.examples[edits[i].index], new_of[i], v) if i in new_of and v else v
+                  for i, v in at.items()}
             at = {i: v for i, v in at.items() if v}
         # a removal is pulled at its parts, else at its whole answer; a correction's old record only at its parts (its
         # whole old answer would fight the new one, which shares the sentence)
         ids = [i for i in wanted if i in edits and (edits[i].op == "remove" or i in at)]
         removed = [self.problem.examples[edits[i].index] for i in ids]
         parts = {id(self.problem.examples[edits[i].index]): at[i] for i in ids if i in at}
-        new_of = dict(zip([e.id for e in request.edits if e.new is not None], self.problem.sets(request).new))
         taught = [new_of[i] for i in dict.fromkeys(teach_ids) if i in new_of]
         kept = dict(self._kept(request))
         restored = [kept[i] for i in dict.fromkeys(restore_ids) if i in kept]
