@@ -235,6 +235,29 @@ def test_an_extra_step_with_the_reset_lowers_the_removed_records_penalty(memoris
     assert objective(after) < objective(theta)
 
 
+def test_extra_steps_on_the_same_removals_survive_the_generation_between_them(memorised):
+    """Generation between two extra steps merges the adapter into the base weights and copies them back in place
+    (modeling.merged_adapter), which bumps their autograd version counters: a reset linearisation kept from the first
+    step and used by the second would fail "modified by an inplace operation". Each step's kept products are released
+    with its solve, so the second step runs; and it starts from what the first left."""
+    from llmeraser.modeling import merged_adapter
+    from llmeraser.recipes import recipe
+    from llmeraser.unlearner import Unlearner
+
+    _, model, tok, recs = memorised
+    req = request_from_rows([{"op": "remove", "id": recs[0].id}], recs)
+    s = recipe("memorised", max_length=64, template="chat", device="cpu", newton_steps=1, reset_removed=10.0)
+    model.eval()
+    unl = Unlearner(model, tok, recs, s)
+    delta, _, _ = unl.delta(req, progress=False)
+    theta, _, first = unl.more_steps(req, unl.theta_hat + delta, progress=False, reset_ids=[recs[0].id])
+    assert unl.problem.memory.kept_in_all.get("reset", 0) > 0  # the case at issue: the first step kept its products
+    with torch.no_grad(), merged_adapter(model):
+        pass
+    after, _, second = unl.more_steps(req, theta, progress=False, reset_ids=[recs[0].id])
+    assert first["reset_removed"] == second["reset_removed"] == 1 and second["step"] == first["step"] + 1
+
+
 def test_an_extra_step_pulls_a_missing_correction_toward_its_new_answer(memorised):
     """Refiner.step with a correction not yet produced: at ρ the step lowers n·R' + ρ·L_new (Armijo) and lowers the
     new answer's loss further than the same step without the pull; without ρ nothing is pulled."""

@@ -47,7 +47,7 @@ class Refiner:
 
     def reset_term(self, removed: list, parts: dict | None = None):
         """ρ·P over these removed samples (reset.py; `parts`: its private-parts-only targets), kept while the same
-        ones are asked for."""
+        ones are asked for (its targets; step() releases its kept products after each solve)."""
         key = (tuple(id(x) for x in removed), tuple(sorted((k, tuple(v)) for k, v in (parts or {}).items())))
         if self._reset[0] != key:
             if self._reset[1] is not None:
@@ -101,6 +101,10 @@ class Refiner:
         op.release()
         if teach is not None:
             teach[1].release()
+        if reset is not None:
+            # its kept products live for this solve only: they hold autograd graphs over the base weights, which
+            # generation between steps (modeling.merged_adapter) rewrites in place, failing a later backward
+            reset.release()
         step = result.delta / m  # op is the mean curvature over the m edited samples: x = m·Δ
         # backtracking along the solved direction (docs/design.md#newton-backtracking); f(Θ_k): the last accepted value
         search = backtrack(objective, theta, step, float(grad @ step), start=start)
