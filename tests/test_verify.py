@@ -214,9 +214,9 @@ def test_until_pulls_still_produced_removals_toward_the_base(memorised):
     assert v["kept_after_extra_steps"] == best
 
 
-def test_an_extra_step_with_the_reset_lowers_the_removed_records_penalty(memorised):
-    """Refiner.step with still-produced removed records at the memorised recipe's ρ (λ = 0.03): the step lowers
-    n·R' + ρ·P (Armijo), and P itself, the removed record's distance to the base model's outputs."""
+def _after_a_removal(memorised):
+    """(Unlearner at the memorised recipe's ρ with one Newton step, a request removing the first record, Θ after the
+    first step, the records)."""
     from llmeraser.recipes import recipe
     from llmeraser.unlearner import Unlearner
 
@@ -226,7 +226,13 @@ def test_an_extra_step_with_the_reset_lowers_the_removed_records_penalty(memoris
     model.eval()
     unl = Unlearner(model, tok, recs, s)
     delta, _, _ = unl.delta(req, progress=False)
-    theta = unl.theta_hat + delta
+    return unl, req, unl.theta_hat + delta, recs
+
+
+def test_an_extra_step_with_the_reset_lowers_the_removed_records_penalty(memorised):
+    """Refiner.step with still-produced removed records at the memorised recipe's ρ (λ = 0.03): the step lowers
+    n·R' + ρ·P (Armijo), and P itself, the removed record's distance to the base model's outputs."""
+    unl, req, theta, recs = _after_a_removal(memorised)
     after, _, record = unl.more_steps(req, theta, progress=False, reset_ids=[recs[0].id])
     reset = unl.refiner.reset_term([unl.problem.examples[0]])
     assert record["reset_removed"] == 1 and record["line_search"]["accepted"]
@@ -241,21 +247,16 @@ def test_extra_steps_on_the_same_removals_survive_the_generation_between_them(me
     step and used by the second would fail "modified by an inplace operation". Each step's kept products are released
     with its solve, so the second step runs; and it starts from what the first left."""
     from llmeraser.modeling import merged_adapter
-    from llmeraser.recipes import recipe
-    from llmeraser.unlearner import Unlearner
 
-    _, model, tok, recs = memorised
-    req = request_from_rows([{"op": "remove", "id": recs[0].id}], recs)
-    s = recipe("memorised", max_length=64, template="chat", device="cpu", newton_steps=1, reset_removed=10.0)
-    model.eval()
-    unl = Unlearner(model, tok, recs, s)
-    delta, _, _ = unl.delta(req, progress=False)
-    theta, _, first = unl.more_steps(req, unl.theta_hat + delta, progress=False, reset_ids=[recs[0].id])
+    unl, req, theta, recs = _after_a_removal(memorised)
+    theta, _, first = unl.more_steps(req, theta, progress=False, reset_ids=[recs[0].id])
     assert unl.problem.memory.kept_in_all.get("reset", 0) > 0  # the case at issue: the first step kept its products
-    with torch.no_grad(), merged_adapter(model):
+    with torch.no_grad(), merged_adapter(unl.problem.model):
         pass
     after, _, second = unl.more_steps(req, theta, progress=False, reset_ids=[recs[0].id])
     assert first["reset_removed"] == second["reset_removed"] == 1 and second["step"] == first["step"] + 1
+    reset = unl.refiner.reset_term([unl.problem.examples[0]])
+    assert reset.value(after) <= reset.value(theta)  # a step that searched along a descent direction of ρ·P too
 
 
 def test_an_extra_step_pulls_a_missing_correction_toward_its_new_answer(memorised):
