@@ -31,7 +31,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
         flag = "--" + f.name.replace("_", "-")
         hint = str(hints[f.name])
         shown = "none" if default == () else default
-        help_text = f.metadata["help"] + (" (default: the recipe's)" if unset else
+        stated = "default:" in f.metadata["help"]  # the help text already says what the default means
+        help_text = f.metadata["help"] + ("" if stated else " (default: the recipe's)" if unset else
                                           f" (default: {shown})" if default is not None else "")
         value = None if unset else default
         if isinstance(default, tuple):
@@ -267,8 +268,8 @@ def _demo_parser(sub):
                        description="Generate fictitious customers with private fields, fine-tune a LoRA adapter on "
                                    "SmolLM2-135M until it memorises them (cached), then remove some customers, correct "
                                    "phone numbers and strip account numbers from queries with llmeraser, retraining and "
-                                   "the cheap baselines, and compare them. About 11 minutes on 2 CPU cores (about 4 when rerun in "
-                                   "the same folder, which caches the trained and retrained adapters; --quick about 2.5).")
+                                   "the cheap baselines, and compare them. About 12 minutes on 2 CPU cores (less when rerun in "
+                                   "the same folder, which caches the trained and retrained adapters; --quick about 4).")
     p.add_argument("--out", default="runs/demo", help="output folder; the original and retrained adapters are cached here (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="a tiny version for smoke tests: 4 customers, short solve")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -36,7 +36,8 @@ class UnlearnSettings:
         "curvature at the base model's prediction, for memorised adapters whose own softmax is saturated) or "
         "'hessian' (indefinite at a real adapter)", choices=CURVATURES))
     damping: float = field(default=0.03, metadata=_meta(
-        "λ added to the curvature; the training weight decay from train.json is added to it", flag=True))
+        "λ added to the curvature; the training weight decay from train.json is added to it. Given over a recipe, "
+        "it replaces the recipe's damping_grid unless a grid is given too", flag=True))
     damping_grid: tuple[float, ...] = field(default=(), metadata=_meta(
         "more λ tried in the same CG run (multi-shift CG); the line-searched step that lowers the retraining "
         "objective most is kept. Needs solver 'cg'"))
