@@ -590,3 +590,31 @@ def test_a_corrections_old_value_still_likely_fails_the_check():
     assert shortfall(v) == 1 and any("replaced answers or private parts not produced but still likely" in f for f in v["failures"])
     assert "replaced answers not produced but likely by sampling 1/1" in summary_line(v)
     assert judge(probe_list, [False, True, True], [True, False, True], [False] * 3)["verified"]
+
+
+def test_verify_pull_weights_the_missing_correction_in_place_of_rho(memorised):
+    """With verify_pull = ρ_T the teach term is ρ_T·Σ_T L_i whatever reset_removed's ρ is: the step from the same Θ
+    equals the one reset_removed = ρ_T takes (no removal is pulled here), and differs from the one ρ takes."""
+    from llmeraser.recipes import recipe
+    from llmeraser.unlearner import Unlearner
+
+    _, model, tok, recs = memorised
+    req = request_from_rows([_request(recs)[1]], recs)
+    model.eval()
+    after = {}
+    for key, rho, pull in (("pull 40", 10.0, 40.0), ("rho 40", 40.0, 0.0), ("rho 10", 10.0, 0.0)):
+        s = recipe("memorised", max_length=64, template="chat", device="cpu", newton_steps=1, reset_removed=rho,
+                   verify_pull=pull)
+        unl = Unlearner(model, tok, recs, s)
+        delta, _, _ = unl.delta(req, progress=False)
+        theta, record = unl.more_steps(req, unl.theta_hat + delta, progress=False, teach_ids=[recs[1].id])[::2]
+        assert record["pull_weight"] == 40.0 if key != "rho 10" else record["pull_weight"] == 10.0
+        after[key] = theta
+    torch.testing.assert_close(after["pull 40"], after["rho 40"], rtol=1e-5, atol=1e-7)
+    assert (after["pull 40"] - after["rho 10"]).norm() > 1e-3 * after["rho 10"].norm()
+
+
+def test_verify_pull_is_checked():
+    with pytest.raises(InputError, match="verify_pull -1.0: give a weight >= 0"):
+        UnlearnSettings(verify_pull=-1.0)
+    assert UnlearnSettings(curvature="ggn", verify_pull=5.0, verify_restore=True).verify_restore

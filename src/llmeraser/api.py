@@ -144,7 +144,7 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
     'until', one more Newton step and check at a time until they pass, a step finds no descent or barely moves
     Θ, or verify_steps or verify_seconds run out. A step pulls the removed records still produced (or likely) toward
     the base model (with verify_reset 'parts', at their private parts only, and corrections' old values too) and
-    weights the loss of the new answers not yet produced (both by reset_removed's ρ:
+    weights the loss of the new answers not yet produced (by reset_removed's ρ, the latter by verify_pull's when set:
     newton.Refiner.step), and with verify_restore the loss of the kept records whose answers Θ made uncertain
     (Unlearner.uncertain_kept). The Θ returned is the first that passes, else the
     one that missed by the fewest records (verify.shortfall; a tie goes to the later), so a step that bought

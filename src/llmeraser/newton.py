@@ -66,20 +66,21 @@ class Refiner:
         the step minimises n·R' + ρ·P over them (P of reset.py, its Gauss-Newton curvature taken at Θ̂), the
         penalty the first step used; `reset_parts` ({id(sample): token indices}) pulls only those tokens of a
         sample and holds its others at Θ̂'s outputs (reset.py). `teach_new`: new versions (corrections, modified
-        queries) whose answers are not produced yet; with ρ > 0 the step adds ρ·Σ_T L_i, the same pull toward what
-        retraining fits to near-zero loss, with its curvature at Θ_k (docs/design.md#verification). `restore_kept`: kept samples whose answers
-        the edit made uncertain, added to the same ρ·Σ_T L_i: retraining fits them as it fits the new answers."""
+        queries) whose answers are not produced yet; with ρ_T > 0 (verify_pull, else ρ) the step adds ρ_T·Σ_T L_i,
+        the same pull toward what retraining fits to near-zero loss, with its curvature at Θ_k
+        (docs/design.md#verification). `restore_kept`: kept samples whose answers the edit made uncertain, added to
+        the same ρ_T·Σ_T L_i: retraining fits them as it fits the new answers."""
         p, s, cv, m = self.p, self.s, self.cv, len(self.edited)
         taught = list(teach_new or ()) + list(restore_kept or ())
         self.k += 1
         reset = self.reset_term(reset_removed, reset_parts) if reset_removed and s.reset_removed else None
-        rho = s.reset_removed
+        rho, rho_t = s.reset_removed, s.verify_pull or s.reset_removed
         terms = ((rho / m, reset.product),) if reset is not None else ()
         teach = None
-        if taught and rho:
+        if taught and rho_t:
             # (C_T + 0·I) v is the mean over T: Σ_T G_i v = |T| times it
             teach = (p.batches(taught), self.systems.operator(theta, taught, 0.0), len(taught))
-            terms += ((rho * teach[2] / m, teach[1].full),)
+            terms += ((rho_t * teach[2] / m, teach[1].full),)
         op = self.systems.operator(theta, self.edited, self.damping, terms)
         if self.from_operator:
             g_sample_and_new = op.loss_gradient()[0]  # sample = kept here, scale = 1
@@ -94,9 +95,9 @@ class Refiner:
             grad = grad + rho * reset.grad(theta)
             objective, start = (lambda t: self.objective(t) + rho * reset.value(t)), None
         if teach is not None:
-            grad = grad + rho * p.grad_sum_of_batches(teach[0], theta, "verify: answers not produced", self.progress)
+            grad = grad + rho_t * p.grad_sum_of_batches(teach[0], theta, "verify: answers not produced", self.progress)
             pulled = objective
-            objective, start = (lambda t: pulled(t) + rho * p.loss_sum(teach[0], t)), None
+            objective, start = (lambda t: pulled(t) + rho_t * p.loss_sum(teach[0], t)), None
         result = self.systems.solve(op, -grad, (), self.progress, s.refine_iters or None)[0]
         op.release()
         if teach is not None:
@@ -115,7 +116,7 @@ class Refiner:
             if reset_parts:
                 record["reset_parts_only"] = len(reset_parts)
         if teach is not None:
-            record["pulled_new"] = len(teach_new or ())
+            record["pulled_new"], record["pull_weight"] = len(teach_new or ()), rho_t
             if restore_kept:
                 record["restored_kept"] = len(restore_kept)
         if search["accepted"]:

@@ -99,6 +99,10 @@ class UnlearnSettings:
     verify_restore: bool = field(default=False, metadata=_meta(
         "verify 'until': also weight by ρ the loss of kept records whose answer the edit made uncertain "
         "(a token's −log p rose past ln 2, from below it at every token before the edit), all kept records checked"))
+    verify_pull: float = field(default=0.0, metadata=_meta(
+        "verify 'until': ρ_T, the weight of the loss of the new answers not produced yet (and, with verify_restore, "
+        "of the uncertain kept answers) in an extra step (0: reset_removed's ρ). Its curvature ρ_T·Σ_T C_i stays "
+        "fixed while the retraining objective's grows with n, so a larger n may need a larger ρ_T (newton.py)"))
     verify_extractable: float = field(default=0.0, metadata=_meta(
         "> 0: a removed record's private part (or answer), or a correction's old one, whose probability after its own "
         "sentence, by one teacher-forced pass, exceeds the base model's by more than this many powers of ten counts as "
@@ -134,6 +138,9 @@ class UnlearnSettings:
         if isinstance(self.verify_extractable, bool) or not isinstance(self.verify_extractable, (int, float)) \
                 or not 0 <= self.verify_extractable < math.inf:
             raise InputError(f"verify_extractable {self.verify_extractable!r}: give a number of powers of ten >= 0 (0: off)")
+        if isinstance(self.verify_pull, bool) or not isinstance(self.verify_pull, (int, float)) \
+                or not 0 <= self.verify_pull < math.inf:
+            raise InputError(f"verify_pull {self.verify_pull!r}: give a weight >= 0 (0: reset_removed's ρ)")
         if isinstance(self.memory_mb, bool) or not isinstance(self.memory_mb, (int, float)) \
                 or not 0 <= self.memory_mb < math.inf:
             raise InputError(f"memory_mb {self.memory_mb!r}: give a number of MiB >= 0 (0: automatic)")
@@ -157,9 +164,9 @@ class UnlearnSettings:
         if self.verify_reset != "response" and not self.reset_removed:
             raise InputError(f"verify_reset {self.verify_reset!r} chooses what reset_removed pulls, which is 0 here: set "
                              "reset_removed (the memorised recipe's is 10) or leave verify_reset 'response'")
-        if self.verify_restore and not self.reset_removed:
+        if self.verify_restore and not (self.verify_pull or self.reset_removed):
             raise InputError("verify_restore weights the kept records by reset_removed's ρ, which is 0 here: set "
-                             "reset_removed (the memorised recipe's is 10) or leave verify_restore off")
+                             "reset_removed (the memorised recipe's is 10) or verify_pull, or leave verify_restore off")
         if self.anchor_kept and (not gauss_newton or self.newton_steps > 1):
             raise InputError("anchor_kept needs curvature 'ggn' or 'ggn-base', and newton_steps 1")
         for name, least in (("batch_size", 1), ("newton_steps", 1), ("max_length", 2), ("curvature_samples", 0),
