@@ -97,7 +97,7 @@ class UnlearnSettings:
     verify_seconds: float = field(default=0.0, metadata=_meta(
         "most seconds verify 'until' spends on extra steps and their checks (0: no limit)"))
     verify_restore: bool = field(default=False, metadata=_meta(
-        "verify 'until': also weight by ρ the loss of kept records whose answer the edit made uncertain "
+        "verify 'until': also weight by ρ (verify_pull's when set) the loss of kept records whose answer the edit made uncertain "
         "(a token's −log p rose past ln 2, from below it at every token before the edit), all kept records checked"))
     verify_pull: float = field(default=0.0, metadata=_meta(
         "verify 'until': ρ_T, the weight of the loss of the new answers not produced yet (and, with verify_restore, "
