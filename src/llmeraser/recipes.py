@@ -62,9 +62,10 @@ def recipe(name: str, **overrides) -> UnlearnSettings:
 
 
 def _restore_follows_rho(merged: dict, given: dict) -> None:
-    """A reset weight ρ = 0 the user chose turns off the recipe's verify_restore (which weights by ρ and is refused
-    without it), unless verify_restore was asked for too."""
-    if "reset_removed" in given and not merged["reset_removed"] and "verify_restore" not in given:
+    """A reset weight ρ = 0 the user chose turns off the recipe's verify_restore (which weights by verify_pull, else
+    ρ, and is refused without either), unless verify_restore or verify_pull was asked for too."""
+    if "reset_removed" in given and not merged["reset_removed"] and not merged.get("verify_pull") \
+            and "verify_restore" not in given:
         merged["verify_restore"] = False
 
 
