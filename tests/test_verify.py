@@ -618,3 +618,53 @@ def test_verify_pull_is_checked():
     with pytest.raises(InputError, match="verify_pull -1.0: give a weight >= 0"):
         UnlearnSettings(verify_pull=-1.0)
     assert UnlearnSettings(curvature="ggn", verify_pull=5.0, verify_restore=True).verify_restore
+
+
+def test_backtrack_halves_past_a_scale_its_guard_refuses():
+    """On f(Θ) = ‖Θ‖² from Θ = 1 along −Θ Armijo takes α = 1; a guard refusing α > ¼ gives ¼ (asked only where
+    Armijo held, its count in the trace), and one refusing every α gives the smallest, not accepted."""
+    from llmeraser.acceptance import backtrack
+
+    theta = torch.ones(3, dtype=torch.float64)
+    f = lambda t: float(t.square().sum())  # noqa: E731
+    asked = []
+
+    def guard(t):
+        asked.append(float(1 - t[0]))
+        return float(1 - t[0]) <= 0.25, len(asked)
+
+    assert backtrack(f, theta, -theta, -6.0)["scale"] == 1.0
+    search = backtrack(f, theta, -theta, -6.0, guard=guard)
+    assert search["accepted"] and search["scale"] == 0.25 and asked == [1.0, 0.5, 0.25]
+    assert [t.get("kept_uncertain") for t in search["trace"]] == [1, 2, 3]
+    none = backtrack(f, theta, -theta, -6.0, max_halvings=3, guard=lambda t: (False, 9))
+    assert not none["accepted"] and none["scale"] == 0.125
+
+
+def test_line_search_kept_refuses_a_first_step_that_loses_kept_answers(memorised):
+    """A reset weight large enough that the full first step makes kept answers uncertain: with line_search_kept
+    the search halves until at most ⌊f·certain⌋ of them are, and says how many at each scale it checked."""
+    from llmeraser.recipes import recipe
+    from llmeraser.unlearner import Unlearner
+
+    _, model, tok, recs = memorised
+    model.eval()
+    req = request_from_rows([{"op": "remove", "id": recs[0].id}], recs)
+    out = {}
+    for f in (0.0, 0.01):
+        unl = Unlearner(model, tok, recs, recipe("memorised", max_length=64, template="chat", device="cpu",
+                                                 newton_steps=1, reset_removed=1000.0, line_search_kept=f))
+        delta, _, stage = unl.delta(req, progress=False)
+        out[f] = (unl.uncertain_kept(req, unl.theta_hat + delta), stage["steps"][0]["line_search"])
+    lost, search = out[0.0]
+    assert lost, "the unguarded step must lose a kept answer for this test to mean anything"
+    kept_lost, guarded = out[0.01]
+    assert kept_lost == [] and guarded["accepted"] and guarded["scale"] < search["scale"]
+    assert guarded["trace"][-1]["kept_uncertain"] == 0 and all("kept_uncertain" not in t for t in search["trace"])
+
+
+def test_line_search_kept_is_checked():
+    with pytest.raises(InputError, match=r"line_search_kept 1.0: give a fraction in \[0, 1\)"):
+        UnlearnSettings(line_search_kept=1.0)
+    with pytest.raises(InputError, match="turn line_search on"):
+        UnlearnSettings(line_search_kept=0.05, line_search=False)

@@ -41,11 +41,14 @@ class Objective:
 
 
 def backtrack(objective, theta: torch.Tensor, step: torch.Tensor, slope: float, max_halvings: int = 10,
-              start: float | None = None) -> dict:
+              start: float | None = None, guard=None) -> dict:
     """Armijo backtracking: the first α in 1, 1/2, … with f(Θ + αΔ) <= f(Θ) + 1e-4·α·slope.
 
     `start`, when known, is f(Θ) (else `objective.start` where the objective knows its value at this very Θ).
-    Without such an α it reports the best α tried and accepted = False (the caller decides)."""
+    `guard(Θ')` -> (ok, count), asked only where Armijo holds: an α it refuses is halved too (settings
+    line_search_kept: no scale at which the kept answers turn uncertain); its count goes into the trace.
+    Without such an α it reports the best α tried (with a guard: the smallest, the one nearest Θ) and
+    accepted = False (the caller decides)."""
     if start is None and getattr(objective, "at", None) is theta:
         start = objective.start
     start = objective(theta) if start is None else start
@@ -54,9 +57,16 @@ def backtrack(objective, theta: torch.Tensor, step: torch.Tensor, slope: float, 
         value = objective(theta + alpha * step)
         trace.append({"scale": alpha, "objective": value})
         if value == value and value <= start + 1e-4 * alpha * slope:
-            return {"scale": alpha, "accepted": True, "start": start, "slope": slope, "trace": trace}
+            ok = True
+            if guard is not None:
+                ok, trace[-1]["kept_uncertain"] = guard(theta + alpha * step)
+            if ok:
+                return {"scale": alpha, "accepted": True, "start": start, "slope": slope, "trace": trace}
         alpha /= 2
-    best = min(trace, key=lambda t: t["objective"] if t["objective"] == t["objective"] else float("inf"))
+    if guard is not None:
+        best = trace[-1]
+    else:
+        best = min(trace, key=lambda t: t["objective"] if t["objective"] == t["objective"] else float("inf"))
     return {"scale": best["scale"], "accepted": False, "start": start, "slope": slope, "trace": trace}
 
 
@@ -114,13 +124,14 @@ def line_objective(problem: Problem, request: EditRequest, sample_size: int, see
 
 
 def choose_step(objective, theta_hat: torch.Tensor, steps: list[torch.Tensor], neg_grad: torch.Tensor,
-                line_search: bool) -> tuple[int, list[dict]]:
+                line_search: bool, guard=None) -> tuple[int, list[dict]]:
     """(index, searches): of the steps solved for several λ (smallest λ first), the one whose line-searched
     step lowers `objective` most. A λ whose search finds no descent is chosen only when none does; a tie
-    goes to the larger λ. Without `line_search` only each full step is scored."""
+    goes to the larger λ. Without `line_search` only each full step is scored. `guard`: as backtrack's."""
     start, rows = None, []
     for i, step in enumerate(steps):
-        search = backtrack(objective, theta_hat, step, -float(neg_grad @ step), 10 if line_search else 0, start=start)
+        search = backtrack(objective, theta_hat, step, -float(neg_grad @ step), 10 if line_search else 0, start=start,
+                           guard=guard)
         start = search["start"]
         # the objective at the scale the search settled on (min() over the trace would return a NaN of a wild full step)
         value = next(t["objective"] for t in search["trace"] if t["scale"] == search["scale"])

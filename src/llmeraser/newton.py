@@ -32,8 +32,9 @@ class Refiner:
     may take more steps later (`unlearn --verify until`) at the cost of the steps alone."""
 
     def __init__(self, problem: Problem, request: EditRequest, systems: Systems, settings: UnlearnSettings,
-                 damping: float, progress: bool):
+                 damping: float, progress: bool, guard=None):
         self.p, self.s, self.systems, self.damping, self.progress = problem, settings, systems, damping, progress
+        self.guard = guard  # None, or Θ_k -> the line search's guard from Θ_k (Unlearner.kept_guard)
         self.cv = control_variate(problem, request, settings.curvature_samples, settings.seed, "refine", progress)
         self.edited = self.cv.kept + self.cv.new
         self.from_operator = gradient_from_operator(settings, len(self.edited))
@@ -108,7 +109,8 @@ class Refiner:
             reset.release()
         step = result.delta / m  # op is the mean curvature over the m edited samples: x = m·Δ
         # backtracking along the solved direction (docs/design.md#newton-backtracking); f(Θ_k): the last accepted value
-        search = backtrack(objective, theta, step, float(grad @ step), start=start)
+        search = backtrack(objective, theta, step, float(grad @ step), start=start,
+                           guard=self.guard(theta) if self.guard else None)
         record = {"step": self.k, "grad_norm": float(grad.norm()), "iterations": result.iterations,
                   "final_residual": result.final_residual, "converged": result.converged, "line_search": search}
         if reset is not None:
@@ -132,10 +134,10 @@ class Refiner:
 
 
 def refine(problem: Problem, request: EditRequest, systems: Systems, settings: UnlearnSettings, theta: torch.Tensor,
-           damping: float, progress: bool):
+           damping: float, progress: bool, guard=None):
     """(Θ, last solve's result, per-step records, the Refiner) after steps 2 … newton_steps from Θ; stops at the
     first step whose search finds no descent."""
-    refiner = Refiner(problem, request, systems, settings, damping, progress)
+    refiner = Refiner(problem, request, systems, settings, damping, progress, guard)
     steps, result = [], None
     for _ in range(2, settings.newton_steps + 1):
         theta, result, record = refiner.step(theta)

@@ -80,6 +80,10 @@ class UnlearnSettings:
         "solver iteration cap in each Newton step after the first (0: as max_iters); such a step may stop there"))
     line_search: bool = field(default=True, metadata=_meta(
         "scale the step by 1, 1/2, 1/4, … until it lowers the retraining objective (Armijo)"))
+    line_search_kept: float = field(default=0.0, metadata=_meta(
+        "> 0: the line searches also refuse a scale at which more than this fraction of the kept records whose answers "
+        "the original certainly gave turn uncertain (a token's −log p past ln 2), or more than at the step's start "
+        "where that is more; every kept record checked by one teacher-forced pass per scale tried (0: off)"))
     seed: int = field(default=0, metadata=_meta("seed for batch sampling"))
     device: str = field(default="auto", metadata=_meta("'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'", flag=True))
     dtype: str = field(default="auto", metadata=_meta(
@@ -135,6 +139,11 @@ class UnlearnSettings:
         if isinstance(self.verify_seconds, bool) or not isinstance(self.verify_seconds, (int, float)) \
                 or not 0 <= self.verify_seconds < math.inf:
             raise InputError(f"verify_seconds {self.verify_seconds!r}: give a number of seconds >= 0 (0: no limit)")
+        if isinstance(self.line_search_kept, bool) or not isinstance(self.line_search_kept, (int, float)) \
+                or not 0 <= self.line_search_kept < 1:
+            raise InputError(f"line_search_kept {self.line_search_kept!r}: give a fraction in [0, 1) (0: off)")
+        if self.line_search_kept and not self.line_search:
+            raise InputError("line_search_kept guards the line search: turn line_search on, or set line_search_kept 0")
         if isinstance(self.verify_extractable, bool) or not isinstance(self.verify_extractable, (int, float)) \
                 or not 0 <= self.verify_extractable < math.inf:
             raise InputError(f"verify_extractable {self.verify_extractable!r}: give a number of powers of ten >= 0 (0: off)")

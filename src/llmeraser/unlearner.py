@@ -93,7 +93,8 @@ class Unlearner:
             records[0]["damping_selection"] = selection
         if s.newton_steps > 1 and torch.any(rhs != 0):
             # the terms enter the first step only (docs/design.md#reset-first-step-only)
-            theta, result, more, self.refiner = refine(p, request, self.systems, s, theta, self.damping, progress)
+            theta, result, more, self.refiner = refine(p, request, self.systems, s, theta, self.damping, progress,
+                                                       self.kept_guard(request))
             records += more
         stage = {"b": t1 - t0, "solve": time.perf_counter() - t1, "rhs_norm": float(b.norm()), "steps": records}
         reset = next((t for t in terms if t.name == "reset_removed"), None)
@@ -112,7 +113,8 @@ class Unlearner:
         `teach_ids`: edited records whose new answers are not produced yet, their loss weighted by the same ρ;
         `restore_ids`: kept records (ids of the data) whose answers the edit made uncertain, weighted likewise."""
         if self.refiner is None:
-            self.refiner = Refiner(self.problem, request, self.systems, self.settings, self.damping, progress)
+            self.refiner = Refiner(self.problem, request, self.systems, self.settings, self.damping, progress,
+                                   self.kept_guard(request))
             self.refiner.k = max(self.settings.newton_steps, 1)
         edits, wanted = {e.id: e for e in request.edits}, list(dict.fromkeys(reset_ids))
         new_of = dict(zip([e.id for e in request.edits if e.new is not None], self.problem.sets(request).new))
@@ -152,22 +154,44 @@ class Unlearner:
         nll = distributed.on_main(lambda: self.problem.worst_token_nll([x for _, x in certain], theta))
         return [i for (i, _), v in zip(certain, nll) if v >= CERTAIN_NLL]
 
+    def kept_guard(self, request: EditRequest):
+        """None, or start -> guard for the line searches from Θ_start (settings line_search_kept = f): a trial Θ
+        passes when the kept records Θ̂ certainly answered and Θ does not number at most max(⌊f·certain⌋, those at
+        Θ_start). Why: retraining keeps fitting them, so a scale that loses their answers moves away from it
+        whatever the searched objective says, e.g. when a reset weight ρ outweighs their loss
+        (BENCHMARKS.md#forgetting-n128-s1-sweep)."""
+        f = self.settings.line_search_kept
+        if not f:
+            return None
+
+        def from_start(start: torch.Tensor):
+            before = 0 if start is self.theta_hat else len(self.uncertain_kept(request, start))
+
+            def guard(theta: torch.Tensor):
+                lost = len(self.uncertain_kept(request, theta))  # fills self._certain on a request's first call
+                return lost <= max(int(f * len(self._certain[1])), before), lost
+            return guard
+        return from_start
+
     def accept(self, request, results, steps, neg_grad, penalty, moves: bool):
         """(index of the λ taken, its line search or None, the damping selection or None)."""
         s, p = self.settings, self.problem
         size = s.line_search_samples or s.curvature_samples
+        guard = self.kept_guard(request)
         if len(results) == 1:
             if not (s.line_search and moves):
                 return 0, None, None
             objective, exact = line_objective(p, request, size, s.seed, penalty)
-            search = backtrack(objective, p.theta_hat, steps[0], -float(neg_grad @ steps[0]))
+            search = backtrack(objective, p.theta_hat, steps[0], -float(neg_grad @ steps[0]),
+                               guard=guard(p.theta_hat) if guard else None)
             if not search["accepted"]:
                 log.warning("line search: no scale down to %g lowered the retraining objective; using %g",
                             search["trace"][-1]["scale"], search["scale"])
             return 0, {**search, "exact": exact}, None
         if moves:
             objective, exact = line_objective(p, request, size, s.seed, penalty)
-            choice, rows = choose_step(objective, p.theta_hat, steps, neg_grad, s.line_search)
+            choice, rows = choose_step(objective, p.theta_hat, steps, neg_grad, s.line_search,
+                                       guard(p.theta_hat) if guard else None)
             for r in rows:
                 r["search"]["exact"] = exact
         else:  # every step is 0: nothing to search, the largest λ is taken
