@@ -643,7 +643,8 @@ def test_backtrack_halves_past_a_scale_its_guard_refuses():
 
 def test_line_search_kept_refuses_a_first_step_that_loses_kept_answers(memorised):
     """A reset weight large enough that the full first step makes kept answers uncertain: with line_search_kept
-    the search halves until at most ⌊f·certain⌋ of them are, and says how many at each scale it checked."""
+    the search halves until at most ⌊f·certain⌋ of them are, and says how many at each scale it checked; the
+    Newton step after it is guarded too."""
     from llmeraser.recipes import recipe
     from llmeraser.unlearner import Unlearner
 
@@ -653,14 +654,16 @@ def test_line_search_kept_refuses_a_first_step_that_loses_kept_answers(memorised
     out = {}
     for f in (0.0, 0.01):
         unl = Unlearner(model, tok, recs, recipe("memorised", max_length=64, template="chat", device="cpu",
-                                                 newton_steps=1, reset_removed=1000.0, line_search_kept=f))
+                                                 newton_steps=2, reset_removed=1000.0, line_search_kept=f))
         delta, _, stage = unl.delta(req, progress=False)
-        out[f] = (unl.uncertain_kept(req, unl.theta_hat + delta), stage["steps"][0]["line_search"])
-    lost, search = out[0.0]
-    assert lost, "the unguarded step must lose a kept answer for this test to mean anything"
-    kept_lost, guarded = out[0.01]
+        out[f] = (unl.uncertain_kept(req, unl.theta_hat + delta), stage["steps"][0]["line_search"],
+                  stage["steps"][1]["line_search"])
+    lost, search, _ = out[0.0]
+    assert lost, "the unguarded steps must lose a kept answer for this test to mean anything"
+    kept_lost, guarded, second = out[0.01]
     assert kept_lost == [] and guarded["accepted"] and guarded["scale"] < search["scale"]
     assert guarded["trace"][-1]["kept_uncertain"] == 0 and all("kept_uncertain" not in t for t in search["trace"])
+    assert second["accepted"] and second["trace"][-1]["kept_uncertain"] == 0
 
 
 def test_line_search_kept_is_checked():

@@ -159,7 +159,7 @@ class Unlearner:
         passes when the kept records Θ̂ certainly answered and Θ does not number at most max(⌊f·certain⌋, those at
         Θ_start). Why: retraining keeps fitting them, so a scale that loses their answers moves away from it
         whatever the searched objective says, e.g. when a reset weight ρ outweighs their loss
-        (BENCHMARKS.md#forgetting-n128-s1-sweep)."""
+        (docs/design.md#line-search-kept)."""
         f = self.settings.line_search_kept
         if not f:
             return None
