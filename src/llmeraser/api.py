@@ -182,7 +182,9 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
             record["uncertain_kept"] = len(uncertain)
         extra.append({**record, "until_verified": True})
         if not record["line_search"]["accepted"]:
-            stopped = f"Newton step {record['step']} found no descent on the retraining objective"
+            guarded = any("kept_uncertain" in t for t in record["line_search"]["trace"])
+            stopped = (f"Newton step {record['step']} found no scale that lowers the retraining objective"
+                       + (" and keeps the kept answers (line_search_kept)" if guarded else ""))
             break
         moved = float((theta_next - theta).norm()) / max(float(p.theta_hat.norm()), 1e-30)
         theta = theta_next

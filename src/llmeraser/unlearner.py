@@ -185,8 +185,9 @@ class Unlearner:
             search = backtrack(objective, p.theta_hat, steps[0], -float(neg_grad @ steps[0]),
                                guard=guard(p.theta_hat) if guard else None)
             if not search["accepted"]:
-                log.warning("line search: no scale down to %g lowered the retraining objective; using %g",
-                            search["trace"][-1]["scale"], search["scale"])
+                log.warning("line search: no scale down to %g lowered the retraining objective%s; using %g",
+                            search["trace"][-1]["scale"], " and kept the kept answers (line_search_kept)" if guard else "",
+                            search["scale"])
             return 0, {**search, "exact": exact}, None
         if moves:
             objective, exact = line_objective(p, request, size, s.seed, penalty)
