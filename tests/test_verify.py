@@ -637,6 +637,8 @@ def test_backtrack_halves_past_a_scale_its_guard_refuses():
     search = backtrack(f, theta, -theta, -6.0, guard=guard)
     assert search["accepted"] and search["scale"] == 0.25 and asked == [1.0, 0.5, 0.25]
     assert [t.get("kept_uncertain") for t in search["trace"]] == [1, 2, 3]
+    asked.clear()  # along −3Θ Armijo fails at α = 1 (f = 4·3): the guard is not asked there
+    assert backtrack(f, theta, -3 * theta, -18.0, guard=guard)["scale"] == 0.0625 and asked == [1.5, 0.75, 0.375, 0.1875]
     none = backtrack(f, theta, -theta, -6.0, max_halvings=3, guard=lambda t: (False, 9))
     assert not none["accepted"] and none["scale"] == 0.125
 

@@ -12,6 +12,7 @@ newton (refinement). Nothing here touches files or writes to the model.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
@@ -169,7 +170,7 @@ class Unlearner:
 
             def guard(theta: torch.Tensor):
                 lost = len(self.uncertain_kept(request, theta))  # fills self._certain on a request's first call
-                return lost <= max(int(f * len(self._certain[1])), before), lost
+                return lost <= max(math.floor(f * len(self._certain[1]) + 1e-9), before), lost
             return guard
         return from_start
 
@@ -186,7 +187,8 @@ class Unlearner:
                                guard=guard(p.theta_hat) if guard else None)
             if not search["accepted"]:
                 log.warning("line search: no scale down to %g lowered the retraining objective%s; using %g",
-                            search["trace"][-1]["scale"], " and kept the kept answers (line_search_kept)" if guard else "",
+                            search["trace"][-1]["scale"], " and kept the kept answers (line_search_kept)"
+                            if any("kept_uncertain" in t for t in search["trace"]) else "",
                             search["scale"])
             return 0, {**search, "exact": exact}, None
         if moves:
