@@ -70,6 +70,11 @@ def backtrack(objective, theta: torch.Tensor, step: torch.Tensor, slope: float, 
     return {"scale": best["scale"], "accepted": False, "start": start, "slope": slope, "trace": trace}
 
 
+def guard_note(search: dict) -> str:
+    """The words a message about a search that found no scale adds when a guard refused some of them."""
+    return " and kept the kept answers (line_search_kept)" if any("kept_uncertain" in t for t in search["trace"]) else ""
+
+
 def control_variate(problem: Problem, request: EditRequest, size: int, seed: int, desc: str, progress: bool) -> SimpleNamespace:
     """Σ_kept L_i(Θ) + Σ_new L(Θ), up to a constant, from a seeded sample of `size` kept records:
         data_part(Θ) = s·Σ_sample [L_i(Θ) − L_i(Θ̂)] + (g_kept − s·g_sample)·(Θ − Θ̂) + Σ_new L(Θ),

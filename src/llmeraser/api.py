@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
+from .acceptance import guard_note
 from .data import EditRequest, Record, load_records, load_request, records_from_rows, records_jsonl, request_from_rows
 from .errors import InputError, NotConvergedError, NumericalError
 from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
@@ -182,9 +183,8 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
             record["uncertain_kept"] = len(uncertain)
         extra.append({**record, "until_verified": True})
         if not record["line_search"]["accepted"]:
-            guarded = any("kept_uncertain" in t for t in record["line_search"]["trace"])
-            stopped = (f"Newton step {record['step']} found no scale that lowers the retraining objective"
-                       + (" and keeps the kept answers (line_search_kept)" if guarded else ""))
+            stopped = (f"Newton step {record['step']} found no scale that lowered the retraining objective"
+                       + guard_note(record["line_search"]))
             break
         moved = float((theta_next - theta).norm()) / max(float(p.theta_hat.norm()), 1e-30)
         theta = theta_next

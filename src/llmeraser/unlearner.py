@@ -18,7 +18,7 @@ import time
 import torch
 
 from . import distributed
-from .acceptance import backtrack, choose_step, line_objective
+from .acceptance import backtrack, choose_step, guard_note, line_objective
 from .data import EditRequest, Record
 from .errors import InputError
 from .newton import Refiner, refine
@@ -44,6 +44,8 @@ class Unlearner:
         self.damping = settings.dampings[0] + weight_decay
         self.refiner: Refiner | None = None  # the Newton refinement of the last request, to take more steps with
         self._certain = (None, [])  # (the kept ids, those whose answer Θ̂ certainly produces): uncertain_kept
+        # (key, Θ, ids) of the last uncertain_kept: an extra step's start is asked twice, by verify_restore and the guard
+        self._uncertain_at = (None, None, [])
 
     @property
     def params(self):
@@ -152,8 +154,13 @@ class Unlearner:
             nll = distributed.on_main(lambda: self.problem.worst_token_nll([x for _, x in kept], self.theta_hat))
             self._certain = (key, [k for k, v in zip(kept, nll) if v < CERTAIN_NLL])
         certain = self._certain[1]
+        # Θ by identity: no code here changes a Θ in place, and the reference kept stops its id being reused
+        if self._uncertain_at[0] == key and self._uncertain_at[1] is theta:
+            return list(self._uncertain_at[2])
         nll = distributed.on_main(lambda: self.problem.worst_token_nll([x for _, x in certain], theta))
-        return [i for (i, _), v in zip(certain, nll) if v >= CERTAIN_NLL]
+        ids = [i for (i, _), v in zip(certain, nll) if v >= CERTAIN_NLL]
+        self._uncertain_at = (key, theta, ids)
+        return list(ids)
 
     def kept_guard(self, request: EditRequest):
         """None, or start -> guard for the line searches from Θ_start (settings line_search_kept = f): a trial Θ
@@ -187,9 +194,7 @@ class Unlearner:
                                guard=guard(p.theta_hat) if guard else None)
             if not search["accepted"]:
                 log.warning("line search: no scale down to %g lowered the retraining objective%s; using %g",
-                            search["trace"][-1]["scale"], " and kept the kept answers (line_search_kept)"
-                            if any("kept_uncertain" in t for t in search["trace"]) else "",
-                            search["scale"])
+                            search["trace"][-1]["scale"], guard_note(search), search["scale"])
             return 0, {**search, "exact": exact}, None
         if moves:
             objective, exact = line_objective(p, request, size, s.seed, penalty)
