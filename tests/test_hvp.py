@@ -134,39 +134,6 @@ def test_ggn_base_is_the_gauss_newton_at_the_base_models_softmax(tiny64):
                           Curvature(obj, params, theta0, "ggn")(v, batch), rtol=1e-10, atol=1e-14)
 
 
-def test_ggn_mean_is_the_gauss_newton_at_the_mean_of_base_and_adapter_predictions(tiny64):
-    """ggn-mean: (1/B) Σ_i Σ_t (1/T_i) J_tᵀ (diag p̄ − p̄p̄ᵀ) J_t with p̄ = ½(p⁰ + p_Θ), against explicit Jacobians,
-    at Θ̂ and at a moved Θ (p_Θ is the operator's own prediction); it lies between the two metrics it mixes
-    (vᵀG̅v ≥ ½ vᵀG⁰v, since F̄ ⪰ ½F⁰ + ½F_Θ by concavity of p ↦ diag p − ppᵀ)."""
-    from llmeraser.params import zero_adapter
-
-    model, tok, records = tiny64
-    params, theta = theta_of(model)
-    obj = CausalLMObjective(model, tok.pad_token_id)
-    batch = obj.collate([encode(r, tok, "chat", 64) for r in records[:3]], DEVICE)
-    gen = torch.Generator().manual_seed(3)
-    v = torch.randn(theta.numel(), dtype=torch.float64, generator=gen).to(DEVICE)
-    with model.disable_adapter(), torch.no_grad():
-        p0 = torch.softmax(obj.outputs({}, batch), -1)
-    w = 1.0 / batch["counts"][batch["rows"]].double()
-    for at in (theta, theta + 0.3 * torch.randn(theta.numel(), dtype=torch.float64, generator=gen).to(DEVICE)):
-        J = jacrev(lambda t: obj.outputs(params.unflatten(t), batch))(at)  # [rows, vocab, dim]
-        with torch.no_grad():
-            pbar = 0.5 * (p0 + torch.softmax(obj.outputs(params.unflatten(at), batch), -1))
-        jv = J @ v
-        expected = sum(wt * J[r].T @ ((torch.diag(pbar[r]) - torch.outer(pbar[r], pbar[r])) @ jv[r])
-                       for r, wt in enumerate(w)) / 3
-        for mode in ("fwd_rev", "rev_rev"):
-            assert close(Curvature(obj, params, at, "ggn-mean", mode)(v, batch), expected)
-        assert close(Curvature(obj, params, at, "ggn-mean").linearise(batch)(v), expected)
-        base = Curvature(obj, params, at, "ggn-base")(v, batch)
-        assert not close(base, expected)  # the adapter's prediction counts
-        assert float(v @ expected) >= 0.5 * float(v @ base) * (1 - 1e-9)
-    theta0 = zero_adapter(params, theta)  # where the adapter is a no-op, p̄ = p⁰ and ggn-mean is the GGN
-    assert torch.allclose(Curvature(obj, params, theta0, "ggn-mean")(v, batch),
-                          Curvature(obj, params, theta0, "ggn")(v, batch), rtol=1e-10, atol=1e-14)
-
-
 def test_fixed_batches_are_grouped_by_length_and_average_every_sample(tiny64):
     """Batches of similar length pad less; the operator is still the mean over samples of C_i v (a slow
     loop of one-sample products)."""
@@ -188,7 +155,7 @@ def test_fixed_batches_are_grouped_by_length_and_average_every_sample(tiny64):
     assert close(op.full(v), slow)
 
 
-@pytest.mark.parametrize("kind", ["ggn", "ggn-base", "ggn-mean"])
+@pytest.mark.parametrize("kind", ["ggn", "ggn-base"])
 def test_operator_gradient_through_its_linearisations_is_the_sum_of_gradients(tiny64, kind):
     """A Newton step takes its gradient from the linearisations its products use (kept or not); it is
     Σ_i ∇L_i and Σ_i L_i over the fixed batches, and the kept graphs still serve the products after it."""

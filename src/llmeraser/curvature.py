@@ -11,11 +11,6 @@
   there, and the Newton step that rewrites a memorised answer is as long as the damping allows
   (docs/design.md#ggn-base). The base model's softmax is not saturated on private fields, so F⁰
   measures a step by how far it moves the answers (the second-order expansion of KL(p⁰ ‖ p_Θ)).
-* ``ggn-mean``: the same at the mean prediction p̄ = ½(p⁰ + p_Θ), p_Θ the adapter's own at the operator's Θ:
-  G̅_B = Jᵀ F̄ J, F̄ = diag(p̄) − p̄p̄ᵀ. F⁰ barely weighs a memorised token the base model finds unlikely, so
-  under ``ggn-base`` a step may lower every kept answer's memorised token for free; p̄ gives that token about ½,
-  and a step that moves it costs about ¼ per unit of its logit (docs/design.md#ggn-mean). The reset's metric
-  is the same F̄ (reset.py).
 
 Θ̂ is a detached tensor held by the operator; the live model is never written to.
 """
@@ -36,8 +31,7 @@ from .params import AdapterParams, zero_adapter
 
 log = logging.getLogger(__name__)
 
-GAUSS_NEWTON = ("ggn", "ggn-base", "ggn-mean")
-BASE_METRICS = ("ggn-base", "ggn-mean")  # the Gauss-Newton kinds whose softmax curvature uses the base model's p⁰
+GAUSS_NEWTON = ("ggn", "ggn-base")
 CURVATURES = GAUSS_NEWTON + ("hessian",)
 HVP_MODES = ("auto", "fwd_rev", "rev_rev")
 
@@ -137,14 +131,11 @@ class Curvature:
         return gv
 
     def _loss_head(self, z: torch.Tensor, batch: dict, keep: bool = False):
-        """u -> (∇²_z ℓ_B) u at outputs z, ℓ_B the mean batch loss (its softmax curvature at the base model's
-        prediction p⁰ for ggn-base, at ½(p⁰ + softmax z) for ggn-mean), differentiating only the loss head (cheap:
-        no network pass); `keep` lets it be called more than once."""
-        if self.kind in BASE_METRICS:
-            p, n = self.base_probs(batch), self.objective.batch_size(batch)
-            if self.kind == "ggn-mean":
-                p = 0.5 * (p + wide_softmax(z.detach()))
-            return lambda u: fisher_product(p, batch, u.to(p.dtype)) / n  # mean over the batch, as the loss
+        """u -> (∇²_z ℓ_B) u at outputs z, ℓ_B the mean batch loss (at the base model's prediction for ggn-base),
+        differentiating only the loss head (cheap: no network pass); `keep` lets it be called more than once."""
+        if self.kind == "ggn-base":
+            p0, n = self.base_probs(batch), self.objective.batch_size(batch)
+            return lambda u: fisher_product(p0, batch, u.to(p0.dtype)) / n  # mean over the batch, as the loss
         with torch.enable_grad():
             zd = wide(z.detach()).requires_grad_(True)
             (gz,) = torch.autograd.grad(self.objective.losses(zd, batch).mean(), zd, create_graph=True)

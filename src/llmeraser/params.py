@@ -64,12 +64,12 @@ def zero_adapter(params: AdapterParams, theta: torch.Tensor) -> torch.Tensor:
 
     Tensors of Θ beyond LoRA (a trained multimodal projector, an item projector, modules_to_save) keep their
     values: a projector trained from scratch has no base value, and zeroing it would blank every image or item
-    vector. So on such adapters the "base model" of ggn-base, ggn-mean, reset_removed and anchor_kept is the base with the
+    vector. So on such adapters the "base model" of ggn-base, reset_removed and anchor_kept is the base with the
     adapter's own projector."""
     parts = params.unflatten(theta.clone())
     names = [n for n in params.names if ".lora_B." in n or n.endswith("lora_B.weight")]
     if not names:
-        raise InputError("reset_removed, anchor_kept and curvatures 'ggn-base' and 'ggn-mean' need a LoRA adapter "
+        raise InputError("reset_removed, anchor_kept and curvature 'ggn-base' need a LoRA adapter "
                          "(no lora_B tensors found in Θ)")
     for n in names:
         parts[n].zero_()

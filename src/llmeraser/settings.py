@@ -33,9 +33,8 @@ def _meta(help: str, flag: bool = False, **kw) -> dict:
 class UnlearnSettings:
     curvature: str = field(default="ggn", metadata=_meta(
         "curvature C in (C + λI)Δ = b: 'ggn' (Gauss-Newton, PSD), 'ggn-base' (Gauss-Newton with the softmax's "
-        "curvature at the base model's prediction, for memorised adapters whose own softmax is saturated), "
-        "'ggn-mean' (the same at the mean of the base model's and the adapter's predictions: it also holds the kept "
-        "records' memorised answers) or 'hessian' (indefinite at a real adapter)", choices=CURVATURES))
+        "curvature at the base model's prediction, for memorised adapters whose own softmax is saturated) or "
+        "'hessian' (indefinite at a real adapter)", choices=CURVATURES))
     damping: float = field(default=0.03, metadata=_meta(
         "λ added to the curvature; the training weight decay from train.json is added to it. Given over a recipe, "
         "it replaces the recipe's damping_grid unless a grid is given too", flag=True))
@@ -170,7 +169,7 @@ class UnlearnSettings:
                 raise InputError(f"{name} {getattr(self, name)}: give a finite number >= 0")
         gauss_newton = self.curvature in GAUSS_NEWTON
         if self.reset_removed and not gauss_newton:
-            raise InputError("reset_removed needs a Gauss-Newton curvature: 'ggn', 'ggn-base' or 'ggn-mean'")
+            raise InputError("reset_removed needs curvature 'ggn' or 'ggn-base'")
         if self.verify_reset != "response" and not self.reset_removed:
             raise InputError(f"verify_reset {self.verify_reset!r} chooses what reset_removed pulls, which is 0 here: set "
                              "reset_removed (the memorised recipe's is 10) or leave verify_reset 'response'")
@@ -178,7 +177,7 @@ class UnlearnSettings:
             raise InputError("verify_restore weights the kept records by reset_removed's ρ, which is 0 here: set "
                              "reset_removed (the memorised recipe's is 10) or verify_pull, or leave verify_restore off")
         if self.anchor_kept and (not gauss_newton or self.newton_steps > 1):
-            raise InputError("anchor_kept needs a Gauss-Newton curvature ('ggn', 'ggn-base' or 'ggn-mean'), and newton_steps 1")
+            raise InputError("anchor_kept needs curvature 'ggn' or 'ggn-base', and newton_steps 1")
         for name, least in (("batch_size", 1), ("newton_steps", 1), ("max_length", 2), ("curvature_samples", 0),
                             ("line_search_samples", 0), ("cache_batches", 0), ("refine_iters", 0), ("seed", 0),
                             ("verify_retained", 0), ("verify_steps", 0)):
