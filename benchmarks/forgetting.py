@@ -320,9 +320,11 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
 def _step_trace(steps: list[dict]) -> list[dict]:
     """Each Newton step's solve and search in a line (the recipe's steps, then --verify until's extra ones), so a
     result file shows where a run's progress came from without its unlearn.json."""
-    keep = ("step", "iterations", "final_residual", "pulled_new", "restored_kept", "reset_removed", "kept")
-    return [{k: s[k] for k in keep if k in s} | {"accepted": s["line_search"].get("accepted"),
-                                                  "scale": s["line_search"].get("scale")} for s in steps]
+    keep = ("step", "iterations", "final_residual", "pulled_new", "restored_kept", "reset_removed", "kept", "repair",
+            "optimizer_steps", "unlikelihood_tokens_last")
+    return [{k: s[k] for k in keep if k in s} | ({"accepted": s["line_search"].get("accepted"),
+                                                   "scale": s["line_search"].get("scale")} if s.get("line_search") else {})
+            for s in steps]
 
 
 def _totals(counts: dict, retained: list[str]) -> dict:

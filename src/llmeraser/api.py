@@ -27,6 +27,7 @@ from .settings import UnlearnSettings
 from .solvers import SolveResult
 from .trainrecord import TrainRecord
 from .unlearner import Unlearner
+from .repair import GradientRepair
 from .verify import Verifier, shortfall, summary_line
 
 
@@ -149,8 +150,10 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
     newton.Refiner.step), and with verify_restore the loss of the kept records whose answers Θ made uncertain
     (Unlearner.uncertain_kept). The Θ returned is the first that passes, else the
     one that missed by the fewest records (verify.shortfall; a tie goes to the later), so a step that bought
-    forgetting with retained answers is not kept. The extra steps' records are in verification["extra_steps"],
-    each with "kept": whether the Θ returned includes it."""
+    forgetting with retained answers is not kept. With verify_repair 'gradient' an extra step is instead a round of
+    Adam steps (repair.py), from the original adapter when that misses fewer checks than the update (then it may be
+    what is returned). The extra steps' records are in verification["extra_steps"], each with "kept": whether the Θ
+    returned includes it."""
     s, p = unl.settings, unl.problem
     t0 = time.perf_counter()
     if progress:
@@ -161,7 +164,18 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
     rounds = [{"extra_steps": 0, "verified": check["verified"], "failures": check["failures"],
                "shortfall": shortfall(check), "generated": check.get("generated"), "seconds": time.perf_counter() - t0}]
     best = (theta, check, 0, None)
-    extra, stopped = [], None
+    extra, stopped, start = [], None, "update"
+    repair = GradientRepair(p, req, s) if s.verify == "until" and s.verify_repair == "gradient" else None
+    if repair is not None and not check["verified"]:
+        # the repair starts from whichever of the update and the original adapter misses fewer checks: where the
+        # update lost retained answers, the repair would have to win them back first (BENCHMARKS.md#gradient-repair)
+        at_hat = verifier.check(p.theta_hat)
+        rounds.append({"extra_steps": 0, "original_adapter": True, "verified": at_hat["verified"],
+                       "failures": at_hat["failures"], "shortfall": shortfall(at_hat), "generated": at_hat.get("generated"),
+                       "seconds": time.perf_counter() - t0})
+        if shortfall(at_hat) < shortfall(check):
+            theta, check, start = p.theta_hat, at_hat, "original"
+            best = (theta, check, 0, None)
     while s.verify == "until" and not check["verified"]:
         if len(extra) >= s.verify_steps:
             stopped = f"the budget of {s.verify_steps} extra steps ran out"
@@ -170,19 +184,23 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
             stopped = f"the budget of {s.verify_seconds:g} s ran out"
         if stopped:
             break
-        # removed records, and corrections' old values (pulled only with verify_reset 'parts': Unlearner.more_steps),
-        # still produced or still likely
-        still = [r["id"] for r in check["records"] if r["kind"] in ("removed", "old") and r["checked"]
-                 and (r["after"] or r["likely"])]
-        missing = [r["id"] for r in check["records"] if r["kind"] in ("new", "query") and r["checked"] and not r["after"]]
-        # with verify_restore: every kept record whose answer this Θ no longer certainly gives (not the sample)
-        uncertain = unl.uncertain_kept(req, theta) if s.verify_restore else []
-        theta_next, solve, record = unl.more_steps(req, theta, progress, reset_ids=still, teach_ids=missing,
-                                                   restore_ids=uncertain)
-        if s.verify_restore:
-            record["uncertain_kept"] = len(uncertain)
+        if repair is not None:
+            theta_next, record = repair.round(theta)
+            solve, record = None, {"step": max(s.newton_steps, 1) + len(extra) + 1, **record}
+        else:
+            # removed records, and corrections' old values (pulled only with verify_reset 'parts': Unlearner.more_steps),
+            # still produced or still likely
+            still = [r["id"] for r in check["records"] if r["kind"] in ("removed", "old") and r["checked"]
+                     and (r["after"] or r["likely"])]
+            missing = [r["id"] for r in check["records"] if r["kind"] in ("new", "query") and r["checked"] and not r["after"]]
+            # with verify_restore: every kept record whose answer this Θ no longer certainly gives (not the sample)
+            uncertain = unl.uncertain_kept(req, theta) if s.verify_restore else []
+            theta_next, solve, record = unl.more_steps(req, theta, progress, reset_ids=still, teach_ids=missing,
+                                                       restore_ids=uncertain)
+            if s.verify_restore:
+                record["uncertain_kept"] = len(uncertain)
         extra.append({**record, "until_verified": True})
-        if not record["line_search"]["accepted"]:
+        if repair is None and not record["line_search"]["accepted"]:
             stopped = (f"Newton step {record['step']} found no scale that lowered the retraining objective"
                        + guard_note(record["line_search"]))
             break
@@ -196,7 +214,7 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
         if progress:
             print(f"llmeraser: after extra step {len(extra)}: {summary_line(check)}", file=sys.stderr)
         if not check["verified"] and moved < NO_PROGRESS:
-            stopped = f"Newton step {record['step']} moved Θ by {moved:.1g} of ‖Θ̂‖: no progress"
+            stopped = f"extra step {len(extra)} moved Θ by {moved:.1g} of ‖Θ̂‖: no progress"
             break
     if unl.refiner is not None:
         unl.refiner.release()
@@ -205,6 +223,8 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
         st["kept"] = i < kept
     check = {**check, "rounds": rounds, "extra_steps": extra, "kept_after_extra_steps": kept, "stopped": stopped,
              "until_verified": s.verify == "until", "seconds": time.perf_counter() - t0}
+    if repair is not None:
+        check["repair_start"] = start
     return theta, check, kept_solve
 
 
@@ -212,7 +232,7 @@ def unconverged_steps(steps: list[dict], settings: UnlearnSettings) -> list[dict
     """The Newton steps whose solve stopped above tol; a step after the first that stops at refine_iters does so
     by design when that is set, and is not one of them, nor is an extra step of verify 'until' (the
     verification, not the residual, is what it is judged by)."""
-    return [st for st in steps if not st["converged"] and not st.get("until_verified")
+    return [st for st in steps if not st.get("until_verified") and not st["converged"]
             and (st["step"] == 1 or not settings.refine_iters)]
 
 

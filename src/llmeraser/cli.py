@@ -148,12 +148,13 @@ def verification_status(v: dict | None) -> int:
         return 0
     extra = len(v["extra_steps"])
     if v["until_verified"]:
-        print(f"llmeraser: the edit is NOT verified after {extra} extra Newton step{'s' * (extra != 1)} "
+        kind = "repair round" if v.get("repair_start") else "Newton step"
+        print(f"llmeraser: the edit is NOT verified after {extra} extra {kind}{'s' * (extra != 1)} "
               f"({v['stopped']}): {'; '.join(v['failures'])}. The adapter was written for inspection; retraining "
               f"without the removed records is advised (exit status {NOT_VERIFIED_EXIT})", file=sys.stderr)
         return NOT_VERIFIED_EXIT
     print(f"llmeraser: warning: the edit is not verified ({'; '.join(v['failures'])}); --verify until takes more "
-          "Newton steps until it is, and retraining is advised if it stays so", file=sys.stderr)
+          "steps until it is, and retraining is advised if it stays so", file=sys.stderr)
     return 0
 
 

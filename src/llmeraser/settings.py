@@ -23,6 +23,7 @@ from .solvers import SOLVERS, SolverSettings
 CURVATURE_DATA = ("edited", "original")
 VERIFY_MODES = ("off", "check", "until")
 VERIFY_RESETS = ("response", "parts")
+VERIFY_REPAIRS = ("newton", "gradient")
 
 
 def _meta(help: str, flag: bool = False, **kw) -> dict:
@@ -116,6 +117,20 @@ class UnlearnSettings:
         "likely): its whole answer ('response'), or only the tokens of its marked 'private' parts, holding the rest "
         "of its answer as the adapter gave it ('parts'; a record without marked parts: its whole answer; a "
         "correction's old value is pulled too, at its parts only; reset.py)", choices=VERIFY_RESETS))
+    verify_repair: str = field(default="newton", metadata=_meta(
+        "verify 'until': what an extra step is: a Newton step on the edited objective ('newton', with the verify_* "
+        "settings above), or a round of repair_steps Adam steps on the edited data plus a bounded unlikelihood of the "
+        "removed records' private tokens ('gradient', from the original adapter when it misses fewer checks than the "
+        "update; repair.py)", choices=VERIFY_REPAIRS))
+    repair_lr: float = field(default=3e-4, metadata=_meta("verify_repair 'gradient': the Adam learning rate"))
+    repair_steps: int = field(default=10, metadata=_meta(
+        "verify_repair 'gradient': Adam steps between two checks (one extra step of verify_steps)"))
+    repair_batch: int = field(default=32, metadata=_meta(
+        "verify_repair 'gradient': kept records per Adam step (every new version is in each step too)"))
+    repair_unlikelihood: float = field(default=0.05, metadata=_meta(
+        "verify_repair 'gradient': w, the weight of −log(1 − p) over the removed records' private tokens"))
+    repair_threshold: float = field(default=0.1, metadata=_meta(
+        "verify_repair 'gradient': τ, a removed token enters the unlikelihood while its probability exceeds τ"))
     solver_settings: SolverSettings = field(default_factory=SolverSettings)
 
     @property
@@ -126,7 +141,8 @@ class UnlearnSettings:
     def __post_init__(self):
         for name, allowed in (("curvature", CURVATURES), ("solver", tuple(sorted(SOLVERS))), ("hvp_mode", HVP_MODES),
                               ("curvature_data", CURVATURE_DATA), ("template", TEMPLATES), ("verify", VERIFY_MODES),
-                              ("dtype", DTYPE_CHOICES), ("verify_reset", VERIFY_RESETS)):
+                              ("dtype", DTYPE_CHOICES), ("verify_reset", VERIFY_RESETS),
+                              ("verify_repair", VERIFY_REPAIRS)):
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} {getattr(self, name)!r}: must be one of {list(allowed)}")
         check_device(self.device)
@@ -150,6 +166,12 @@ class UnlearnSettings:
         if isinstance(self.verify_pull, bool) or not isinstance(self.verify_pull, (int, float)) \
                 or not 0 <= self.verify_pull < math.inf:
             raise InputError(f"verify_pull {self.verify_pull!r}: give a weight >= 0 (0: reset_removed's ρ)")
+        for name, ok, what in (("repair_lr", lambda x: 0 < x < math.inf, "a learning rate > 0"),
+                               ("repair_unlikelihood", lambda x: 0 <= x < math.inf, "a weight >= 0 (0: off)"),
+                               ("repair_threshold", lambda x: 0 <= x < 1, "a probability in [0, 1)")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                raise InputError(f"{name} {value!r}: give {what}")
         if isinstance(self.memory_mb, bool) or not isinstance(self.memory_mb, (int, float)) \
                 or not 0 <= self.memory_mb < math.inf:
             raise InputError(f"memory_mb {self.memory_mb!r}: give a number of MiB >= 0 (0: automatic)")
@@ -180,7 +202,8 @@ class UnlearnSettings:
             raise InputError("anchor_kept needs curvature 'ggn' or 'ggn-base', and newton_steps 1")
         for name, least in (("batch_size", 1), ("newton_steps", 1), ("max_length", 2), ("curvature_samples", 0),
                             ("line_search_samples", 0), ("cache_batches", 0), ("refine_iters", 0), ("seed", 0),
-                            ("verify_retained", 0), ("verify_steps", 0)):
+                            ("verify_retained", 0), ("verify_steps", 0), ("repair_steps", 1),
+                            ("repair_batch", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise InputError(f"{name} {value!r}: give an integer >= {least}")

@@ -1,0 +1,131 @@
+"""First-order repair for `unlearn --verify until` with verify_repair = 'gradient'.
+
+Each round takes `repair_steps` Adam steps on
+
+    J(Θ) = (1/|B|) Σ_{i∈B} L_i(Θ) + (1/|N|) Σ_{i∈N} L_i(Θ) + (w/|R|) Σ_{r∈R} Σ_{t∈T_r, p_t(Θ)>τ} −log(1 − p_t(Θ))
+
+B: the next `repair_batch` kept records of a seeded shuffle (each kept record once per pass), N: every new
+version (corrections, modified queries), R: every removed record (the threshold, not the last check, decides which
+still push: a record that left the greedy answer may come back), T_r the tokens of their marked private parts (every response token of a record without marked parts), p_t the
+probability, teacher-forced, of the record's own token t, τ = repair_threshold, w = repair_unlikelihood. The
+gradient is clipped to norm 1, as in training; Adam's moments persist across rounds.
+
+Why first order: an extra Newton step costs a CG run over every kept record, and on the memorised n = 256 run its
+CG stayed above relative residual 1 and no correction was learned in 10 steps (BENCHMARKS.md#gradient-repair).
+Why the unlikelihood and not the reset's pull toward the base model: a removed record's private value (a
+condition, an e-mail domain) is often also a kept record's; pulling its tokens toward the base model lowers
+them in every context, and on that run it lost 43 of 63 sampled retained answers in 5 steps. The unlikelihood
+asks only that the memorised token stop being likely, and stops pushing once p_t ≤ τ.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from . import distributed
+from .data import EditRequest
+from .modeling import fused_attention
+from .objective import wide
+from .problem import Problem
+from .reset import pulled_tokens
+from .settings import UnlearnSettings
+
+# Adam's moment decay rates and denominator guard, as torch.optim.Adam's defaults
+BETAS, EPS = (0.9, 0.999), 1e-8
+# the gradient norm each step is clipped to (train.py's max_grad_norm default)
+CLIP = 1.0
+
+
+def unlikelihood(objective, params, theta: torch.Tensor, batch: dict, mask: torch.Tensor, threshold: float):
+    """(Σ_{t ∈ mask, p_t > τ} −log(1 − p_t), how many tokens entered it) for one collated batch at Θ (with grad)."""
+    z = wide(objective.outputs(params.unflatten(theta), batch))
+    p = torch.log_softmax(z, -1).gather(1, batch["targets"][:, None])[:, 0].exp()
+    on = mask.to(p.device) & (p.detach() > threshold)
+    # 1 − p is clamped: a token at p = 1 in float32 would give log 0
+    return -torch.log1p(-p.clamp(max=1 - 1e-6))[on].sum(), int(on.sum())
+
+
+class GradientRepair:
+    """Rounds of Adam steps on J above from a given Θ, one round per `round()` (module docstring)."""
+
+    def __init__(self, problem: Problem, request: EditRequest, settings: UnlearnSettings):
+        self.p, self.s = problem, settings
+        sets = problem.sets(request)
+        self.kept, self.new = sets.kept, sets.new
+        # id -> (encoded removed record, indices of its private parts' tokens or None: every response token)
+        self.removed = {e.id: (problem.examples[e.index], problem.part_positions(e.old, e.private) if e.private else None)
+                        for e in request.edits if e.op == "remove"}
+        self.rng = random.Random(settings.seed)
+        self.order: list = []
+        self.m1 = self.m2 = None
+        self.t = 0  # Adam steps taken
+
+    def _next_kept(self) -> list:
+        """The next batch of the shuffled kept records; a new shuffle when a pass ends."""
+        out = []
+        while len(out) < min(self.s.repair_batch, len(self.kept)):
+            if not self.order:
+                self.order = list(range(len(self.kept)))
+                self.rng.shuffle(self.order)
+            out.append(self.kept[self.order.pop()])
+        return out
+
+    def _unlikelihood_grad(self, theta: torch.Tensor, pushed: list) -> tuple[torch.Tensor, int]:
+        """(∇ Σ_r Σ_t −log(1 − p_t) over the pushed removed records, the tokens in it), this rank's share summed."""
+        p, out, tokens = self.p, torch.zeros_like(theta), 0
+        items = distributed.shard(pushed)
+        parts = {id(x): at for x, at in items if at}
+        examples = [x for x, _ in items]
+        for i in range(0, len(examples), p.batch_size):
+            chunk = examples[i:i + p.batch_size]
+            batch = p.objective.collate(chunk, p.device)
+            with torch.enable_grad(), fused_attention(p.model):
+                th = theta.detach().clone().requires_grad_(True)
+                loss, k = unlikelihood(p.objective, p.params, th, batch, pulled_tokens(chunk, parts), self.s.repair_threshold)
+                if k:
+                    (g,) = torch.autograd.grad(loss, th)
+                    out += g
+            tokens += k
+        return distributed.all_sum(out), int(distributed.all_sum_float(float(tokens)))
+
+    def gradient(self, theta: torch.Tensor, pushed: list) -> tuple[torch.Tensor, int]:
+        """(∇J(Θ) before clipping, the unlikelihood's token count) on the next kept batch."""
+        p = self.p
+        kept = self._next_kept()
+        g = p.grad_sum(kept, theta, "repair: kept", False) / max(len(kept), 1) if kept else torch.zeros_like(theta)
+        if self.new:
+            g = g + p.grad_sum(self.new, theta, "repair: new", False) / len(self.new)
+        tokens = 0
+        if pushed and self.s.repair_unlikelihood:
+            u, tokens = self._unlikelihood_grad(theta, pushed)
+            g = g + self.s.repair_unlikelihood * u / len(pushed)
+        return g, tokens
+
+    def round(self, theta: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(Θ after `repair_steps` Adam steps, the round's record)."""
+        s = self.s
+        pushed = list(self.removed.values())
+        if self.m1 is None:
+            self.m1, self.m2 = torch.zeros_like(theta), torch.zeros_like(theta)
+        (b1, b2), norms, tokens = BETAS, [], []
+        for _ in range(s.repair_steps):
+            g, k = self.gradient(theta, pushed)
+            norm = float(g.norm())
+            if not norm < float("inf"):
+                break  # the caller's check sees the last finite Θ
+            if norm > CLIP:
+                g = g * (CLIP / norm)
+            self.t += 1
+            self.m1.mul_(b1).add_(g, alpha=1 - b1)
+            self.m2.mul_(b2).addcmul_(g, g, value=1 - b2)
+            # Θ ← Θ − lr · m̂ / (√v̂ + ε), m̂ and v̂ the bias-corrected moments
+            theta = theta - s.repair_lr * (self.m1 / (1 - b1 ** self.t)) / ((self.m2 / (1 - b2 ** self.t)).sqrt() + EPS)
+            norms.append(norm)
+            tokens.append(k)
+        record = {"repair": "gradient", "optimizer_steps": len(norms), "adam_steps_total": self.t, "lr": s.repair_lr,
+                  "grad_norm_first": norms[0] if norms else None, "grad_norm_last": norms[-1] if norms else None,
+                  "unlikelihood_tokens_first": tokens[0] if tokens else 0, "unlikelihood_tokens_last": tokens[-1] if tokens else 0,
+                  "kept_batch": min(s.repair_batch, len(self.kept)), "new": len(self.new)}
+        return theta, record

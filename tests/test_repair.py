@@ -1,0 +1,189 @@
+"""First-order repair of `unlearn --verify until` (verify_repair = 'gradient', repair.py)."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from llmeraser.data import request_from_rows
+from llmeraser.errors import InputError
+from llmeraser.settings import UnlearnSettings
+from llmeraser.verify import Probe, judge
+
+
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory):
+    """(folder, model, tokenizer, records): a LoRA adapter trained until greedy generation gives every answer."""
+    from helpers import memorised_tiny
+
+    root = tmp_path_factory.mktemp("memorised")
+    model, tok, recs = memorised_tiny(root, 8, epochs=400, batch_size=8)
+    return root, model, tok, recs
+
+
+def _request(recs):
+    return [{"op": "remove", "id": recs[0].id},
+            {"op": "correct_response", "id": recs[1].id, "new": {"response": "0000"}}]
+
+
+def test_repair_settings_are_checked():
+    for bad in ({"verify_repair": "adam"}, {"repair_lr": 0.0}, {"repair_lr": float("inf")}, {"repair_steps": 0},
+                {"repair_batch": 0}, {"repair_unlikelihood": -1.0}, {"repair_threshold": 1.0}, {"repair_threshold": True}):
+        with pytest.raises(InputError, match=next(iter(bad))):
+            UnlearnSettings(**bad)
+    assert UnlearnSettings(verify_repair="gradient").verify_repair == "gradient"
+
+
+def test_unlikelihood_against_a_loop_over_tokens(memorised):
+    """Σ_{t ∈ mask, p_t > τ} −log(1 − p_t) and its token count, against p_t read off full forward passes of the
+    model at each response position, for thresholds that keep all, some and none of the tokens."""
+    from llmeraser.modeling import theta_of
+    from llmeraser.objective import CausalLMObjective
+    from llmeraser.render import encode
+    from llmeraser.repair import unlikelihood
+
+    _, model, tok, recs = memorised
+    params, theta = theta_of(model)
+    obj = CausalLMObjective(model, tok.pad_token_id)
+    items = [encode(r, tok, "chat", 64) for r in recs[:3]]
+    batch = obj.collate(items, "cpu")
+    mask = torch.tensor([t % 2 == 0 for e in items for t in range(e.n_response)])
+    probs = []
+    with torch.no_grad():
+        for e in items:
+            logits = model(input_ids=torch.tensor([e.input_ids])).logits[0].double()
+            for t in range(e.n_prompt, len(e.input_ids)):  # the logit at t − 1 predicts token t
+                probs.append(float(torch.softmax(logits[t - 1], -1)[e.input_ids[t]]))
+    assert len(probs) == len(mask)
+    k = len(probs) // 2
+    # τ halfway between two probabilities: no token sits at it within float32's rounding
+    for tau in (0.0, (sorted(probs)[k] + sorted(probs)[k + 1]) / 2, 1 - 1e-9):
+        on = [p for p, m in zip(probs, mask.tolist()) if m and p > tau]
+        want = sum(-math.log1p(-min(p, 1 - 1e-6)) for p in on)
+        with torch.no_grad():
+            value, count = unlikelihood(obj, params, theta, batch, mask, tau)
+        assert count == len(on)
+        assert float(value) == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+def test_a_repair_round_is_adam_with_clipping_as_torch_gives_it():
+    """GradientRepair.round against torch.optim.Adam on the same gradients, clipped to norm 1 as in training:
+    g(Θ) = A Θ − c, large enough that the clip acts on the first steps and not on the last."""
+    from llmeraser.repair import GradientRepair
+
+    torch.manual_seed(0)
+    a = torch.diag(torch.tensor([3.0, 1.0, 0.2, 0.05]))
+    c = torch.tensor([4.0, -2.0, 1.0, 0.5])
+    rep = object.__new__(GradientRepair)
+    rep.s = UnlearnSettings(repair_lr=0.05, repair_steps=7)
+    rep.removed, rep.kept, rep.new, rep.m1, rep.m2, rep.t = {}, [], [], None, None, 0
+    rep.gradient = lambda theta, pushed: (a @ theta - c, 0)
+    theta = torch.zeros(4)
+    for _ in range(3):  # three rounds: Adam's moments carry over between them
+        theta, record = rep.round(theta)
+    x = torch.zeros(4, requires_grad=True)
+    opt = torch.optim.Adam([x], lr=0.05)
+    for _ in range(21):
+        opt.zero_grad()
+        x.grad = (a @ x.detach() - c)
+        torch.nn.utils.clip_grad_norm_([x], 1.0)
+        opt.step()
+    assert torch.allclose(theta, x.detach(), atol=1e-6)
+    assert record["optimizer_steps"] == 7 and record["adam_steps_total"] == 21
+
+
+def test_repair_rounds_forget_a_removal_and_learn_a_correction(memorised):
+    """From Θ̂ of the tiny memorised model: a few rounds leave the removed answer no longer produced, the corrected
+    one produced, and the kept answers produced; the unlikelihood's token count falls to 0 once the removed
+    answer's tokens are below τ."""
+    from llmeraser.modeling import theta_of
+    from llmeraser.problem import Problem
+    from llmeraser.repair import GradientRepair
+    from llmeraser.verify import Verifier
+
+    _, model, tok, recs = memorised
+    req = request_from_rows(_request(recs), recs)
+    params, theta_hat = theta_of(model)
+    s = UnlearnSettings(max_length=64, template="chat", repair_lr=1e-2, repair_steps=10, repair_batch=4,
+                        repair_unlikelihood=1.0, repair_threshold=0.1)
+    problem = Problem(model, tok, recs, "chat", 64, 8)
+    rep = GradientRepair(problem, req, s)
+    verifier = Verifier(model, tok, params, theta_hat, recs, req, "chat", 64, 8, 6, 0)
+    theta, checks, records = theta_hat.clone(), [], []
+    for _ in range(6):
+        theta, record = rep.round(theta)
+        records.append(record)
+        checks.append(verifier.check(theta))
+        if checks[-1]["verified"]:
+            break
+    v = checks[-1]
+    assert v["verified"], v["failures"]
+    assert v["removed"]["still_produced"] == 0 and v["corrected"]["produced"] == 1
+    assert records[0]["unlikelihood_tokens_first"] > 0
+    assert torch.equal(theta_of(model)[1], theta_hat)  # the model's own weights are untouched
+
+
+def test_until_with_the_gradient_repair_starts_from_the_original_when_it_misses_less(monkeypatch):
+    """verify_edit with scripted checks: the update misses 3 (it lost retained answers), the original adapter 2, so the
+    rounds start from Θ̂; the first round passes. unlearn.json says where the repair started."""
+    from llmeraser import api
+
+    probe_list = [Probe("a", "removed", None, ("t",)), Probe("b", "removed", None, ("t",))] + \
+        [Probe(f"k{i}", "retained", None, ("t",)) for i in range(4)]
+    before = [True] * 6
+    after = {5.0: [False, False, True, False, False, False],  # the update: 3 of 4 retained answers lost
+             0.0: [True, True, True, True, True, True],     # the original adapter: both removed answers produced
+             1.0: [False, False, True, True, True, True]}   # after a round from Θ̂: verified
+    starts = []
+
+    class Scripted:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def check(self, theta):
+            return judge(probe_list, before, after[float(theta[0])])
+
+    class Repair:
+        def __init__(self, *args):
+            pass
+
+        def round(self, theta):
+            starts.append(float(theta[0]))
+            return theta + 1, {"repair": "gradient"}
+
+    monkeypatch.setattr(api, "Verifier", Scripted)
+    monkeypatch.setattr(api, "GradientRepair", Repair)
+    settings = UnlearnSettings(verify="until", verify_steps=3, verify_repair="gradient")
+    problem = SimpleNamespace(params=None, theta_hat=torch.zeros(3), template="chat")
+    unl = SimpleNamespace(settings=settings, problem=problem, refiner=None)
+    theta, v, solve = api.verify_edit(unl, None, None, [], None, torch.full((3,), 5.0), progress=False)
+    assert starts == [0.0] and float(theta[0]) == 1.0 and v["verified"] and solve is None
+    assert v["repair_start"] == "original" and [r["shortfall"] for r in v["rounds"]] == [3, 2, 0]
+    assert v["rounds"][1]["original_adapter"] and v["extra_steps"][0]["kept"]
+
+
+def test_the_unlikelihood_lowers_the_removed_answers_tokens_beyond_what_the_kept_data_do(memorised):
+    """One round from Θ̂ with w = 1 and one with w = 0, on the same kept batches (same seed): the removed answer's
+    Σ_t −log(1 − p_t) ends lower with the unlikelihood, so the term, not the kept data alone, pushes it down."""
+    from llmeraser.modeling import theta_of
+    from llmeraser.problem import Problem
+    from llmeraser.repair import GradientRepair, unlikelihood
+    from llmeraser.reset import pulled_tokens
+
+    _, model, tok, recs = memorised
+    req = request_from_rows(_request(recs)[:1], recs)
+    params, theta_hat = theta_of(model)
+    problem = Problem(model, tok, recs, "chat", 64, 8)
+    removed = [problem.examples[0]]
+    batch = problem.objective.collate(removed, "cpu")
+    ends = {}
+    for w in (0.0, 1.0):
+        s = UnlearnSettings(max_length=64, template="chat", repair_lr=1e-2, repair_steps=5, repair_batch=4,
+                            repair_unlikelihood=w, repair_threshold=0.0)
+        theta, _ = GradientRepair(problem, req, s).round(theta_hat.clone())
+        with torch.no_grad():
+            ends[w] = float(unlikelihood(problem.objective, params, theta, batch, pulled_tokens(removed, {}), 0.0)[0])
+    with torch.no_grad():
+        start = float(unlikelihood(problem.objective, params, theta_hat, batch, pulled_tokens(removed, {}), 0.0)[0])
+    assert ends[1.0] < 0.5 * ends[0.0] and ends[1.0] < start
