@@ -78,7 +78,7 @@ def test_a_repair_round_is_adam_with_clipping_as_torch_gives_it():
     rep = object.__new__(GradientRepair)
     rep.s = UnlearnSettings(repair_lr=0.05, repair_steps=7)
     rep.removed, rep.kept, rep.new, rep.m1, rep.m2, rep.t = {}, [], [], None, None, 0
-    rep.gradient = lambda theta, pushed: (a @ theta - c, 0)
+    rep.gradient = lambda theta, pushed, restore: (a @ theta - c, 0)
     theta = torch.zeros(4)
     for _ in range(3):  # three rounds: Adam's moments carry over between them
         theta, record = rep.round(theta)
@@ -148,7 +148,7 @@ def test_until_with_the_gradient_repair_starts_from_the_original_when_it_misses_
         def __init__(self, *args):
             pass
 
-        def round(self, theta):
+        def round(self, theta, restore=()):
             starts.append(float(theta[0]))
             return theta + 1, {"repair": "gradient"}
 
@@ -187,3 +187,30 @@ def test_the_unlikelihood_lowers_the_removed_answers_tokens_beyond_what_the_kept
     with torch.no_grad():
         start = float(unlikelihood(problem.objective, params, theta_hat, batch, pulled_tokens(removed, {}), 0.0)[0])
     assert ends[1.0] < 0.5 * ends[0.0] and ends[1.0] < start
+
+
+def test_restored_kept_records_join_every_step_of_a_round_and_the_shuffle_covers_the_rest(memorised):
+    """The kept records handed to round() are in every step's kept batch (at most repair_batch of them); the shuffled
+    batches meet every kept record once before any twice."""
+    from llmeraser.modeling import theta_of
+    from llmeraser.problem import Problem
+    from llmeraser.repair import GradientRepair
+
+    _, model, tok, recs = memorised
+    req = request_from_rows(_request(recs), recs)
+    problem = Problem(model, tok, recs, "chat", 64, 8)
+    seen = []
+
+    def grad_sum(items, theta, desc, progress):
+        if desc == "repair: kept":
+            seen.append([id(x) for x in items])
+        return torch.zeros_like(theta)
+
+    problem.grad_sum = grad_sum
+    s = UnlearnSettings(max_length=64, template="chat", repair_steps=3, repair_batch=2, repair_unlikelihood=0.0)
+    rep = GradientRepair(problem, req, s)
+    kept = problem.sets(req).kept
+    rep.round(theta_of(model)[1], [kept[4], kept[5], kept[0]])
+    assert len(seen) == 3 and all(b[:2] == [id(kept[4]), id(kept[5])] and len(b) == 4 for b in seen)
+    drawn = [i for b in seen for i in b[2:]]
+    assert len(set(drawn)) == len(drawn) == 6 and set(drawn) == {id(x) for x in kept}

@@ -185,7 +185,11 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
         if stopped:
             break
         if repair is not None:
-            theta_next, record = repair.round(theta)
+            kept = dict(unl.kept_records(req)) if s.verify_restore else {}
+            uncertain = unl.uncertain_kept(req, theta) if s.verify_restore else []
+            theta_next, record = repair.round(theta, [kept[i] for i in uncertain])
+            if s.verify_restore:
+                record["uncertain_kept"] = len(uncertain)
             solve, record = None, {"step": max(s.newton_steps, 1) + len(extra) + 1, **record}
         else:
             # removed records, and corrections' old values (pulled only with verify_reset 'parts': Unlearner.more_steps),

@@ -4,7 +4,9 @@ Each round takes `repair_steps` Adam steps on
 
     J(Θ) = (1/|B|) Σ_{i∈B} L_i(Θ) + (1/|N|) Σ_{i∈N} L_i(Θ) + (w/|R|) Σ_{r∈R} Σ_{t∈T_r, p_t(Θ)>τ} −log(1 − p_t(Θ))
 
-B: the next `repair_batch` kept records of a seeded shuffle (each kept record once per pass), N: every new
+B: the next `repair_batch` kept records of a seeded shuffle (each kept record once per pass), with verify_restore
+also up to `repair_batch` of the kept records whose answers the round's start made uncertain (the same in every
+step of the round: retraining fits them, and a sampled batch meets each only once a pass), N: every new
 version (corrections, modified queries), R: every removed record (the threshold, not the last check, decides which
 still push: a record that left the greedy answer may come back), T_r the tokens of their marked private parts (every response token of a record without marked parts), p_t the
 probability, teacher-forced, of the record's own token t, τ = repair_threshold, w = repair_unlikelihood. The
@@ -90,10 +92,10 @@ class GradientRepair:
             tokens += k
         return distributed.all_sum(out), int(distributed.all_sum_float(float(tokens)))
 
-    def gradient(self, theta: torch.Tensor, pushed: list) -> tuple[torch.Tensor, int]:
-        """(∇J(Θ) before clipping, the unlikelihood's token count) on the next kept batch."""
+    def gradient(self, theta: torch.Tensor, pushed: list, restore: list = ()) -> tuple[torch.Tensor, int]:
+        """(∇J(Θ) before clipping, the unlikelihood's token count) on the next kept batch plus `restore`."""
         p = self.p
-        kept = self._next_kept()
+        kept = list(restore) + self._next_kept()
         g = p.grad_sum(kept, theta, "repair: kept", False) / max(len(kept), 1) if kept else torch.zeros_like(theta)
         if self.new:
             g = g + p.grad_sum(self.new, theta, "repair: new", False) / len(self.new)
@@ -103,15 +105,17 @@ class GradientRepair:
             g = g + self.s.repair_unlikelihood * u / len(pushed)
         return g, tokens
 
-    def round(self, theta: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """(Θ after `repair_steps` Adam steps, the round's record)."""
+    def round(self, theta: torch.Tensor, restore: list = ()) -> tuple[torch.Tensor, dict]:
+        """(Θ after `repair_steps` Adam steps, the round's record); `restore`: encoded kept records whose answers are
+        uncertain at Θ (Unlearner.uncertain_kept), of which the first `repair_batch` join every step."""
         s = self.s
         pushed = list(self.removed.values())
+        restore = list(restore)[:s.repair_batch]
         if self.m1 is None:
             self.m1, self.m2 = torch.zeros_like(theta), torch.zeros_like(theta)
         (b1, b2), norms, tokens = BETAS, [], []
         for _ in range(s.repair_steps):
-            g, k = self.gradient(theta, pushed)
+            g, k = self.gradient(theta, pushed, restore)
             norm = float(g.norm())
             if not norm < float("inf"):
                 break  # the caller's check sees the last finite Θ
@@ -127,5 +131,5 @@ class GradientRepair:
         record = {"repair": "gradient", "optimizer_steps": len(norms), "adam_steps_total": self.t, "lr": s.repair_lr,
                   "grad_norm_first": norms[0] if norms else None, "grad_norm_last": norms[-1] if norms else None,
                   "unlikelihood_tokens_first": tokens[0] if tokens else 0, "unlikelihood_tokens_last": tokens[-1] if tokens else 0,
-                  "kept_batch": min(s.repair_batch, len(self.kept)), "new": len(self.new)}
+                  "kept_batch": min(s.repair_batch, len(self.kept)), "restored_kept": len(restore), "new": len(self.new)}
         return theta, record

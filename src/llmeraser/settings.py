@@ -129,7 +129,7 @@ class UnlearnSettings:
         "verify_repair 'gradient': kept records per Adam step (every new version is in each step too)"))
     repair_unlikelihood: float = field(default=0.05, metadata=_meta(
         "verify_repair 'gradient': w, the weight of −log(1 − p) over the removed records' private tokens"))
-    repair_threshold: float = field(default=0.1, metadata=_meta(
+    repair_threshold: float = field(default=0.02, metadata=_meta(
         "verify_repair 'gradient': τ, a removed token enters the unlikelihood while its probability exceeds τ"))
     solver_settings: SolverSettings = field(default_factory=SolverSettings)
 

@@ -135,11 +135,11 @@ class Unlearner:
         removed = [self.problem.examples[edits[i].index] for i in ids]
         parts = {id(self.problem.examples[edits[i].index]): at[i] for i in ids if i in at}
         taught = [new_of[i] for i in dict.fromkeys(teach_ids) if i in new_of]
-        kept = dict(self._kept(request))
+        kept = dict(self.kept_records(request))
         restored = [kept[i] for i in dict.fromkeys(restore_ids) if i in kept]
         return self.refiner.step(theta, removed or None, taught or None, restored or None, parts or None)
 
-    def _kept(self, request: EditRequest) -> list[tuple[str, object]]:
+    def kept_records(self, request: EditRequest) -> list[tuple[str, object]]:
         """(record id, encoded sample) of every record the request leaves as it is."""
         edited = {e.index for e in request.edits}
         return [(r.id, x) for i, (r, x) in enumerate(zip(self.problem.records, self.problem.examples)) if i not in edited]
@@ -148,7 +148,7 @@ class Unlearner:
         """Ids of the kept records whose answer Θ̂ certainly produces and Θ no longer does: teacher-forced
         max_t −log p_t below verify.CERTAIN_NLL at Θ̂ (every token the greedy choice) and at or above it at Θ.
         Every kept record is checked (two forward passes over them, the one at Θ̂ once per request), on rank 0."""
-        kept = self._kept(request)
+        kept = self.kept_records(request)
         key = tuple(i for i, _ in kept)
         if self._certain[0] != key:
             nll = distributed.on_main(lambda: self.problem.worst_token_nll([x for _, x in kept], self.theta_hat))
