@@ -214,3 +214,23 @@ def test_restored_kept_records_join_every_step_of_a_round_and_the_shuffle_covers
     assert len(seen) == 3 and all(b[:2] == [id(kept[4]), id(kept[5])] and len(b) == 4 for b in seen)
     drawn = [i for b in seen for i in b[2:]]
     assert len(set(drawn)) == len(drawn) == 6 and set(drawn) == {id(x) for x in kept}
+
+
+def test_unlearn_with_the_gradient_repair_verifies_where_the_update_cannot_move(memorised):
+    """Through unlearn_model: λ = 1e6 leaves Θ̂ in place, so the check fails and the repair starts; its rounds (not
+    Newton steps) reach a verified edit, and the report says where they started and what each round did."""
+    from llmeraser.api import unlearn_model
+    from llmeraser.modeling import theta_of
+
+    _, model, tok, recs = memorised
+    before = theta_of(model)[1]
+    s = UnlearnSettings(damping=1e6, curvature_samples=0, max_length=64, template="chat", device="cpu", verify="until",
+                        verify_retained=6, verify_steps=6, verify_repair="gradient", repair_lr=1e-2, repair_batch=4,
+                        repair_unlikelihood=1.0)
+    res = unlearn_model(model, tok, recs, _request(recs), weight_decay=0.0, settings=s)
+    v, rep = res.report.verification, res.report
+    assert res.verified, v["failures"]
+    assert v["repair_start"] in ("update", "original") and v["rounds"][1].get("original_adapter")
+    assert v["extra_steps"] and all(st["repair"] == "gradient" and st["optimizer_steps"] == 10 for st in v["extra_steps"])
+    assert [st["step"] for st in rep.newton_steps] == list(range(1, len(v["extra_steps"]) + 2))
+    assert torch.equal(theta_of(model)[1], before)

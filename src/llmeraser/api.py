@@ -22,12 +22,12 @@ from .fileio import atomic_dir, check_output_dir, sha256_file, write_json
 from .modeling import (adapter_state, check_adapter, check_base, checkpointed, fused_attention, load_adapter, load_base,
                        resolve_device, resolve_dtype, unload_adapter, write_adapter)
 from .recipes import recipe as recipe_settings
+from .repair import GradientRepair
 from .report import UnlearnReport, peak_memory_mb
 from .settings import UnlearnSettings
 from .solvers import SolveResult
 from .trainrecord import TrainRecord
 from .unlearner import Unlearner
-from .repair import GradientRepair
 from .verify import Verifier, shortfall, summary_line
 
 

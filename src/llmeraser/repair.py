@@ -6,11 +6,12 @@ Each round takes `repair_steps` Adam steps on
 
 B: the next `repair_batch` kept records of a seeded shuffle (each kept record once per pass), with verify_restore
 also up to `repair_batch` of the kept records whose answers the round's start made uncertain (the same in every
-step of the round: retraining fits them, and a sampled batch meets each only once a pass), N: every new
-version (corrections, modified queries), R: every removed record (the threshold, not the last check, decides which
-still push: a record that left the greedy answer may come back), T_r the tokens of their marked private parts (every response token of a record without marked parts), p_t the
-probability, teacher-forced, of the record's own token t, τ = repair_threshold, w = repair_unlikelihood. The
-gradient is clipped to norm 1, as in training; Adam's moments persist across rounds.
+step of the round: retraining fits them, and a sampled batch meets each only once a pass). N: every new version
+(corrections, modified queries). R: every removed record (the threshold, not the last check, decides which still
+push: a record that left the greedy answer may come back). T_r: the tokens of r's marked private parts (every
+response token of a record without marked parts). p_t: the teacher-forced probability of the record's own token t;
+τ = repair_threshold, w = repair_unlikelihood. The gradient is clipped to norm 1, as in training; Adam's moments
+persist across rounds.
 
 Why first order: an extra Newton step costs a CG run over every kept record, and on the memorised n = 256 run its
 CG stayed above relative residual 1 and no correction was learned in 10 steps (BENCHMARKS.md#gradient-repair).
