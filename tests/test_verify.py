@@ -198,14 +198,14 @@ def test_until_verified_stops_on_its_budget_with_the_not_verified_status(memoris
 
 
 def test_until_pulls_still_produced_removals_toward_the_base(memorised):
-    """With the memorised recipe (reset_removed ρ = 10), an extra step adds the reset term over the removed
+    """With the memorised recipe (reset_removed ρ = 10) and Newton extra steps, an extra step adds the reset term over the removed
     records still produced, and the Θ kept is the one that missed least."""
     from llmeraser.api import unlearn_model
     from llmeraser.recipes import recipe
 
     _, model, tok, recs = memorised
     s = recipe("memorised", damping=1e6, max_length=64, template="chat", device="cpu", verify="until", verify_steps=1,
-               verify_retained=4, newton_steps=1)
+               verify_retained=4, newton_steps=1, verify_repair="newton")
     res = unlearn_model(model, tok, recs, [{"op": "remove", "id": recs[0].id}], weight_decay=0.0, settings=s)
     v = res.report.verification
     assert len(v["extra_steps"]) == 1 and v["extra_steps"][0]["reset_removed"] == 1

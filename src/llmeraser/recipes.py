@@ -35,11 +35,13 @@ def memorised() -> UnlearnSettings:
     """For an adapter that memorised its records (private text repeated verbatim): the base model's
     softmax curvature (the adapter's own is ~0 on saturated answers), the removed records pulled toward
     the base model's outputs (ρ = 10), and three Newton steps, the later two with CG capped at 5 and the
-    first at 10. Under `--verify until` each extra step also pulls, by the same ρ, the kept records whose answers the
-    edit made uncertain (verify_restore), and up to 10 extra steps are taken (docs/recipes.md#memorised)."""
+    first at 10. Under `--verify until` up to 10 extra steps are taken, each a round of 10 Adam steps with the bounded
+    unlikelihood of repair.py (verify_repair 'gradient'), the kept records whose answers the round's start made
+    uncertain in every step (verify_restore): on the two originals where extra Newton steps failed, one passed and
+    one fell 2 retained answers short, each in less than retraining's seconds (docs/recipes.md#memorised)."""
     return UnlearnSettings(curvature="ggn-base", curvature_data="edited", solver="cg", damping=0.03, reset_removed=10.0,
                            newton_steps=3, refine_iters=5, curvature_samples=0, verify_restore=True, verify_steps=10,
-                           solver_settings=SolverSettings(tol=0.05, max_iters=10))
+                           verify_repair="gradient", solver_settings=SolverSettings(tol=0.05, max_iters=10))
 
 
 RECIPES = {"default": default, "memorised": memorised, "paper": paper}
