@@ -406,17 +406,20 @@ def test_verify_restore_without_a_reset_weight_is_refused():
 
 
 def test_the_memorised_recipes_restore_follows_a_chosen_rho_of_zero():
-    """The memorised recipe turns verify_restore on; a user's ρ = 0 turns it off with it (overrides or --config),
-    unless verify_restore is asked for too, which is then refused as above."""
+    """The memorised recipe turns verify_restore on; with Newton extra steps a user's ρ = 0 turns it off with it
+    (overrides or --config), unless verify_restore is asked for too, which is then refused as above. Its own
+    gradient rounds need no ρ for it, and keep it."""
     from llmeraser.recipes import recipe, resolve
 
     assert recipe("memorised").verify_restore and recipe("memorised").verify_steps == 10
-    assert not recipe("memorised", reset_removed=0.0).verify_restore
-    assert recipe("memorised", reset_removed=3.0).verify_restore
-    assert not resolve("memorised", {"recipe": None, "settings": {"reset_removed": 0}})[1].verify_restore
-    assert not resolve("memorised", None, {"reset_removed": 0.0})[1].verify_restore
+    assert recipe("memorised").verify_repair == "gradient" and recipe("memorised", reset_removed=0.0).verify_restore
+    newton = {"verify_repair": "newton"}
+    assert not recipe("memorised", reset_removed=0.0, **newton).verify_restore
+    assert recipe("memorised", reset_removed=3.0, **newton).verify_restore
+    assert not resolve("memorised", {"recipe": None, "settings": {"reset_removed": 0, **newton}})[1].verify_restore
+    assert not resolve("memorised", None, {"reset_removed": 0.0, **newton})[1].verify_restore
     with pytest.raises(InputError, match="verify_restore weights"):
-        resolve("memorised", None, {"reset_removed": 0.0, "verify_restore": True})
+        resolve("memorised", None, {"reset_removed": 0.0, "verify_restore": True, **newton})
     assert not recipe("default").verify_restore and recipe("default").verify_steps == 4
 
 
@@ -604,7 +607,7 @@ def test_verify_pull_weights_the_missing_correction_in_place_of_rho(memorised):
     after = {}
     for key, rho, pull in (("pull 40", 10.0, 40.0), ("rho 40", 40.0, 0.0), ("rho 10", 10.0, 0.0)):
         s = recipe("memorised", max_length=64, template="chat", device="cpu", newton_steps=1, reset_removed=rho,
-                   verify_pull=pull)
+                   verify_pull=pull, verify_repair="newton")
         unl = Unlearner(model, tok, recs, s)
         delta, _, _ = unl.delta(req, progress=False)
         theta, record = unl.more_steps(req, unl.theta_hat + delta, progress=False, teach_ids=[recs[1].id])[::2]

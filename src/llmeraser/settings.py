@@ -102,8 +102,9 @@ class UnlearnSettings:
     verify_seconds: float = field(default=0.0, metadata=_meta(
         "most seconds verify 'until' spends on extra steps and their checks (0: no limit)"))
     verify_restore: bool = field(default=False, metadata=_meta(
-        "verify 'until': also weight by ρ (verify_pull's when set) the loss of kept records whose answer the edit made uncertain "
-        "(a token's −log p rose past ln 2, from below it at every token before the edit), all kept records checked"))
+        "verify 'until': also fit the kept records whose answer the edit made uncertain (a token's −log p rose past "
+        "ln 2, from below it at every token before the edit; all kept records checked): a Newton extra step weights "
+        "their loss by ρ (verify_pull's when set), a gradient round puts them in every Adam step"))
     verify_pull: float = field(default=0.0, metadata=_meta(
         "verify 'until': ρ_T, the weight of the loss of the new answers not produced yet (and, with verify_restore, "
         "of the uncertain kept answers) in an extra step (0: reset_removed's ρ). Its curvature ρ_T·Σ_T C_i stays "
@@ -195,9 +196,15 @@ class UnlearnSettings:
         if self.verify_reset != "response" and not self.reset_removed:
             raise InputError(f"verify_reset {self.verify_reset!r} chooses what reset_removed pulls, which is 0 here: set "
                              "reset_removed (the memorised recipe's is 10) or leave verify_reset 'response'")
-        if self.verify_restore and not (self.verify_pull or self.reset_removed):
-            raise InputError("verify_restore weights the kept records by reset_removed's ρ, which is 0 here: set "
-                             "reset_removed (the memorised recipe's is 10) or verify_pull, or leave verify_restore off")
+        if self.verify_repair == "gradient" and (self.verify_reset != "response" or self.verify_pull):
+            # a gradient round has no reset and no pull weight (repair.py): these would be silently ignored
+            raise InputError("verify_reset and verify_pull shape the Newton extra steps of --verify until; verify_repair "
+                             "'gradient' (the memorised recipe's) takes rounds of Adam steps that use neither: set "
+                             "verify_repair 'newton' to use them, or leave them unset")
+        if self.verify_repair == "newton" and self.verify_restore and not (self.verify_pull or self.reset_removed):
+            raise InputError("verify_restore weights the kept records by reset_removed's ρ in a Newton extra step, which "
+                             "is 0 here: set reset_removed (the memorised recipe's is 10) or verify_pull, set "
+                             "verify_repair 'gradient', or leave verify_restore off")
         if self.anchor_kept and (not gauss_newton or self.newton_steps > 1):
             raise InputError("anchor_kept needs curvature 'ggn' or 'ggn-base', and newton_steps 1")
         for name, least in (("batch_size", 1), ("newton_steps", 1), ("max_length", 2), ("curvature_samples", 0),
