@@ -184,12 +184,11 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
             stopped = f"the budget of {s.verify_seconds:g} s ran out"
         if stopped:
             break
+        # with verify_restore: every kept record whose answer this Θ no longer certainly gives (not the sample)
+        uncertain = unl.uncertain_kept(req, theta) if s.verify_restore else []
         if repair is not None:
-            kept = dict(unl.kept_records(req)) if s.verify_restore else {}
-            uncertain = unl.uncertain_kept(req, theta) if s.verify_restore else []
+            kept = dict(unl.kept_records(req)) if uncertain else {}
             theta_next, record = repair.round(theta, [kept[i] for i in uncertain])
-            if s.verify_restore:
-                record["uncertain_kept"] = len(uncertain)
             solve, record = None, {"step": max(s.newton_steps, 1) + len(extra) + 1, **record}
         else:
             # removed records, and corrections' old values (pulled only with verify_reset 'parts': Unlearner.more_steps),
@@ -197,12 +196,10 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
             still = [r["id"] for r in check["records"] if r["kind"] in ("removed", "old") and r["checked"]
                      and (r["after"] or r["likely"])]
             missing = [r["id"] for r in check["records"] if r["kind"] in ("new", "query") and r["checked"] and not r["after"]]
-            # with verify_restore: every kept record whose answer this Θ no longer certainly gives (not the sample)
-            uncertain = unl.uncertain_kept(req, theta) if s.verify_restore else []
             theta_next, solve, record = unl.more_steps(req, theta, progress, reset_ids=still, teach_ids=missing,
                                                        restore_ids=uncertain)
-            if s.verify_restore:
-                record["uncertain_kept"] = len(uncertain)
+        if s.verify_restore:
+            record["uncertain_kept"] = len(uncertain)
         extra.append({**record, "until_verified": True})
         if repair is None and not record["line_search"]["accepted"]:
             stopped = (f"Newton step {record['step']} found no scale that lowered the retraining objective"

@@ -98,7 +98,8 @@ class UnlearnSettings:
     # a sample of 16 missed a 6% loss of retained answers (BENCHMARKS.md#forgetting-n64)
     verify_retained: int = field(default=64, metadata=_meta(
         "retained records the verification samples (seeded; all of them when fewer)"))
-    verify_steps: int = field(default=4, metadata=_meta("most extra steps verify 'until' takes (Newton steps or gradient rounds: verify_repair)"))
+    verify_steps: int = field(default=4, metadata=_meta(
+        "most extra steps verify 'until' takes (Newton steps or gradient rounds: verify_repair)"))
     verify_seconds: float = field(default=0.0, metadata=_meta(
         "most seconds verify 'until' spends on extra steps and their checks (0: no limit)"))
     verify_restore: bool = field(default=False, metadata=_meta(
