@@ -31,7 +31,11 @@ def main(argv=None) -> int:
     from llmeraser.recipes import recipe
     from llmeraser.repair import unlikelihood
     from llmeraser.reset import OutputReset, pulled_tokens
-    from llmeraser.verify import Verifier, shortfall, summary_line
+    from llmeraser.evaluate import AdapterEval
+    from llmeraser.modeling import adapter_at, merged_adapter
+    from llmeraser.verify import Verifier, produced, shortfall, summary_line
+
+    from benchmarks.forgetting import answer_forms
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("work", type=Path, help="a forgetting-suite run folder (data.jsonl, request.jsonl, original/)")
@@ -42,6 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", action="store_true", help="the reset pulls only the private parts' tokens")
     ap.add_argument("--unlikelihood", type=float, default=0.0, help="w, weight of the bounded unlikelihood (0: off)")
     ap.add_argument("--threshold", type=float, default=0.0, help="τ of the unlikelihood (default 0)")
+    ap.add_argument("--form", type=float, default=0.0, help="v, weight of the removed answers' words outside their "
+                    "private parts (repair_form; --product only; default 0)")
     ap.add_argument("--new-weight", type=float, default=1.0, help="weight of the new versions' mean loss (default 1)")
     ap.add_argument("--kept", type=int, default=32, help="kept records per step (default 32)")
     ap.add_argument("--steps", type=int, default=60, help="optimiser steps (default 60)")
@@ -81,14 +87,24 @@ def main(argv=None) -> int:
         return out
 
     theta, rows = p.theta_hat.clone(), []
+    # the removed prompts' answers in the record's sentence (forgetting.answer_forms), as the suite counts them
+    request_rows = [json.loads(x) for x in (a.work / "request.jsonl").read_text().splitlines() if x.strip()]
+    forms = answer_forms(request_rows)
+    removed_records = [r for r in records if r.id in forms]
+
+    def in_form(c_theta) -> int:
+        with adapter_at(model, p.params, c_theta), fused_attention(model), merged_adapter(model):
+            texts = AdapterEval(model, tok, p.template, 8, 256, 48).generate(removed_records)
+        return sum(produced(t, (forms[r.id],)) for r, t in zip(removed_records, texts))
 
     def check(k, norm=None):
         c = verifier.check(theta)
         rows.append({"step": k, "seconds": time.perf_counter() - t0, "grad_norm": norm, "shortfall": shortfall(c),
                      "removed_still": c["removed"]["still_produced"], "old_still": c["old"]["still_produced"],
                      "corrected": c["corrected"]["produced"], "retained_kept": c["retained"]["kept"],
-                     "retained_before": c["retained"]["produced_before"]})
-        print(f"[{rows[-1]['seconds']:6.0f}s] step {k}: {summary_line(c)}", flush=True)
+                     "retained_before": c["retained"]["produced_before"], "removed_in_form": in_form(theta)})
+        print(f"[{rows[-1]['seconds']:6.0f}s] step {k}: {summary_line(c)}; removed answers in the record's sentence: "
+              f"{rows[-1]['removed_in_form']} of {len(removed_records)}", flush=True)
         return c
 
     check(0)
@@ -97,7 +113,7 @@ def main(argv=None) -> int:
         from llmeraser.unlearner import Unlearner
 
         rs = dataclasses.replace(s, repair_lr=a.lr, repair_steps=a.every, repair_batch=a.kept,
-                                 repair_unlikelihood=a.unlikelihood, repair_threshold=a.threshold)
+                                 repair_unlikelihood=a.unlikelihood, repair_threshold=a.threshold, repair_form=a.form)
         unl = Unlearner(model, tok, records, rs)
         repair, kept = GradientRepair(unl.problem, req, rs), dict(unl.kept_records(req))
         for k in range(a.every, a.steps + 1, a.every):

@@ -29,7 +29,8 @@ def _request(recs):
 
 def test_repair_settings_are_checked():
     for bad in ({"verify_repair": "adam"}, {"repair_lr": 0.0}, {"repair_lr": float("inf")}, {"repair_steps": 0},
-                {"repair_batch": 0}, {"repair_unlikelihood": -1.0}, {"repair_threshold": 1.0}, {"repair_threshold": True}):
+                {"repair_batch": 0}, {"repair_unlikelihood": -1.0}, {"repair_threshold": 1.0}, {"repair_threshold": True},
+                {"repair_form": -0.5}, {"repair_form": float("nan")}):
         with pytest.raises(InputError, match=next(iter(bad))):
             UnlearnSettings(**bad)
     assert UnlearnSettings(verify_repair="gradient").verify_repair == "gradient"
@@ -245,3 +246,84 @@ def test_unlearn_with_the_gradient_repair_verifies_where_the_update_cannot_move(
     assert v["extra_steps"] and all(st["repair"] == "gradient" and st["optimizer_steps"] == 10 for st in v["extra_steps"])
     assert [st["step"] for st in rep.newton_steps] == list(range(1, len(v["extra_steps"]) + 2))
     assert torch.equal(theta_of(model)[1], before)
+
+
+def _parts_request(recs):
+    """recs[0] removed with its last two digits marked private, recs[2] removed with no marked part."""
+    return [{"op": "remove", "id": recs[0].id, "private": [recs[0].sides()[1][2:]]}, {"op": "remove", "id": recs[2].id}]
+
+
+def test_the_removed_terms_gradient_against_a_loop_over_records(memorised):
+    """∇ of (w/|R|) Σ_r Σ_{t∈T_r, p_t>τ} −log(1 − p_t) + (v/|R_F|) Σ_{r∈R_F} (1/|F_r|) Σ_{t∈F_r} −log p_t, as
+    GradientRepair batches it, against backward through one full forward pass per record of the model itself: the
+    record without marked parts pushes every token and has no form term, the other pushes its part and keeps the rest."""
+    from llmeraser.modeling import theta_of
+    from llmeraser.problem import Problem
+    from llmeraser.repair import GradientRepair
+
+    _, model, tok, recs = memorised
+    req = request_from_rows(_parts_request(recs), recs)
+    params, theta_hat = theta_of(model)
+    problem = Problem(model, tok, recs, "chat", 64, 8)
+    w, v = 0.7, 1.3
+    s = UnlearnSettings(max_length=64, template="chat", repair_unlikelihood=w, repair_form=v, repair_threshold=0.0)
+    rep = GradientRepair(problem, req, s)
+    got, tokens = rep._removed_grad(theta_hat, list(rep.removed.values()))
+
+    named = dict(model.named_parameters())
+    for n in params.names:
+        named[n].grad = None
+    total, pushed = 0.0, 0
+    for rid, private in ((recs[0].id, [recs[0].sides()[1][2:]]), (recs[2].id, None)):
+        e, at = rep.removed[rid]
+        private_at = set(range(e.n_response)) if private is None else set(problem.part_positions(recs[0], private))
+        assert (at is None) == (private is None) and 0 < len(private_at) <= e.n_response
+        logits = model(input_ids=torch.tensor([e.input_ids])).logits[0].double()
+        # the logit at position t − 1 predicts token t; response token k sits at n_prompt + k
+        logp = torch.stack([torch.log_softmax(logits[e.n_prompt + k - 1], -1)[e.input_ids[e.n_prompt + k]]
+                            for k in range(e.n_response)])
+        ul = sum(-torch.log1p(-logp[k].exp().clamp(max=1 - 1e-6)) for k in private_at)
+        pushed += len(private_at)
+        total = total + w * ul / 2
+        free = [k for k in range(e.n_response) if k not in private_at]
+        if private is not None:
+            assert free
+            total = total + v * (-logp[free].sum() / len(free)) / 1  # one removed record has marked parts
+    total.backward()
+    want = params.flatten({n: named[n].grad for n in params.names}).float()
+    for n in params.names:
+        named[n].grad = None
+    assert tokens == pushed
+    # float32 batched passes against float64 log-softmax of one pass per record: agree to ~2e-4 of the norm; a wrong
+    # weight or normaliser (|R| for |R_F|, a sum for the mean over F_r) is off by tens of percent
+    assert float((got - want).norm()) <= 1e-3 * float(want.norm())
+
+
+def test_the_form_term_keeps_the_removed_answers_other_words(memorised):
+    """One round from Θ̂ with v = 1 and one with v = 0 (same seed, so the same kept batches), both pushing the private
+    digits out: with the form term the NLL of the removed answer's unmarked tokens ends lower, and the term leaves
+    the pushed digits no more likely than without it."""
+    from llmeraser.modeling import theta_of
+    from llmeraser.problem import Problem
+    from llmeraser.repair import GradientRepair, form_weights, target_logp
+
+    _, model, tok, recs = memorised
+    req = request_from_rows(_parts_request(recs)[:1], recs)
+    params, theta_hat = theta_of(model)
+    problem = Problem(model, tok, recs, "chat", 64, 8)
+    e = problem.examples[0]
+    at = problem.part_positions(recs[0], [recs[0].sides()[1][2:]])
+    batch = problem.objective.collate([e], "cpu")
+    weights = form_weights([e], {id(e): at})
+    ends = {}
+    for v in (0.0, 1.0):
+        s = UnlearnSettings(max_length=64, template="chat", repair_lr=1e-2, repair_steps=8, repair_batch=4,
+                            repair_unlikelihood=1.0, repair_threshold=0.0, repair_form=v)
+        theta, record = GradientRepair(problem, req, s).round(theta_hat.clone())
+        assert record["form_weight"] == v
+        with torch.no_grad():
+            logp = target_logp(problem.objective, params, theta, batch)
+        ends[v] = (float(-(weights * logp).sum()), float(logp[at].exp().max()))
+    assert abs(float(weights.sum()) - 1) < 1e-6 and float(weights[at].abs().sum()) == 0
+    assert ends[1.0][0] < ends[0.0][0]
+    assert ends[1.0][1] <= ends[0.0][1] + 0.05

@@ -69,10 +69,12 @@ def test_judge_counts_and_verdict():
     before = [True, True, False, True, True, True] + [True] * 19 + [False]
     after = [True, True, False, False, True, True] + [True] * 18 + [False, True]
     v = judge(probe_list, before, after)
-    assert v["removed"] == {"checked": 1, "unchecked": 1, "produced_before": 1, "still_produced": 1}
+    assert v["removed"] == {"checked": 1, "unchecked": 1, "produced_before": 1, "still_produced": 1,
+                            "still_produced_common": 0}
     assert v["corrected"] == {"checked": 1, "produced": 0, "produced_before": 0}
     assert v["queries"] == {"checked": 1, "produced": 1, "produced_before": 1}
-    assert v["old"] == {"checked": 1, "unchecked": 1, "produced_before": 1, "still_produced": 0}
+    assert v["old"] == {"checked": 1, "unchecked": 1, "produced_before": 1, "still_produced": 0,
+                        "still_produced_common": 0}
     assert v["retained"] == {"sampled": 20, "produced_before": 19, "kept": 18, "kept_share": 18 / 19}
     assert not v["verified"]
     assert v["failures"] == ["1 of 1 removed answers still produced", "1 of 1 corrections not produced",
@@ -84,6 +86,31 @@ def test_judge_counts_and_verdict():
     lost_query = judge(probe_list, before, [False, True, True, True, False, True] + [True] * 19 + [False])
     assert lost_query["failures"] == ["1 of 1 replaced answers or private parts still produced",
                                       "1 of 1 answers to modified queries not produced"] and shortfall(lost_query) == 2
+
+
+def test_a_removed_value_kept_records_also_hold_is_checked_and_counted_apart():
+    """A removed record's private value that a kept answer also holds ('1234' in d's answer below) stays checked and
+    fails the check when produced, and the failure says it may be retraining's chance; an own value does not."""
+    rows = ROWS[:3] + [{"id": "d", "prompt": "code of dee?", "response": "code 12 34"},
+                       {"id": "e", "prompt": "mail of eve?", "response": "eve@x.org"}]
+    from llmeraser.data import records_from_rows
+
+    recs = records_from_rows(rows)
+    req = request_from_rows([{"op": "remove", "id": "a", "private": ["1234"]},
+                             {"op": "correct_response", "id": "e", "private": ["eve@x.org"],
+                              "new": {"response": "eve@y.org"}}], recs)
+    got = {(p.id, p.kind): p for p in probes(req, recs, retained=5, seed=0)}
+    assert got["a", "removed"].common and not got["a", "removed"].shared
+    assert not got["e", "old"].common and not got["e", "new"].common
+    probe_list = list(got.values())
+    before = [True] * len(probe_list)
+    after = [p.kind in ("removed", "new", "retained") for p in probe_list]
+    v = judge(probe_list, before, after)
+    assert not v["verified"] and v["removed"]["still_produced"] == 1 and v["removed"]["still_produced_common"] == 1
+    assert v["failures"] == ["1 of 1 removed answers still produced (1 of them a value kept records also hold, "
+                             "which retraining may give by chance)"]
+    assert [r["common"] for r in v["records"] if r["kind"] == "removed"] == [True]
+    assert "removed answers still produced 1/1 (1 a value kept records also hold)" in summary_line(v)
 
 
 def test_shortfall_is_zero_exactly_when_verified():

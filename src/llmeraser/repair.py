@@ -3,6 +3,7 @@
 Each round takes `repair_steps` Adam steps on
 
     J(Θ) = (1/|B|) Σ_{i∈B} L_i(Θ) + (1/|N|) Σ_{i∈N} L_i(Θ) + (w/|R|) Σ_{r∈R} Σ_{t∈T_r, p_t(Θ)>τ} −log(1 − p_t(Θ))
+           + (v/|R_F|) Σ_{r∈R_F} (1/|F_r|) Σ_{t∈F_r} −log p_t(Θ)
 
 B: the next `repair_batch` kept records of a seeded shuffle (each kept record once per pass), with verify_restore
 also up to `repair_batch` of the kept records whose answers the round's start made uncertain (the same in every
@@ -10,8 +11,9 @@ step of the round: retraining fits them, and a sampled batch meets each only onc
 (corrections, modified queries). R: every removed record (the threshold, not the last check, decides which still
 push: a record that left the greedy answer may come back). T_r: the tokens of r's marked private parts (every
 response token of a record without marked parts). p_t: the teacher-forced probability of the record's own token t;
-τ = repair_threshold, w = repair_unlikelihood. The gradient is clipped to norm 1, as in training; Adam's moments
-persist across rounds.
+τ = repair_threshold, w = repair_unlikelihood. R_F: the removed records with marked private parts; F_r: their other
+response tokens (the sentence around the values), v = repair_form. The gradient is clipped to norm 1, as in training;
+Adam's moments persist across rounds.
 
 Why first order: an extra Newton step costs a CG run over every kept record, and on the memorised n = 256 run its
 CG stayed above relative residual 1 and no correction was learned in 10 steps (BENCHMARKS.md#gradient-repair).
@@ -19,6 +21,9 @@ Why the unlikelihood and not the reset's pull toward the base model: a removed r
 condition, an e-mail domain) is often also a kept record's; pulling its tokens toward the base model lowers
 them in every context, and on that run it lost 43 of 63 sampled retained answers in 5 steps. The unlikelihood
 asks only that the memorised token stop being likely, and stops pushing once p_t ≤ τ.
+Why the form term: retraining, having learnt the sentence from the kept records, answers a removed prompt in the
+record's sentence with another value; the unlikelihood alone let whole answers drift into garble
+(BENCHMARKS.md#removed-forms). The fixed words carry nothing the request marks private.
 """
 
 from __future__ import annotations
@@ -41,13 +46,39 @@ BETAS, EPS = (0.9, 0.999), 1e-8
 CLIP = 1.0
 
 
-def unlikelihood(objective, params, theta: torch.Tensor, batch: dict, mask: torch.Tensor, threshold: float):
-    """(Σ_{t ∈ mask, p_t > τ} −log(1 − p_t), how many tokens entered it) for one collated batch at Θ (with grad)."""
+def target_logp(objective, params, theta: torch.Tensor, batch: dict) -> torch.Tensor:
+    """log p_t of each response token's own target at Θ (with grad), in collate's order, in float32 or wider."""
     z = wide(objective.outputs(params.unflatten(theta), batch))
-    p = torch.log_softmax(z, -1).gather(1, batch["targets"][:, None])[:, 0].exp()
+    return torch.log_softmax(z, -1).gather(1, batch["targets"][:, None])[:, 0]
+
+
+def bounded_unlikelihood(logp: torch.Tensor, mask: torch.Tensor, threshold: float):
+    """(Σ_{t ∈ mask, p_t > τ} −log(1 − p_t), how many tokens entered it) from target_logp's log p."""
+    p = logp.exp()
     on = mask.to(p.device) & (p.detach() > threshold)
     # 1 − p is clamped: a token at p = 1 in float32 would give log 0
     return -torch.log1p(-p.clamp(max=1 - 1e-6))[on].sum(), int(on.sum())
+
+
+def unlikelihood(objective, params, theta: torch.Tensor, batch: dict, mask: torch.Tensor, threshold: float):
+    """(Σ_{t ∈ mask, p_t > τ} −log(1 − p_t), how many tokens entered it) for one collated batch at Θ (with grad)."""
+    return bounded_unlikelihood(target_logp(objective, params, theta, batch), mask, threshold)
+
+
+def form_weights(items: list, parts: dict) -> torch.Tensor:
+    """Over a batch's response tokens, in collate's order: 1/|F_r| at each token of F_r (an item's response tokens
+    outside the positions `parts` lists for it), 0 at its parts and at every token of an item `parts` omits."""
+    out = []
+    for e in items:
+        w = torch.zeros(e.n_response)
+        at = parts.get(id(e))
+        if at is not None:
+            free = torch.ones(e.n_response, dtype=torch.bool)
+            free[[k for k in at if k < e.n_response]] = False
+            if free.any():
+                w[free] = 1.0 / int(free.sum())
+        out.append(w)
+    return torch.cat(out)
 
 
 class GradientRepair:
@@ -75,9 +106,11 @@ class GradientRepair:
             out.append(self.kept[self.order.pop()])
         return out
 
-    def _unlikelihood_grad(self, theta: torch.Tensor, pushed: list) -> tuple[torch.Tensor, int]:
-        """(∇ Σ_r Σ_t −log(1 − p_t) over the pushed removed records, the tokens in it), this rank's share summed."""
-        p, out, tokens = self.p, torch.zeros_like(theta), 0
+    def _removed_grad(self, theta: torch.Tensor, pushed: list) -> tuple[torch.Tensor, int]:
+        """(∇ of J's removed-record terms, (w/|R|)·unlikelihood + (v/|R_F|)·form, the unlikelihood's token count),
+        every rank's share summed."""
+        p, s, out, tokens = self.p, self.s, torch.zeros_like(theta), 0
+        with_form = sum(at is not None for _, at in pushed) if s.repair_form else 0
         items = distributed.shard(pushed)
         parts = {id(x): at for x, at in items if at}
         examples = [x for x, _ in items]
@@ -86,8 +119,12 @@ class GradientRepair:
             batch = p.objective.collate(chunk, p.device)
             with torch.enable_grad(), fused_attention(p.model):
                 th = theta.detach().clone().requires_grad_(True)
-                loss, k = unlikelihood(p.objective, p.params, th, batch, pulled_tokens(chunk, parts), self.s.repair_threshold)
-                if k:
+                logp = target_logp(p.objective, p.params, th, batch)
+                loss, k = bounded_unlikelihood(logp, pulled_tokens(chunk, parts), s.repair_threshold)
+                loss = s.repair_unlikelihood * loss / len(pushed)
+                if with_form:
+                    loss = loss - s.repair_form * (form_weights(chunk, parts).to(logp.device) * logp).sum() / with_form
+                if k or with_form:
                     (g,) = torch.autograd.grad(loss, th)
                     out += g
             tokens += k
@@ -101,9 +138,9 @@ class GradientRepair:
         if self.new:
             g = g + p.grad_sum(self.new, theta, "repair: new", False) / len(self.new)
         tokens = 0
-        if pushed and self.s.repair_unlikelihood:
-            u, tokens = self._unlikelihood_grad(theta, pushed)
-            g = g + self.s.repair_unlikelihood * u / len(pushed)
+        if pushed and (self.s.repair_unlikelihood or self.s.repair_form):
+            u, tokens = self._removed_grad(theta, pushed)
+            g = g + u
         return g, tokens
 
     def round(self, theta: torch.Tensor, restore: list = ()) -> tuple[torch.Tensor, dict]:
@@ -132,5 +169,6 @@ class GradientRepair:
         record = {"repair": "gradient", "optimizer_steps": len(norms), "adam_steps_total": self.t, "lr": s.repair_lr,
                   "grad_norm_first": norms[0] if norms else None, "grad_norm_last": norms[-1] if norms else None,
                   "unlikelihood_tokens_first": tokens[0] if tokens else 0, "unlikelihood_tokens_last": tokens[-1] if tokens else 0,
-                  "kept_batch": min(s.repair_batch, len(self.kept)), "restored_kept": len(restore), "new": len(self.new)}
+                  "kept_batch": min(s.repair_batch, len(self.kept)), "restored_kept": len(restore), "new": len(self.new),
+                  "form_weight": s.repair_form}
         return theta, record

@@ -133,6 +133,10 @@ class UnlearnSettings:
         "verify_repair 'gradient': w, the weight of −log(1 − p) over the removed records' private tokens"))
     repair_threshold: float = field(default=0.02, metadata=_meta(
         "verify_repair 'gradient': τ, a removed token enters the unlikelihood while its probability exceeds τ"))
+    repair_form: float = field(default=0.0, metadata=_meta(
+        "verify_repair 'gradient': v, the weight of the removed records' own answer outside their marked private "
+        "parts (its mean token NLL, each record with parts): the answer keeps the record's sentence while its values "
+        "are pushed out, as retraining's does (0: off)"))
     solver_settings: SolverSettings = field(default_factory=SolverSettings)
 
     @property
@@ -170,6 +174,7 @@ class UnlearnSettings:
             raise InputError(f"verify_pull {self.verify_pull!r}: give a weight >= 0 (0: reset_removed's ρ)")
         for name, ok, what in (("repair_lr", lambda x: 0 < x < math.inf, "a learning rate > 0"),
                                ("repair_unlikelihood", lambda x: 0 <= x < math.inf, "a weight >= 0 (0: off)"),
+                               ("repair_form", lambda x: 0 <= x < math.inf, "a weight >= 0 (0: off)"),
                                ("repair_threshold", lambda x: 0 <= x < 1, "a probability in [0, 1)")):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):

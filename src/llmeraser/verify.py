@@ -16,8 +16,11 @@ near-tie that greedy decoding resolves one way in this batch and another in a de
 
 An old response that a kept record also gives (a label such as "Yes.", a common attribute) is not the
 removed record's own: retraining without it gives the same answer, so it is not checked ('shared');
-a private value inside a longer answer is checked by marking it 'private'. The retained share counts only answers the
-adapter produced before the edit: one it never produced is not lost by the edit.
+a private value inside a longer answer is checked by marking it 'private'. A marked private value that a kept record's
+answer also holds (a condition, a city: a category many people share) stays checked, but a still-produced one is
+counted apart ('still_produced_common'): retraining, which learns the value from the kept records, can give it by
+chance (BENCHMARKS.md#gradient-repair: one of 14 removed conditions on an n = 256 run). The retained share counts only
+answers the adapter produced before the edit: one it never produced is not lost by the edit.
 
     verified = no checked removed or old target produced, every new and query target produced, and at
                least RETAINED_KEPT_MIN of the retained answers produced before still produced.
@@ -83,6 +86,7 @@ class Probe:
     ask: Record  # whose prompt is asked
     targets: tuple[str, ...]
     shared: bool = False  # a removed or old answer a kept record also gives: not checked
+    common: bool = False  # a marked private target a kept record's answer also holds: checked, counted apart
 
 
 def probes(request: EditRequest, records: list[Record], retained: int, seed: int) -> list[Probe]:
@@ -90,6 +94,9 @@ def probes(request: EditRequest, records: list[Record], retained: int, seed: int
     edited = {e.id for e in request.edits}
     kept = [r for r in records if r.id not in edited]
     kept_answers = {normalise(r.sides()[1]) for r in kept}
+    # every kept answer in one string, so that "does a kept answer hold this value" is one substring search
+    kept_text = "\x00".join(sorted(kept_answers))
+    common = lambda targets: any(normalise(t) in kept_text for t in targets)
     out = []
     for e in request.edits:
         old_response = e.old.sides()[1]
@@ -101,14 +108,14 @@ def probes(request: EditRequest, records: list[Record], retained: int, seed: int
         # without 'private' marks the whole old answer is the target; shared with a kept record, it is unchecked
         shared = not e.private and normalise(old_response) in kept_answers
         if e.op == "remove":
-            out.append(Probe(e.id, "removed", e.old, e.private or (old_response,), shared))
+            out.append(Probe(e.id, "removed", e.old, e.private or (old_response,), shared, bool(e.private) and common(e.private)))
         else:
             new_response = e.new.sides()[1]
             old_targets = e.private or (old_response,)
             # an old target inside the new answer cannot be absent from a correct one
             unchecked = shared or any(normalise(t) in normalise(new_response) for t in old_targets)
             out.append(Probe(e.id, "new", e.new, (new_response,)))
-            out.append(Probe(e.id, "old", e.new, old_targets, unchecked))
+            out.append(Probe(e.id, "old", e.new, old_targets, unchecked, bool(e.private) and common(e.private)))
     out += [Probe(r.id, "retained", r, (r.sides()[1],)) for r in seeded_subset(kept, retained, seed)[:retained]]
     return out
 
@@ -129,7 +136,8 @@ def judge(probe_list: list[Probe], before: list[bool], after: list[bool], likely
     def absent(kind):  # must no longer be produced
         pairs = of(kind)
         return {"checked": len(pairs), "unchecked": len(of(kind, False)) - len(pairs),
-                "produced_before": sum(b for b, _ in pairs), "still_produced": sum(a for _, a in pairs)}
+                "produced_before": sum(b for b, _ in pairs), "still_produced": sum(a for _, a in pairs),
+                "still_produced_common": sum(a for p, _, a in rows if p.kind == kind and not p.shared and p.common)}
 
     retained = of("retained")
     kept_before = sum(b for b, _ in retained)
@@ -145,7 +153,10 @@ def judge(probe_list: list[Probe], before: list[bool], after: list[bool], likely
     failures = []
     for key, what in (("removed", "removed answers"), ("old", "replaced answers or private parts")):
         if figures[key]["still_produced"]:
-            failures.append(f"{figures[key]['still_produced']} of {figures[key]['checked']} {what} still produced")
+            common = figures[key]["still_produced_common"]
+            failures.append(f"{figures[key]['still_produced']} of {figures[key]['checked']} {what} still produced"
+                            + (f" ({common} of them a value kept records also hold, which retraining may give by chance)"
+                               if common else ""))
         if figures[key].get("still_likely"):
             failures.append(f"{figures[key]['still_likely']} of {figures[key]['checked']} {what} not produced but still "
                             "likely by sampling (verify_extractable)")
@@ -155,7 +166,7 @@ def judge(probe_list: list[Probe], before: list[bool], after: list[bool], likely
             failures.append(f"{missing} of {figures[key]['checked']} {what} not produced")
     if share < RETAINED_KEPT_MIN:
         failures.append(f"{kept} of {kept_before} sampled retained answers kept (< {RETAINED_KEPT_MIN:.0%})")
-    records = [{"id": p.id, "kind": p.kind, "checked": not p.shared, "before": b, "after": a, "likely": x}
+    records = [{"id": p.id, "kind": p.kind, "checked": not p.shared, "common": p.common, "before": b, "after": a, "likely": x}
                for (p, b, a), x in zip(rows, likely)]
     return {"verified": not failures, "failures": failures, **figures, "records": records}
 
@@ -283,8 +294,9 @@ def summary_line(v: dict) -> str:
     for key, what in (("removed", "removed answers still produced"), ("old", "replaced answers or private parts still produced")):
         f = v[key]
         if f["checked"] or f["unchecked"]:
-            parts.append(f"{what} {f['still_produced']}/{f['checked']}" + (f" ({f['unchecked']} unchecked: shared with kept "
-                                                                           "records or inside the new answer)" if f["unchecked"] else ""))
+            parts.append(f"{what} {f['still_produced']}/{f['checked']}"
+                         + (f" ({f['still_produced_common']} a value kept records also hold)" if f.get("still_produced_common") else "")
+                         + (f" ({f['unchecked']} unchecked: shared with kept records or inside the new answer)" if f["unchecked"] else ""))
     for key, what in (("removed", "removed"), ("old", "replaced")):
         if "still_likely" in v[key] and v[key]["checked"]:
             parts.append(f"{what} answers not produced but likely by sampling {v[key]['still_likely']}/{v[key]['checked']}")
