@@ -37,11 +37,13 @@ def memorised() -> UnlearnSettings:
     the base model's outputs (ρ = 10), and three Newton steps, the later two with CG capped at 5 and the
     first at 10. Under `--verify until` up to 10 extra steps are taken, each a round of 10 Adam steps with the bounded
     unlikelihood of repair.py (verify_repair 'gradient'), the kept records whose answers the round's start made
-    uncertain in every step (verify_restore). Where extra Newton steps failed (two n = 128 runs and the n = 256 suite
-    run), these rounds passed the suite's criteria in 0.8–1.1× retraining's seconds (docs/recipes.md#memorised)."""
+    uncertain in every step (verify_restore), and the removed answers' unmarked words kept (repair_form 1), so that a
+    removed prompt is answered in its sentence with another value, as retraining answers it. Where extra Newton steps
+    failed (two n = 128 runs and the n = 256 suite run), these rounds passed the suite's criteria in 0.8–1.1×
+    retraining's seconds (docs/recipes.md#memorised)."""
     return UnlearnSettings(curvature="ggn-base", curvature_data="edited", solver="cg", damping=0.03, reset_removed=10.0,
                            newton_steps=3, refine_iters=5, curvature_samples=0, verify_restore=True, verify_steps=10,
-                           verify_repair="gradient", solver_settings=SolverSettings(tol=0.05, max_iters=10))
+                           verify_repair="gradient", repair_form=1.0, solver_settings=SolverSettings(tol=0.05, max_iters=10))
 
 
 RECIPES = {"default": default, "memorised": memorised, "paper": paper}
