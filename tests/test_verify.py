@@ -159,7 +159,8 @@ def test_verification_reports_a_removal_still_produced_and_a_missing_correction(
     s = UnlearnSettings(damping=1e6, curvature_samples=0, max_length=64, template="chat", device="cpu", verify_retained=6)
     res = unlearn_model(model, tok, recs, _request(recs), weight_decay=0.0, settings=s)
     v = res.report.verification
-    assert v["removed"] == {"checked": 1, "unchecked": 0, "produced_before": 1, "still_produced": 1}
+    assert v["removed"] == {"checked": 1, "unchecked": 0, "produced_before": 1, "still_produced": 1,
+                            "still_produced_common": 0}
     assert v["corrected"]["produced"] == 0 and v["old"]["still_produced"] == 1
     assert v["retained"]["sampled"] == 6 and v["retained"]["produced_before"] == 6 and v["retained"]["kept"] == 6
     assert res.verified is False and v["extra_steps"] == [] and v["until_verified"] is False
