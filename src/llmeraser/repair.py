@@ -67,18 +67,10 @@ def unlikelihood(objective, params, theta: torch.Tensor, batch: dict, mask: torc
 
 def form_weights(items: list, parts: dict) -> torch.Tensor:
     """Over a batch's response tokens, in collate's order: 1/|F_r| at each token of F_r (an item's response tokens
-    outside the positions `parts` lists for it), 0 at its parts and at every token of an item `parts` omits."""
-    out = []
-    for e in items:
-        w = torch.zeros(e.n_response)
-        at = parts.get(id(e))
-        if at is not None:
-            free = torch.ones(e.n_response, dtype=torch.bool)
-            free[[k for k in at if k < e.n_response]] = False
-            if free.any():
-                w[free] = 1.0 / int(free.sum())
-        out.append(w)
-    return torch.cat(out)
+    outside the positions `parts` lists for it), 0 at its parts and at every token of an item `parts` omits.
+    F_r is the complement of pulled_tokens' mask, which covers the whole of an omitted item."""
+    free = (~pulled_tokens(items, parts)).float().split([e.n_response for e in items])
+    return torch.cat([f / max(float(f.sum()), 1.0) for f in free])
 
 
 class GradientRepair:
