@@ -82,7 +82,7 @@ SCENARIOS = {
     "prompt-code": ("prompt", ("code",)),
 }
 # the demo's quick recipe: LoRA r = 8 on every linear module of the top half of SmolLM2's layers, until memorised;
-# gradients clipped to norm 1, without which lr 1e-2 diverged at n = 128 (BENCHMARKS.md#forgetting-n128)
+# gradients clipped to norm 1, without which lr 1e-2 diverged at n = 128 (docs/benchmarks-history.md#forgetting-n128)
 RECIPE = dict(rank=8, alpha=16, batch_size=8, seed=0, epochs=15, lr=1e-2, layers=tuple(range(15, 30)),
               target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), max_grad_norm=1.0)
 CRITERIA = {"removed_over_retrain_max": 1, "corrected_min": 0.90, "retained_min": 0.95}
@@ -310,7 +310,8 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
     seconds["llmeraser"] = time.perf_counter() - t
     counts |= {"retrain": counted(d / "retrain"), "llmeraser": counted(ours)}
     v = res.report.verification
-    return {**head, "tag": tag + suffix, "unlearn_overrides": overrides, "counts": _totals(counts, retained),
+    return {**head, "tag": tag + suffix, "unlearn_overrides": overrides, "unlearn_settings": res.report.settings,
+            "counts": _totals(counts, retained),
             "verdict": judge(counts), "seconds": seconds,
             "unlearn_verification": {k: v[k] for k in ("verified", "failures", "stopped")} | {"extra_steps": len(v["extra_steps"])}
             | {"rounds": v["rounds"], "steps": _step_trace(res.report.newton_steps)},
@@ -348,7 +349,8 @@ def table(results: list[dict]) -> str:
             f"invalid: the original produced {v['original_memorised']:.0%} of the retained values (not memorised)"
         kept = f" (kept {v['retained_kept']:.0%})" if v["retained_kept"] is not None else ""
         check = ("not run" if uv is None else
-                 f"{'verified' if uv['verified'] else 'not verified'} after {uv['extra_steps']} extra steps")
+                 f"{'verified' if uv['verified'] else 'not verified'} after {uv['extra_steps']} extra "
+                 f"step{'' if uv['extra_steps'] == 1 else 's'}")
         secs = " / ".join(f"{r['seconds'][k]:.0f}" if k in r["seconds"] else "–" for k in ("retrain", "llmeraser"))
         lines.append(f"| {r['tag']} | {r['n']} | {r['recipe']['epochs']:g} | {o['removed_produced']} / "
                      f"{rt.get('removed_produced', '–')} / {u.get('removed_produced', '–')} of {o['removed']} | "
@@ -356,6 +358,34 @@ def table(results: list[dict]) -> str:
                      f"{rt.get('retained', '–')} / {u.get('retained', '–')} of {o['retained_sampled']}{kept} | "
                      f"{' / '.join(_largest_log10p(x) for x in (o, rt, u))} | {check} | {secs} | {verdict} |")
     return head + "\n".join(lines) + "\n"
+
+
+def recipe_now(result: dict) -> bool:
+    """Whether a result ran today's `memorised` recipe under --verify until: its recorded unlearn settings equal the
+    recipe's in every field but where it ran (device, dtype). A result without recorded settings (the harness kept
+    only the overrides before 2026-12-05) counts as an earlier recipe, since the recipe has changed under its name."""
+    from llmeraser.recipes import recipe
+
+    ran = result.get("unlearn_settings")
+    if ran is None:
+        return False
+    now = json.loads(json.dumps(recipe("memorised", verify="until").to_dict()))  # tuples -> lists, as a file holds them
+    return all(ran.get(k) == v for k, v in now.items() if k not in ("device", "dtype"))
+
+
+def report(results: list[dict]) -> str:
+    """forgetting.md: the runs of today's recipe first, with a count of passes per n, then every other run."""
+    now = [r for r in results if recipe_now(r)]
+    rest = [r for r in results if not recipe_now(r)]
+    by_n = {}
+    for r in now:
+        ok = r["verdict"]["passed"]
+        tally = by_n.setdefault(r["n"], [0, 0, 0])  # passed, failed, invalid
+        tally[0 if ok else 1 if ok is False else 2] += 1
+    counts = "; ".join(f"n = {n}: {p} of {p + f} valid runs pass" + (f", {i} invalid" if i else "")
+                       for n, (p, f, i) in sorted(by_n.items())) or "no run yet"
+    return (f"## Today's `memorised` recipe, `--verify until`\n\n{counts}.\n\n{table(now)}\n"
+            f"## Earlier recipes and other settings\n\n{table(rest)}")
 
 
 def _largest_log10p(c: dict) -> str:
@@ -414,8 +444,8 @@ def main(argv=None) -> int:
                 outcome = {True: "pass", False: "FAIL", None: "INVALID (the original did not memorise)"}[result["verdict"]["passed"]]
                 say(f"{result['tag']}: {outcome} {result['verdict']['checks']}")
     results = [json.loads(p.read_text()) for p in sorted(args.results.glob("*.json"))]
-    write_text_atomic(args.results / "forgetting.md", table(results))
-    print(table(results))
+    write_text_atomic(args.results / "forgetting.md", report(results))
+    print(report(results))
     print(f"results in {args.results}; total {time.perf_counter() - t0:.0f}s")
     return 0
 

@@ -1,9 +1,9 @@
 """What the adapters of finished forgetting-suite runs answer to the removed prompts: how many answers keep the record's
 sentence (its fixed words, forgetting.answer_forms) beside how many still carry the private value, for the
 original, retraining and llmeraser. Retraining answers a removed prompt in the record's sentence with another value; an
-answer that hides the value by being garbled is not what retraining gives (BENCHMARKS.md#removed-forms). Beyond greedy
+answer that hides the value by being garbled is not what retraining gives (docs/benchmarks-history.md#removed-forms). Beyond greedy
 answers, each removed value's (and each corrected record's old value's) log10 P after its own sentence
-(forgetting.value_log10p): what sampling could still read back (BENCHMARKS.md#removed-likelihood).
+(forgetting.value_log10p): what sampling could still read back (docs/benchmarks-history.md#removed-likelihood).
 
     python -m benchmarks.removed_forms WORK/TAG [WORK/TAG ...] --out removed_forms.json
 

@@ -4,7 +4,7 @@
 
 Builds verify.Verifier twice on the same model (the probes' answers at the original adapter Θ̂ are its first
 check), checks the edited adapter with each, and prints the seconds, the prompts generated and whether the two
-gave the same answer for every probe. A result JSON goes to --results. Figures: BENCHMARKS.md#verify-speed.
+gave the same answer for every probe. A result JSON goes to --results. Figures: docs/benchmarks-history.md#verify-speed.
 """
 
 from __future__ import annotations

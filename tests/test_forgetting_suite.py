@@ -5,7 +5,7 @@ import argparse
 
 import pytest
 
-from benchmarks.forgetting import SCENARIOS, Scenario, build, judge, run, table
+from benchmarks.forgetting import SCENARIOS, Scenario, build, judge, recipe_now, report, run, table
 from llmeraser.data import records_from_rows, request_from_rows
 
 
@@ -86,6 +86,7 @@ def test_one_scenario_end_to_end_on_the_tiny_model(trainable_dir, tmp_path):
     ours = json.loads((d / "llmeraser-verify_retained8" / "unlearn.json").read_text())
     assert ours["settings"]["dtype"] == "float32" and ours["settings"]["verify_retained"] == 8
     assert ours["verification"]["retained"]["sampled"] == 8
+    assert result["unlearn_settings"] == ours["settings"] and not recipe_now(result)  # verify_retained 8 is not the recipe's
     # the result's trace: one line per Newton step written, and the verification's rounds as unlearn.json has them
     trace = result["unlearn_verification"]
     assert [s["step"] for s in trace["steps"]] == [s["step"] for s in ours["newton_steps"]]
@@ -145,3 +146,29 @@ def test_unlearn_overrides_parse_as_json_values():
     assert _setting("curvature=ggn") == ("curvature", "ggn")
     with pytest.raises(argparse.ArgumentTypeError):
         _setting("verify_retained")
+
+
+def test_report_leads_with_the_runs_of_todays_recipe_and_counts_their_passes():
+    import json
+
+    from llmeraser.recipes import recipe
+
+    now = json.loads(json.dumps(recipe("memorised", verify="until").to_dict())) | {"device": "cuda:0", "dtype": "bfloat16"}
+    counts = {"removed_produced": 0, "removed": 2, "corrected_produced": 1, "corrected": 1, "retained": 29,
+              "retained_sampled": 29}
+
+    def result(tag, settings, passed, n=32):
+        return {"tag": tag, "n": n, "recipe": {"epochs": 15}, "unlearn_settings": settings,
+                "counts": {k: counts for k in ("original", "retrain", "llmeraser")},
+                "verdict": {"passed": passed, "checks": {"removed": passed}, "retained_kept": 1.0},
+                "unlearn_verification": {"verified": True, "extra_steps": 1}, "seconds": {"retrain": 1, "llmeraser": 2}}
+
+    runs = [result("a-now", now, True), result("b-now-fails", now, False), result("c-now", now, True, n=64),
+            result("d-old", None, True), result("e-other", now | {"repair_form": 0.0}, True)]
+    assert [recipe_now(r) for r in runs] == [True, True, True, False, False]  # where it ran does not count; a setting does
+    text = report(runs)
+    head, rest = text.split("## Earlier recipes and other settings")
+    assert "n = 32: 1 of 2 valid runs pass; n = 64: 1 of 1 valid runs pass." in head
+    assert all(f"| {t} |" in head for t in ("a-now", "b-now-fails", "c-now"))
+    assert all(f"| {t} |" in rest and f"| {t} |" not in head for t in ("d-old", "e-other"))
+    assert "no run yet" in report([runs[3]])

@@ -23,7 +23,7 @@ them in every context, and on that run it lost 43 of 63 sampled retained answers
 asks only that the memorised token stop being likely, and stops pushing once p_t ≤ τ.
 Why the form term: retraining, having learnt the sentence from the kept records, answers a removed prompt in the
 record's sentence with another value; the unlikelihood alone let whole answers drift into garble
-(BENCHMARKS.md#removed-forms). The fixed words carry nothing the request marks private.
+(docs/benchmarks-history.md#removed-forms). The fixed words carry nothing the request marks private.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ class UnlearnSettings:
         "produced, corrected answers are, and sampled retained answers still are (unlearn.json 'verification'). "
         "'until': take more Newton steps until the checks pass or verify_steps / verify_seconds run out; the "
         "adapter is written either way, with exit status 4 when they did not pass", flag=True, choices=VERIFY_MODES))
-    # a sample of 16 missed a 6% loss of retained answers (BENCHMARKS.md#forgetting-n64)
+    # a sample of 16 missed a 6% loss of retained answers (docs/benchmarks-history.md#forgetting-n64)
     verify_retained: int = field(default=64, metadata=_meta(
         "retained records the verification samples (seeded; all of them when fewer)"))
     verify_steps: int = field(default=4, metadata=_meta(

@@ -38,7 +38,7 @@ probability, not zero, and there is no retraining here to compare it with, so it
 
     log10 P_Θ(target | its sentence) > log10 P_base(target | its sentence) + m
 
-is "still likely" and fails the check as a produced one does (BENCHMARKS.md#removed-likelihood: after a greedy-verified
+is "still likely" and fails the check as a produced one does (docs/benchmarks-history.md#removed-likelihood: after a greedy-verified
 removal an access code kept P = 0.16 where retraining gave it 1e-19).
 
 No generated text is stored: the answers to removed prompts are the private data being removed.
@@ -235,7 +235,7 @@ class Verifier:
         of the answer is a hit of the whole answer. Every other prompt is answered by greedy generation.
         A new answer (a correction, a modified query) counts as produced only when it is also certain: an answer
         that greedy decoding gives on a near-tie is one that another batch, precision or device can flip
-        (BENCHMARKS.md#verify-sure), and retraining fits a correction to near-zero loss."""
+        (docs/benchmarks-history.md#verify-sure), and retraining fits a correction to near-zero loss."""
         asks = [ask for _, ask in self.asks]
         with adapter_at(self.model, self.params, theta), fused_attention(self.model), merged_adapter(self.model):
             sure, told = self.eval.sure_answers(asks, SURE_NLL)
