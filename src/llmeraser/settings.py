@@ -93,7 +93,8 @@ class UnlearnSettings:
     verify: str = field(default="check", metadata=_meta(
         "after the update, check by greedy generation that removed answers (or their 'private' parts) are no longer "
         "produced, corrected answers are, and sampled retained answers still are (unlearn.json 'verification'). "
-        "'until': take more Newton steps until the checks pass or verify_steps / verify_seconds run out; the "
+        "'until': take extra steps (Newton steps or gradient rounds, as verify_repair says) until the checks pass or "
+        "verify_steps / verify_seconds run out; the "
         "adapter is written either way, with exit status 4 when they did not pass", flag=True, choices=VERIFY_MODES))
     # a sample of 16 missed a 6% loss of retained answers (docs/benchmarks-history.md#forgetting-n64)
     verify_retained: int = field(default=64, metadata=_meta(
