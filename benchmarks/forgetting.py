@@ -375,8 +375,9 @@ def recipe_now(result: dict) -> bool:
 
 def report(results: list[dict]) -> str:
     """forgetting.md: the runs of today's recipe first, with a count of passes per n, then every other run."""
-    now = [r for r in results if recipe_now(r)]
-    rest = [r for r in results if not recipe_now(r)]
+    current = [recipe_now(r) for r in results]
+    now = [r for r, c in zip(results, current) if c]
+    rest = [r for r, c in zip(results, current) if not c]
     by_n = {}
     for r in now:
         ok = r["verdict"]["passed"]
