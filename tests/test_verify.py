@@ -8,7 +8,7 @@ import torch
 from llmeraser.data import load_records, request_from_rows
 from llmeraser.errors import NOT_VERIFIED_EXIT, InputError
 from llmeraser.settings import UnlearnSettings
-from llmeraser.verify import Probe, judge, probes, produced, shortfall, summary_line
+from llmeraser.verify import Z95, Probe, judge, probes, produced, shortfall, summary_line, wilson
 
 ROWS = [{"id": "a", "prompt": "phone of ann?", "response": "Ann: 1234, ann@x.org"},
         {"id": "b", "prompt": "phone of bob?", "response": "Yes."},
@@ -75,10 +75,12 @@ def test_judge_counts_and_verdict():
     assert v["queries"] == {"checked": 1, "produced": 1, "produced_before": 1}
     assert v["old"] == {"checked": 1, "unchecked": 1, "produced_before": 1, "still_produced": 0,
                         "still_produced_common": 0}
-    assert v["retained"] == {"sampled": 20, "produced_before": 19, "kept": 18, "kept_share": 18 / 19}
+    assert v["retained"] == {"sampled": 20, "produced_before": 19, "kept": 18, "kept_share": 18 / 19,
+                             "kept_interval": list(wilson(18, 19))}
     assert not v["verified"]
     assert v["failures"] == ["1 of 1 removed answers still produced", "1 of 1 corrections not produced",
                              "18 of 19 sampled retained answers kept (< 95%)"]
+    assert "retained kept 18/19 of 20 sampled (over every kept record, 95% interval 75%–99%)" in summary_line(v)
     good = judge(probe_list, before, [False, True, True, False, True, True] + [True] * 19 + [False])
     assert good["verified"] and good["failures"] == []
     # the shortfall in records: 1 removed + 1 correction + 1 retained answer beyond the 5% allowed (18 < 19 of 19)
@@ -86,6 +88,22 @@ def test_judge_counts_and_verdict():
     lost_query = judge(probe_list, before, [False, True, True, True, False, True] + [True] * 19 + [False])
     assert lost_query["failures"] == ["1 of 1 replaced answers or private parts still produced",
                                       "1 of 1 answers to modified queries not produced"] and shortfall(lost_query) == 2
+
+
+def test_wilson_interval_ends_solve_the_score_equation_and_cover_the_share():
+    """Each end p of wilson(k, m) solves (k/m − p)² = z²·p(1 − p)/m (clipped to [0, 1]), found here as the roots
+    of that quadratic by numpy; k/m lies inside; k = m still gives a width > 0; m = 0 gives (0, 1)."""
+    import numpy as np
+
+    for k, m in [(61, 64), (45, 48), (18, 19), (64, 64), (0, 7), (3, 10)]:
+        q, z2 = k / m, Z95 ** 2
+        # (1 + z²/m)·p² − (2q + z²/m)·p + q² = 0
+        roots = sorted(np.roots([1 + z2 / m, -(2 * q + z2 / m), q * q]).real)
+        lo, hi = wilson(k, m)
+        assert lo == pytest.approx(max(0.0, roots[0]), abs=1e-9) and hi == pytest.approx(min(1.0, roots[1]), abs=1e-9)
+        assert lo <= q <= hi and hi - lo > 0
+    assert wilson(61, 64) == pytest.approx((0.8710, 0.9839), abs=1e-4)
+    assert wilson(0, 0) == (0.0, 1.0)
 
 
 def test_a_removed_value_kept_records_also_hold_is_checked_and_counted_apart():
