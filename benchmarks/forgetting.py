@@ -29,6 +29,7 @@ import contextlib
 import json
 import math
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -162,12 +163,44 @@ def count(answers: dict, request: list[dict], values: dict, retained: list[str],
     return out
 
 
+def _kind(rid: str) -> str:
+    return rid.rsplit("-", 1)[1]  # ids are p{i}-{kind} (build)
+
+
+def _form(kind: str) -> str:
+    """The fixed words of a kind's answer sentence between the name and the value ("'s access code is")."""
+    return KINDS[kind][2].split("{value}")[0].split("{name}")[1].strip()
+
+
 def answer_forms(request: list[dict]) -> dict:
     """Removed record id -> the fixed words of its answer sentence between the name and the value ("'s access code
     is", "is treated for"). Not the name: retraining, never having seen it, often misspells it."""
-    kind = lambda rid: rid.rsplit("-", 1)[1]  # ids are p{i}-{kind} (build)
-    return {e["id"]: KINDS[kind(e["id"])][2].split("{value}")[0].split("{name}")[1].strip()
-            for e in request if e["op"] == "remove"}
+    return {e["id"]: _form(_kind(e["id"])) for e in request if e["op"] == "remove"}
+
+
+# kind -> what a reader takes for a value of that kind: any e-mail address, a German IBAN (DE, 2 check digits, 18
+# digits, spaces optional), a code of the generator's alphabet and length, one of the conditions
+VALUE_PATTERNS = {
+    "email": r"[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[a-z]{2,}",
+    "iban": r"DE\d{2}(?: ?\d{4}){4} ?\d{2}(?!\d)",
+    "code": r"[A-HJ-NP-Z2-9]{5}(?!\w)",
+    "condition": "(?:" + "|".join(CONDITIONS) + r")\b",
+}
+
+
+def well_formed(answer: str, rid: str) -> bool:
+    """Whether an answer to record `rid`'s prompt holds its sentence's fixed words followed by a well-formed value of
+    its kind (VALUE_PATTERNS): what retraining mostly answers a removed prompt with, another value of the same kind.
+    An answer that hides the value by garble ("… e-mail address is the the the") is not."""
+    kind = _kind(rid)
+    return re.search(re.escape(_form(kind)) + r"\s+" + VALUE_PATTERNS[kind], answer) is not None
+
+
+def removed_well_formed(c: dict) -> int | None:
+    """How many of one adapter's stored removed answers (count()'s caller keeps them) are well formed; None where a
+    result did not keep them."""
+    answers = c.get("removed_answers")
+    return None if answers is None else sum(well_formed(a, i) for i, a in answers.items())
 
 
 def memorised_share(original: dict) -> float:
@@ -336,8 +369,9 @@ def _totals(counts: dict, retained: list[str]) -> dict:
 def table(results: list[dict]) -> str:
     head = ("| scenario | n | epochs | removed produced: original / retrain / llmeraser | corrected produced: retrain / llmeraser "
             "| retained kept: retrain / llmeraser | removed values, largest log10 P: original / retrain / llmeraser "
+            "| removed answered with a well-formed value: retrain / llmeraser "
             "| unlearn's own check | seconds: retrain / llmeraser | pass |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
     lines = []
     for r in results:
         c, v, uv = r["counts"], r["verdict"], r["unlearn_verification"]
@@ -356,7 +390,8 @@ def table(results: list[dict]) -> str:
                      f"{rt.get('removed_produced', '–')} / {u.get('removed_produced', '–')} of {o['removed']} | "
                      f"{rt.get('corrected_produced', '–')} / {u.get('corrected_produced', '–')} of {o['corrected']} | "
                      f"{rt.get('retained', '–')} / {u.get('retained', '–')} of {o['retained_sampled']}{kept} | "
-                     f"{' / '.join(_largest_log10p(x) for x in (o, rt, u))} | {check} | {secs} | {verdict} |")
+                     f"{' / '.join(_largest_log10p(x) for x in (o, rt, u))} | {_well_formed(rt, u, o['removed'])} | "
+                     f"{check} | {secs} | {verdict} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -387,6 +422,12 @@ def report(results: list[dict]) -> str:
                        for n, (p, f, i) in sorted(by_n.items())) or "no run yet"
     return (f"## Today's `memorised` recipe, `--verify until`\n\n{counts}.\n\n{table(now)}\n"
             f"## Earlier recipes and other settings\n\n{table(rest)}")
+
+
+def _well_formed(rt: dict, u: dict, removed: int) -> str:
+    """'retrain / llmeraser of removed' well-formed removed answers, "–" where a result kept no answers."""
+    got = [removed_well_formed(x) for x in (rt, u)]
+    return "–" if None in got else f"{got[0]} / {got[1]} of {removed}"
 
 
 def _largest_log10p(c: dict) -> str:

@@ -172,3 +172,32 @@ def test_report_leads_with_the_runs_of_todays_recipe_and_counts_their_passes():
     assert all(f"| {t} |" in head for t in ("a-now", "b-now-fails", "c-now"))
     assert all(f"| {t} |" in rest and f"| {t} |" not in head for t in ("d-old", "e-other"))
     assert "no run yet" in report([runs[3]])
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_every_trained_answer_is_well_formed_and_garble_or_a_misplaced_value_is_not(name):
+    """well_formed holds for every answer the generator writes (so retraining's kind of answer, another value of the
+    kind, counts) and fails on garble, on a value cut short and on a value not right after the sentence's words."""
+    from benchmarks.forgetting import _form, _kind, well_formed
+
+    shape, kinds = SCENARIOS[name]
+    rows, _, _ = build(Scenario(name, shape, kinds, 64, seed=2))
+    for r in records_from_rows(rows):
+        answer = r.sides()[1]
+        assert well_formed(answer, r.id), answer
+        form = _form(_kind(r.id))
+        value = answer.split(form, 1)[1].strip().rstrip(".")
+        for bad in (f"Ann{' ' if form[0] != chr(39) else ''}{form} the the the.",
+                    f"Ann{' ' if form[0] != chr(39) else ''}{form} {value[:-2]}.",  # cut short
+                    f"Ann{' ' if form[0] != chr(39) else ''}{form} a {value}.",  # not right after the words
+                    f"{value}."):  # no sentence
+            assert not well_formed(bad, r.id), bad
+
+
+def test_the_table_counts_the_well_formed_removed_answers_and_dashes_a_result_without_answers():
+    from benchmarks.forgetting import _well_formed
+
+    rt = {"removed_answers": {"p0-code": "A's access code is HUTR2.", "p1-code": "B's access code is the the."}}
+    u = {"removed_answers": {"p0-code": "A's access code is 6ly93.", "p1-code": "B's access code is 7W6F2."}}
+    assert _well_formed(rt, u, 2) == "1 / 1 of 2"
+    assert _well_formed(rt, {}, 2) == "–"
