@@ -13,7 +13,9 @@ twelve), the number n of records (one per person and field) and a seed. For each
 4. greedy generation asks original, retrain and llmeraser every removed and corrected prompt and a
    seeded sample of retained ones, and counts the private values produced (verify.produced); one
    teacher-forced pass gives each removed (and replaced) value's log10 P after its own sentence
-   (privacy.part_log10p), what sampling rather than greedy decoding could still read back.
+   (privacy.part_log10p), what sampling rather than greedy decoding could still read back; and how many
+   removed answers give the record's sentence with a well-formed value of its kind (well_formed), as
+   retraining mostly does, rather than garble.
 
 Pass criteria, fixed before any run (BENCHMARKS.md#forgetting-suite), per scenario and seed, never on
 average: removed values produced by llmeraser <= retraining's + 1 record; corrected values produced in

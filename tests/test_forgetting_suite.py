@@ -187,9 +187,10 @@ def test_every_trained_answer_is_well_formed_and_garble_or_a_misplaced_value_is_
         assert well_formed(answer, r.id), answer
         form = _form(_kind(r.id))
         value = answer.split(form, 1)[1].strip().rstrip(".")
-        for bad in (f"Ann{' ' if form[0] != chr(39) else ''}{form} the the the.",
-                    f"Ann{' ' if form[0] != chr(39) else ''}{form} {value[:-2]}.",  # cut short
-                    f"Ann{' ' if form[0] != chr(39) else ''}{form} a {value}.",  # not right after the words
+        said = f"Ann{'' if form.startswith(chr(39)) else ' '}{form}"  # "Ann's access code is", "Ann is treated for"
+        for bad in (f"{said} the the the.",
+                    f"{said} {value[:-2]}.",  # cut short
+                    f"{said} a {value}.",  # not right after the words
                     f"{value}."):  # no sentence
             assert not well_formed(bad, r.id), bad
 

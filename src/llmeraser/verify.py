@@ -325,7 +325,7 @@ def summary_line(v: dict) -> str:
         if v[key]["checked"]:
             parts.append(f"{what} {v[key]['produced']}/{v[key]['checked']}")
     k = v["retained"]
-    lo, hi = k.get("kept_interval") or wilson(k["kept"], k["produced_before"])
+    lo, hi = wilson(k["kept"], k["produced_before"])
     parts.append(f"retained kept {k['kept']}/{k['produced_before']} of {k['sampled']} sampled "
                  f"(over every kept record, 95% interval {lo:.0%}–{hi:.0%})")
     x = v.get("extraction") or {}
