@@ -402,12 +402,15 @@ def recipe_now(result: dict) -> bool:
     recipe's in every field but where it ran (device, dtype). A result without recorded settings (the harness kept
     only the overrides before 2026-12-05) counts as an earlier recipe, since the recipe has changed under its name."""
     from llmeraser.recipes import recipe
+    from llmeraser.settings import UnlearnSettings
 
     ran = result.get("unlearn_settings")
     if ran is None:
         return False
     now = json.loads(json.dumps(recipe("memorised", verify="until").to_dict()))  # tuples -> lists, as a file holds them
-    return all(ran.get(k) == v for k, v in now.items() if k not in ("device", "dtype"))
+    # a setting added after a result ran is absent from it, and that run behaved as its default does
+    defaults = json.loads(json.dumps(UnlearnSettings().to_dict()))
+    return all(ran.get(k, defaults[k]) == v for k, v in now.items() if k not in ("device", "dtype"))
 
 
 def report(results: list[dict]) -> str:

@@ -17,6 +17,7 @@ from .data import EditRequest
 from .problem import Problem
 from .reset import OutputReset
 from .settings import UnlearnSettings
+from .support import capped_positions
 from .systems import Systems
 
 
@@ -41,13 +42,19 @@ class Refiner:
         self.value = None  # n·R' at the current Θ, once a step has been accepted
         self.k = 1  # the number of the last step taken
         self._reset = (None, None)  # (removed ids, OutputReset) of the last step that pulled some toward the base
+        # reset_target 'capped': {id(removed sample): the tokens it pulls} (support.py), for every removal
+        self.capped = None
+        if settings.reset_target == "capped":
+            at = capped_positions(problem, request)
+            self.capped = {id(problem.examples[e.index]): at[e.id] for e in request.edits if e.op == "remove"}
 
     def objective(self, t: torch.Tensor) -> float:
         """n·R'(Θ) + const under the same stationarity assumption as the gradient, so the two agree."""
         return retraining_objective(self.cv.data_part(t), t, 1, self.p.n * self.p.weight_decay)
 
     def reset_term(self, removed: list, parts: dict | None = None):
-        """ρ·P over these removed samples (reset.py; `parts`: its private-parts-only targets), kept while the same
+        """ρ·P over these removed samples (reset.py; `parts`: its private-parts-only targets; capped targets under
+        reset_target 'capped'), kept while the same
         ones are asked for (its targets; step() releases its kept products after each solve)."""
         key = (tuple(id(x) for x in removed), tuple(sorted((k, tuple(v)) for k, v in (parts or {}).items())))
         if self._reset[0] != key:
@@ -55,7 +62,7 @@ class Refiner:
                 self._reset[1].release()
             p = self.p
             self._reset = (key, OutputReset(p.objective, p.params, p.theta_hat, removed, self.s.batch_size, p.device,
-                                            memory=p.memory, parts=parts))
+                                            memory=p.memory, parts=parts, capped=self.capped, cap=self.s.repair_threshold))
         return self._reset[1]
 
     def step(self, theta: torch.Tensor, reset_removed: list | None = None, teach_new: list | None = None,

@@ -12,7 +12,9 @@ step of the round: retraining fits them, and a sampled batch meets each only onc
 push: a record that left the greedy answer may come back). T_r: the tokens of r's marked private parts (every
 response token of a record without marked parts). p_t: the teacher-forced probability of the record's own token t;
 τ = repair_threshold, w = repair_unlikelihood. R_F: the removed records with marked private parts; F_r: their other
-response tokens (the sentence around the values), v = repair_form. The gradient is clipped to norm 1, as in training;
+response tokens (the sentence around the values), v = repair_form. With reset_target 'capped', T_r keeps only the
+tokens the kept records do not predict (support.py: retraining still gives an IBAN's "DE") and F_r is every other
+response token of every removed record. The gradient is clipped to norm 1, as in training;
 Adam's moments persist across rounds.
 
 Why first order: an extra Newton step costs a CG run over every kept record, and on the memorised n = 256 run its
@@ -39,6 +41,7 @@ from .objective import wide
 from .problem import Problem
 from .reset import pulled_tokens
 from .settings import UnlearnSettings
+from .support import capped_positions
 
 # Adam's moment decay rates and denominator guard, as torch.optim.Adam's defaults
 BETAS, EPS = (0.9, 0.999), 1e-8
@@ -80,9 +83,13 @@ class GradientRepair:
         self.p, self.s = problem, settings
         sets = problem.sets(request)
         self.kept, self.new = sets.kept, sets.new
-        # id -> (encoded removed record, indices of its private parts' tokens or None: every response token)
+        # id -> (encoded removed record, indices of its private parts' tokens or None: every response token); with
+        # reset_target 'capped', of those the kept records do not predict (support.py), a list for every record
         self.removed = {e.id: (problem.examples[e.index], problem.part_positions(e.old, e.private) if e.private else None)
                         for e in request.edits if e.op == "remove"}
+        if settings.reset_target == "capped":
+            at = capped_positions(problem, request)
+            self.removed = {i: (x, at[i]) for i, (x, _) in self.removed.items()}
         self.rng = random.Random(settings.seed)
         self.order: list = []
         self.m1 = self.m2 = None
@@ -104,7 +111,7 @@ class GradientRepair:
         p, s, out, tokens = self.p, self.s, torch.zeros_like(theta), 0
         with_form = sum(at is not None for _, at in pushed) if s.repair_form else 0
         items = distributed.shard(pushed)
-        parts = {id(x): at for x, at in items if at}
+        parts = {id(x): at for x, at in items if at is not None}
         examples = [x for x, _ in items]
         for i in range(0, len(examples), p.batch_size):
             chunk = examples[i:i + p.batch_size]

@@ -31,6 +31,13 @@ the adapter gives it, while the value's tokens are pulled to the base model's pr
 whole answer toward the base model, step after step, lowers the value's probability but garbles the
 sentence, which retraining still answers in (docs/design.md#verify-reset).
 
+Capped targets (`capped`, the setting reset_target = 'capped'): at the tokens T_c of a removed record that the kept
+records do not predict (support.py), the target is the adapter's own prediction with the record's token y_t capped at
+probability τ (support.capped_logits: the KL projection of p̂_t onto {q : q_y ≤ τ}), and Θ̂'s own logits elsewhere;
+the metric is F̄ at p̄ = ½(q* + p̂). Why: the base model's prediction after "…'s IBAN is" is not an IBAN, and pulling
+toward it gave garble where retraining answers with another value of the same form; the adapter's runner-ups at a
+memorised digit are other digits (BENCHMARKS.md#forgetting-capped).
+
 A correction's old record is pulled only at its parts' tokens after the first token where its old and new
 answers differ (`past_shared_prefix`): up to and at that token both records see the same context, so pulling
 the old record there toward the base model pulls the new answer, which the same step teaches, away from itself.
@@ -46,6 +53,7 @@ from .memory import MemoryBudget
 from .modeling import fused_attention
 from .objective import by_length, wide, wide_softmax
 from .params import zero_adapter  # noqa: F401  (re-exported: Θ₀ is part of this module's story)
+from .support import capped_logits
 
 
 def past_shared_prefix(old, new, at) -> list[int]:
@@ -75,12 +83,15 @@ class OutputReset:
     """P(Θ) above over the removed records: value, gradient and Gauss-Newton products at Θ̂."""
 
     def __init__(self, objective, params, theta_hat: torch.Tensor, examples: list, batch_size: int, device,
-                 anchor: bool = False, memory: MemoryBudget | None = None, parts: dict | None = None):
+                 anchor: bool = False, memory: MemoryBudget | None = None, parts: dict | None = None,
+                 capped: dict | None = None, cap: float = 0.02):
         """`anchor`: the target is the adapter's own outputs at Θ̂ instead of the base model's (the
         --anchor-kept term: zero and flat at Θ̂, it only adds curvature), and the metric the base model's
         Fisher F⁰; otherwise the metric is F̄ above. `parts`: {id(example): indices among its response tokens}
         of the examples whose target is the base model's at those tokens only and Θ̂'s elsewhere (module
-        docstring); an example not in it is pulled at every response token."""
+        docstring); an example not in it is pulled at every response token. `capped`: {id(example): indices among its
+        response tokens} of capped targets at probability `cap` there and Θ̂'s elsewhere, for every example (an
+        example it omits is held at every token); it replaces the base-model target and `parts`."""
         self.objective, self.params, self.theta_hat = objective, params, theta_hat.detach()
         examples = distributed.shard(by_length(examples))  # this rank's share; value, grad, product sum over ranks
         theta0 = zero_adapter(params, self.theta_hat)
@@ -88,10 +99,17 @@ class OutputReset:
         with torch.no_grad(), fused_attention(objective.model):
             self.batches = [objective.prepare(objective.collate(examples[i:i + batch_size], device))
                             for i in range(0, len(examples), batch_size)]
-            base = [objective.outputs(params.unflatten(theta0), b).detach() for b in self.batches]
+            base = [objective.outputs(params.unflatten(theta0), b).detach() for b in self.batches] \
+                if capped is None or anchor else None  # a capped target needs only Θ̂'s outputs
             hat = [objective.outputs(params.unflatten(self.theta_hat), b).detach() for b in self.batches]
         if anchor:
             self.targets, self.probs = [wide(t) for t in hat], [wide_softmax(t) for t in base]
+        elif capped is not None:
+            chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+            masks = [pulled_tokens(c, {id(x): capped.get(id(x), []) for x in c}) for c in chunks]
+            self.targets = [torch.where(m.to(t.device)[:, None], capped_logits(wide(t), b["targets"], cap), wide(t))
+                            for m, t, b in zip(masks, hat, self.batches)]
+            self.probs = [0.5 * (wide_softmax(z) + wide_softmax(t)) for z, t in zip(self.targets, hat)]
         else:
             self.probs = [0.5 * (wide_softmax(t0) + wide_softmax(t)) for t0, t in zip(base, hat)]
             self.targets = [wide(t0) for t0 in base]

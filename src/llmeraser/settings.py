@@ -24,6 +24,7 @@ CURVATURE_DATA = ("edited", "original")
 VERIFY_MODES = ("off", "check", "until")
 VERIFY_RESETS = ("response", "parts")
 VERIFY_REPAIRS = ("newton", "gradient")
+RESET_TARGETS = ("base", "capped")
 
 
 def _meta(help: str, flag: bool = False, **kw) -> dict:
@@ -133,7 +134,13 @@ class UnlearnSettings:
     repair_unlikelihood: float = field(default=0.05, metadata=_meta(
         "verify_repair 'gradient': w, the weight of −log(1 − p) over the removed records' private tokens"))
     repair_threshold: float = field(default=0.02, metadata=_meta(
-        "verify_repair 'gradient': τ, a removed token enters the unlikelihood while its probability exceeds τ"))
+        "verify_repair 'gradient': τ, a removed token enters the unlikelihood while its probability exceeds τ (and, "
+        "with reset_target 'capped', the cap of its pull)"))
+    reset_target: str = field(default="base", metadata=_meta(
+        "what a removed record's tokens are pulled to: the base model's outputs ('base'), or, at the tokens the kept "
+        "records do not predict (support.py) of its marked private parts (else of its whole answer), the adapter's own "
+        "prediction with that token's probability capped at repair_threshold, held at Θ̂'s elsewhere ('capped'); "
+        "under 'capped' the gradient rounds push only those tokens too (reset.py, repair.py)", choices=RESET_TARGETS))
     repair_form: float = field(default=0.0, metadata=_meta(
         "verify_repair 'gradient': v, the weight of the removed records' own answer outside their marked private "
         "parts (its mean token NLL, each record with parts): the answer keeps the record's sentence while its values "
@@ -149,7 +156,7 @@ class UnlearnSettings:
         for name, allowed in (("curvature", CURVATURES), ("solver", tuple(sorted(SOLVERS))), ("hvp_mode", HVP_MODES),
                               ("curvature_data", CURVATURE_DATA), ("template", TEMPLATES), ("verify", VERIFY_MODES),
                               ("dtype", DTYPE_CHOICES), ("verify_reset", VERIFY_RESETS),
-                              ("verify_repair", VERIFY_REPAIRS)):
+                              ("verify_repair", VERIFY_REPAIRS), ("reset_target", RESET_TARGETS)):
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} {getattr(self, name)!r}: must be one of {list(allowed)}")
         check_device(self.device)
@@ -208,6 +215,13 @@ class UnlearnSettings:
             raise InputError("verify_reset and verify_pull shape the Newton extra steps of --verify until; verify_repair "
                              "'gradient' (the memorised recipe's) takes rounds of Adam steps that use neither: set "
                              "verify_repair 'newton' to use them, or leave them unset")
+        if self.reset_target == "capped" and not (self.reset_removed or self.verify_repair == "gradient"):
+            raise InputError("reset_target 'capped' chooses what reset_removed and the gradient rounds pull, and neither "
+                             "is on here: set reset_removed (the memorised recipe's is 10) or verify_repair 'gradient', "
+                             "or leave reset_target 'base'")
+        if self.reset_target == "capped" and self.verify_reset != "response":
+            raise InputError("reset_target 'capped' and verify_reset 'parts' both choose which tokens an extra step "
+                             "pulls: leave verify_reset 'response' (under 'capped' the marked parts are used already)")
         if self.verify_repair == "newton" and self.verify_restore and not (self.verify_pull or self.reset_removed):
             raise InputError("verify_restore weights the kept records by reset_removed's ρ in a Newton extra step, which "
                              "is 0 here: set reset_removed (the memorised recipe's is 10) or verify_pull, set "

@@ -5,7 +5,8 @@ A term is c·P(Θ) on the summed edited objective: its value and gradient enter 
 right-hand side, its Gauss-Newton curvature c·Jᵀ F J every curvature product. Both in use are
 `reset.OutputReset` penalties:
 
-* reset_removed (ρ): P = the removed records' distance to the base model's outputs (reset.py);
+* reset_removed (ρ): P = the removed records' distance to the base model's outputs (reset.py), or with
+  reset_target 'capped' to the adapter's own with their unpredicted tokens capped (support.py);
 * anchor_kept (κ): P = the kept records' distance from their outputs at Θ̂, over the curvature sample,
   scaled by |kept|/|sample|. Zero and flat at Θ̂ (`flat`), it adds curvature only.
 """
@@ -19,6 +20,7 @@ from .data import EditRequest
 from .problem import Problem
 from .reset import OutputReset
 from .settings import UnlearnSettings
+from .support import capped_positions
 
 
 @dataclass
@@ -41,7 +43,12 @@ def extension_terms(problem: Problem, request: EditRequest, settings: UnlearnSet
     toward the base holds its new answer back at the same positions, and a modified query keeps its answer."""
     p, sets, terms = problem, problem.sets(request), []
     if settings.reset_removed and sets.removed:
-        reset = OutputReset(p.objective, p.params, p.theta_hat, sets.removed, settings.batch_size, p.device, memory=p.memory)
+        capped = None
+        if settings.reset_target == "capped":
+            at = capped_positions(p, request)
+            capped = {id(p.examples[e.index]): at[e.id] for e in request.edits if e.op == "remove"}
+        reset = OutputReset(p.objective, p.params, p.theta_hat, sets.removed, settings.batch_size, p.device, memory=p.memory,
+                            capped=capped, cap=settings.repair_threshold)
         terms.append(Term("reset_removed", settings.reset_removed, reset, flat=False))
     if settings.anchor_kept and sets.kept:
         sample = seeded_subset(sets.kept, settings.curvature_samples, settings.seed)

@@ -1,0 +1,173 @@
+"""reset_target 'capped': which removed tokens the kept records predict (support.py), the capped target, and its use
+by the reset (reset.py) and the gradient rounds (repair.py)."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from llmeraser.errors import InputError
+from llmeraser.render import Example
+from llmeraser.settings import UnlearnSettings
+from llmeraser.support import MIN_SEEN, SUPPORTED, KeptContinuations, capped_logits
+
+
+def _ex(prompt, response):
+    return Example(tuple(prompt) + tuple(response), len(prompt))
+
+
+def test_kept_shares_against_a_count_by_hand():
+    """An "IBAN" 9 always follows context (1, 2) and starts every kept value; its digits vary. share(y) is the count
+    of (context, y) over the count of the context, at the longest context seen MIN_SEEN times, against a loop that
+    counts those windows directly."""
+    kept = [_ex([1, 2], [9, d, e]) for d, e in itertools.product((3, 4, 5), (6, 7))]
+    table = KeptContinuations(kept)
+
+    def by_hand(ids, t):
+        for k in range(min(3, t), 0, -1):
+            ctx = tuple(ids[t - k:t])
+            windows = [tuple(x.input_ids[u - k:u + 1]) for x in kept for u in range(max(x.n_prompt, 1), len(x.input_ids))
+                       if u - k >= 0 and tuple(x.input_ids[u - k:u]) == ctx]
+            if len(windows) >= MIN_SEEN:
+                return sum(w[-1] == ids[t] for w in windows) / len(windows)
+        return None
+
+    removed = _ex([1, 2], [9, 3, 8])
+    ids = removed.input_ids
+    for t in range(2, len(ids)):
+        assert table.share(ids, t) == by_hand(ids, t)
+    assert table.share(ids, 2) == 1.0  # 9 after (1, 2): every kept answer
+    assert table.share(ids, 3) == pytest.approx(1 / 3)  # 3 after (1, 2, 9): a third of them
+    assert table.share(ids, 4) == 0.0  # 8 after (2, 9, 3): never, though the context was seen twice
+    # the pattern token is held, the memorised ones pushed; a subset of positions is honoured
+    assert table.unsupported(removed, None) == [1, 2]
+    assert table.unsupported(removed, [0, 2]) == [2]
+    # a context seen fewer than MIN_SEEN times at every length: not supported (nothing speaks for retraining)
+    assert table.unsupported(_ex([5, 5], [5]), None) == [0]
+    assert SUPPORTED == 0.5
+
+
+def test_capped_logits_are_the_kl_projection_onto_the_cap():
+    """softmax of the capped logits: q_y = min(p_y, τ), the other tokens in their old ratios; it is the argmin of
+    KL(q ‖ p) over {q_y ≤ τ}: no point of that set sampled at random is closer. A row already below the cap is as it was."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 7, dtype=torch.float64, generator=g) * 3
+    z[0, 2] += 20.0  # memorised: p ≈ 1
+    z[1, 5] += 4.0
+    targets = torch.tensor([2, 5, 0])
+    tau = 0.02
+    p = torch.softmax(z, -1)
+    z[2, 0] = math.log(1e-3) + torch.logsumexp(torch.cat([z[2, 1:]]), 0)  # p_0 ≈ 1e-3 < τ
+    p = torch.softmax(z, -1)
+    q = torch.softmax(capped_logits(z, targets, tau), -1)
+    for r, y in enumerate(targets.tolist()):
+        assert float(q[r, y]) == pytest.approx(min(float(p[r, y]), tau), rel=1e-9)
+        others = [v for v in range(7) if v != y]
+        assert torch.allclose(q[r, others] / q[r, others].sum(), p[r, others] / p[r, others].sum(), rtol=1e-9)
+        kl = float((q[r] * (q[r] / p[r]).log()).sum())
+        for _ in range(200):
+            x = torch.rand(7, dtype=torch.float64, generator=g) ** 3
+            x[y] = 0
+            x = x / x.sum() * (1 - tau * float(torch.rand(1, generator=g)))
+            x[y] = 1 - x.sum()
+            assert float((x * (x / p[r]).log()).sum()) >= kl - 1e-12
+    assert torch.equal(capped_logits(z, targets, tau)[2], z[2])
+
+
+def test_capped_settings_are_checked():
+    with pytest.raises(InputError, match="reset_target"):
+        UnlearnSettings(reset_target="retrain")
+    with pytest.raises(InputError, match="neither"):
+        UnlearnSettings(reset_target="capped")
+    with pytest.raises(InputError, match="verify_reset 'parts'"):
+        UnlearnSettings(reset_target="capped", reset_removed=10.0, verify_reset="parts")
+    assert UnlearnSettings(reset_target="capped", verify_repair="gradient").reset_target == "capped"
+
+
+def test_the_capped_reset_pulls_the_listed_tokens_to_their_cap_and_holds_the_rest(tiny64):
+    """OutputReset with `capped`: target z*_t = capped_logits(z_t(Θ̂)) at the listed tokens and z_t(Θ̂) elsewhere, the
+    metric F̄ at ½(softmax(z*) + p̂); against P summed by hand, record by record, at Θ̂ and at a random point. With
+    nothing listed the penalty is 0 at Θ̂ and its gradient there is 0."""
+    from llmeraser.modeling import fused_attention, theta_of
+    from llmeraser.objective import CausalLMObjective
+    from llmeraser.render import encode
+    from llmeraser.reset import OutputReset
+
+    model, tok, records = tiny64
+    params, theta = theta_of(model)
+    obj = CausalLMObjective(model, tok.pad_token_id)
+    items = [encode(r, tok, "chat", 64) for r in records[:4]]
+    capped = {id(items[0]): [1, 2], id(items[1]): [], id(items[2]): [0]}  # items[3] omitted: held
+    tau = 1e-6  # below every token's probability under the untrained tiny model, so each listed token is capped
+    reset = OutputReset(obj, params, theta, items, batch_size=3, device="cpu", capped=capped, cap=tau)
+
+    def by_hand(point):
+        total = 0.0
+        for e in items:
+            b = obj.collate([e], "cpu")
+            with fused_attention(model), torch.no_grad():
+                z, zh = (obj.outputs(params.unflatten(t), b) for t in (point, theta))
+            for t in range(e.n_response):
+                target = zh[t].clone()
+                if t in capped.get(id(e), []):
+                    y = b["targets"][t]
+                    others = torch.logsumexp(torch.cat([zh[t][:y], zh[t][y + 1:]]), 0)
+                    target[y] = min(float(zh[t][y]), float(others) + math.log(tau / (1 - tau)))
+                pm = 0.5 * (torch.softmax(target, -1) + torch.softmax(zh[t], -1))
+                d = z[t] - target
+                F = torch.diag(pm) - torch.outer(pm, pm)
+                total += 0.5 * float(d @ F @ d) / e.n_response
+        return total
+
+    g = torch.Generator().manual_seed(3)
+    point = theta + 0.1 * torch.randn(theta.numel(), dtype=torch.float64, generator=g)
+    assert reset.value(theta) == pytest.approx(by_hand(theta), rel=1e-9)
+    assert reset.value(point) == pytest.approx(by_hand(point), rel=1e-9)
+    assert reset.value(theta) > 0
+    held = OutputReset(obj, params, theta, items, batch_size=3, device="cpu", capped={}, cap=tau)
+    assert held.value(theta) == pytest.approx(0.0, abs=1e-20)
+    assert float(held.grad(theta).abs().max()) < 1e-12
+
+
+def test_capped_rounds_push_only_the_unpredicted_tokens_of_the_marked_parts(tmp_path):
+    """GradientRepair under reset_target 'capped': each removed record's pushed tokens are support's unsupported ones
+    among its marked parts' tokens (its whole answer when none is marked), an explicit list for every record, so the
+    form term covers every removed record; the Newton step's reset gets the same lists."""
+    from helpers import memorised_tiny
+
+    from llmeraser.data import request_from_rows
+    from llmeraser.modeling import fused_attention
+    from llmeraser.objective import wide
+    from llmeraser.problem import Problem
+    from llmeraser.repair import GradientRepair, target_logp
+    from llmeraser.support import capped_positions
+    from llmeraser.terms import extension_terms
+
+    model, tok, recs = memorised_tiny(tmp_path, 8, epochs=2, batch_size=8)
+    rows = [{"op": "remove", "id": recs[0].id, "private": [recs[0].sides()[1][2:]]}, {"op": "remove", "id": recs[2].id}]
+    req = request_from_rows(rows, recs)
+    problem = Problem(model, tok, recs, "chat", 64, 8)
+    s = UnlearnSettings(max_length=64, template="chat", verify_repair="gradient", reset_target="capped",
+                        reset_removed=10.0, curvature="ggn")
+    at = capped_positions(problem, req)
+    table = KeptContinuations(problem.sets(req).kept)
+    marked = problem.part_positions(recs[0], [recs[0].sides()[1][2:]])
+    assert at[recs[0].id] == table.unsupported(problem.examples[0], marked)
+    assert set(at[recs[0].id]) <= set(marked)
+    assert at[recs[2].id] == table.unsupported(problem.examples[2], None)
+    rep = GradientRepair(problem, req, s)
+    assert {i: x[1] for i, x in rep.removed.items()} == at
+    (term,) = extension_terms(problem, req, s)
+    differs = 0
+    for target, batch in zip(term.penalty.targets, term.penalty.batches):
+        with torch.no_grad(), fused_attention(model):
+            zh = wide(problem.objective.outputs(problem.params.unflatten(problem.theta_hat), batch))
+        differs += int((target != zh).any(-1).sum())
+    above = 0
+    for rid, k in ((recs[0].id, 0), (recs[2].id, 2)):
+        e = problem.examples[k]
+        with torch.no_grad():
+            logp = target_logp(problem.objective, problem.params, problem.theta_hat, problem.objective.collate([e], "cpu"))
+        above += sum(float(logp[t].exp()) > s.repair_threshold for t in at[rid])
+    assert 0 < differs == above  # only the listed tokens above the cap have a target other than Θ̂'s
