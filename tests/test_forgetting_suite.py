@@ -166,6 +166,10 @@ def test_report_leads_with_the_runs_of_todays_recipe_and_counts_their_passes():
     runs = [result("a-now", now, True), result("b-now-fails", now, False), result("c-now", now, True, n=64),
             result("d-old", None, True), result("e-other", now | {"repair_form": 0.0}, True)]
     assert [recipe_now(r) for r in runs] == [True, True, True, False, False]  # where it ran does not count; a setting does
+    # a setting added after a run is absent from its file: the run counts as that setting's default
+    older = {k: v for k, v in now.items() if k != "reset_target"}
+    assert recipe_now(result("f-before-the-setting", older, True)) == (now["reset_target"] == "base")
+    assert not recipe_now(result("g-capped", now | {"reset_target": "capped" if now["reset_target"] == "base" else "base"}, True))
     text = report(runs)
     head, rest = text.split("## Earlier recipes and other settings")
     assert "n = 32: 1 of 2 valid runs pass; n = 64: 1 of 1 valid runs pass." in head

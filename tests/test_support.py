@@ -10,7 +10,7 @@ import torch
 from llmeraser.errors import InputError
 from llmeraser.render import Example
 from llmeraser.settings import UnlearnSettings
-from llmeraser.support import MIN_SEEN, SUPPORTED, KeptContinuations, capped_logits
+from llmeraser.support import MIN_SEEN, SUPPORTED, KeptContinuations, capped_logits, shape
 
 
 def _ex(prompt, response):
@@ -46,6 +46,38 @@ def test_kept_shares_against_a_count_by_hand():
     # a context seen fewer than MIN_SEEN times at every length: not supported (nothing speaks for retraining)
     assert table.unsupported(_ex([5, 5], [5]), None) == [0]
     assert SUPPORTED == 0.5
+
+
+def test_the_shape_view_holds_what_depends_on_position_not_on_words():
+    """Kept "IBANs" " DE" d d " " d d d d " " d d: the space after a group's digits follows those digit tokens in few
+    kept answers, but four digit shapes after a space in every one, so the shape view supports it where the token
+    view does not; the digits stay unsupported in both. shape() writes runs of digits, capitals and letters as 9, A, a."""
+    import random
+
+    assert [shape(t) for t in (" DE", "4711", "Rosa", "e-mail", " ")] == [" A", "9", "Aa", "a-a", " "]
+    text = {1: "'s", 2: " is", 3: " DE", 20: " ", 21: "."} | {10 + d: str(d) for d in range(10)}
+
+    class Tok:
+        def decode(self, ids):
+            return "".join(text[i] for i in ids)
+
+    rng = random.Random(0)
+
+    def iban():
+        d = [10 + rng.randrange(10) for _ in range(8)]
+        return [3, d[0], d[1], 20, *d[2:6], 20, d[6], d[7], 21]
+
+    kept = [_ex([1, 2], iban()) for _ in range(30)]
+    removed = _ex([1, 2], iban())
+    digits, spaces = [1, 2, 4, 5, 6, 7, 9, 10], [3, 8]
+    tokens, both = KeptContinuations(kept), KeptContinuations(kept, Tok())
+    assert [removed.input_ids[removed.n_prompt + k] for k in spaces] == [20, 20]
+    # the token view: after two given digit tokens a space follows in few kept answers
+    assert all(tokens.share(removed.input_ids, removed.n_prompt + k) < SUPPORTED for k in spaces)
+    assert tokens.unsupported(removed, None) == sorted(digits + spaces + [11])  # and the closing "."
+    # the shape view: after " DE" and two digits, and after a space and four digits, always a space; "." after the last two
+    assert both.unsupported(removed, None) == digits
+    assert [both.share(removed.input_ids, removed.n_prompt + k) for k in spaces] == [1.0, 1.0]
 
 
 def test_capped_logits_are_the_kl_projection_onto_the_cap():
@@ -151,7 +183,7 @@ def test_capped_rounds_push_only_the_unpredicted_tokens_of_the_marked_parts(tmp_
     s = UnlearnSettings(max_length=64, template="chat", verify_repair="gradient", reset_target="capped",
                         reset_removed=10.0, curvature="ggn")
     at = capped_positions(problem, req)
-    table = KeptContinuations(problem.sets(req).kept)
+    table = KeptContinuations(problem.sets(req).kept, tok)
     marked = problem.part_positions(recs[0], [recs[0].sides()[1][2:]])
     assert at[recs[0].id] == table.unsupported(problem.examples[0], marked)
     assert set(at[recs[0].id]) <= set(marked)
@@ -159,6 +191,7 @@ def test_capped_rounds_push_only_the_unpredicted_tokens_of_the_marked_parts(tmp_
     rep = GradientRepair(problem, req, s)
     assert {i: x[1] for i, x in rep.removed.items()} == at
     (term,) = extension_terms(problem, req, s)
+    assert term.penalty.capped_tokens == sum(len(v) for v in at.values())  # recorded in unlearn.json
     differs = 0
     for target, batch in zip(term.penalty.targets, term.penalty.batches):
         with torch.no_grad(), fused_attention(model):

@@ -110,6 +110,7 @@ class OutputReset:
             self.targets = [torch.where(m.to(t.device)[:, None], capped_logits(wide(t), b["targets"], cap), wide(t))
                             for m, t, b in zip(masks, hat, self.batches)]
             self.probs = [0.5 * (wide_softmax(z) + wide_softmax(t)) for z, t in zip(self.targets, hat)]
+            self.capped_tokens = distributed.all_sum_float(float(sum(int(m.sum()) for m in masks)))
         else:
             self.probs = [0.5 * (wide_softmax(t0) + wide_softmax(t)) for t0, t in zip(base, hat)]
             self.targets = [wide(t0) for t0 in base]
@@ -117,6 +118,8 @@ class OutputReset:
                 masks = [pulled_tokens(examples[i:i + batch_size], parts) for i in range(0, len(examples), batch_size)]
                 self.targets = [torch.where(m.to(t0.device)[:, None], wide(t0), wide(t))
                                 for m, t0, t in zip(masks, base, hat)]
+        if capped is None:
+            self.capped_tokens = None  # how many tokens have a capped target, over every rank
         self._linear = None  # per batch: its kept linearisation, or None where the memory budget did not keep it
         self._linear_mb = 0.0
         self._curvature = Curvature(objective, params, self.theta_hat, "ggn")

@@ -9,11 +9,15 @@ retraining gives another well-formed value (BENCHMARKS.md#forgetting-well-formed
 The estimate is a back-off n-gram count over the kept records' response positions: for a token y after the context
 c_k = its k preceding tokens (prompt tokens included, so a response's first token sees the template's last ones),
 
-    share(y) = N(c_k, y) / N(c_k),   k the longest of CONTEXT, …, 1 with N(c_k) ≥ MIN_SEEN,
+    share(y) = N(c_k, y) / N(c_k),   k the longest of K, …, 1 with N(c_k) ≥ MIN_SEEN,
 
-N counting positions of kept responses. y is supported when share(y) ≥ SUPPORTED (most kept answers continue the
-context with it); with no context seen MIN_SEEN times, it is not. Cheap (one pass over token ids, no model) and
-exact for what it counts; what it does not model (a name copied from the prompt) stays unsupported, as before.
+N counting positions of kept responses, in two views: the tokens themselves (K = CONTEXT), and their shapes
+(K = SHAPE_CONTEXT; a token's text with each run of digits written 9, of capitals A, of small letters a), which sees
+what depends on position more than on words: the space after an IBAN's fourth digit follows four digits in every
+kept IBAN, though after those four digits' own tokens it follows rarely. y is supported when its share in either
+view is ≥ SUPPORTED (most kept answers continue the context with it); with no context seen MIN_SEEN times, it is not.
+Cheap (counts over token ids, no model) and exact for what it counts; what it does not model (a name copied from the
+prompt) stays unsupported, pushed as before.
 """
 
 from __future__ import annotations
@@ -23,33 +27,66 @@ from collections import Counter
 
 import torch
 
-CONTEXT = 3  # the longest context, in tokens
+CONTEXT = 3  # the longest context of the token view, in tokens
+SHAPE_CONTEXT = 6  # the longest context of the shape view
 MIN_SEEN = 2  # a context must occur this often among the kept responses to speak for retraining
 SUPPORTED = 0.5  # share of those occurrences continued by the same token
 
 
-class KeptContinuations:
-    """N(c_k) and N(c_k, y) over the response positions of `kept` (render.Example), k = 1 … CONTEXT."""
+def shape(text: str) -> str:
+    """A token's text with each run of digits written "9", of capitals "A", of other letters "a": " DE" -> " A",
+    "4711" -> "9", "Rosa" -> "Aa"; every other character as it is."""
+    out = []
+    for ch in text:
+        c = "9" if ch.isdigit() else "A" if ch.isupper() else "a" if ch.isalpha() else ch
+        if not (out and c in "9Aa" and out[-1] == c):
+            out.append(c)
+    return "".join(out)
 
-    def __init__(self, kept: list):
+
+class _Counts:
+    """N(c_k) and N(c_k, y) over the response positions of `kept`, c_k the k preceding tokens as `key` sees them."""
+
+    def __init__(self, kept: list, longest: int, key):
+        self.longest, self.key = longest, key
         self.seen, self.next = Counter(), Counter()
         for x in kept:
             ids = tuple(x.input_ids)
+            keys = tuple(key(i) for i in ids)
             for t in range(max(x.n_prompt, 1), len(ids)):
-                for k in range(1, CONTEXT + 1):
-                    if t - k < 0:
-                        break
-                    c = ids[t - k:t]
+                for k in range(1, min(longest, t) + 1):
+                    c = keys[t - k:t]
                     self.seen[c] += 1
-                    self.next[c + (ids[t],)] += 1
+                    self.next[(c, ids[t])] += 1
 
     def share(self, ids: tuple, t: int) -> float | None:
-        """share(ids[t]) after ids[:t] by the longest context seen MIN_SEEN times; None when none is."""
-        for k in range(min(CONTEXT, t), 0, -1):
-            c = tuple(ids[t - k:t])
+        keys = tuple(self.key(i) for i in ids[max(t - self.longest, 0):t])
+        for k in range(min(self.longest, t), 0, -1):
+            c = keys[len(keys) - k:]
             if self.seen[c] >= MIN_SEEN:
-                return self.next[c + (ids[t],)] / self.seen[c]
+                return self.next[(c, ids[t])] / self.seen[c]
         return None
+
+
+class KeptContinuations:
+    """The kept records' continuations in the token view and, given a tokenizer, the shape view (module docstring)."""
+
+    def __init__(self, kept: list, tokenizer=None):
+        self.views = [_Counts(kept, CONTEXT, lambda i: i)]
+        if tokenizer is not None:
+            shapes = {}
+
+            def of(i):
+                if i not in shapes:
+                    shapes[i] = shape(tokenizer.decode([i]))
+                return shapes[i]
+            self.views.append(_Counts(kept, SHAPE_CONTEXT, of))
+
+    def share(self, ids: tuple, t: int) -> float | None:
+        """The largest share(ids[t]) over the views, each at its longest context seen MIN_SEEN times; None when no
+        view has seen one."""
+        found = [s for s in (v.share(tuple(ids), t) for v in self.views) if s is not None]
+        return max(found) if found else None
 
     def unsupported(self, example, positions: list[int] | None) -> list[int]:
         """The indices among `positions` (response-token indices of `example`; None: all of them) whose token the
@@ -81,6 +118,6 @@ def capped_positions(problem, request) -> dict:
     """{id of each removal: the indices, among its record's response tokens, that reset_target 'capped' pulls}: those
     of its marked private parts (all its response tokens when none is marked or found) that the kept records do not
     predict. A list may be empty: every such token is one retraining gives too."""
-    kept = KeptContinuations(problem.sets(request).kept)
+    kept = KeptContinuations(problem.sets(request).kept, problem.tokenizer)
     return {e.id: kept.unsupported(problem.examples[e.index], problem.part_positions(e.old, e.private) if e.private else None)
             for e in request.edits if e.op == "remove"}

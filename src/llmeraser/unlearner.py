@@ -104,6 +104,8 @@ class Unlearner:
         if reset is not None:  # evidence: how far the removed records' outputs are from the base model's
             stage["reset_removed"] = {"rho": s.reset_removed, "distance_before": reset.penalty.value(p.theta_hat),
                                       "distance_after": reset.penalty.value(theta)}
+            if reset.penalty.capped_tokens is not None:  # reset_target 'capped': the tokens the kept records do not predict
+                stage["reset_removed"]["capped_tokens"] = int(reset.penalty.capped_tokens)
         return theta - p.theta_hat, result, stage
 
     def more_steps(self, request: EditRequest, theta: torch.Tensor, progress: bool = True, reset_ids=(), teach_ids=(),
