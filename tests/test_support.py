@@ -42,6 +42,9 @@ def test_kept_shares_against_a_count_by_hand():
     assert table.share(ids, 4) == 0.0  # 8 after (2, 9, 3): never, though the context was seen twice
     # the pattern token is held, the memorised ones pushed; a subset of positions is honoured
     assert table.unsupported(removed, None) == [1, 2]
+    # what the kept records teach there: N(c, y)/N(c) for every y seen after the context
+    assert table.distribution(ids, 3) == pytest.approx({3: 1 / 3, 4: 1 / 3, 5: 1 / 3})
+    assert table.distribution(ids, 4) == {6: 0.5, 7: 0.5} and table.distribution((8, 8, 8), 2) is None
     assert table.unsupported(removed, [0, 2]) == [2]
     # a context seen fewer than MIN_SEEN times at every length: not supported (nothing speaks for retraining)
     assert table.unsupported(_ex([5, 5], [5]), None) == [0]
@@ -105,6 +108,28 @@ def test_capped_logits_are_the_kl_projection_onto_the_cap():
             x[y] = 1 - x.sum()
             assert float((x * (x / p[r]).log()).sum()) >= kl - 1e-12
     assert torch.equal(capped_logits(z, targets, tau)[2], z[2])
+
+
+def test_a_capped_target_mixes_in_the_kept_continuations_then_caps():
+    """softmax(capped_target) = the cap projection of 0.9·K + 0.1·softmax(z) at the own token, K the kept continuation
+    distribution; a row without K is softmax(z) capped (capped_logits)."""
+    from llmeraser.support import KEPT_WEIGHT, capped_target
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 6, dtype=torch.float64, generator=g)
+    z[:, 1] += 15.0  # the memorised token
+    targets = torch.tensor([1, 1])
+    K = {2: 0.75, 1: 0.25}
+    q = torch.softmax(capped_target(z, targets, [K, None], 0.02), -1)
+    mix = (1 - KEPT_WEIGHT) * torch.softmax(z[0], -1)
+    mix[2] += KEPT_WEIGHT * 0.75
+    mix[1] += KEPT_WEIGHT * 0.25
+    assert KEPT_WEIGHT == 0.9
+    assert float(q[0, 1]) == pytest.approx(0.02, rel=1e-9)
+    others = [0, 2, 3, 4, 5]
+    assert torch.allclose(q[0, others] / q[0, others].sum(), mix[others] / mix[others].sum(), rtol=1e-9)
+    assert int(q[0].argmax()) == 2  # the kept records' continuation leads
+    assert torch.allclose(q[1], torch.softmax(capped_logits(z, targets, 0.02)[1], -1), rtol=1e-9)
 
 
 def test_capped_settings_are_checked():
@@ -185,22 +210,27 @@ def test_capped_rounds_push_only_the_unpredicted_tokens_of_the_marked_parts(tmp_
     at = capped_positions(problem, req)
     table = KeptContinuations(problem.sets(req).kept, tok)
     marked = problem.part_positions(recs[0], [recs[0].sides()[1][2:]])
-    assert at[recs[0].id] == table.unsupported(problem.examples[0], marked)
+    assert sorted(at[recs[0].id]) == table.unsupported(problem.examples[0], marked)
     assert set(at[recs[0].id]) <= set(marked)
-    assert at[recs[2].id] == table.unsupported(problem.examples[2], None)
+    assert sorted(at[recs[2].id]) == table.unsupported(problem.examples[2], None)
+    for rid, k in ((recs[0].id, 0), (recs[2].id, 2)):  # each with what the kept records teach there
+        x = problem.examples[k]
+        assert all(d == table.distribution(x.input_ids, x.n_prompt + t) for t, d in at[rid].items())
     rep = GradientRepair(problem, req, s)
-    assert {i: x[1] for i, x in rep.removed.items()} == at
+    assert {i: x[1] for i, x in rep.removed.items()} == {i: sorted(v) for i, v in at.items()}
     (term,) = extension_terms(problem, req, s)
     assert term.penalty.capped_tokens == sum(len(v) for v in at.values())  # recorded in unlearn.json
     differs = 0
     for target, batch in zip(term.penalty.targets, term.penalty.batches):
         with torch.no_grad(), fused_attention(model):
             zh = wide(problem.objective.outputs(problem.params.unflatten(problem.theta_hat), batch))
-        differs += int((target != zh).any(-1).sum())
+        differs += int((~torch.isclose(torch.softmax(target, -1), torch.softmax(zh, -1), rtol=1e-9, atol=1e-12)).any(-1).sum())
     above = 0
     for rid, k in ((recs[0].id, 0), (recs[2].id, 2)):
         e = problem.examples[k]
         with torch.no_grad():
             logp = target_logp(problem.objective, problem.params, problem.theta_hat, problem.objective.collate([e], "cpu"))
-        above += sum(float(logp[t].exp()) > s.repair_threshold for t in at[rid])
-    assert 0 < differs == above  # only the listed tokens above the cap have a target other than Θ̂'s
+        above += sum(float(logp[t].exp()) > s.repair_threshold or d is not None for t, d in at[rid].items())
+    # only the listed tokens have a target other than Θ̂'s prediction: each with kept continuations, the others where
+    # the own token is above the cap
+    assert 0 < differs == above

@@ -89,7 +89,7 @@ class GradientRepair:
                         for e in request.edits if e.op == "remove"}
         if settings.reset_target == "capped":
             at = capped_positions(problem, request)
-            self.removed = {i: (x, at[i]) for i, (x, _) in self.removed.items()}
+            self.removed = {i: (x, sorted(at[i])) for i, (x, _) in self.removed.items()}
         self.rng = random.Random(settings.seed)
         self.order: list = []
         self.m1 = self.m2 = None

@@ -33,8 +33,8 @@ sentence, which retraining still answers in (docs/design.md#verify-reset).
 
 Capped targets (`capped`, the setting reset_target = 'capped'): at the tokens T_c of a removed record that the kept
 records do not predict (support.py), the target is the adapter's own prediction with the record's token y_t capped at
-probability τ (support.capped_logits: the KL projection of p̂_t onto {q : q_y ≤ τ}), and Θ̂'s own logits elsewhere;
-the metric is F̄ at p̄ = ½(q* + p̂). Why: the base model's prediction after "…'s IBAN is" is not an IBAN, and pulling
+probability τ (support.capped_target: the KL projection onto {q : q_y ≤ τ} of p̂_t mixed with what the kept records
+teach after the same context), and Θ̂'s own logits elsewhere; the metric is F̄ at p̄ = ½(q* + p̂). Why: the base model's prediction after "…'s IBAN is" is not an IBAN, and pulling
 toward it gave garble where retraining answers with another value of the same form; the adapter's runner-ups at a
 memorised digit are other digits (BENCHMARKS.md#forgetting-capped).
 
@@ -53,7 +53,7 @@ from .memory import MemoryBudget
 from .modeling import fused_attention
 from .objective import by_length, wide, wide_softmax
 from .params import zero_adapter  # noqa: F401  (re-exported: Θ₀ is part of this module's story)
-from .support import capped_logits
+from .support import capped_target
 
 
 def past_shared_prefix(old, new, at) -> list[int]:
@@ -90,8 +90,9 @@ class OutputReset:
         Fisher F⁰; otherwise the metric is F̄ above. `parts`: {id(example): indices among its response tokens}
         of the examples whose target is the base model's at those tokens only and Θ̂'s elsewhere (module
         docstring); an example not in it is pulled at every response token. `capped`: {id(example): indices among its
-        response tokens} of capped targets at probability `cap` there and Θ̂'s elsewhere, for every example (an
-        example it omits is held at every token); it replaces the base-model target and `parts`."""
+        response tokens, or {index: kept continuation distribution or None}} of capped targets at probability `cap`
+        there (support.capped_target) and Θ̂'s elsewhere (an example it omits is held at every token); it replaces the
+        base-model target and `parts`."""
         self.objective, self.params, self.theta_hat = objective, params, theta_hat.detach()
         examples = distributed.shard(by_length(examples))  # this rank's share; value, grad, product sum over ranks
         theta0 = zero_adapter(params, self.theta_hat)
@@ -106,9 +107,15 @@ class OutputReset:
             self.targets, self.probs = [wide(t) for t in hat], [wide_softmax(t) for t in base]
         elif capped is not None:
             chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
-            masks = [pulled_tokens(c, {id(x): capped.get(id(x), []) for x in c}) for c in chunks]
-            self.targets = [torch.where(m.to(t.device)[:, None], capped_logits(wide(t), b["targets"], cap), wide(t))
-                            for m, t, b in zip(masks, hat, self.batches)]
+            masks = [pulled_tokens(c, {id(x): sorted(capped.get(id(x), ())) for x in c}) for c in chunks]
+            self.targets = []
+            for c, m, t, b in zip(chunks, masks, hat, self.batches):
+                # each capped row's kept continuation distribution, in the mask's order (item by item, token by token)
+                kept = [at.get(k) if isinstance(at, dict) else None for x in c
+                        for at in [capped.get(id(x), ())] for k in sorted(at)]
+                target, m = wide(t).clone(), m.to(t.device)
+                target[m] = capped_target(target[m], b["targets"][m], kept, cap)
+                self.targets.append(target)
             self.probs = [0.5 * (wide_softmax(z) + wide_softmax(t)) for z, t in zip(self.targets, hat)]
             self.capped_tokens = distributed.all_sum_float(float(sum(int(m.sum()) for m in masks)))
         else:

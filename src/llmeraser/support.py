@@ -31,6 +31,7 @@ CONTEXT = 3  # the longest context of the token view, in tokens
 SHAPE_CONTEXT = 6  # the longest context of the shape view
 MIN_SEEN = 2  # a context must occur this often among the kept responses to speak for retraining
 SUPPORTED = 0.5  # share of those occurrences continued by the same token
+KEPT_WEIGHT = 0.9  # the kept continuations' share of a capped target (capped_target)
 
 
 def shape(text: str) -> str:
@@ -49,7 +50,7 @@ class _Counts:
 
     def __init__(self, kept: list, longest: int, key):
         self.longest, self.key = longest, key
-        self.seen, self.next = Counter(), Counter()
+        self.seen, self.after = Counter(), {}
         for x in kept:
             ids = tuple(x.input_ids)
             keys = tuple(key(i) for i in ids)
@@ -57,15 +58,25 @@ class _Counts:
                 for k in range(1, min(longest, t) + 1):
                     c = keys[t - k:t]
                     self.seen[c] += 1
-                    self.next[(c, ids[t])] += 1
+                    self.after.setdefault(c, Counter())[ids[t]] += 1
 
-    def share(self, ids: tuple, t: int) -> float | None:
+    def context(self, ids: tuple, t: int):
+        """The longest context of ids[t] (as `key` sees it) seen MIN_SEEN times, or None."""
         keys = tuple(self.key(i) for i in ids[max(t - self.longest, 0):t])
         for k in range(min(self.longest, t), 0, -1):
             c = keys[len(keys) - k:]
             if self.seen[c] >= MIN_SEEN:
-                return self.next[(c, ids[t])] / self.seen[c]
+                return c
         return None
+
+    def share(self, ids: tuple, t: int) -> float | None:
+        c = self.context(ids, t)
+        return None if c is None else self.after[c][ids[t]] / self.seen[c]
+
+    def distribution(self, ids: tuple, t: int) -> dict | None:
+        """{token: N(c_k, token) / N(c_k)} at that context, or None."""
+        c = self.context(ids, t)
+        return None if c is None else {y: m / self.seen[c] for y, m in self.after[c].items()}
 
 
 class KeptContinuations:
@@ -87,6 +98,18 @@ class KeptContinuations:
         view has seen one."""
         found = [s for s in (v.share(tuple(ids), t) for v in self.views) if s is not None]
         return max(found) if found else None
+
+    def distribution(self, ids: tuple, t: int) -> dict | None:
+        """The mean, over the views that have seen a context of ids[t], of their continuation distributions there:
+        what the kept records teach after this context, the estimate of retraining's prediction; None if none has."""
+        found = [d for d in (v.distribution(tuple(ids), t) for v in self.views) if d is not None]
+        if not found:
+            return None
+        out = Counter()
+        for d in found:
+            for y, q in d.items():
+                out[y] += q / len(found)
+        return dict(out)
 
     def unsupported(self, example, positions: list[int] | None) -> list[int]:
         """The indices among `positions` (response-token indices of `example`; None: all of them) whose token the
@@ -115,9 +138,33 @@ def capped_logits(z, targets, cap: float):
 
 
 def capped_positions(problem, request) -> dict:
-    """{id of each removal: the indices, among its record's response tokens, that reset_target 'capped' pulls}: those
-    of its marked private parts (all its response tokens when none is marked or found) that the kept records do not
-    predict. A list may be empty: every such token is one retraining gives too."""
+    """{id of each removal: {index among its record's response tokens: the kept continuation distribution there, or
+    None}} over the tokens reset_target 'capped' pulls: those of its marked private parts (all its response tokens when
+    none is marked or found) that the kept records do not predict. A map may be empty: every such token is one
+    retraining gives too."""
     kept = KeptContinuations(problem.sets(request).kept, problem.tokenizer)
-    return {e.id: kept.unsupported(problem.examples[e.index], problem.part_positions(e.old, e.private) if e.private else None)
-            for e in request.edits if e.op == "remove"}
+    out = {}
+    for e in request.edits:
+        if e.op == "remove":
+            x = problem.examples[e.index]
+            at = kept.unsupported(x, problem.part_positions(e.old, e.private) if e.private else None)
+            out[e.id] = {k: kept.distribution(x.input_ids, x.n_prompt + k) for k in at}
+    return out
+
+
+def capped_target(z, targets, kept: list, cap: float):
+    """Target logits at capped rows: log q*, q* = the I-projection onto {q_y ≤ cap} of
+        q = KEPT_WEIGHT·K + (1 − KEPT_WEIGHT)·softmax(z)
+    at each row's own token y, K its kept continuation distribution ({token: probability}; a row whose K is None gets
+    softmax(z) alone). K is what the kept records teach after this context, retraining's pattern (another IBAN's
+    digits after "DE"); the adapter's own share keeps every token's target finite and the rest of its prediction."""
+    lp = torch.log_softmax(z, -1)
+    rows = []
+    for r, k in enumerate(kept):
+        if k is None:
+            rows.append(lp[r])
+            continue
+        ids = torch.tensor(list(k), device=z.device)
+        logk = torch.full_like(lp[r], -math.inf).index_put((ids,), torch.tensor(list(k.values()), dtype=z.dtype, device=z.device).log())
+        rows.append(torch.logaddexp(math.log(KEPT_WEIGHT) + logk, math.log(1 - KEPT_WEIGHT) + lp[r]))
+    return capped_logits(torch.stack(rows) if rows else lp, targets, cap)
