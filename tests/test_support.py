@@ -58,7 +58,7 @@ def test_the_shape_view_holds_what_depends_on_position_not_on_words():
     import random
 
     assert [shape(t) for t in (" DE", "4711", "Rosa", "e-mail", " ")] == [" A", "9", "Aa", "a-a", " "]
-    text = {1: "'s", 2: " is", 3: " DE", 20: " ", 21: "."} | {10 + d: str(d) for d in range(10)}
+    text = {1: "'s", 2: " is", 3: " DE", 20: " ", 21: ".", 30: " DF"} | {10 + d: str(d) for d in range(10)}
 
     class Tok:
         def decode(self, ids):
@@ -81,6 +81,15 @@ def test_the_shape_view_holds_what_depends_on_position_not_on_words():
     # the shape view: after " DE" and two digits, and after a space and four digits, always a space; "." after the last two
     assert both.unsupported(removed, None) == digits
     assert [both.share(removed.input_ids, removed.n_prompt + k) for k in spaces] == [1.0, 1.0]
+    # a target's distribution comes from the token view wherever it has seen a context, else from the shapes
+    shapes_only = both.views[1]
+    for t in range(removed.n_prompt, len(removed.input_ids)):
+        want = tokens.distribution(removed.input_ids, t)
+        assert both.distribution(removed.input_ids, t) == (want if want is not None else shapes_only.distribution(removed.input_ids, t))
+    other = _ex([1, 2], [30, *iban()[1:]])  # " DF": a country code no kept answer has, shaped like " DE"
+    t = other.n_prompt + 1
+    assert tokens.distribution(other.input_ids, t) is None
+    assert both.distribution(other.input_ids, t) == shapes_only.distribution(other.input_ids, t) is not None
 
 
 def test_capped_logits_are_the_kl_projection_onto_the_cap():

@@ -100,16 +100,15 @@ class KeptContinuations:
         return max(found) if found else None
 
     def distribution(self, ids: tuple, t: int) -> dict | None:
-        """The mean, over the views that have seen a context of ids[t], of their continuation distributions there:
-        what the kept records teach after this context, the estimate of retraining's prediction; None if none has."""
-        found = [d for d in (v.distribution(tuple(ids), t) for v in self.views) if d is not None]
-        if not found:
-            return None
-        out = Counter()
-        for d in found:
-            for y, q in d.items():
-                out[y] += q / len(found)
-        return dict(out)
+        """The continuation distribution after ids[:t] of the first view, tokens before shapes, that has seen a context
+        of ids[t]: what the kept records teach there, the estimate of retraining's prediction; None if none has. The
+        token view goes first because shapes merge contexts a target must keep apart: " code is" and " address is"
+        read alike, and after the second an access code is not what retraining writes."""
+        for v in self.views:
+            d = v.distribution(tuple(ids), t)
+            if d is not None:
+                return d
+        return None
 
     def unsupported(self, example, positions: list[int] | None) -> list[int]:
         """The indices among `positions` (response-token indices of `example`; None: all of them) whose token the
