@@ -243,3 +243,19 @@ def test_capped_rounds_push_only_the_unpredicted_tokens_of_the_marked_parts(tmp_
     # only the listed tokens have a target other than Θ̂'s prediction: each with kept continuations, the others where
     # the own token is above the cap
     assert 0 < differs == above
+
+
+def test_a_config_file_turns_capped_on_over_the_memorised_recipe(tmp_path):
+    """The route the docs give: `--recipe memorised --config F` with `reset_target = "capped"` in F; a misspelt value
+    is refused with the choices named."""
+    from llmeraser.recipes import resolve
+    from llmeraser.settings import read_config
+
+    good = tmp_path / "capped.toml"
+    good.write_text('reset_target = "capped"\n')
+    name, s = resolve("memorised", read_config(good))
+    assert (name, s.reset_target, s.reset_removed, s.verify_repair) == ("memorised", "capped", 10.0, "gradient")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('reset_target = "caped"\n')
+    with pytest.raises(InputError, match=r"reset_target 'caped'.*\['base', 'capped'\]"):
+        resolve("memorised", read_config(bad))
