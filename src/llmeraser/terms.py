@@ -6,7 +6,8 @@ right-hand side, its Gauss-Newton curvature c·Jᵀ F J every curvature product.
 `reset.OutputReset` penalties:
 
 * reset_removed (ρ): P = the removed records' distance to the base model's outputs (reset.py), or with
-  reset_target 'capped' to the adapter's own with their unpredicted tokens capped (support.py);
+  reset_target 'capped' to the adapter's own mixed with the kept records' continuations, their unpredicted
+  tokens capped (support.py);
 * anchor_kept (κ): P = the kept records' distance from their outputs at Θ̂, over the curvature sample,
   scaled by |kept|/|sample|. Zero and flat at Θ̂ (`flat`), it adds curvature only.
 """
