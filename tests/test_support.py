@@ -259,3 +259,24 @@ def test_a_config_file_turns_capped_on_over_the_memorised_recipe(tmp_path):
     bad.write_text('reset_target = "caped"\n')
     with pytest.raises(InputError, match=r"reset_target 'caped'.*\['base', 'capped'\]"):
         resolve("memorised", read_config(bad))
+
+
+def test_an_extra_newton_step_pulls_the_same_capped_tokens(tmp_path):
+    """verify_repair 'newton' under 'capped': the Refiner's reset over the removed samples has the first step's targets."""
+    from helpers import memorised_tiny
+
+    from llmeraser.data import request_from_rows
+    from llmeraser.newton import Refiner
+    from llmeraser.problem import Problem
+    from llmeraser.systems import Systems
+    from llmeraser.terms import extension_terms
+
+    model, tok, recs = memorised_tiny(tmp_path, 8, epochs=2, batch_size=8)
+    req = request_from_rows([{"op": "remove", "id": recs[0].id, "private": [recs[0].sides()[1][2:]]}], recs)
+    problem = Problem(model, tok, recs, "chat", 64, 8)
+    s = UnlearnSettings(max_length=64, template="chat", reset_target="capped", reset_removed=10.0, curvature="ggn",
+                        curvature_samples=0, newton_steps=2)
+    (term,) = extension_terms(problem, req, s)
+    reset = Refiner(problem, req, Systems(problem, s), s, 0.03, False).reset_term(problem.sets(req).removed)
+    assert reset.capped_tokens == term.penalty.capped_tokens > 0
+    assert all(torch.equal(a, b) for a, b in zip(reset.targets, term.penalty.targets))

@@ -17,7 +17,7 @@ from .data import EditRequest
 from .problem import Problem
 from .reset import OutputReset
 from .settings import UnlearnSettings
-from .support import capped_positions
+from .support import capped_by_sample
 from .systems import Systems
 
 
@@ -43,10 +43,7 @@ class Refiner:
         self.k = 1  # the number of the last step taken
         self._reset = (None, None)  # (removed ids, OutputReset) of the last step that pulled some toward the base
         # reset_target 'capped': {id(removed sample): the tokens it pulls} (support.py), for every removal
-        self.capped = None
-        if settings.reset_target == "capped":
-            at = capped_positions(problem, request)
-            self.capped = {id(problem.examples[e.index]): at[e.id] for e in request.edits if e.op == "remove"}
+        self.capped = capped_by_sample(problem, request) if settings.reset_target == "capped" else None
 
     def objective(self, t: torch.Tensor) -> float:
         """n·R'(Θ) + const under the same stationarity assumption as the gradient, so the two agree."""

@@ -151,6 +151,12 @@ def capped_positions(problem, request) -> dict:
     return out
 
 
+def capped_by_sample(problem, request) -> dict:
+    """capped_positions keyed by id(encoded removed sample), as reset.OutputReset takes them."""
+    at = capped_positions(problem, request)
+    return {id(problem.examples[e.index]): at[e.id] for e in request.edits if e.op == "remove"}
+
+
 def capped_target(z, targets, kept: list, cap: float):
     """Target logits at capped rows: log q*, q* = the I-projection onto {q_y ≤ cap} of
         q = KEPT_WEIGHT·K + (1 − KEPT_WEIGHT)·softmax(z)

@@ -21,7 +21,7 @@ from .data import EditRequest
 from .problem import Problem
 from .reset import OutputReset
 from .settings import UnlearnSettings
-from .support import capped_positions
+from .support import capped_by_sample
 
 
 @dataclass
@@ -44,10 +44,7 @@ def extension_terms(problem: Problem, request: EditRequest, settings: UnlearnSet
     toward the base holds its new answer back at the same positions, and a modified query keeps its answer."""
     p, sets, terms = problem, problem.sets(request), []
     if settings.reset_removed and sets.removed:
-        capped = None
-        if settings.reset_target == "capped":
-            at = capped_positions(p, request)
-            capped = {id(p.examples[e.index]): at[e.id] for e in request.edits if e.op == "remove"}
+        capped = capped_by_sample(p, request) if settings.reset_target == "capped" else None
         reset = OutputReset(p.objective, p.params, p.theta_hat, sets.removed, settings.batch_size, p.device, memory=p.memory,
                             capped=capped, cap=settings.repair_threshold)
         terms.append(Term("reset_removed", settings.reset_removed, reset, flat=False))
