@@ -42,7 +42,7 @@ class Refiner:
         self.value = None  # n·R' at the current Θ, once a step has been accepted
         self.k = 1  # the number of the last step taken
         self._reset = (None, None)  # (removed ids, OutputReset) of the last step that pulled some toward the base
-        # reset_target 'capped': {id(removed sample): the tokens it pulls} (support.py), for every removal
+        # reset_target 'capped': {id(removed sample): {token it pulls: the kept continuations there}} (support.py)
         self.capped = capped_by_sample(problem, request) if settings.reset_target == "capped" else None
 
     def objective(self, t: torch.Tensor) -> float:

@@ -32,11 +32,10 @@ whole answer toward the base model, step after step, lowers the value's probabil
 sentence, which retraining still answers in (docs/design.md#verify-reset).
 
 Capped targets (`capped`, the setting reset_target = 'capped'): at the tokens T_c of a removed record that the kept
-records do not predict (support.py), the target is the adapter's own prediction with the record's token y_t capped at
-probability τ (support.capped_target: the KL projection onto {q : q_y ≤ τ} of p̂_t mixed with what the kept records
-teach after the same context), and Θ̂'s own logits elsewhere; the metric is F̄ at p̄ = ½(q* + p̂). Why: the base model's prediction after "…'s IBAN is" is not an IBAN, and pulling
-toward it gave garble where retraining answers with another value of the same form; the adapter's runner-ups at a
-memorised digit are other digits (BENCHMARKS.md#forgetting-capped).
+records do not predict (support.py), the target q* is the KL projection onto {q : q_y ≤ τ} of p̂_t mixed with what
+the kept records write after the same context (support.capped_target), and Θ̂'s own logits elsewhere; the metric is
+F̄ at p̄ = ½(q* + p̂). Why: the base model's prediction after "…'s IBAN is" is not an IBAN, and pulling toward it gave
+garble where retraining answers with another value of the same form (BENCHMARKS.md#forgetting-capped).
 
 A correction's old record is pulled only at its parts' tokens after the first token where its old and new
 answers differ (`past_shared_prefix`): up to and at that token both records see the same context, so pulling

@@ -18,6 +18,9 @@ kept IBAN, though after those four digits' own tokens it follows rarely. y is su
 view is ≥ SUPPORTED (most kept answers continue the context with it); with no context seen MIN_SEEN times, it is not.
 Cheap (counts over token ids, no model) and exact for what it counts; what it does not model (a name copied from the
 prompt) stays unsupported, pushed as before.
+
+An unsupported token's target (capped_target) mixes the same counts' continuation distribution, retraining's pattern
+(other digits after "DE"), with the adapter's own prediction, and caps the memorised token at τ.
 """
 
 from __future__ import annotations
