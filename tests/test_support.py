@@ -47,7 +47,7 @@ def test_kept_shares_against_a_count_by_hand():
     assert table.distribution(ids, 4) == {6: 0.5, 7: 0.5} and table.distribution((8, 8, 8), 2) is None
     assert table.unsupported(removed, [0, 2]) == [2]
     # a context seen fewer than MIN_SEEN times at every length: not supported (nothing speaks for retraining)
-    assert table.unsupported(_ex([5, 5], [5]), None) == [0]
+    assert table.share((8, 8, 8), 2) is None and table.unsupported(_ex([8, 8], [8]), None) == [0]
     assert SUPPORTED == 0.5
 
 
