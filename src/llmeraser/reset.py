@@ -102,6 +102,7 @@ class OutputReset:
             base = [objective.outputs(params.unflatten(theta0), b).detach() for b in self.batches] \
                 if capped is None or anchor else None  # a capped target needs only Θ̂'s outputs
             hat = [objective.outputs(params.unflatten(self.theta_hat), b).detach() for b in self.batches]
+        self.capped_tokens = None  # how many tokens have a capped target, over every rank
         if anchor:
             self.targets, self.probs = [wide(t) for t in hat], [wide_softmax(t) for t in base]
         elif capped is not None:
@@ -124,8 +125,6 @@ class OutputReset:
                 masks = [pulled_tokens(examples[i:i + batch_size], parts) for i in range(0, len(examples), batch_size)]
                 self.targets = [torch.where(m.to(t0.device)[:, None], wide(t0), wide(t))
                                 for m, t0, t in zip(masks, base, hat)]
-        if capped is None:
-            self.capped_tokens = None  # how many tokens have a capped target, over every rank
         self._linear = None  # per batch: its kept linearisation, or None where the memory budget did not keep it
         self._linear_mb = 0.0
         self._curvature = Curvature(objective, params, self.theta_hat, "ggn")
