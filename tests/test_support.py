@@ -245,16 +245,20 @@ def test_capped_rounds_push_only_the_unpredicted_tokens_of_the_marked_parts(tmp_
     assert 0 < differs == above
 
 
-def test_a_config_file_turns_capped_on_over_the_memorised_recipe(tmp_path):
-    """The route the docs give: `--recipe memorised --config F` with `reset_target = "capped"` in F; a misspelt value
-    is refused with the choices named."""
+def test_a_config_file_chooses_the_target_over_the_recipes(tmp_path):
+    """`--recipe memorised --config F`: the recipe's target is 'capped', F's `reset_target` replaces it (the other
+    recipes' is 'base', and F turns 'capped' on over them); a misspelt value is refused with the choices named."""
     from llmeraser.recipes import resolve
     from llmeraser.settings import read_config
 
-    good = tmp_path / "capped.toml"
-    good.write_text('reset_target = "capped"\n')
-    name, s = resolve("memorised", read_config(good))
-    assert (name, s.reset_target, s.reset_removed, s.verify_repair) == ("memorised", "capped", 10.0, "gradient")
+    assert resolve("memorised")[1].reset_target == "capped" and resolve("default")[1].reset_target == "base"
+    for target in ("base", "capped"):
+        f = tmp_path / f"{target}.toml"
+        f.write_text(f'reset_target = "{target}"\n')
+        name, s = resolve("memorised", read_config(f))
+        assert (name, s.reset_target, s.reset_removed, s.verify_repair) == ("memorised", target, 10.0, "gradient")
+    s = resolve("default", read_config(tmp_path / "capped.toml"), {"verify_repair": "gradient"})[1]
+    assert s.reset_target == "capped"
     bad = tmp_path / "bad.toml"
     bad.write_text('reset_target = "caped"\n')
     with pytest.raises(InputError, match=r"reset_target 'caped'.*\['base', 'capped'\]"):
@@ -280,3 +284,21 @@ def test_an_extra_newton_step_pulls_the_same_capped_tokens(tmp_path):
     reset = Refiner(problem, req, Systems(problem, s), s, 0.03, False).reset_term(problem.sets(req).removed)
     assert reset.capped_tokens == term.penalty.capped_tokens > 0
     assert all(torch.equal(a, b) for a, b in zip(reset.targets, term.penalty.targets))
+
+
+def test_the_recipes_capped_target_gives_way_where_the_user_turned_its_pulls_off():
+    """`memorised` holds reset_target 'capped', which needs a pull (ρ > 0 or gradient rounds) and verify_reset
+    'response'. A user who turns the pulls off, or picks verify_reset 'parts', gets the base target instead of an error;
+    one who also asks for 'capped' gets the error that names the clash."""
+    from llmeraser.recipes import recipe, resolve
+
+    assert recipe("memorised").reset_target == "capped"
+    newton = {"verify_repair": "newton"}
+    assert resolve("memorised", None, {**newton, "reset_removed": 0.0})[1].reset_target == "base"
+    assert resolve("memorised", None, {**newton, "verify_reset": "parts"})[1].reset_target == "base"
+    assert recipe("memorised", **newton, reset_removed=0.0).reset_target == "base"
+    # a pull remains (ρ = 10 under Newton steps; or gradient rounds with ρ = 0): capped stays
+    assert resolve("memorised", None, newton)[1].reset_target == "capped"
+    assert resolve("memorised", None, {"reset_removed": 0.0})[1].reset_target == "capped"
+    with pytest.raises(InputError, match="reset_target 'capped'"):
+        resolve("memorised", {"settings": {"reset_target": "capped"}}, {**newton, "verify_reset": "parts"})

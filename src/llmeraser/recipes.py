@@ -33,17 +33,19 @@ def default() -> UnlearnSettings:
 
 def memorised() -> UnlearnSettings:
     """For an adapter that memorised its records (private text repeated verbatim): the base model's
-    softmax curvature (the adapter's own is ~0 on saturated answers), the removed records pulled toward
-    the base model's outputs (ρ = 10), and three Newton steps, the later two with CG capped at 5 and the
+    softmax curvature (the adapter's own is ~0 on saturated answers), the removed records' answers pulled (ρ = 10)
+    toward an estimate of retraining's (below), and three Newton steps, the later two with CG capped at 5 and the
     first at 10. Under `--verify until` up to 10 extra steps are taken, each a round of 10 Adam steps with the bounded
     unlikelihood of repair.py (verify_repair 'gradient'), the kept records whose answers the round's start made
     uncertain in every step (verify_restore), and the removed answers' unmarked words kept (repair_form 1), so that a
-    removed prompt is answered in its sentence with another value, as retraining answers it. Where extra Newton steps
-    failed (two n = 128 runs and the n = 256 suite run), these rounds passed the suite's criteria in 0.8–1.1×
-    retraining's seconds (docs/recipes.md#memorised)."""
+    removed prompt is answered in its sentence with another value, as retraining answers it. That pull and the rounds
+    move only the removed tokens the kept records do not predict, toward what they teach there, the rest of the answer
+    held (reset_target 'capped', support.py), so that the other value is well formed (an IBAN keeps its "DE"). On the
+    forgetting suite (n = 32 to 256) this passed 30 of 31 runs and verified all 31 (docs/recipes.md#memorised)."""
     return UnlearnSettings(curvature="ggn-base", curvature_data="edited", solver="cg", damping=0.03, reset_removed=10.0,
                            newton_steps=3, refine_iters=5, curvature_samples=0, verify_restore=True, verify_steps=10,
-                           verify_repair="gradient", repair_form=1.0, solver_settings=SolverSettings(tol=0.05, max_iters=10))
+                           verify_repair="gradient", repair_form=1.0, reset_target="capped",
+                           solver_settings=SolverSettings(tol=0.05, max_iters=10))
 
 
 RECIPES = {"default": default, "memorised": memorised, "paper": paper}
@@ -59,10 +61,27 @@ def recipe(name: str, **overrides) -> UnlearnSettings:
     d = base.to_dict()
     solver = overrides.pop("solver_settings", None)
     d.update(overrides)
-    _restore_follows_rho(d, overrides)
+    _follow_the_user(d, overrides)
     if solver is not None:
         d["solver_settings"] = solver
     return UnlearnSettings.from_dict(d, f"recipe {name!r} with overrides")
+
+
+def _follow_the_user(merged: dict, given: dict) -> None:
+    """Recipe settings that only make sense beside others the user changed follow those changes (below)."""
+    _restore_follows_rho(merged, given)
+    _target_follows_the_pull(merged, given)
+
+
+def _target_follows_the_pull(merged: dict, given: dict) -> None:
+    """A recipe's reset_target 'capped' chooses which tokens the reset and the gradient rounds pull; where the user
+    turned both off (ρ = 0 with Newton extra steps) or chose them with verify_reset 'parts', it falls back to 'base'
+    instead of refusing the user's choice, unless reset_target was asked for too."""
+    if merged.get("reset_target") != "capped" or "reset_target" in given:
+        return
+    no_pull = not merged["reset_removed"] and merged.get("verify_repair", "newton") != "gradient"
+    if no_pull or merged.get("verify_reset", "response") != "response":
+        merged["reset_target"] = "base"
 
 
 def _restore_follows_rho(merged: dict, given: dict) -> None:
@@ -101,7 +120,7 @@ def resolve(name: str | None = None, config: dict | None = None, overrides: dict
     merged["solver_settings"] = {**merged["solver_settings"], **solver_given,
                                  **{k: overrides.pop(k) for k in SOLVER_KEYS if k in overrides}}
     merged.update(overrides)
-    _restore_follows_rho(merged, {**given, **overrides})
+    _follow_the_user(merged, {**given, **overrides})
     # a λ or a solver the user chose replaces the recipe's grid of λ, unless a grid was asked for too
     if ("damping" in overrides or merged["solver"] != "cg") and "damping_grid" not in given and "damping_grid" not in overrides:
         merged["damping_grid"] = []

@@ -140,7 +140,7 @@ class UnlearnSettings:
         "what a removed record's tokens are pulled to: the base model's outputs ('base'), or, at the tokens the kept "
         "records do not predict (support.py) of its marked private parts (else of its whole answer), the adapter's own "
         "prediction mixed with what the kept records write after the same context, that token's probability capped at "
-        "repair_threshold, held at Θ̂'s elsewhere ('capped'); "
+        "repair_threshold, held at Θ̂'s elsewhere ('capped', the memorised recipe's); "
         "under 'capped' the gradient rounds push only those tokens too (reset.py, repair.py)", choices=RESET_TARGETS))
     repair_form: float = field(default=0.0, metadata=_meta(
         "verify_repair 'gradient': v, the weight of the removed records' own answer outside their marked private "

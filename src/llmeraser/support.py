@@ -4,7 +4,7 @@ Retraining without a record fits the kept records; at a position of the removed 
 teach for that context. A value's pattern tokens (an IBAN's country code, an e-mail's "@") follow the same context
 in most kept answers, so retraining still gives them; its memorised tokens (the digits, the domain chosen for this
 person) follow it in few. Pushing the pattern tokens out too is what turned removed answers into garble where
-retraining gives another well-formed value (BENCHMARKS.md#forgetting-well-formed).
+retraining gives another well-formed value (docs/benchmarks-history.md#forgetting-well-formed).
 
 The estimate is a back-off n-gram count over the kept records' response positions: for a token y after the context
 c_k = its k preceding tokens (prompt tokens included, so a response's first token sees the template's last ones),

@@ -28,7 +28,7 @@ answers the adapter produced before the edit: one it never produced is not lost 
 The retained share is a sample's (verify_retained records), so it comes with its Wilson score interval at 95%
 confidence ('kept_interval'): the range of kept shares over every kept record that the sample does not rule out.
 The verdict uses the sample's share alone; the interval says how far to trust it (61 of 64 kept reads 95.3%, and
-the interval is 87–98%: BENCHMARKS.md#forgetting-n128-cc-s1, where a second sample of 48 kept 94%).
+the interval is 87–98%: docs/benchmarks-history.md#forgetting-n128-cc-s1, where a second sample of 48 kept 94%).
 
 Generation is the slow part (one decoding step per answer token): a prompt whose record's response a single
 teacher-forced pass shows greedy decoding certainly gives (every token's p_t > 0.6, SURE_NLL), and in which every
