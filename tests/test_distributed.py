@@ -84,13 +84,20 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-10) -> bool:
     return float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
 
 
+# the summation order's rounding, as one process sees it when only its batch size changes: the memorised case's
+# capped reset (reset_target 'capped') gives a Δ ten times the base target's (max 0.74) from a worse-conditioned
+# solve, and one process's Δ moves by 3–5e-10 between batches of 4, 3 and 2 (the base target's: 4e-11)
+TOL = {"mixed/memorised/cg": 1e-9}
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_two_ranks_give_the_single_process_delta(ranks, single, name):
     (r0, r1), _ = ranks
     one = single[name]["delta"]
     assert float(one.abs().max()) > 0
     assert torch.equal(r0["cases"][name]["delta"], r1["cases"][name]["delta"])  # identical on both ranks
-    assert close(r0["cases"][name]["delta"], one), float((r0["cases"][name]["delta"] - one).abs().max())
+    assert close(r0["cases"][name]["delta"], one, TOL.get(name, 1e-10)), \
+        float((r0["cases"][name]["delta"] - one).abs().max())
     assert r0["cases"][name]["iterations"] == single[name]["iterations"]
 
 
