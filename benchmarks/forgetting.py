@@ -270,6 +270,18 @@ def value_log10p(ev, rows: list[dict], request: list[dict], values: dict) -> dic
             for key, want in (("removed", "remove"), ("old", "correct_response"))}
 
 
+def work_tag(sc: Scenario, dtype: str, batch_size: int) -> str:
+    """The scenario's tag with the base dtype and, where it is not the recipe's, the training batch (its adapters and
+    results sit beside the recipe's)."""
+    batch = "" if batch_size == RECIPE["batch_size"] else f"-b{batch_size}"
+    return sc.tag + DTYPE_TAGS.get(dtype, "") + batch
+
+
+def result_tag(sc: Scenario, dtype: str, batch_size: int, overrides: dict | None) -> str:
+    """A result's tag (and file name): the work tag and the unlearn overrides, as `run` names it."""
+    return work_tag(sc, dtype, batch_size) + "".join(f"-{k}{v}" for k, v in sorted((overrides or {}).items()))
+
+
 def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, say, unlearn_overrides: dict | None = None,
         run_unmemorised: bool = False) -> dict:
     """Train (cached), check that the original memorised its records, retrain (cached), unlearn and count.
@@ -285,9 +297,7 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
     from llmeraser.train import TrainSettings
 
     device, dtype = hardware.of(mt)
-    # a batch other than the recipe's names itself too (its adapters and results sit beside the recipe's)
-    batch = "" if recipe["batch_size"] == RECIPE["batch_size"] else f"-b{recipe['batch_size']}"
-    tag = sc.tag + DTYPE_TAGS.get(dtype, "") + batch
+    tag = work_tag(sc, dtype, recipe["batch_size"])
     d = work / tag
     d.mkdir(parents=True, exist_ok=True)
     rows, request, values = build(sc)
@@ -321,10 +331,12 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
     memorised = memorised_share(counts["original"])
     head = {"scenario": asdict(sc), "n": len(rows), "base_dtype": dtype, "recipe": recipe,
             "final_training_loss": trained["final_loss"]}
+    overrides = unlearn_overrides or {}
+    suffix = result_tag(sc, dtype, recipe["batch_size"], overrides)[len(tag):]
     if memorised < MEMORISED_MIN and not run_unmemorised:
         say(f"{tag}: the original produces {memorised:.0%} of the sampled retained values (< {MEMORISED_MIN:.0%}): "
             "invalid, retraining and unlearning skipped; rerun with more --epochs")
-        return {**head, "tag": tag, "unlearn_overrides": {}, "counts": _totals(counts, retained),
+        return {**head, "tag": tag + suffix, "unlearn_overrides": overrides, "counts": _totals(counts, retained),
                 "verdict": {"retained_kept": None, "original_memorised": memorised, "valid": False, "checks": {},
                             "passed": None},
                 "seconds": seconds, "unlearn_verification": None, "skipped": ["retrain", "llmeraser"],
@@ -334,8 +346,6 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
         baseline("retrain", base, d / "original", data, req, d / "retrain", BaselineSettings(device=device, dtype=dtype),
                  overwrite=True, progress=progress, model_and_tokenizer=mt)
     seconds["retrain"] = json.loads((d / "retrain" / "train.json").read_text())["seconds"]
-    overrides = unlearn_overrides or {}
-    suffix = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
     ours = d / f"llmeraser{suffix}"
     say(f"{tag}: llmeraser (memorised, --verify until{', ' + suffix[1:] if suffix else ''})")
     t = time.perf_counter()
@@ -397,20 +407,41 @@ def table(results: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def recipe_now(result: dict) -> bool:
-    """Whether a result ran today's `memorised` recipe under --verify until: its recorded unlearn settings equal the
-    recipe's in every field but where it ran (device, dtype). A result without recorded settings (the harness kept
-    only the overrides before 2026-12-05) counts as an earlier recipe, since the recipe has changed under its name."""
+def ran_with(result: dict, overrides: dict | None = None) -> bool:
+    """Whether a result ran the `memorised` recipe as it is today, with `overrides`, under --verify until: its
+    recorded unlearn settings equal those in every field but where it ran (device, dtype). A result without recorded
+    settings (the harness kept only the overrides before 2026-12-05) counts as an earlier recipe, since the recipe has
+    changed under its name."""
     from llmeraser.recipes import recipe
     from llmeraser.settings import UnlearnSettings
 
     ran = result.get("unlearn_settings")
     if ran is None:
         return False
-    now = json.loads(json.dumps(recipe("memorised", verify="until").to_dict()))  # tuples -> lists, as a file holds them
+    # tuples -> lists, as a file holds them
+    now = json.loads(json.dumps(recipe("memorised", **{"verify": "until", **(overrides or {})}).to_dict()))
     # a setting added after a result ran is absent from it, and that run behaved as its default does
     defaults = json.loads(json.dumps(UnlearnSettings().to_dict()))
     return all(ran.get(k, defaults[k]) == v for k, v in now.items() if k not in ("device", "dtype"))
+
+
+def recipe_now(result: dict) -> bool:
+    """Whether a result ran today's `memorised` recipe under --verify until (ran_with, no overrides)."""
+    return ran_with(result)
+
+
+def earlier_results(paths: list[Path], overrides: dict) -> list[Path]:
+    """The result files among `paths` that exist and hold a run of other settings than the recipe's today with
+    `overrides`: a run would overwrite them, and a result's tag names only the overrides, so a changed recipe writes
+    under an earlier run's name."""
+    out = []
+    for p in paths:
+        if p.exists():
+            r = json.loads(p.read_text())
+            # an invalid result measured no unlearn (its original did not memorise): a rerun may replace it
+            if r["verdict"].get("valid", True) and not ran_with(r, overrides):
+                out.append(p)
+    return out
 
 
 def report(results: list[dict]) -> str:
@@ -481,15 +512,21 @@ def main(argv=None) -> int:
     layers = mt[0].config.num_hidden_layers
     recipe = {**RECIPE, "epochs": args.epochs, "batch_size": args.batch_size, "layers": tuple(range(layers // 2, layers))}
     args.results.mkdir(parents=True, exist_ok=True)
-    for name in args.scenarios:
-        for n in args.n:
-            for seed in args.seeds:
-                shape, kinds = SCENARIOS[name]
-                result = run(Scenario(name, shape, kinds, n, seed, args.remove, args.correct), args.base, args.work, mt, recipe, not args.no_progress, say,
-                             args.unlearn, args.run_unmemorised)
-                write_json(args.results / f"{result['tag']}.json", result)
-                outcome = {True: "pass", False: "FAIL", None: "INVALID (the original did not memorise)"}[result["verdict"]["passed"]]
-                say(f"{result['tag']}: {outcome} {result['verdict']['checks']}")
+    planned = [Scenario(name, *SCENARIOS[name], n, seed, args.remove, args.correct)
+               for name in args.scenarios for n in args.n for seed in args.seeds]
+    dtype = hardware.of(mt)[1]
+    older = earlier_results([args.results / f"{result_tag(sc, dtype, args.batch_size, args.unlearn)}.json"
+                             for sc in planned], args.unlearn)
+    if older:
+        print(f"python -m benchmarks.forgetting: {', '.join(p.name for p in older)} in {args.results} "
+              f"{'holds a run' if len(older) == 1 else 'hold runs'} of other unlearn settings than this run's (the recipe has changed since, or other --unlearn settings), "
+              "and this run would overwrite them: give another --results folder, or move them away", file=sys.stderr)
+        return 2
+    for sc in planned:
+        result = run(sc, args.base, args.work, mt, recipe, not args.no_progress, say, args.unlearn, args.run_unmemorised)
+        write_json(args.results / f"{result['tag']}.json", result)
+        outcome = {True: "pass", False: "FAIL", None: "INVALID (the original did not memorise)"}[result["verdict"]["passed"]]
+        say(f"{result['tag']}: {outcome} {result['verdict']['checks']}")
     results = [json.loads(p.read_text()) for p in sorted(args.results.glob("*.json"))]
     write_text_atomic(args.results / "forgetting.md", report(results))
     print(report(results))

@@ -5,7 +5,7 @@ import argparse
 
 import pytest
 
-from benchmarks.forgetting import SCENARIOS, Scenario, build, judge, recipe_now, report, run, table
+from benchmarks.forgetting import SCENARIOS, Scenario, build, judge, recipe_now, report, result_tag, run, table
 from llmeraser.data import records_from_rows, request_from_rows
 
 
@@ -79,6 +79,8 @@ def test_one_scenario_end_to_end_on_the_tiny_model(trainable_dir, tmp_path):
     assert set(result["verdict"]["checks"]) == {"removed", "corrected", "retained"}
     assert result["unlearn_verification"]["stopped"] is not None or result["unlearn_verification"]["verified"]
     assert "| prompt-code-n12-s0-verify_retained8 | 12 |" in table([result])  # an override names itself
+    # the file name main() checks before a run is the one the run writes, valid or not
+    assert result["tag"] == skipped["tag"] == result_tag(sc, "float32", recipe["batch_size"], {"verify_retained": 8})
     # every stage ran on the loaded base's device and dtype (benchmarks/hardware.py), and recorded them
     import json
 
@@ -206,3 +208,26 @@ def test_the_table_counts_the_well_formed_removed_answers_and_dashes_a_result_wi
     u = {"removed_answers": {"p0-code": "A's access code is 6ly93.", "p1-code": "B's access code is 7W6F2."}}
     assert _well_formed(rt, u, 2) == "1 / 1 of 2"
     assert _well_formed(rt, {}, 2) == "–"
+
+
+def test_a_run_refuses_to_overwrite_a_result_of_other_settings(tmp_path):
+    """earlier_results: an existing result file of another recipe or other overrides is one a run would overwrite
+    under the same name (a tag names only the overrides); a result of the same settings, an invalid one (no unlearn
+    measured) and a missing file are not."""
+    import json
+
+    from benchmarks.forgetting import earlier_results, ran_with
+    from llmeraser.recipes import recipe
+
+    now = json.loads(json.dumps(recipe("memorised", verify="until").to_dict()))
+    files = {"same": {"unlearn_settings": now, "verdict": {"valid": True}},
+             "other-recipe": {"unlearn_settings": now | {"repair_form": 0.0}, "verdict": {"valid": True}},
+             "unrecorded": {"verdict": {"valid": True}},
+             "invalid": {"verdict": {"valid": False}}}
+    for name, r in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    paths = [tmp_path / f"{n}.json" for n in (*files, "missing")]
+    assert [p.stem for p in earlier_results(paths, {})] == ["other-recipe", "unrecorded"]
+    # under overrides the same file is another run's, and the overridden one is this run's
+    assert ran_with(files["other-recipe"], {"repair_form": 0.0}) and not ran_with(files["same"], {"repair_form": 0.0})
+    assert [p.stem for p in earlier_results(paths, {"repair_form": 0.0})] == ["same", "unrecorded"]
