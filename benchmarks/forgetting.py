@@ -518,8 +518,9 @@ def main(argv=None) -> int:
     older = earlier_results([args.results / f"{result_tag(sc, dtype, args.batch_size, args.unlearn)}.json"
                              for sc in planned], args.unlearn)
     if older:
-        print(f"python -m benchmarks.forgetting: {', '.join(p.name for p in older)} in {args.results} "
-              f"{'holds a run' if len(older) == 1 else 'hold runs'} of other unlearn settings than this run's (the recipe has changed since, or other --unlearn settings), "
+        held = "holds a run" if len(older) == 1 else "hold runs"
+        print(f"python -m benchmarks.forgetting: {', '.join(p.name for p in older)} in {args.results} {held} of "
+              "other unlearn settings than this run's (the recipe has changed since, or other --unlearn settings), "
               "and this run would overwrite them: give another --results folder, or move them away", file=sys.stderr)
         return 2
     for sc in planned:
