@@ -302,3 +302,48 @@ def test_the_recipes_capped_target_gives_way_where_the_user_turned_its_pulls_off
     assert resolve("memorised", None, {"reset_removed": 0.0})[1].reset_target == "capped"
     with pytest.raises(InputError, match="reset_target 'capped'"):
         resolve("memorised", {"settings": {"reset_target": "capped"}}, {**newton, "verify_reset": "parts"})
+
+
+def test_verify_capped_counts_the_pushed_tokens_above_its_bound_and_fails_the_check(tmp_path):
+    """GradientRepair.above(Θ, b) against a count by hand of the pushed tokens with p_t > b; through unlearn_model
+    with Θ held at Θ̂ (λ = 1e6), verify_capped = m adds one failure naming above(Θ̂, m·τ), and without it none."""
+    from helpers import memorised_tiny
+
+    from llmeraser.api import unlearn_model
+    from llmeraser.data import request_from_rows
+    from llmeraser.problem import Problem
+    from llmeraser.repair import GradientRepair, target_logp
+
+    model, tok, recs = memorised_tiny(tmp_path, 8, epochs=2, batch_size=8)
+    rows = [{"op": "remove", "id": recs[0].id, "private": [recs[0].sides()[1][2:]]}, {"op": "remove", "id": recs[2].id}]
+    req = request_from_rows(rows, recs)
+    problem = Problem(model, tok, recs, "chat", 64, 8)
+    s = UnlearnSettings(max_length=64, template="chat", verify_repair="gradient", reset_target="capped", device="cpu")
+    rep = GradientRepair(problem, req, s)
+    probs = []
+    for x, at in rep.removed.values():
+        with torch.no_grad():
+            logp = target_logp(problem.objective, problem.params, problem.theta_hat, problem.objective.collate([x], "cpu"))
+        probs += [float(logp[t].exp()) for t in at]
+    q = sorted(probs)
+    assert len(q) > 1 and q[0] < q[-1]
+    # bounds between the probabilities, not at one: a batch of two computes each p_t to rounding of one record alone
+    mid = next(i for i in range(len(q) // 2, len(q)) if q[i] > q[i - 1])
+    for bound in (0.0, (q[mid - 1] + q[mid]) / 2, 1.0):
+        assert rep.above(problem.theta_hat, bound) == sum(q > bound for q in probs)
+
+    with pytest.raises(InputError, match="verify_capped"):
+        UnlearnSettings(verify_capped=2.0)  # the base target lists no capped tokens
+    with pytest.raises(InputError, match="verify_capped"):
+        UnlearnSettings(verify_capped=-1.0, reset_target="capped", verify_repair="gradient")
+    failures = {}
+    for m in (0.0, 1.0):
+        st = UnlearnSettings(damping=1e6, curvature_samples=0, max_length=64, template="chat", device="cpu",
+                             verify="check", verify_retained=4, verify_repair="gradient", reset_target="capped",
+                             verify_capped=m)
+        res = unlearn_model(model, tok, recs, rows, weight_decay=0.0, settings=st)
+        failures[m] = [f for f in res.report.verification["failures"] if "capped tokens" in f]
+    want = rep.above(problem.theta_hat, s.repair_threshold)
+    assert want > 0 and failures[1.0] == [f"{want} capped tokens of removed values above p = {s.repair_threshold:g} "
+                                          "(sampling could read them back: verify_capped)"]
+    assert failures[0.0] == []

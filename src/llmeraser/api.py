@@ -160,16 +160,31 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
         print("llmeraser: verifying by greedy generation", file=sys.stderr)
     verifier = Verifier(model, tokenizer, p.params, p.theta_hat, records, req, p.template, s.max_length, s.batch_size,
                         s.verify_retained, s.seed, extractable=s.verify_extractable)
-    check = verifier.check(theta)
+    repair = GradientRepair(p, req, s) if s.verify == "until" and s.verify_repair == "gradient" else None
+    capped_check = (repair or GradientRepair(p, req, s)) if s.verify_capped else None
+
+    def checked(theta):
+        """verify.py's checks at Θ, and with verify_capped the capped tokens above m·τ, each counted as a failure."""
+        c = verifier.check(theta)
+        if capped_check is not None:
+            bound = s.verify_capped * s.repair_threshold
+            above = capped_check.above(theta, bound)
+            c = {**c, "capped_above": above, "capped_bound": bound}
+            if above:
+                c["verified"] = False
+                c["failures"] = [*c["failures"], f"{above} capped tokens of removed values above p = {bound:g} "
+                                                 "(sampling could read them back: verify_capped)"]
+        return c
+
+    check = checked(theta)
     rounds = [{"extra_steps": 0, "verified": check["verified"], "failures": check["failures"],
                "shortfall": shortfall(check), "generated": check.get("generated"), "seconds": time.perf_counter() - t0}]
     best = (theta, check, 0, None)
     extra, stopped, start = [], None, "update"
-    repair = GradientRepair(p, req, s) if s.verify == "until" and s.verify_repair == "gradient" else None
     if repair is not None and not check["verified"]:
         # the repair starts from whichever of the update and the original adapter misses fewer checks: where the
         # update lost retained answers, the repair would have to win them back first (BENCHMARKS.md#gradient-repair)
-        at_hat = verifier.check(p.theta_hat)
+        at_hat = checked(p.theta_hat)
         rounds.append({"extra_steps": 0, "original_adapter": True, "verified": at_hat["verified"],
                        "failures": at_hat["failures"], "shortfall": shortfall(at_hat), "generated": at_hat.get("generated"),
                        "seconds": time.perf_counter() - t0})
@@ -207,7 +222,7 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
             break
         moved = float((theta_next - theta).norm()) / max(float(p.theta_hat.norm()), 1e-30)
         theta = theta_next
-        check = verifier.check(theta)
+        check = checked(theta)
         rounds.append({"extra_steps": len(extra), "verified": check["verified"], "failures": check["failures"],
                        "shortfall": shortfall(check), "generated": check.get("generated"), "seconds": time.perf_counter() - t0})
         if shortfall(check) <= shortfall(best[1]):

@@ -129,6 +129,21 @@ class GradientRepair:
             tokens += k
         return distributed.all_sum(out), int(distributed.all_sum_float(float(tokens)))
 
+    def above(self, theta: torch.Tensor, bound: float) -> int:
+        """How many pushed tokens of the removed records (T_r) have p_t(Θ) > bound, by one teacher-forced pass,
+        every rank's share summed: verify_capped's count (api.verify_edit)."""
+        p, count = self.p, 0
+        items = distributed.shard(list(self.removed.values()))
+        parts = {id(x): at for x, at in items if at is not None}
+        examples = [x for x, _ in items]
+        for i in range(0, len(examples), p.batch_size):
+            chunk = examples[i:i + p.batch_size]
+            batch = p.objective.collate(chunk, p.device)
+            with torch.no_grad(), fused_attention(p.model):
+                logp = target_logp(p.objective, p.params, theta, batch)
+            count += int((pulled_tokens(chunk, parts).to(logp.device) & (logp.exp() > bound)).sum())
+        return int(distributed.all_sum_float(float(count)))
+
     def gradient(self, theta: torch.Tensor, pushed: list, restore: list = ()) -> tuple[torch.Tensor, int]:
         """(∇J(Θ) before clipping, the unlikelihood's token count) on the next kept batch plus `restore`."""
         p = self.p

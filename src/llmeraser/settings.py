@@ -116,6 +116,11 @@ class UnlearnSettings:
         "> 0: a removed record's private part (or answer), or a correction's old one, whose probability after its own "
         "sentence, by one teacher-forced pass, exceeds the base model's by more than this many powers of ten counts as "
         "still produced: sampling, not only greedy decoding, could read it back (0: off; verify.py)"))
+    verify_capped: float = field(default=0.0, metadata=_meta(
+        "> 0, with reset_target 'capped' and verify_repair 'gradient': a removed record's capped tokens (those the "
+        "rounds push) whose teacher-forced probability exceeds this many times repair_threshold fail the check, so "
+        "`--verify until` takes rounds until none does; that bounds a removed value's probability after its sentence "
+        "by (m·τ)^k over its k capped tokens, where the greedy checks alone may leave them near 1 (0: off; api.py)"))
     verify_reset: str = field(default="response", metadata=_meta(
         "verify 'until': what an extra step pulls toward the base model for a removed record still produced (or "
         "likely): its whole answer ('response'), or only the tokens of its marked 'private' parts, holding the rest "
@@ -178,6 +183,9 @@ class UnlearnSettings:
         if isinstance(self.verify_extractable, bool) or not isinstance(self.verify_extractable, (int, float)) \
                 or not 0 <= self.verify_extractable < math.inf:
             raise InputError(f"verify_extractable {self.verify_extractable!r}: give a number of powers of ten >= 0 (0: off)")
+        if isinstance(self.verify_capped, bool) or not isinstance(self.verify_capped, (int, float)) \
+                or not 0 <= self.verify_capped < math.inf:
+            raise InputError(f"verify_capped {self.verify_capped!r}: give a multiple of repair_threshold >= 0 (0: off)")
         if isinstance(self.verify_pull, bool) or not isinstance(self.verify_pull, (int, float)) \
                 or not 0 <= self.verify_pull < math.inf:
             raise InputError(f"verify_pull {self.verify_pull!r}: give a weight >= 0 (0: reset_removed's ρ)")
@@ -220,6 +228,10 @@ class UnlearnSettings:
             raise InputError("reset_target 'capped' chooses what reset_removed and the gradient rounds pull, and neither "
                              "is on here: set reset_removed (the memorised recipe's is 10) or verify_repair 'gradient', "
                              "or leave reset_target 'base'")
+        if self.verify_capped and not (self.reset_target == "capped" and self.verify_repair == "gradient"):
+            raise InputError("verify_capped checks the tokens that reset_target 'capped' lists and the gradient rounds "
+                             "push: set reset_target 'capped' and verify_repair 'gradient' (as the memorised recipe "
+                             "does), or leave verify_capped 0")
         if self.reset_target == "capped" and self.verify_reset != "response":
             raise InputError("reset_target 'capped' and verify_reset 'parts' both choose which tokens an extra step "
                              "pulls: leave verify_reset 'response' (under 'capped' the marked parts are used already)")
