@@ -105,17 +105,23 @@ class GradientRepair:
             out.append(self.kept[self.order.pop()])
         return out
 
-    def _removed_grad(self, theta: torch.Tensor, pushed: list) -> tuple[torch.Tensor, int]:
-        """(∇ of J's removed-record terms, (w/|R|)·unlikelihood + (v/|R_F|)·form, the unlikelihood's token count),
-        every rank's share summed."""
-        p, s, out, tokens = self.p, self.s, torch.zeros_like(theta), 0
-        with_form = sum(at is not None for _, at in pushed) if s.repair_form else 0
+    def _batches(self, pushed: list):
+        """(encoded records, their collated batch, {id: positions pushed}) over this rank's share of `pushed`
+        ((encoded removed record, positions or None) pairs), batch_size records at a time."""
+        p = self.p
         items = distributed.shard(pushed)
         parts = {id(x): at for x, at in items if at is not None}
         examples = [x for x, _ in items]
         for i in range(0, len(examples), p.batch_size):
             chunk = examples[i:i + p.batch_size]
-            batch = p.objective.collate(chunk, p.device)
+            yield chunk, p.objective.collate(chunk, p.device), parts
+
+    def _removed_grad(self, theta: torch.Tensor, pushed: list) -> tuple[torch.Tensor, int]:
+        """(∇ of J's removed-record terms, (w/|R|)·unlikelihood + (v/|R_F|)·form, the unlikelihood's token count),
+        every rank's share summed."""
+        p, s, out, tokens = self.p, self.s, torch.zeros_like(theta), 0
+        with_form = sum(at is not None for _, at in pushed) if s.repair_form else 0
+        for chunk, batch, parts in self._batches(pushed):
             with torch.enable_grad(), fused_attention(p.model):
                 th = theta.detach().clone().requires_grad_(True)
                 logp = target_logp(p.objective, p.params, th, batch)
@@ -133,12 +139,7 @@ class GradientRepair:
         """How many pushed tokens of the removed records (T_r) have p_t(Θ) > bound, by one teacher-forced pass,
         every rank's share summed: verify_capped's count (api.verify_edit)."""
         p, count = self.p, 0
-        items = distributed.shard(list(self.removed.values()))
-        parts = {id(x): at for x, at in items if at is not None}
-        examples = [x for x, _ in items]
-        for i in range(0, len(examples), p.batch_size):
-            chunk = examples[i:i + p.batch_size]
-            batch = p.objective.collate(chunk, p.device)
+        for chunk, batch, parts in self._batches(list(self.removed.values())):
             with torch.no_grad(), fused_attention(p.model):
                 logp = target_logp(p.objective, p.params, theta, batch)
             count += int((pulled_tokens(chunk, parts).to(logp.device) & (logp.exp() > bound)).sum())
