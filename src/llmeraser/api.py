@@ -152,8 +152,10 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
     one that missed by the fewest records (verify.shortfall; a tie goes to the later), so a step that bought
     forgetting with retained answers is not kept. With verify_repair 'gradient' an extra step is instead a round of
     Adam steps (repair.py), from the original adapter when that misses fewer checks than the update (then it may be
-    what is returned). The extra steps' records are in verification["extra_steps"], each with "kept": whether the Θ
-    returned includes it."""
+    what is returned). With verify_capped m > 0 a check also fails while any capped token of a removed record has
+    p_t > m·τ (repair.GradientRepair.above): the greedy checks can pass with those tokens near 1, and sampling reads
+    the value back (BENCHMARKS.md#forgetting-sampling). The extra steps' records are in verification["extra_steps"],
+    each with "kept": whether the Θ returned includes it."""
     s, p = unl.settings, unl.problem
     t0 = time.perf_counter()
     if progress:
