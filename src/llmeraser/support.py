@@ -143,7 +143,10 @@ def capped_positions(problem, request) -> dict:
     """{id of each removal: {index among its record's response tokens: the kept continuation distribution there, or
     None}} over the tokens reset_target 'capped' pulls: those of its marked private parts (all its response tokens when
     none is marked or found) that the kept records do not predict. A map may be empty: every such token is one
-    retraining gives too."""
+    retraining gives too. Computed once per request object (cached on the problem, as Problem.sets is)."""
+    hit = problem._capped.get(id(request))
+    if hit is not None and hit[0] is request:
+        return hit[1]
     kept = KeptContinuations(problem.sets(request).kept, problem.tokenizer)
     out = {}
     for e in request.edits:
@@ -151,6 +154,7 @@ def capped_positions(problem, request) -> dict:
             x = problem.examples[e.index]
             at = kept.unsupported(x, problem.part_positions(e.old, e.private) if e.private else None)
             out[e.id] = {k: kept.distribution(x.input_ids, x.n_prompt + k) for k in at}
+    problem._capped[id(request)] = (request, out)
     return out
 
 
