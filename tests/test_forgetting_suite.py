@@ -172,6 +172,10 @@ def test_report_leads_with_the_runs_of_todays_recipe_and_counts_their_passes():
     older = {k: v for k, v in now.items() if k != "reset_target"}
     assert recipe_now(result("f-before-the-setting", older, True)) == (now["reset_target"] == "base")
     assert not recipe_now(result("g-capped", now | {"reset_target": "capped" if now["reset_target"] == "base" else "base"}, True))
+    # a retained sample of at least n records checks every kept one, whatever its size; a smaller one does not
+    few, many = now | {"verify_retained": 16}, now | {"verify_retained": now["verify_retained"] + 100}
+    assert recipe_now(result("h-all-checked", many, True, n=16)) and recipe_now(result("i-all-checked", few, True, n=16))
+    assert not recipe_now(result("j-sampled", few, True, n=32)) and not recipe_now(result("k-larger", many, True, n=10**4))
     text = report(runs)
     head, rest = text.split("## Earlier recipes and other settings")
     assert "n = 32: 1 of 2 valid runs pass; n = 64: 1 of 1 valid runs pass." in head
