@@ -304,6 +304,22 @@ def test_the_recipes_capped_target_gives_way_where_the_user_turned_its_pulls_off
         resolve("memorised", {"settings": {"reset_target": "capped"}}, {**newton, "verify_reset": "parts"})
 
 
+def test_the_recipes_capped_check_gives_way_where_the_user_left_out_what_it_counts():
+    """`memorised` holds verify_capped 2, which counts the tokens of reset_target 'capped' that gradient rounds push.
+    A user who picks Newton extra steps or the base target gets it off instead of an error; one who also asks for it
+    gets the error that names the clash."""
+    from llmeraser.recipes import recipe, resolve
+
+    assert recipe("memorised").verify_capped == 2.0 and recipe("default").verify_capped == 0.0
+    for given in ({"verify_repair": "newton"}, {"reset_target": "base"},
+                  {"verify_repair": "newton", "reset_removed": 0.0}):  # the target falls back to base there too
+        assert resolve("memorised", None, given)[1].verify_capped == 0.0, given
+    assert resolve("memorised", {"settings": {"reset_target": "base"}}, None)[1].verify_capped == 0.0
+    assert resolve("memorised", None, {"reset_removed": 0.0})[1].verify_capped == 2.0  # rounds and capped stay
+    with pytest.raises(InputError, match="verify_capped"):
+        resolve("memorised", None, {"verify_repair": "newton", "verify_capped": 2.0})
+
+
 def test_verify_capped_counts_the_pushed_tokens_above_its_bound_and_fails_the_check(tmp_path):
     """GradientRepair.above(Θ, b) against a count by hand of the pushed tokens with p_t > b; through unlearn_model
     with Θ held at Θ̂ (λ = 1e6), verify_capped = m adds one failure naming above(Θ̂, m·τ), and without it none."""
