@@ -81,6 +81,10 @@ def test_judge_counts_and_verdict():
     assert v["failures"] == ["1 of 1 removed answers still produced", "1 of 1 corrections not produced",
                              "18 of 19 sampled retained answers kept (< 95%)"]
     assert "retained kept 18/19 of 20 sampled (over every kept record, 95% interval 75%–99%)" in summary_line(v)
+    # verify_capped's count shows in the line when the check made it (a NOT verified line must say what failed)
+    assert "capped tokens" not in summary_line(v)
+    assert summary_line({**v, "capped_above": 3, "capped_bound": 0.04}).endswith(
+        "capped tokens of removed values above p = 0.04: 3")
     good = judge(probe_list, before, [False, True, True, False, True, True] + [True] * 19 + [False])
     assert good["verified"] and good["failures"] == []
     # the shortfall in records: 1 removed + 1 correction + 1 retained answer beyond the 5% allowed (18 < 19 of 19)

@@ -333,4 +333,6 @@ def summary_line(v: dict) -> str:
         base = f", base model {_p(x['base']['max_log10p'])}" if x["base"] else ""
         parts.append(f"removed or replaced values, largest chance of being sampled after their sentence "
                      f"{_p(x['after']['max_log10p'])} (before the edit {_p(x['before']['max_log10p'])}{base})")
+    if v.get("capped_above") is not None:  # verify_capped's count (api.verify_edit): a failure of its own when > 0
+        parts.append(f"capped tokens of removed values above p = {v['capped_bound']:g}: {v['capped_above']}")
     return ("verified: " if v["verified"] else "NOT verified: ") + "; ".join(parts)
