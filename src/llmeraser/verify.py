@@ -195,7 +195,7 @@ def judge(probe_list: list[Probe], before: list[bool], after: list[bool], likely
 def shortfall(v: dict) -> int:
     """How many records a verification misses by: removed or replaced answers still produced, corrections and
     answers to modified queries missing, and retained answers lost beyond what RETAINED_KEPT_MIN allows.
-    0 exactly when verified."""
+    0 exactly when this module's checks pass (verify_capped's count of tokens, added in api.verify_edit, is apart)."""
     k = v["retained"]
     allowed_loss = k["produced_before"] - math.ceil(RETAINED_KEPT_MIN * k["produced_before"] - 1e-9)
     lost = k["produced_before"] - k["kept"]
