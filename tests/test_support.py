@@ -81,15 +81,51 @@ def test_the_shape_view_holds_what_depends_on_position_not_on_words():
     # the shape view: after " DE" and two digits, and after a space and four digits, always a space; "." after the last two
     assert both.unsupported(removed, None) == digits
     assert [both.share(removed.input_ids, removed.n_prompt + k) for k in spaces] == [1.0, 1.0]
-    # a target's distribution comes from the token view wherever it has seen a context, else from the shapes
+    # a target's distribution: the shapes' where they are surer of the next kind of token (inside the digit run:
+    # space or digit), so a space gets all the mass at the spaces and none at the digits; the token view, seeing two
+    # random digits, puts some on a space inside a group (the groups-of-three garble) and too little at its end
+    def on_space(d):
+        return sum(p for y, p in d.items() if y == 20)
+
+    inside = [k for k in digits if k not in (1, 9)]  # a digit after which the group goes on
+    assert max(on_space(tokens.distribution(removed.input_ids, removed.n_prompt + k)) for k in inside) > 0
+    assert min(on_space(tokens.distribution(removed.input_ids, removed.n_prompt + k)) for k in spaces) < 1
+    for k in range(removed.n_response):
+        want = 1.0 if k in spaces else 0.0
+        assert on_space(both.distribution(removed.input_ids, removed.n_prompt + k)) == pytest.approx(want), k
+    # where the token view is the surer (after " is": " DE" always) it is the one taken
+    assert both.distribution(removed.input_ids, removed.n_prompt) == tokens.distribution(removed.input_ids, removed.n_prompt) == {3: 1.0}
     shapes_only = both.views[1]
-    for t in range(removed.n_prompt, len(removed.input_ids)):
-        want = tokens.distribution(removed.input_ids, t)
-        assert both.distribution(removed.input_ids, t) == (want if want is not None else shapes_only.distribution(removed.input_ids, t))
     other = _ex([1, 2], [30, *iban()[1:]])  # " DF": a country code no kept answer has, shaped like " DE"
     t = other.n_prompt + 1
     assert tokens.distribution(other.input_ids, t) is None
     assert both.distribution(other.input_ids, t) == shapes_only.distribution(other.input_ids, t) is not None
+
+
+def test_a_shape_context_seen_fewer_than_sure_seen_times_does_not_override_the_token_view():
+    """Shapes merge lengths: kept "codes" after " is" are "FM" and three digit tokens, five characters; a removed code
+    "F6789" reads, after "F678", like a kept code's end, so the shapes are sure of a "." that would cut it short.
+    Other kept answers hold "678" followed by a digit or "." (the token view: unsure). Read from SURE_SEEN − 1 kept
+    codes the shapes' sureness is chance and the token view is taken; from 27, the shapes are (and then they are
+    what the kept records teach)."""
+    from llmeraser.support import SURE_SEEN
+
+    text = {2: " is", 21: ".", 40: "F", 41: "FM"} | {10 + d: str(d) for d in range(10)}
+
+    class Tok:
+        def decode(self, ids):
+            return "".join(text[i] for i in ids)
+
+    other = [_ex([2], [15, 16, 17, 18, x, 21]) for x in [*range(10, 20), *[21] * 6]]
+    codes = [_ex([2], [41, 10 + a, 10 + b, 10 + c, 21]) for a, b, c in itertools.product(range(3, 6), repeat=3)]
+    removed = _ex([2], [40, 16, 17, 18, 19, 21])
+    t = removed.n_prompt + 4
+    for twos, shapes_taken in ((SURE_SEEN - 1, False), (27, True)):
+        table = KeptContinuations(other + codes[:twos], Tok())
+        shapes, tokens = (v.distribution(removed.input_ids, t) for v in (table.views[1], table.views[0]))
+        assert shapes == {21: 1.0} and tokens[21] == pytest.approx(6 / 16)
+        assert table.views[1].seen[table.views[1].context(removed.input_ids, t)] == twos
+        assert table.distribution(removed.input_ids, t) == (shapes if shapes_taken else tokens)
 
 
 def test_capped_logits_are_the_kl_projection_onto_the_cap():
