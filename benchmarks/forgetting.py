@@ -277,18 +277,19 @@ def work_tag(sc: Scenario, dtype: str, batch_size: int) -> str:
     return sc.tag + DTYPE_TAGS.get(dtype, "") + batch
 
 
-def result_tag(sc: Scenario, dtype: str, batch_size: int, overrides: dict | None) -> str:
-    """A result's tag (and file name): the work tag and the unlearn overrides, as `run` names it."""
-    return work_tag(sc, dtype, batch_size) + "".join(f"-{k}{v}" for k, v in sorted((overrides or {}).items()))
+def result_tag(sc: Scenario, dtype: str, batch_size: int, overrides: dict | None, label: str = "") -> str:
+    """A result's tag (and file name): the work tag, the unlearn overrides and the label, as `run` names it."""
+    return (work_tag(sc, dtype, batch_size) + "".join(f"-{k}{v}" for k, v in sorted((overrides or {}).items()))
+            + (f"-{label}" if label else ""))
 
 
 def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, say, unlearn_overrides: dict | None = None,
-        run_unmemorised: bool = False) -> dict:
+        run_unmemorised: bool = False, label: str = "") -> dict:
     """Train (cached), check that the original memorised its records, retrain (cached), unlearn and count.
     `unlearn_overrides`: settings replacing the `memorised` recipe's (e.g. {"verify_retained": 64}); llmeraser's
     folder and the result's tag then name them. An original that produces under MEMORISED_MIN of the sampled
     retained values makes the scenario invalid whatever follows, so retraining and unlearning are skipped (most of
-    a run's time) unless `run_unmemorised`."""
+    a run's time) unless `run_unmemorised`. `label` names a run of changed code under the same settings (tag, folder)."""
     from llmeraser.api import unlearn
     from llmeraser.baselines import BaselineSettings, baseline, train, trained_with
     from llmeraser.curvature import seeded_subset
@@ -330,9 +331,9 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
     counts = {"original": counted(d / "original")}
     memorised = memorised_share(counts["original"])
     head = {"scenario": asdict(sc), "n": len(rows), "base_dtype": dtype, "recipe": recipe,
-            "final_training_loss": trained["final_loss"]}
+            "final_training_loss": trained["final_loss"], "label": label}
     overrides = unlearn_overrides or {}
-    suffix = result_tag(sc, dtype, recipe["batch_size"], overrides)[len(tag):]
+    suffix = result_tag(sc, dtype, recipe["batch_size"], overrides, label)[len(tag):]
     if memorised < MEMORISED_MIN and not run_unmemorised:
         say(f"{tag}: the original produces {memorised:.0%} of the sampled retained values (< {MEMORISED_MIN:.0%}): "
             "invalid, retraining and unlearning skipped; rerun with more --epochs")
@@ -493,6 +494,12 @@ def _setting(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _label(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.]+", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: a label is letters, digits, '_' and '.' (it names files)")
+    return text
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.forgetting", description=__doc__.split("\n\n")[0])
     ap.add_argument("--scenarios", nargs="+", choices=sorted(SCENARIOS), default=sorted(SCENARIOS), help="which scenarios (default: all)")
@@ -509,6 +516,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--run-unmemorised", action="store_true",
                     help="retrain and unlearn even when the original did not memorise its records (the result stays invalid)")
+    ap.add_argument("--label", default="", type=_label, help="a name appended to each result's tag, keeping a run of changed code apart "
+                    "from earlier runs of the same settings (default: none)")
     ap.add_argument("--unlearn", type=_setting, nargs="*", default=[], metavar="KEY=VALUE",
                     help="unlearn settings replacing the memorised recipe's, e.g. verify_retained=64 (the result's tag names them)")
     hardware.add_args(ap)
@@ -525,7 +534,7 @@ def main(argv=None) -> int:
     planned = [Scenario(name, *SCENARIOS[name], n, seed, args.remove, args.correct)
                for name in args.scenarios for n in args.n for seed in args.seeds]
     dtype = hardware.of(mt)[1]
-    older = earlier_results([args.results / f"{result_tag(sc, dtype, args.batch_size, args.unlearn)}.json"
+    older = earlier_results([args.results / f"{result_tag(sc, dtype, args.batch_size, args.unlearn, args.label)}.json"
                              for sc in planned], args.unlearn)
     if older:
         held = "holds a run" if len(older) == 1 else "hold runs"
@@ -534,7 +543,8 @@ def main(argv=None) -> int:
               "and this run would overwrite them: give another --results folder, or move them away", file=sys.stderr)
         return 2
     for sc in planned:
-        result = run(sc, args.base, args.work, mt, recipe, not args.no_progress, say, args.unlearn, args.run_unmemorised)
+        result = run(sc, args.base, args.work, mt, recipe, not args.no_progress, say, args.unlearn, args.run_unmemorised,
+                     args.label)
         write_json(args.results / f"{result['tag']}.json", result)
         outcome = {True: "pass", False: "FAIL", None: "INVALID (the original did not memorise)"}[result["verdict"]["passed"]]
         say(f"{result['tag']}: {outcome} {result['verdict']['checks']}")

@@ -150,6 +150,18 @@ def test_unlearn_overrides_parse_as_json_values():
         _setting("verify_retained")
 
 
+def test_a_label_names_the_result_after_its_overrides_and_must_be_a_file_name_part():
+    from benchmarks.forgetting import _label
+
+    sc = Scenario("prompt-code", "prompt", ("code",), 12, seed=0)
+    assert result_tag(sc, "bfloat16", 8, {"verify_capped": 2}, "surer") == "prompt-code-n12-s0-bf16-verify_capped2-surer"
+    assert result_tag(sc, "float32", 8, {}, "") == "prompt-code-n12-s0"
+    assert _label("surer_view.2") == "surer_view.2"
+    for bad in ("a/b", "", "x y"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _label(bad)
+
+
 def test_report_leads_with_the_runs_of_todays_recipe_and_counts_their_passes():
     import json
 
