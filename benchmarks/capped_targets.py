@@ -11,7 +11,7 @@ n is the mean over those positions and seeds of
 for K as `distribution` chooses it today and as the token view alone chose it before (with no token context seen, the
 shapes'). 1 is every target of the right kind; the rest is mass on tokens that break the value ("DE 392 690 …").
 A token of two characters where the removed value has one of the same kind ("FM" for "F") counts as right: shapes
-merge lengths (docs/benchmarks-history.md#forgetting-iban-groups).
+merge lengths (BENCHMARKS.md#forgetting-iban-groups).
 
     python -m benchmarks.capped_targets [--n 32 64 128] [--seeds 0 1 2] [--out capped_targets.json]
 """

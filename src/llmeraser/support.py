@@ -113,10 +113,10 @@ class KeptContinuations:
         and " address is" read alike; after the second an access code is not what retraining writes: there the token
         view is sure of the next shape and the shapes are not). The shape view knows positions the tokens cannot see:
         inside a run of single-digit tokens the token view's context is two or three random digits, after which some
-        kept IBAN's group ends, so it put 20–75% on a space at each group's fourth digit and broke removed IBANs into
-        groups of three; the shapes, seeing back to the group's start, are sure. The added occurrence because a token
+        kept IBAN's group ends, so it put up to 75% on a space before a group's fourth digit and broke removed IBANs
+        into groups of three; the shapes, seeing back to the group's start, are sure. The added occurrence because a token
         context seen twice is sure by chance; SURE_SEEN because shapes merge lengths ("FM" and "F" read alike), and a
-        "." after four characters of two kept codes would cut a code short (docs/benchmarks-history.md#forgetting-iban-groups)."""
+        "." after four characters of two kept codes would cut a code short (BENCHMARKS.md#forgetting-iban-groups)."""
         ids = tuple(ids)
         best = None
         for i, v in enumerate(self.views):
