@@ -455,9 +455,10 @@ def earlier_results(paths: list[Path], overrides: dict) -> list[Path]:
     return out
 
 
-def report(results: list[dict]) -> str:
-    """forgetting.md: the runs of today's recipe first, with a count of passes per n, then every other run."""
-    current = [recipe_now(r) for r in results]
+def report(results: list[dict], label: str = "") -> str:
+    """forgetting.md: the runs of today's recipe under `label` (the code they ran: main's --label) first, with a count
+    of passes per n, then every other run."""
+    current = [recipe_now(r) and r.get("label", "") == label for r in results]
     now = [r for r, c in zip(results, current) if c]
     rest = [r for r, c in zip(results, current) if not c]
     by_n = {}
@@ -516,8 +517,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--run-unmemorised", action="store_true",
                     help="retrain and unlearn even when the original did not memorise its records (the result stays invalid)")
-    ap.add_argument("--label", default="", type=_label, help="a name appended to each result's tag, keeping a run of changed code apart "
-                    "from earlier runs of the same settings (default: none)")
+    ap.add_argument("--label", default="", type=_label, help="a name for the code a run ran: appended to each result's tag, and forgetting.md "
+                    "leads with the runs of today's recipe under it, apart from earlier runs of the same settings (default: none)")
     ap.add_argument("--unlearn", type=_setting, nargs="*", default=[], metavar="KEY=VALUE",
                     help="unlearn settings replacing the memorised recipe's, e.g. verify_retained=64 (the result's tag names them)")
     hardware.add_args(ap)
@@ -549,8 +550,8 @@ def main(argv=None) -> int:
         outcome = {True: "pass", False: "FAIL", None: "INVALID (the original did not memorise)"}[result["verdict"]["passed"]]
         say(f"{result['tag']}: {outcome} {result['verdict']['checks']}")
     results = [json.loads(p.read_text()) for p in sorted(args.results.glob("*.json"))]
-    write_text_atomic(args.results / "forgetting.md", report(results))
-    print(report(results))
+    write_text_atomic(args.results / "forgetting.md", report(results, args.label))
+    print(report(results, args.label))
     print(f"results in {args.results}; total {time.perf_counter() - t0:.0f}s")
     return 0
 

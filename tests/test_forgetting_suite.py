@@ -194,6 +194,10 @@ def test_report_leads_with_the_runs_of_todays_recipe_and_counts_their_passes():
     assert all(f"| {t} |" in head for t in ("a-now", "b-now-fails", "c-now"))
     assert all(f"| {t} |" in rest and f"| {t} |" not in head for t in ("d-old", "e-other"))
     assert "no run yet" in report([runs[3]])
+    # a label names the code a run ran: today's table holds the runs of the label asked for
+    labelled = result("l-now-labelled", now, True) | {"label": "surer"}
+    head, rest = report([*runs, labelled], "surer").split("## Earlier recipes and other settings")
+    assert "| l-now-labelled |" in head and "| a-now |" in rest and "n = 32: 1 of 1 valid runs pass." in head
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
