@@ -91,6 +91,10 @@ RECIPE = dict(rank=8, alpha=16, batch_size=8, seed=0, epochs=15, lr=1e-2, layers
 CRITERIA = {"removed_over_retrain_max": 1, "corrected_min": 0.90, "retained_min": 0.95}
 # a base in half precision names itself in the tag, so its results and cached adapters sit beside float32's
 DTYPE_TAGS = {"bfloat16": "-bf16", "float16": "-fp16"}
+# names the code today's results ran where a change altered what the recipe does without a setting (--label's default;
+# results of earlier code keep their names): "surer", the capped targets' choice of kept continuations
+# (BENCHMARKS.md#forgetting-iban-groups)
+LABEL = "surer"
 MEMORISED_MIN = 0.9  # the original must produce this share of the sampled retained values for a scenario to count
 
 
@@ -517,8 +521,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--run-unmemorised", action="store_true",
                     help="retrain and unlearn even when the original did not memorise its records (the result stays invalid)")
-    ap.add_argument("--label", default="", type=_label, help="a name for the code a run ran: appended to each result's tag, and forgetting.md "
-                    "leads with the runs of today's recipe under it, apart from earlier runs of the same settings (default: none)")
+    ap.add_argument("--label", default=LABEL, type=_label, help="a name for the code a run ran: appended to each result's tag, and "
+                    "forgetting.md leads with the runs of today's recipe under it, apart from earlier code's runs of the same "
+                    f"settings (default: {LABEL}, today's code)")
     ap.add_argument("--unlearn", type=_setting, nargs="*", default=[], metavar="KEY=VALUE",
                     help="unlearn settings replacing the memorised recipe's, e.g. verify_retained=64 (the result's tag names them)")
     hardware.add_args(ap)
