@@ -19,7 +19,6 @@ merge lengths (BENCHMARKS.md#forgetting-iban-groups).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import defaultdict
@@ -37,8 +36,8 @@ def token_first(table, ids: tuple, t: int) -> dict | None:
 def shape_masses(sc: Scenario, tokenizer) -> list[tuple[float, float]]:
     """(shape mass today, shape mass token-first) at every capped position of the scenario's removed values."""
     from llmeraser.data import records_from_rows, request_from_rows
-    from llmeraser.privacy import part_tokens
-    from llmeraser.render import encode, render_text, resolve_template
+    from llmeraser.privacy import part_positions
+    from llmeraser.render import encode, resolve_template
     from llmeraser.support import KeptContinuations
 
     rows, request_rows, _ = build(sc)
@@ -53,9 +52,7 @@ def shape_masses(sc: Scenario, tokenizer) -> list[tuple[float, float]]:
         if e.op != "remove":
             continue
         x, ids = examples[e.index], tuple(examples[e.index].input_ids)
-        tail = render_text(tokenizer, *e.old.sides(), template)[1]
-        marked = sorted({k for part in e.private for k in (part_tokens(tokenizer, tail, part) or [])}) or None
-        for k in table.unsupported(x, marked):
+        for k in table.unsupported(x, part_positions(tokenizer, template, e.old, e.private)):
             t = x.n_prompt + k
             want = table.shape_of(ids[t])
             mass = [0.0 if d is None else sum(p for y, p in d.items() if table.shape_of(y) == want)

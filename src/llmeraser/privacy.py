@@ -158,6 +158,14 @@ def part_tokens(tokenizer, response: str, part: str) -> list[int] | None:
     return [k for k, (a, b) in enumerate(spans) if a < end and b > start] or None
 
 
+def part_positions(tokenizer, template: str, record, parts) -> list[int] | None:
+    """Indices, among the response tokens of `record` rendered with `template`, of the tokens of any of `parts`
+    (part_tokens on each); None when no part is marked or none can be located."""
+    tail = render_text(tokenizer, *record.sides(), template)[1]
+    found = [part_tokens(tokenizer, tail, x) for x in parts]
+    return sorted({k for at in found if at for k in at}) or None
+
+
 def part_log10p(ev, items: list[tuple]) -> list[float | None]:
     """Per (record, part): log10 P(part | prompt, response before it) (module docstring) under the model `ev` (an
     evaluate.AdapterEval) holds, from one teacher-forced pass; None where the part is not in the rendered response,

@@ -20,8 +20,8 @@ from .data import EditRequest, Record
 from .modeling import fused_attention, theta_of
 from .memory import MemoryBudget
 from .objective import CausalLMObjective, by_length
-from .privacy import part_tokens
-from .render import encode, model_inputs, render_text, resolve_template
+from .privacy import part_positions
+from .render import encode, model_inputs, resolve_template
 from .rhs import gradient_sum, sum_of_gradients
 
 # bytes of stored hidden states (the layers below the adapter) a loss evaluation's batches may hold
@@ -87,12 +87,9 @@ class Problem:
         return encode(record, self.tokenizer, self.template, self.max_length, **model_inputs(self.model))
 
     def part_positions(self, record: Record, parts) -> list[int] | None:
-        """Indices, among the response tokens of `encode(record)`, of the tokens of any of `parts` (privacy.part_tokens,
-        on the response as rendered); None when no part is marked or none can be located."""
-        prompt, response = record.sides()
-        tail = render_text(self.tokenizer, prompt, response, self.template)[1]
-        found = [part_tokens(self.tokenizer, tail, x) for x in parts]
-        return sorted({k for at in found if at for k in at}) or None
+        """Indices, among the response tokens of `encode(record)`, of the tokens of any of `parts`
+        (privacy.part_positions); None when no part is marked or none can be located."""
+        return part_positions(self.tokenizer, self.template, record, parts)
 
     def grad_sum(self, items, theta, desc: str, progress: bool) -> torch.Tensor:
         """Σ_i ∇L(z_i; Θ) over `items`."""

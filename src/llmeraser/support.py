@@ -107,16 +107,11 @@ class KeptContinuations:
 
     def distribution(self, ids: tuple, t: int) -> dict | None:
         """The continuation distribution after ids[:t], the estimate of retraining's prediction there: the token view's,
-        unless another view whose context was seen N ≥ SURE_SEEN times is surer what kind of token comes next, by the
-        entropy of the next token's shape with one unseen occurrence added (_shape_entropy); with no token context
-        seen, the first view that has one; None if none has. The token view knows words the shapes merge (" code is"
-        and " address is" read alike; after the second an access code is not what retraining writes: there the token
-        view is sure of the next shape and the shapes are not). The shape view knows positions the tokens cannot see:
-        inside a run of single-digit tokens the token view's context is two or three random digits, after which some
-        kept IBAN's group ends, so it put up to 75% on a space before a group's fourth digit and broke removed IBANs
-        into groups of three; the shapes, seeing back to the group's start, are sure. The added occurrence because a token
-        context seen twice is sure by chance; SURE_SEEN because shapes merge lengths ("FM" and "F" read alike), and a
-        "." after four characters of two kept codes would cut a code short (BENCHMARKS.md#forgetting-iban-groups)."""
+        unless another view whose context was seen N ≥ SURE_SEEN times is surer what kind of token comes next (lower
+        _shape_entropy); with no token context seen, the first view that has one; None if none has. Why: the tokens
+        know words the shapes merge (after " address is" no access code follows, though it reads like " code is"); the
+        shapes know positions the tokens cannot see (inside a run of digit tokens, where an IBAN's group ends).
+        SURE_SEEN because shapes also merge lengths ("FM" reads like "F"). BENCHMARKS.md#forgetting-iban-groups."""
         ids = tuple(ids)
         best = None
         for i, v in enumerate(self.views):
