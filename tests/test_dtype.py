@@ -131,3 +131,38 @@ def test_a_trained_head_runs_in_float32_on_a_half_precision_base(tiny_dir, head_
         deltas[name] = res.delta.double()
     cos = float(torch.nn.functional.cosine_similarity(deltas["bfloat16"], deltas["float32"], 0))
     assert cos > 0.99, cos
+
+
+@pytest.mark.parametrize("slowdown, warned", [(60.0, True), (1.5, False)])
+def test_bfloat16_on_a_cpu_without_its_kernels_is_warned_about(monkeypatch, caplog, slowdown, warned):
+    """A CPU without native bfloat16 kernels runs its products tens of times slower than float32's
+    (BENCHMARKS.md#forgetting-float32): --dtype bfloat16 there says so and names float32; float32 never probes."""
+    import llmeraser.modeling as modeling
+    probes = []
+    monkeypatch.setattr(modeling, "cpu_bfloat16_slowdown", lambda: probes.append(1) or slowdown)
+    with caplog.at_level("WARNING", logger="llmeraser.modeling"):
+        assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert ("--dtype float32" in caplog.text) is warned
+    assert len(probes) == 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="llmeraser.modeling"):
+        assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
+        assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert caplog.text == "" and len(probes) == 1
+
+
+def test_the_bfloat16_probe_measures_a_product_ratio(monkeypatch):
+    """The probe times the two dtypes' products: with bfloat16's product made to take 20 ms longer, it reads
+    a ratio far above SLOW_BF16; the product itself is real (torch.matmul)."""
+    import time
+
+    import llmeraser.modeling as modeling
+    real = torch.Tensor.__matmul__
+
+    def slow_bf16(a, b):
+        if a.dtype == torch.bfloat16:
+            time.sleep(0.02)
+        return real(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", slow_bf16)
+    assert modeling.cpu_bfloat16_slowdown(size=32) > modeling.SLOW_BF16

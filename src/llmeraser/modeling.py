@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,6 +123,27 @@ def check_dtype(dtype: str) -> str:
     return dtype
 
 
+# bfloat16 products this many times slower than float32 mean a CPU without native bfloat16 kernels: on one that
+# reports AVX2 a 512×576 by 576×1536 product took 775 ms against 6.4 ms (BENCHMARKS.md#forgetting-float32)
+SLOW_BF16 = 4.0
+
+
+def cpu_bfloat16_slowdown(size: int = 256, repeats: int = 3) -> float:
+    """t(bfloat16) / t(float32) of one size × size matrix product on the CPU, the faster of `repeats` each (about
+    a millisecond on a CPU with bfloat16 kernels, tens without): whether --dtype bfloat16 would crawl here."""
+    def best(dt):
+        a, b = torch.ones(size, size, dtype=dt), torch.ones(size, size, dtype=dt)
+        a @ b  # the first call may set up kernels
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(torch.bfloat16) / max(best(torch.float32), 1e-9)
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """The base's torch dtype. 'auto': bfloat16 on a CUDA GPU that has it (float16 on one that does not): half
     the memory of float32, the precision the products keep (docs/design.md#dtype); float32 on CPU and MPS, where
@@ -131,6 +153,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         if dtype == "float16" and torch.device(device).type == "cpu":
             log.warning("--dtype float16 on CPU: many CPU kernels are slow or missing in float16; bfloat16 is the "
                         "half-precision type CPUs support")
+        if dtype == "bfloat16" and torch.device(device).type == "cpu":
+            slower = cpu_bfloat16_slowdown()
+            if slower > SLOW_BF16:
+                log.warning(f"--dtype bfloat16 on this CPU: a matrix product took {slower:.0f}x float32's time (no "
+                            f"native bfloat16 kernels; torch reports CPU capability "
+                            f"{torch.backends.cpu.get_cpu_capability()}), so every stage will crawl; use --dtype "
+                            f"float32 (twice the base's memory)")
         return DTYPES[dtype]
     if torch.device(device).type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
