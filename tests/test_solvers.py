@@ -133,3 +133,35 @@ def test_cg_shifted_survives_a_shift_that_converges_long_before_the_seed(problem
     want = torch.linalg.solve(A + 1e30 * torch.eye(len(b), dtype=A.dtype), b)
     assert rel_err(big.delta, want) < 1e-9 and big.converged
     assert rel_err(seed.delta, x_true) < 1e-5
+
+
+
+class MatrixOperator:
+    """op.full(v) = A v for an explicit matrix: all that CG asks of an operator."""
+
+    def __init__(self, A):
+        self.A = A
+
+    def full(self, v):
+        return self.A @ v
+
+
+def test_a_capped_cg_lowers_the_quadratic_model_while_its_residual_grows():
+    """Why a Newton step after the first may stop at CG's cap (`refine_iters`) with a residual above 1 and still be
+    taken: CG's k-th iterate minimises q(x) = ½xᵀAx − bᵀx over the k-dimensional Krylov space, so q falls at every
+    iteration and q(x_k) = −½bᵀx_k < 0 (Galerkin: x_kᵀr_k = 0), what a truncated Newton step wants, whatever ‖r_k‖
+    does (docs/design.md#newton-backtracking). Here, eigenvalues 1e-4 … 1, the residual is 2.5–3.3 for k = 1 … 5."""
+    g = torch.Generator().manual_seed(0)
+    q_basis, _ = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64, generator=g))
+    A = q_basis @ torch.diag(torch.logspace(-4, 0, 40, dtype=torch.float64)) @ q_basis.T
+    b = torch.randn(40, dtype=torch.float64, generator=g)
+    models = []
+    for k in range(1, 9):
+        res = get_solver("cg", SolverSettings(tol=1e-12, max_iters=k)).solve(MatrixOperator(A), b, progress=False)
+        x = res.delta
+        assert res.final_residual == pytest.approx(float(torch.linalg.vector_norm(A @ x - b) / b.norm()), rel=1e-9)
+        assert res.final_residual > 1, k
+        q = float(0.5 * x @ A @ x - b @ x)
+        assert q == pytest.approx(float(-0.5 * b @ x), rel=1e-9), k
+        models.append(q)
+    assert all(later < earlier for earlier, later in zip([0.0] + models, models)), models
