@@ -135,7 +135,6 @@ def test_cg_shifted_survives_a_shift_that_converges_long_before_the_seed(problem
     assert rel_err(seed.delta, x_true) < 1e-5
 
 
-
 class MatrixOperator:
     """op.full(v) = A v for an explicit matrix: all that CG asks of an operator."""
 

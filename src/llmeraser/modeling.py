@@ -128,6 +128,7 @@ def check_dtype(dtype: str) -> str:
 SLOW_BF16 = 4.0
 
 
+@functools.cache  # once a process: train, retrain and unlearn in one run ask alike
 def cpu_bfloat16_slowdown(size: int = 256, repeats: int = 3) -> float:
     """t(bfloat16) / t(float32) of one size × size matrix product on the CPU, the faster of `repeats` each (about
     a millisecond on a CPU with bfloat16 kernels, tens without): whether --dtype bfloat16 would crawl here."""
