@@ -248,8 +248,9 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
 
 def unconverged_steps(steps: list[dict], settings: UnlearnSettings) -> list[dict]:
     """The Newton steps whose solve stopped above tol; a step after the first that stops at refine_iters does so
-    by design when that is set, and is not one of them, nor is an extra step of verify 'until' (the
-    verification, not the residual, is what it is judged by)."""
+    by design when that is set (its CG iterate still lowers the step's quadratic model, docs/design.md#newton-backtracking),
+    and is not one of them, nor is an extra step of verify 'until' (the verification, not the residual, is what it is
+    judged by)."""
     return [st for st in steps if not st.get("until_verified") and not st["converged"]
             and (st["step"] == 1 or not settings.refine_iters)]
 
