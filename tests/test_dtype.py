@@ -152,8 +152,8 @@ def test_bfloat16_on_a_cpu_without_its_kernels_is_warned_about(monkeypatch, capl
 
 
 def test_the_bfloat16_probe_measures_a_product_ratio(monkeypatch):
-    """The probe times the two dtypes' products: with bfloat16's product made to take 20 ms longer, it reads
-    a ratio far above SLOW_BF16; the product itself is real (torch.matmul)."""
+    """The probe times the two dtypes' products: with every bfloat16 product made 20 ms slower (Tensor.__matmul__
+    wrapped), it reads a ratio far above SLOW_BF16."""
     import time
 
     import llmeraser.modeling as modeling

@@ -123,15 +123,15 @@ def check_dtype(dtype: str) -> str:
     return dtype
 
 
-# bfloat16 products this many times slower than float32 mean a CPU without native bfloat16 kernels: on one that
-# reports AVX2 a 512×576 by 576×1536 product took 775 ms against 6.4 ms (BENCHMARKS.md#forgetting-float32)
+# bfloat16 products this many times slower than float32's mean a CPU without native bfloat16 kernels, where every
+# stage crawls (BENCHMARKS.md#forgetting-float32); with the kernels bfloat16 is no slower
 SLOW_BF16 = 4.0
 
 
 @functools.cache  # once a process: train, retrain and unlearn in one run ask alike
 def cpu_bfloat16_slowdown(size: int = 256, repeats: int = 3) -> float:
-    """t(bfloat16) / t(float32) of one size × size matrix product on the CPU, the faster of `repeats` each (about
-    a millisecond on a CPU with bfloat16 kernels, tens without): whether --dtype bfloat16 would crawl here."""
+    """t(bfloat16) / t(float32) of one size × size matrix product on the CPU, the fastest of `repeats` each: whether
+    --dtype bfloat16 would crawl here."""
     def best(dt):
         a, b = torch.ones(size, size, dtype=dt), torch.ones(size, size, dtype=dt)
         a @ b  # the first call may set up kernels
