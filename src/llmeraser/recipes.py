@@ -42,9 +42,8 @@ def memorised() -> UnlearnSettings:
     move only the removed tokens the kept records do not predict, toward what they teach there, the rest of the answer
     held (reset_target 'capped', support.py), so that the other value is well formed (an IBAN keeps its "DE"). The
     check also fails while a removed value's capped token keeps p > 2τ (verify_capped 2), so that sampling, not only
-    greedy decoding, reads it back far less easily: a run the Newton steps verified leaves them near 1. On the
-    forgetting suite this passed 29 of 29 runs at n = 32 to 128, and without verify_capped 30 of 31 at n = 32 to 256
-    (docs/recipes.md#memorised)."""
+    greedy decoding, reads it back far less easily: a run the Newton steps verified leaves them near 1. Its record on
+    the forgetting suite: docs/recipes.md#memorised."""
     return UnlearnSettings(curvature="ggn-base", curvature_data="edited", solver="cg", damping=0.03, reset_removed=10.0,
                            newton_steps=3, refine_iters=5, curvature_samples=0, verify_restore=True, verify_steps=10,
                            verify_repair="gradient", repair_form=1.0, reset_target="capped", verify_capped=2.0,
