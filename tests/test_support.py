@@ -128,6 +128,40 @@ def test_a_shape_context_seen_fewer_than_sure_seen_times_does_not_override_the_t
         assert table.distribution(removed.input_ids, t) == (shapes if shapes_taken else tokens)
 
 
+def test_the_character_view_counts_characters_where_shapes_merge_lengths():
+    """Kept five-character codes after " is ", spelled "FM" + three digit tokens or "F" + four: after "F678" the
+    shapes read a code's end half the time ("FM678" has the same shapes), the characters (" xxxx": letters and digits
+    written x, no runs merged) never, so with `chars` set the target there puts no mass on the "." that would cut the code short."""
+    import random
+
+    text = {2: " is", 3: " ", 21: ".", 40: "F", 41: "FM"} | {10 + d: str(d) for d in range(10)}
+
+    class Tok:
+        def decode(self, ids):
+            return "".join(text[i] for i in ids)
+
+    rng = random.Random(0)
+
+    def digits(k):
+        return [10 + rng.choice((0, 1, 2, 3, 4)) for _ in range(k)]  # never 6-9: the removed code's own tokens
+
+    kept = [_ex([2, 3], [41, *digits(3), 21]) for _ in range(8)] + [_ex([2, 3], [40, *digits(4), 21]) for _ in range(8)]
+    removed = _ex([2, 3], [40, 16, 17, 18, 19, 21])
+    t = removed.n_prompt + 4  # the code's fifth character, after "F678"
+    today, chars = KeptContinuations(kept, Tok()), KeptContinuations(kept, Tok(), chars=16)
+    assert today.views[1].distribution(removed.input_ids, t)[21] == pytest.approx(0.5)
+    assert today.distribution(removed.input_ids, t)[21] > 0
+    chars_view = chars.views[2]
+    assert chars_view.context(removed.input_ids, t) == " xx xxxx"  # " is F678", the code's start in it
+    d = chars.distribution(removed.input_ids, t)
+    assert d == chars_view.distribution(removed.input_ids, t) and 21 not in d
+    assert sum(d.values()) == pytest.approx(1.0) and all(10 <= y < 20 for y in d)
+    # after the fifth character every kept code ends: both views agree on the "."
+    assert chars.distribution(removed.input_ids, t + 1) == {21: 1.0}
+    # a view is only added when asked for: the recipe's default leaves two
+    assert len(today.views) == 2 and len(chars.views) == 3
+
+
 def test_capped_logits_are_the_kl_projection_onto_the_cap():
     """softmax of the capped logits: q_y = min(p_y, τ), the other tokens in their old ratios; it is the argmin of
     KL(q ‖ p) over {q_y ≤ τ}: no point of that set sampled at random is closer. A row already below the cap is as it was."""

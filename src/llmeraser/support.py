@@ -16,8 +16,11 @@ N counting positions of kept responses, in two views: the tokens themselves (K =
 what depends on position more than on words: the space after an IBAN's fourth digit follows four digits in every
 kept IBAN, though after those four digits' own tokens it follows rarely. y is supported when its share in either
 view is ≥ SUPPORTED (most kept answers continue the context with it); with no context seen MIN_SEEN times, it is not.
-Cheap (counts over token ids, no model) and exact for what it counts; what it does not model (a name copied from the
-prompt) stays unsupported, pushed as before.
+A third view, off unless `chars` (CHAR_CONTEXT) is set, keys on the last characters with every letter and digit
+written x, no runs merged ("is 7F2W" → "xx xxxx"): it counts characters whatever the tokens that spell them, so
+after a kept code's fourth character it knows one more follows, where the shapes, merging "FM" and "F", may read a
+code's end. Cheap (counts over token ids, no model) and exact for what it counts; what it does not model (a name
+copied from the prompt) stays unsupported, pushed as before.
 
 An unsupported token's target (capped_target) mixes the same counts' continuation distribution, retraining's pattern
 (other digits after "DE"), with the adapter's own prediction, and caps the memorised token at τ.
@@ -32,6 +35,9 @@ import torch
 
 CONTEXT = 3  # the longest context of the token view, in tokens
 SHAPE_CONTEXT = 6  # the longest context of the shape view
+# the longest context of the character view, in characters; 0: no such view. Off in the recipe until measured end to
+# end: offline it puts more of the targets on well-formed values (BENCHMARKS.md#forgetting-char-view)
+CHAR_CONTEXT = 0
 MIN_SEEN = 2  # a context must occur this often among the kept responses to speak for retraining
 SUPPORTED = 0.5  # share of those occurrences continued by the same token
 SURE_SEEN = 5  # a view's context must occur this often for its sureness to override the token view (distribution)
@@ -50,28 +56,22 @@ def shape(text: str) -> str:
 
 
 class _Counts:
-    """N(c_k) and N(c_k, y) over the response positions of `kept`, c_k the k preceding tokens as `key` sees them."""
+    """N(c) and N(c, y) over the response positions of `kept`, c each context `contexts(ids, t)` gives for ids[t]
+    (longest first; the view's back-off order)."""
 
-    def __init__(self, kept: list, longest: int, key):
-        self.longest, self.key = longest, key
+    def __init__(self, kept: list, contexts):
+        self.contexts = contexts
         self.seen, self.after = Counter(), {}
         for x in kept:
             ids = tuple(x.input_ids)
-            keys = tuple(key(i) for i in ids)
             for t in range(max(x.n_prompt, 1), len(ids)):
-                for k in range(1, min(longest, t) + 1):
-                    c = keys[t - k:t]
+                for c in contexts(ids, t):
                     self.seen[c] += 1
                     self.after.setdefault(c, Counter())[ids[t]] += 1
 
     def context(self, ids: tuple, t: int):
-        """The longest context of ids[t] (as `key` sees it) seen MIN_SEEN times, or None."""
-        keys = tuple(self.key(i) for i in ids[max(t - self.longest, 0):t])
-        for k in range(min(self.longest, t), 0, -1):
-            c = keys[len(keys) - k:]
-            if self.seen[c] >= MIN_SEEN:
-                return c
-        return None
+        """The longest context of ids[t] seen MIN_SEEN times, or None."""
+        return next((c for c in self.contexts(tuple(ids), t) if self.seen[c] >= MIN_SEEN), None)
 
     def share(self, ids: tuple, t: int) -> float | None:
         c = self.context(ids, t)
@@ -83,21 +83,52 @@ class _Counts:
         return None if c is None else {y: m / self.seen[c] for y, m in self.after[c].items()}
 
 
-class KeptContinuations:
-    """The kept records' continuations in the token view and, given a tokenizer, the shape view (module docstring)."""
+def _token_contexts(key, longest: int):
+    """c_k = (key(ids[t − k]), …, key(ids[t − 1])) for k = min(longest, t), …, 1."""
+    def contexts(ids, t):
+        keys = tuple(key(i) for i in ids[max(t - longest, 0):t])
+        return [keys[len(keys) - k:] for k in range(len(keys), 0, -1)]
+    return contexts
 
-    def __init__(self, kept: list, tokenizer=None):
-        self.views = [_Counts(kept, CONTEXT, lambda i: i)]
+
+def _char_contexts(text_of, longest: int):
+    """The last w characters before ids[t], each letter or digit written x, every other character as it is (no runs
+    merged), for w = min(longest, characters there), …, 1: a context that counts characters whatever the tokens that
+    spell them. Letters and digits are one class: the shape view tells them apart, and one class pools the kept values
+    whose characters differ in kind but not in position (BENCHMARKS.md#forgetting-char-view)."""
+    def contexts(ids, t):
+        text, j = "", t
+        while j > 0 and len(text) < longest:
+            j -= 1
+            text = text_of(ids[j]) + text
+        text = "".join("x" if ch.isalnum() else ch for ch in text[-longest:])
+        return [text[len(text) - w:] for w in range(len(text), 0, -1)]
+    return contexts
+
+
+class KeptContinuations:
+    """The kept records' continuations in the token view and, given a tokenizer, the shape view and, with `chars` > 0,
+    the character view of that many characters (module docstring)."""
+
+    def __init__(self, kept: list, tokenizer=None, chars: int = CHAR_CONTEXT):
+        self.views = [_Counts(kept, _token_contexts(lambda i: i, CONTEXT))]
         self.shape_of = None
         if tokenizer is not None:
-            shapes = {}
+            texts, shapes = {}, {}
+
+            def text_of(i):
+                if i not in texts:
+                    texts[i] = tokenizer.decode([i])
+                return texts[i]
 
             def of(i):
                 if i not in shapes:
-                    shapes[i] = shape(tokenizer.decode([i]))
+                    shapes[i] = shape(text_of(i))
                 return shapes[i]
             self.shape_of = of
-            self.views.append(_Counts(kept, SHAPE_CONTEXT, of))
+            self.views.append(_Counts(kept, _token_contexts(of, SHAPE_CONTEXT)))
+            if chars:
+                self.views.append(_Counts(kept, _char_contexts(text_of, chars)))
 
     def share(self, ids: tuple, t: int) -> float | None:
         """The largest share(ids[t]) over the views, each at its longest context seen MIN_SEEN times; None when no
