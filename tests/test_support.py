@@ -266,7 +266,7 @@ def test_the_capped_reset_pulls_the_listed_tokens_to_their_cap_and_holds_the_res
     assert float(held.grad(theta).abs().max()) < 1e-12
 
 
-def test_capped_rounds_push_only_the_unpredicted_tokens_of_the_marked_parts(tmp_path):
+def test_capped_rounds_push_only_the_unpredicted_tokens_of_the_marked_parts(tmp_path, monkeypatch):
     """GradientRepair under reset_target 'capped': each removed record's pushed tokens are support's unsupported ones
     among its marked parts' tokens (its whole answer when none is marked), an explicit list for every record, so the
     form term covers every removed record; the Newton step's reset gets the same lists."""
@@ -313,6 +313,31 @@ def test_capped_rounds_push_only_the_unpredicted_tokens_of_the_marked_parts(tmp_
     # only the listed tokens have a target other than Θ̂'s prediction: each with kept continuations, the others where
     # the own token is above the cap
     assert 0 < differs == above
+    # capped_chars: the lists and targets of the view with characters, cached apart from the default's; the rounds,
+    # the first step's reset and the Newton refiner each ask for that view under the setting
+    import dataclasses
+
+    from llmeraser import support
+    from llmeraser.newton import Refiner
+    from llmeraser.systems import Systems
+
+    s16 = dataclasses.replace(s, capped_chars=16)
+    at16, table16 = capped_positions(problem, req, 16), KeptContinuations(problem.sets(req).kept, tok, 16)
+    assert capped_positions(problem, req) is at and capped_positions(problem, req, 16) is at16 is not at
+    for rid, k, parts in ((recs[0].id, 0, marked), (recs[2].id, 2, None)):
+        x = problem.examples[k]
+        assert sorted(at16[rid]) == table16.unsupported(x, parts)
+        assert all(d == table16.distribution(x.input_ids, x.n_prompt + t) for t, d in at16[rid].items())
+    asked, built = [], support.KeptContinuations.__init__
+
+    def spy(self, kept, tokenizer=None, chars=support.CHAR_CONTEXT):
+        asked.append(chars)
+        built(self, kept, tokenizer, chars)
+    monkeypatch.setattr(support.KeptContinuations, "__init__", spy)
+    for use in (lambda r: GradientRepair(problem, r, s16), lambda r: extension_terms(problem, r, s16),
+                lambda r: Refiner(problem, r, Systems(problem, s16), s16, 0.03, False)):
+        use(request_from_rows(rows, recs))  # a new request object: nothing cached for it
+    assert asked == [16, 16, 16]
 
 
 def test_a_config_file_chooses_the_target_over_the_recipes(tmp_path):
@@ -372,6 +397,18 @@ def test_the_recipes_capped_target_gives_way_where_the_user_turned_its_pulls_off
     assert resolve("memorised", None, {"reset_removed": 0.0})[1].reset_target == "capped"
     with pytest.raises(InputError, match="reset_target 'capped'"):
         resolve("memorised", {"settings": {"reset_target": "capped"}}, {**newton, "verify_reset": "parts"})
+
+
+def test_capped_chars_is_a_count_of_characters_for_the_capped_target_only():
+    """capped_chars takes a whole number >= 0 and only with reset_target 'capped', whose targets it shapes; a bad value
+    is refused with the fix named."""
+    base = dict(verify_repair="gradient", reset_target="capped", reset_removed=10.0, curvature="ggn")
+    assert UnlearnSettings(**base, capped_chars=16).capped_chars == 16 and UnlearnSettings(**base).capped_chars == 0
+    for bad in (-1, 2.5, True, "16"):
+        with pytest.raises(InputError, match="capped_chars .*>= 0"):
+            UnlearnSettings(**base, capped_chars=bad)
+    with pytest.raises(InputError, match="set reset_target 'capped'"):
+        UnlearnSettings(**{**base, "reset_target": "base"}, capped_chars=16)
 
 
 def test_the_recipes_capped_check_gives_way_where_the_user_left_out_what_it_counts():

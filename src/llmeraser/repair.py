@@ -88,7 +88,7 @@ class GradientRepair:
         self.removed = {e.id: (problem.examples[e.index], problem.part_positions(e.old, e.private) if e.private else None)
                         for e in request.edits if e.op == "remove"}
         if settings.reset_target == "capped":
-            at = capped_positions(problem, request)
+            at = capped_positions(problem, request, settings.capped_chars)
             self.removed = {i: (x, sorted(at[i])) for i, (x, _) in self.removed.items()}
         self.rng = random.Random(settings.seed)
         self.order: list = []

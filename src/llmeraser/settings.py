@@ -149,6 +149,10 @@ class UnlearnSettings:
         "prediction mixed with what the kept records write after the same context, that token's probability capped at "
         "repair_threshold, held at Θ̂'s elsewhere ('capped', the memorised recipe's); "
         "under 'capped' the gradient rounds push only those tokens too (reset.py, repair.py)", choices=RESET_TARGETS))
+    capped_chars: int = field(default=0, metadata=_meta(
+        "reset_target 'capped': > 0 also reads the kept continuations after the last this many characters, every "
+        "letter and digit written x, so a capped target counts a value's characters whatever the tokens that spell "
+        "them (a code is not cut short where shapes merge \"FM\" and \"F\"; 0: off; support.py)"))
     repair_form: float = field(default=0.0, metadata=_meta(
         "verify_repair 'gradient': v, the weight of the removed records' own answer outside their marked private "
         "parts (its mean token NLL, each record with parts): the answer keeps the record's sentence while its values "
@@ -198,6 +202,11 @@ class UnlearnSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
                 raise InputError(f"{name} {value!r}: give {what}")
+        if isinstance(self.capped_chars, bool) or not isinstance(self.capped_chars, int) or self.capped_chars < 0:
+            raise InputError(f"capped_chars {self.capped_chars!r}: give a number of characters >= 0 (0: off)")
+        if self.capped_chars and self.reset_target != "capped":
+            raise InputError("capped_chars shapes the targets of reset_target 'capped': set reset_target 'capped' (as the "
+                             "memorised recipe does), or leave capped_chars 0")
         if isinstance(self.memory_mb, bool) or not isinstance(self.memory_mb, (int, float)) \
                 or not 0 <= self.memory_mb < math.inf:
             raise InputError(f"memory_mb {self.memory_mb!r}: give a number of MiB >= 0 (0: automatic)")

@@ -35,8 +35,9 @@ import torch
 
 CONTEXT = 3  # the longest context of the token view, in tokens
 SHAPE_CONTEXT = 6  # the longest context of the shape view
-# the longest context of the character view, in characters; 0: no such view. Off in the recipe until measured end to
-# end: offline it puts more of the targets on well-formed values (BENCHMARKS.md#forgetting-char-view)
+# the longest context of the character view, in characters; 0: no such view (the setting capped_chars). Off in the
+# recipe until measured end to end: offline it puts more of the targets on well-formed values
+# (BENCHMARKS.md#forgetting-char-view)
 CHAR_CONTEXT = 0
 MIN_SEEN = 2  # a context must occur this often among the kept responses to speak for retraining
 SUPPORTED = 0.5  # share of those occurrences continued by the same token
@@ -193,28 +194,29 @@ def capped_logits(z, targets, cap: float):
     return out
 
 
-def capped_positions(problem, request) -> dict:
+def capped_positions(problem, request, chars: int = CHAR_CONTEXT) -> dict:
     """{id of each removal: {index among its record's response tokens: the kept continuation distribution there, or
     None}} over the tokens reset_target 'capped' pulls: those of its marked private parts (all its response tokens when
-    none is marked or found) that the kept records do not predict. A map may be empty: every such token is one
-    retraining gives too. Computed once per request object (cached on the problem, as Problem.sets is)."""
-    hit = problem._capped.get(id(request))
+    none is marked or found) that the kept records do not predict (`chars`: KeptContinuations'). A map may be empty:
+    every such token is one retraining gives too. Computed once per request object and `chars` (cached on the problem,
+    as Problem.sets is)."""
+    hit = problem._capped.get((id(request), chars))
     if hit is not None and hit[0] is request:
         return hit[1]
-    kept = KeptContinuations(problem.sets(request).kept, problem.tokenizer)
+    kept = KeptContinuations(problem.sets(request).kept, problem.tokenizer, chars)
     out = {}
     for e in request.edits:
         if e.op == "remove":
             x = problem.examples[e.index]
             at = kept.unsupported(x, problem.part_positions(e.old, e.private) if e.private else None)
             out[e.id] = {k: kept.distribution(x.input_ids, x.n_prompt + k) for k in at}
-    problem._capped[id(request)] = (request, out)
+    problem._capped[(id(request), chars)] = (request, out)
     return out
 
 
-def capped_by_sample(problem, request) -> dict:
+def capped_by_sample(problem, request, chars: int = CHAR_CONTEXT) -> dict:
     """capped_positions keyed by id(encoded removed sample), as reset.OutputReset takes them."""
-    at = capped_positions(problem, request)
+    at = capped_positions(problem, request, chars)
     return {id(problem.examples[e.index]): at[e.id] for e in request.edits if e.op == "remove"}
 
 
