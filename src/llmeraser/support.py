@@ -36,8 +36,8 @@ import torch
 CONTEXT = 3  # the longest context of the token view, in tokens
 SHAPE_CONTEXT = 6  # the longest context of the shape view
 # the longest context of the character view, in characters; 0: no such view (the setting capped_chars). Off in the
-# recipe until measured end to end: offline it puts more of the targets on well-formed values
-# (BENCHMARKS.md#forgetting-char-view)
+# recipe: it puts more of the targets on well-formed values, but the greedy answers of four runs were no better
+# formed (BENCHMARKS.md#forgetting-char-view)
 CHAR_CONTEXT = 0
 MIN_SEEN = 2  # a context must occur this often among the kept responses to speak for retraining
 SUPPORTED = 0.5  # share of those occurrences continued by the same token
