@@ -130,8 +130,9 @@ def test_a_shape_context_seen_fewer_than_sure_seen_times_does_not_override_the_t
 
 def test_the_character_view_counts_characters_where_shapes_merge_lengths():
     """Kept five-character codes after " is ", spelled "FM" + three digit tokens or "F" + four: after "F678" the
-    shapes read a code's end half the time ("FM678" has the same shapes), the characters (" xxxx": letters and digits
-    written x, no runs merged) never, so with `chars` set the target there puts no mass on the "." that would cut the code short."""
+    shapes read a code's end half the time ("FM678" has the same shapes), the characters (" is F678" read " xx xxxx":
+    letters and digits written x, no runs merged) never, so with `chars` set the target there puts no mass on the "."
+    that would cut the code short."""
     import random
 
     text = {2: " is", 3: " ", 21: ".", 40: "F", 41: "FM"} | {10 + d: str(d) for d in range(10)}

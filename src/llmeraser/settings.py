@@ -205,8 +205,8 @@ class UnlearnSettings:
         if isinstance(self.capped_chars, bool) or not isinstance(self.capped_chars, int) or self.capped_chars < 0:
             raise InputError(f"capped_chars {self.capped_chars!r}: give a number of characters >= 0 (0: off)")
         if self.capped_chars and self.reset_target != "capped":
-            raise InputError("capped_chars shapes the targets of reset_target 'capped': set reset_target 'capped' (as the "
-                             "memorised recipe does), or leave capped_chars 0")
+            raise InputError("capped_chars shapes the targets of reset_target 'capped': set reset_target 'capped' (as "
+                             "the memorised recipe does), or leave capped_chars 0")
         if isinstance(self.memory_mb, bool) or not isinstance(self.memory_mb, (int, float)) \
                 or not 0 <= self.memory_mb < math.inf:
             raise InputError(f"memory_mb {self.memory_mb!r}: give a number of MiB >= 0 (0: automatic)")
