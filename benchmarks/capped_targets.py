@@ -16,9 +16,9 @@ merge lengths (BENCHMARKS.md#forgetting-iban-groups). The second figure counts l
     well-formed mass = Σ_{y : class(p + text(y)) is a prefix of class(some kept tail)} K(y),
 
 p the removed answer's text from the space before its value up to position t, a kept tail the same span of a kept
-answer (its value, the sentence's end, the end-of-turn text), class() writing each digit 9, capital A and small letter
-a, no runs merged: the mass on continuations that could still end as a kept value ends. It is given for K as today and
-with the character view (support.py, `chars` = CHARS; BENCHMARKS.md#forgetting-char-view).
+answer (its value, the sentence's end, the end-of-turn text), class() support.char_classes (each digit 9, capital A,
+other letter a, no runs merged): the mass on continuations that could still end as a kept value ends. It is given for
+K as today and with the character view (support.py, `chars` = CHARS; BENCHMARKS.md#forgetting-char-view).
 
     python -m benchmarks.capped_targets [--n 32 64 128] [--seeds 0 1 2] [--out capped_targets.json]
 """
@@ -41,17 +41,13 @@ def token_first(table, ids: tuple, t: int) -> dict | None:
     return d if d is not None or len(table.views) < 2 else table.views[1].distribution(ids, t)
 
 
-def char_class(text: str) -> str:
-    return "".join("9" if c.isdigit() else "A" if c.isupper() else "a" if c.isalpha() else c for c in text)
-
-
 def masses(sc: Scenario, tokenizer) -> list[dict]:
     """At every capped position of the scenario's removed values (capped as today): the shape mass today and
     token-first, and the well-formed mass today and with the character view."""
     from llmeraser.data import records_from_rows, request_from_rows
     from llmeraser.privacy import part_positions
     from llmeraser.render import encode, render_text, resolve_template
-    from llmeraser.support import KeptContinuations
+    from llmeraser.support import KeptContinuations, char_classes
 
     rows, request_rows, values = build(sc)
     records = records_from_rows(rows)
@@ -70,7 +66,7 @@ def masses(sc: Scenario, tokenizer) -> list[dict]:
     for i, r in enumerate(records):
         if i not in edited:
             tail, at = tail_from_value(r, values[r.id][1] if isinstance(values[r.id], tuple) else values[r.id])
-            form = char_class(tail[at:])
+            form = char_classes(tail[at:])
             prefixes.update(form[:k] for k in range(len(form) + 1))
     out = []
     for e in request.edits:
@@ -88,7 +84,7 @@ def masses(sc: Scenario, tokenizer) -> list[dict]:
 
             def well_formed(d):
                 return 0.0 if d is None else sum(p for y, p in d.items()
-                                                 if char_class(before + tokenizer.decode([y])) in prefixes)
+                                                 if char_classes(before + tokenizer.decode([y])) in prefixes)
             today, with_chars = table.distribution(ids, t), chars.distribution(ids, t)
             out.append({"shape_mass_token_first": shape_mass(token_first(table, ids, t)),
                         "shape_mass_now": shape_mass(today), "well_formed_now": well_formed(today),

@@ -152,7 +152,7 @@ class UnlearnSettings:
     capped_chars: int = field(default=0, metadata=_meta(
         "reset_target 'capped': > 0 also reads the kept continuations after the last this many characters, every "
         "letter and digit written x, so a capped target counts a value's characters whatever the tokens that spell "
-        "them (a code is not cut short where shapes merge \"FM\" and \"F\"; 0: off; support.py)"))
+        "them (0: off; support.py)"))
     repair_form: float = field(default=0.0, metadata=_meta(
         "verify_repair 'gradient': v, the weight of the removed records' own answer outside their marked private "
         "parts (its mean token NLL, each record with parts): the answer keeps the record's sentence while its values "

@@ -36,8 +36,7 @@ import torch
 CONTEXT = 3  # the longest context of the token view, in tokens
 SHAPE_CONTEXT = 6  # the longest context of the shape view
 # the longest context of the character view, in characters; 0: no such view (the setting capped_chars). Off in the
-# recipe: it puts more of the targets on well-formed values, but the greedy answers of four runs were no better
-# formed (BENCHMARKS.md#forgetting-char-view)
+# recipe: better-formed targets did not give better-formed answers (BENCHMARKS.md#forgetting-char-view)
 CHAR_CONTEXT = 0
 MIN_SEEN = 2  # a context must occur this often among the kept responses to speak for retraining
 SUPPORTED = 0.5  # share of those occurrences continued by the same token
@@ -45,12 +44,15 @@ SURE_SEEN = 5  # a view's context must occur this often for its sureness to over
 KEPT_WEIGHT = 0.9  # the kept continuations' share of a capped target (capped_target)
 
 
+def char_classes(text: str) -> str:
+    """Each digit written "9", capital "A", other letter "a", every other character as it is: "DE12" -> "AA99"."""
+    return "".join("9" if ch.isdigit() else "A" if ch.isupper() else "a" if ch.isalpha() else ch for ch in text)
+
+
 def shape(text: str) -> str:
-    """A token's text with each run of digits written "9", of capitals "A", of other letters "a": " DE" -> " A",
-    "4711" -> "9", "Rosa" -> "Aa"; every other character as it is."""
+    """A token's char_classes with each run of 9, A or a merged: " DE" -> " A", "4711" -> "9", "Rosa" -> "Aa"."""
     out = []
-    for ch in text:
-        c = "9" if ch.isdigit() else "A" if ch.isupper() else "a" if ch.isalpha() else ch
+    for c in char_classes(text):
         if not (out and c in "9Aa" and out[-1] == c):
             out.append(c)
     return "".join(out)
