@@ -212,6 +212,37 @@ def test_a_capped_target_mixes_in_the_kept_continuations_then_caps():
     assert torch.allclose(q[1], torch.softmax(capped_logits(z, targets, 0.02)[1], -1), rtol=1e-9)
 
 
+def test_a_bounded_own_share_lets_the_capped_target_follow_the_kept_continuations():
+    """capped_own φ: softmax(capped_target) at the memorised y is min(0.9·K(y) + 0.1·min(p_y, φ), τ), by hand, with
+    the other tokens in the ratios of 0.9·K + 0.1·p' (p' = p with p_y capped at φ, the rest rescaled); a row without
+    K is p capped at min(φ, τ). φ = 0 is the unbounded target exactly."""
+    from llmeraser.support import KEPT_WEIGHT, capped_target
+
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(4, 6, dtype=torch.float64, generator=g)
+    z[:, 1] += 15.0  # the memorised token: p_y ≈ 1
+    targets = torch.tensor([1, 1, 1, 1])
+    tau, phi = 0.02, 1e-3
+    kept = [{2: 1.0}, {2: 0.99, 1: 0.01}, {2: 0.9, 1: 0.1}, None]  # K(y) = 0, 0.01, 0.1; no K
+    q = torch.softmax(capped_target(z, targets, kept, tau, own=phi), -1)
+    p = torch.softmax(z, -1)
+    for r, (k, want) in enumerate(zip(kept, [0.1 * phi, 0.9 * 0.01 + 0.1 * phi, tau, phi])):
+        assert float(q[r, 1]) == pytest.approx(want, rel=1e-9), r
+        own = p[r].clone()
+        own[1] = phi
+        own[[0, 2, 3, 4, 5]] *= (1 - phi) / float(p[r, [0, 2, 3, 4, 5]].sum())
+        mix = own if k is None else (1 - KEPT_WEIGHT) * own
+        if k is not None:
+            for v, share in k.items():
+                mix[v] += KEPT_WEIGHT * share
+        others = [0, 2, 3, 4, 5]
+        assert torch.allclose(q[r, others] / q[r, others].sum(), mix[others] / mix[others].sum(), rtol=1e-9), r
+    # unbounded: the memorised token stays at τ on every row, whatever K says
+    assert torch.equal(capped_target(z, targets, kept, tau, own=0.0), capped_target(z, targets, kept, tau))
+    assert torch.allclose(torch.softmax(capped_target(z, targets, kept, tau), -1)[:, 1], torch.full((4,), tau,
+                                                                                                  dtype=torch.float64))
+
+
 def test_capped_settings_are_checked():
     with pytest.raises(InputError, match="reset_target"):
         UnlearnSettings(reset_target="retrain")
@@ -382,6 +413,43 @@ def test_an_extra_newton_step_pulls_the_same_capped_tokens(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(reset.targets, term.penalty.targets))
 
 
+def test_capped_own_reaches_the_first_steps_reset_and_the_extra_newton_steps(tmp_path):
+    """capped_own φ lowers the capped rows' targets at their own token, in the first step's reset and in the Refiner's
+    alike, and only there: every other row's target is Θ̂'s own logits, as without φ."""
+    from helpers import memorised_tiny
+
+    from llmeraser.data import request_from_rows
+    from llmeraser.newton import Refiner
+    from llmeraser.problem import Problem
+    from llmeraser.systems import Systems
+    from llmeraser.terms import extension_terms
+
+    model, tok, recs = memorised_tiny(tmp_path, 8, epochs=2, batch_size=8)
+    req = request_from_rows([{"op": "remove", "id": recs[0].id}], recs)
+    problem = Problem(model, tok, recs, "chat", 64, 8)
+    base = dict(max_length=64, template="chat", reset_target="capped", reset_removed=10.0, curvature="ggn",
+                curvature_samples=0, newton_steps=2, repair_threshold=1e-6)  # τ below every token: each is capped
+
+    def targets(**over):
+        s = UnlearnSettings(**base, **over)
+        (term,) = extension_terms(problem, req, s)
+        refined = Refiner(problem, req, Systems(problem, s), s, 0.03, False).reset_term(problem.sets(req).removed)
+        assert all(torch.equal(a, b) for a, b in zip(refined.targets, term.penalty.targets))
+        return term.penalty
+
+    held, bounded = targets(), targets(capped_own=1e-7)
+    assert held.capped_tokens == bounded.capped_tokens > 0
+    changed = lowered = 0
+    for a, b, batch in zip(held.targets, bounded.targets, held.batches):
+        y = batch["targets"]
+        pa, pb = (torch.log_softmax(t, -1).gather(1, y[:, None])[:, 0] for t in (a, b))
+        assert bool((pb <= pa + 1e-9).all())  # never above the cap's target
+        changed += int((a != b).any(-1).sum())
+        # where K(y) = 0 (or no K): 0.1·1e-7 (or 1e-7) against τ = 1e-6; where the kept records write y, τ either way
+        lowered += int((pb < pa - 1.0).sum())
+    assert changed == held.capped_tokens and 0 < lowered <= changed
+
+
 def test_the_recipes_capped_target_gives_way_where_the_user_turned_its_pulls_off():
     """`memorised` holds reset_target 'capped', which needs a pull (ρ > 0 or gradient rounds) and verify_reset
     'response'. A user who turns the pulls off, or picks verify_reset 'parts', gets the base target instead of an error;
@@ -400,9 +468,9 @@ def test_the_recipes_capped_target_gives_way_where_the_user_turned_its_pulls_off
         resolve("memorised", {"settings": {"reset_target": "capped"}}, {**newton, "verify_reset": "parts"})
 
 
-def test_capped_chars_is_a_count_of_characters_for_the_capped_target_only():
-    """capped_chars takes a whole number >= 0 and only with reset_target 'capped', whose targets it shapes; a bad value
-    is refused with the fix named."""
+def test_capped_chars_and_capped_own_are_checked_and_need_the_capped_target():
+    """capped_chars takes a whole number >= 0, capped_own a probability in [0, 1), each only with reset_target 'capped',
+    whose targets they shape; a bad value is refused with the fix named."""
     base = dict(verify_repair="gradient", reset_target="capped", reset_removed=10.0, curvature="ggn")
     assert UnlearnSettings(**base, capped_chars=16).capped_chars == 16 and UnlearnSettings(**base).capped_chars == 0
     for bad in (-1, 2.5, True, "16"):
@@ -410,6 +478,12 @@ def test_capped_chars_is_a_count_of_characters_for_the_capped_target_only():
             UnlearnSettings(**base, capped_chars=bad)
     with pytest.raises(InputError, match="set reset_target 'capped'"):
         UnlearnSettings(**{**base, "reset_target": "base"}, capped_chars=16)
+    assert UnlearnSettings(**base, capped_own=1e-3).capped_own == 1e-3 and UnlearnSettings(**base).capped_own == 0
+    for bad in (-1e-3, 1.0, True, "0.001"):
+        with pytest.raises(InputError, match=r"capped_own .*\[0, 1\)"):
+            UnlearnSettings(**base, capped_own=bad)
+    with pytest.raises(InputError, match="set reset_target 'capped'"):
+        UnlearnSettings(**{**base, "reset_target": "base"}, capped_own=1e-3)
 
 
 def test_the_recipes_capped_check_gives_way_where_the_user_left_out_what_it_counts():

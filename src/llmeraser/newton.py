@@ -60,7 +60,8 @@ class Refiner:
                 self._reset[1].release()
             p = self.p
             self._reset = (key, OutputReset(p.objective, p.params, p.theta_hat, removed, self.s.batch_size, p.device,
-                                            memory=p.memory, parts=parts, capped=self.capped, cap=self.s.repair_threshold))
+                                            memory=p.memory, parts=parts, capped=self.capped, cap=self.s.repair_threshold,
+                                            own=self.s.capped_own))
         return self._reset[1]
 
     def step(self, theta: torch.Tensor, reset_removed: list | None = None, teach_new: list | None = None,

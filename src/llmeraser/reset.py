@@ -83,15 +83,15 @@ class OutputReset:
 
     def __init__(self, objective, params, theta_hat: torch.Tensor, examples: list, batch_size: int, device,
                  anchor: bool = False, memory: MemoryBudget | None = None, parts: dict | None = None,
-                 capped: dict | None = None, cap: float = 0.02):
+                 capped: dict | None = None, cap: float = 0.02, own: float = 0.0):
         """`anchor`: the target is the adapter's own outputs at Θ̂ instead of the base model's (the
         --anchor-kept term: zero and flat at Θ̂, it only adds curvature), and the metric the base model's
         Fisher F⁰; otherwise the metric is F̄ above. `parts`: {id(example): indices among its response tokens}
         of the examples whose target is the base model's at those tokens only and Θ̂'s elsewhere (module
         docstring); an example not in it is pulled at every response token. `capped`: {id(example): indices among its
         response tokens, or {index: kept continuation distribution or None}} of capped targets at probability `cap`
-        there (support.capped_target) and Θ̂'s elsewhere (an example it omits is held at every token); it replaces the
-        base-model target and `parts`."""
+        there (support.capped_target, the adapter's own share bounded by `own` when > 0) and Θ̂'s elsewhere (an example
+        it omits is held at every token); it replaces the base-model target and `parts`."""
         self.objective, self.params, self.theta_hat = objective, params, theta_hat.detach()
         examples = distributed.shard(by_length(examples))  # this rank's share; value, grad, product sum over ranks
         theta0 = zero_adapter(params, self.theta_hat)
@@ -114,7 +114,7 @@ class OutputReset:
                 kept = [at.get(k) if isinstance(at, dict) else None for x in c
                         for at in [capped.get(id(x), ())] for k in sorted(at)]
                 target, m = wide(t).clone(), m.to(t.device)
-                target[m] = capped_target(target[m], b["targets"][m], kept, cap)
+                target[m] = capped_target(target[m], b["targets"][m], kept, cap, own)
                 self.targets.append(target)
             self.probs = [0.5 * (wide_softmax(z) + wide_softmax(t)) for z, t in zip(self.targets, hat)]
             self.capped_tokens = distributed.all_sum_float(float(sum(int(m.sum()) for m in masks)))

@@ -153,6 +153,11 @@ class UnlearnSettings:
         "reset_target 'capped': > 0 also reads the kept continuations after the last this many characters, every "
         "letter and digit written x, so a capped target counts a value's characters whatever the tokens that spell "
         "them (0: off; support.py)"))
+    capped_own: float = field(default=0.0, metadata=_meta(
+        "reset_target 'capped': φ > 0 bounds the adapter's own share of a capped token's target at probability φ, so "
+        "the memorised token's target, min(0.9·K + 0.1·min(p, φ), repair_threshold), follows K, the share of kept "
+        "records that write it after the same context, down to 0.1·φ where none does (0: off, the target stays at "
+        "repair_threshold while the adapter still memorises the token; support.py)"))
     repair_form: float = field(default=0.0, metadata=_meta(
         "verify_repair 'gradient': v, the weight of the removed records' own answer outside their marked private "
         "parts (its mean token NLL, each record with parts): the answer keeps the record's sentence while its values "
@@ -207,6 +212,12 @@ class UnlearnSettings:
         if self.capped_chars and self.reset_target != "capped":
             raise InputError("capped_chars shapes the targets of reset_target 'capped': set reset_target 'capped' (as "
                              "the memorised recipe does), or leave capped_chars 0")
+        if isinstance(self.capped_own, bool) or not isinstance(self.capped_own, (int, float)) \
+                or not 0 <= self.capped_own < 1:
+            raise InputError(f"capped_own {self.capped_own!r}: give a probability in [0, 1) (0: off)")
+        if self.capped_own and self.reset_target != "capped":
+            raise InputError("capped_own bounds the targets of reset_target 'capped': set reset_target 'capped' (as "
+                             "the memorised recipe does), or leave capped_own 0")
         if isinstance(self.memory_mb, bool) or not isinstance(self.memory_mb, (int, float)) \
                 or not 0 <= self.memory_mb < math.inf:
             raise InputError(f"memory_mb {self.memory_mb!r}: give a number of MiB >= 0 (0: automatic)")

@@ -222,13 +222,18 @@ def capped_by_sample(problem, request, chars: int = CHAR_CONTEXT) -> dict:
     return {id(problem.examples[e.index]): at[e.id] for e in request.edits if e.op == "remove"}
 
 
-def capped_target(z, targets, kept: list, cap: float):
+def capped_target(z, targets, kept: list, cap: float, own: float = 0.0):
     """Target logits at capped rows: log q*, q* = the I-projection onto {q_y ≤ cap} of
-        q = KEPT_WEIGHT·K + (1 − KEPT_WEIGHT)·softmax(z)
+        q = KEPT_WEIGHT·K + (1 − KEPT_WEIGHT)·p,   p = softmax(z)
     at each row's own token y, K its kept continuation distribution ({token: probability}; a row whose K is None gets
-    softmax(z) alone). K is what the kept records teach after this context, retraining's pattern (another IBAN's
-    digits after "DE"); the adapter's own share keeps every token's target finite and the rest of its prediction."""
-    lp = torch.log_softmax(z, -1)
+    p alone). K is what the kept records teach after this context, retraining's pattern (another IBAN's digits after
+    "DE"); the adapter's own share keeps every token's target finite and the rest of its prediction.
+    `own` = φ > 0 first replaces p by its I-projection onto {p_y ≤ φ} (capped_logits), so that
+        q*_y = min(KEPT_WEIGHT·K(y) + (1 − KEPT_WEIGHT)·min(p_y, φ), cap)
+    follows what the kept records write, down to (1 − KEPT_WEIGHT)·φ where none writes y (φ on a row without K).
+    Why: with φ = 0 (off) a memorised y (p_y ≈ 1) has q*_y = cap whatever K says, and retraining leaves most such
+    tokens far below it (BENCHMARKS.md#forgetting-tau)."""
+    lp = torch.log_softmax(capped_logits(z, targets, own) if own else z, -1)
     rows = []
     for r, k in enumerate(kept):
         if k is None:

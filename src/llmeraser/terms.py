@@ -46,7 +46,7 @@ def extension_terms(problem: Problem, request: EditRequest, settings: UnlearnSet
     if settings.reset_removed and sets.removed:
         capped = capped_by_sample(p, request, settings.capped_chars) if settings.reset_target == "capped" else None
         reset = OutputReset(p.objective, p.params, p.theta_hat, sets.removed, settings.batch_size, p.device, memory=p.memory,
-                            capped=capped, cap=settings.repair_threshold)
+                            capped=capped, cap=settings.repair_threshold, own=settings.capped_own)
         terms.append(Term("reset_removed", settings.reset_removed, reset, flat=False))
     if settings.anchor_kept and sets.kept:
         sample = seeded_subset(sets.kept, settings.curvature_samples, settings.seed)
