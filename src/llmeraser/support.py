@@ -232,7 +232,8 @@ def capped_target(z, targets, kept: list, cap: float, own: float = 0.0):
         q*_y = min(KEPT_WEIGHT·K(y) + (1 − KEPT_WEIGHT)·min(p_y, φ), cap)
     follows what the kept records write, down to (1 − KEPT_WEIGHT)·φ where none writes y (φ on a row without K).
     Why: with φ = 0 (off) a memorised y (p_y ≈ 1) has q*_y = cap whatever K says, and retraining leaves most such
-    tokens far below it (BENCHMARKS.md#forgetting-tau)."""
+    tokens far below it (BENCHMARKS.md#forgetting-tau). Off in every recipe: the gradient round, not this target, set
+    where the tokens ended (BENCHMARKS.md#forgetting-own)."""
     lp = torch.log_softmax(capped_logits(z, targets, own) if own else z, -1)
     rows = []
     for r, k in enumerate(kept):
