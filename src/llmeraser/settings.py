@@ -157,7 +157,7 @@ class UnlearnSettings:
         "reset_target 'capped': φ > 0 bounds the adapter's own share of a capped token's target at probability φ, so "
         "the memorised token's target, min(0.9·K + 0.1·min(p, φ), repair_threshold), follows K, the share of kept "
         "records that write it after the same context, down to 0.1·φ where none does (0: off, the target stays at "
-        "repair_threshold while the adapter still memorises the token; support.py)"))
+        "repair_threshold while the adapter still memorises the token; off in every recipe; support.py)"))
     repair_form: float = field(default=0.0, metadata=_meta(
         "verify_repair 'gradient': v, the weight of the removed records' own answer outside their marked private "
         "parts (its mean token NLL, each record with parts): the answer keeps the record's sentence while its values "
