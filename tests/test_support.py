@@ -503,7 +503,7 @@ def test_the_recipes_capped_check_gives_way_where_the_user_left_out_what_it_coun
 
 
 def test_verify_capped_counts_the_pushed_tokens_above_its_bound_and_fails_the_check(tmp_path):
-    """GradientRepair.above(Θ, b) against a count by hand of the pushed tokens with p_t > b; through unlearn_model
+    """GradientRepair.above(Θ, m) against a count by hand of the pushed tokens with p_t > m·τ; through unlearn_model
     with Θ held at Θ̂ (λ = 1e6), verify_capped = m adds one failure naming above(Θ̂, m·τ), and without it none."""
     from helpers import memorised_tiny
 
@@ -527,8 +527,9 @@ def test_verify_capped_counts_the_pushed_tokens_above_its_bound_and_fails_the_ch
     assert len(q) > 1 and q[0] < q[-1]
     # bounds between the probabilities, not at one: a batch of two computes each p_t to rounding of one record alone
     mid = next(i for i in range(len(q) // 2, len(q)) if q[i] > q[i - 1])
-    for bound in (0.0, (q[mid - 1] + q[mid]) / 2, 1.0):
-        assert rep.above(problem.theta_hat, bound) == sum(q > bound for q in probs)
+    tau = s.repair_threshold
+    for m in (0.0, (q[mid - 1] + q[mid]) / 2 / tau, 0.5 / tau):
+        assert rep.above(problem.theta_hat, m) == sum(q > m * tau for q in probs)
 
     with pytest.raises(InputError, match="verify_capped"):
         UnlearnSettings(verify_capped=2.0)  # the base target lists no capped tokens
@@ -541,7 +542,109 @@ def test_verify_capped_counts_the_pushed_tokens_above_its_bound_and_fails_the_ch
                              verify_capped=m)
         res = unlearn_model(model, tok, recs, rows, weight_decay=0.0, settings=st)
         failures[m] = [f for f in res.report.verification["failures"] if "capped tokens" in f]
-    want = rep.above(problem.theta_hat, s.repair_threshold)
+    want = rep.above(problem.theta_hat, 1.0)
     assert want > 0 and failures[1.0] == [f"{want} capped tokens of removed values above p = {s.repair_threshold:g} "
                                           "(sampling could read them back: verify_capped)"]
     assert failures[0.0] == []
+
+
+def test_repair_follow_floors_are_the_resets_capped_targets_and_drive_the_push_and_the_check(tmp_path):
+    """repair_follow: GradientRepair.floors() is, at each capped token, softmax of the first step's reset target (the
+    same capped_target at Θ̂) at the record's own token, and τ at every other response token; without it τ everywhere.
+    The rounds' removed gradient is ∇ of (w/|R|) Σ_{capped t, p_t > q*_t} [log p_t − log(1 − p_t)] by an explicit loop
+    over the records, and above(Θ, m) counts p_t > m·q*_t by hand; the check's failure names the per-token bound."""
+    from helpers import memorised_tiny
+
+    from llmeraser.data import request_from_rows
+    from llmeraser.problem import Problem
+    from llmeraser.repair import GradientRepair, target_logp
+    from llmeraser.reset import OutputReset
+    from llmeraser.support import capped_by_sample
+    from llmeraser.verify import capped_bound_text
+
+    model, tok, recs = memorised_tiny(tmp_path, 8, epochs=2, batch_size=8)
+    rows = [{"op": "remove", "id": recs[0].id, "private": [recs[0].sides()[1][2:]]}, {"op": "remove", "id": recs[2].id}]
+    req = request_from_rows(rows, recs)
+    problem = Problem(model, tok, recs, "chat", 64, 8)
+    base = dict(max_length=64, template="chat", verify_repair="gradient", reset_target="capped", reset_removed=10.0,
+                curvature="ggn", curvature_samples=0, capped_own=1e-4, repair_threshold=0.05, repair_form=0.0)
+    s = UnlearnSettings(**base, repair_follow=True)
+    rep, plain = GradientRepair(problem, req, s), GradientRepair(problem, req, UnlearnSettings(**base))
+    want = {}  # id(example) -> q over its response tokens from the reset's targets (each record alone)
+    by_sample = capped_by_sample(problem, req)
+    for x, _ in rep.removed.values():
+        reset = OutputReset(problem.objective, problem.params, problem.theta_hat, [x], 8, "cpu",
+                            capped={id(x): by_sample[id(x)]}, cap=0.05, own=1e-4)
+        (target,), (batch,) = reset.targets, reset.batches
+        want[id(x)] = torch.log_softmax(target, -1).gather(1, batch["targets"][:, None])[:, 0].exp()
+    floors, lowered = rep.floors(), 0
+    for x, at in rep.removed.values():
+        assert torch.equal(plain.floors()[id(x)], torch.full((x.n_response,), 0.05, dtype=torch.float64))
+        others = [k for k in range(x.n_response) if k not in at]
+        assert bool((floors[id(x)][others] == 0.05).all())
+        assert torch.allclose(floors[id(x)][at], want[id(x)][at].double(), rtol=1e-4, atol=1e-9)
+        lowered += int((floors[id(x)][at] < 0.01).sum())
+    assert lowered > 0  # some capped token's target is far below τ
+
+    theta = problem.theta_hat.clone()
+    pushed = list(rep.removed.values())
+    g, k = rep._removed_grad(theta, pushed)
+    th = theta.clone().requires_grad_(True)
+    loss, count = 0.0, 0
+    for x, at in pushed:
+        logp = target_logp(problem.objective, problem.params, th, problem.objective.collate([x], "cpu"))
+        for t in at:
+            if float(logp[t].detach().exp()) > float(floors[id(x)][t]):
+                loss = loss + logp[t] - torch.log1p(-logp[t].exp())
+                count += 1
+    (want_g,) = torch.autograd.grad(s.repair_unlikelihood * loss / len(pushed), th)
+    assert k == count > 0 and torch.allclose(g, want_g, rtol=1e-4, atol=1e-7)
+
+    probs = []
+    for x, at in pushed:
+        with torch.no_grad():
+            logp = target_logp(problem.objective, problem.params, theta, problem.objective.collate([x], "cpu"))
+        probs += [(float(logp[t].exp()), float(floors[id(x)][t])) for t in at]
+    for m in (1.0, 10.0, 1e3):
+        assert rep.above(theta, m) == sum(p > m * f for p, f in probs)
+    assert rep.above(theta, 1.0) > plain.above(theta, 1.0)  # the lowered targets leave more tokens above
+    assert capped_bound_text({"capped_bound": 2.0, "capped_per_token": True}) == "2 × their capped targets"
+    assert capped_bound_text({"capped_bound": 0.04, "capped_per_token": False}) == "p = 0.04"
+
+
+def test_bounded_unlikelihood_with_per_token_thresholds_and_log_odds_against_a_loop():
+    """bounded_unlikelihood(log p, mask, τ_t, odds): Σ over masked tokens with p_t > τ_t of −log(1 − p_t) (odds: plus
+    log p_t), value and gradient against an explicit loop; a scalar τ is the same as a constant tensor."""
+    from llmeraser.repair import bounded_unlikelihood
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(7, 5, dtype=torch.float64, generator=g)
+    z[:, 0] += torch.tensor([6.0, 3.0, 0.0, -3.0, 8.0, 1.0, -6.0], dtype=torch.float64)
+    mask = torch.tensor([1, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
+    tau = torch.tensor([0.5, 0.9, 1e-3, 1e-3, 0.1, 0.2, 1e-4], dtype=torch.float64)
+    for odds in (False, True):
+        x = z.clone().requires_grad_(True)
+        loss, k = bounded_unlikelihood(torch.log_softmax(x, -1)[:, 0], mask, tau, odds)
+        (got,) = torch.autograd.grad(loss, x)
+        y = z.clone().requires_grad_(True)
+        lp = torch.log_softmax(y, -1)[:, 0]
+        terms = [(-torch.log(1 - lp[t].exp()) + (lp[t] if odds else 0)) for t in range(7)
+                 if mask[t] and float(lp[t].exp()) > float(tau[t])]
+        (want,) = torch.autograd.grad(sum(terms), y)
+        assert k == len(terms) and 0 < k < int(mask.sum())
+        assert float(loss) == pytest.approx(float(sum(terms)), rel=1e-12) and torch.allclose(got, want, rtol=1e-10)
+    scalar = bounded_unlikelihood(torch.log_softmax(z, -1)[:, 0], mask, 0.1)
+    tensor = bounded_unlikelihood(torch.log_softmax(z, -1)[:, 0], mask, torch.full((7,), 0.1, dtype=torch.float64))
+    assert scalar[1] == tensor[1] and float(scalar[0]) == float(tensor[0])
+
+
+def test_repair_follow_is_checked_and_needs_the_capped_target_and_gradient_rounds():
+    """repair_follow takes true or false, and only with reset_target 'capped' and verify_repair 'gradient'."""
+    base = dict(verify_repair="gradient", reset_target="capped", reset_removed=10.0, curvature="ggn")
+    assert UnlearnSettings(**base, repair_follow=True).repair_follow and not UnlearnSettings(**base).repair_follow
+    for bad in (1, "true", None):
+        with pytest.raises(InputError, match="repair_follow .*true or false"):
+            UnlearnSettings(**base, repair_follow=bad)
+    for other in ({"reset_target": "base"}, {"verify_repair": "newton"}):
+        with pytest.raises(InputError, match="repair_follow .*set reset_target 'capped' and verify_repair 'gradient'"):
+            UnlearnSettings(**{**base, **other}, repair_follow=True)

@@ -28,7 +28,7 @@ from .settings import UnlearnSettings
 from .solvers import SolveResult
 from .trainrecord import TrainRecord
 from .unlearner import Unlearner
-from .verify import Verifier, shortfall, summary_line
+from .verify import Verifier, capped_bound_text, shortfall, summary_line
 
 
 @dataclass
@@ -153,7 +153,7 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
     forgetting with retained answers is not kept. With verify_repair 'gradient' an extra step is instead a round of
     Adam steps (repair.py), from the original adapter when that misses fewer checks than the update (then it may be
     what is returned). With verify_capped m > 0 a check also fails while any capped token of a removed record has
-    p_t > m·τ (repair.GradientRepair.above): the greedy checks can pass with those tokens near 1, and sampling reads
+    p_t > m·τ, with repair_follow m·q*_t (repair.GradientRepair.above): the greedy checks can pass with those tokens near 1, and sampling reads
     the value back (BENCHMARKS.md#forgetting-sampling). The extra steps' records are in verification["extra_steps"],
     each with "kept": whether the Θ returned includes it."""
     s, p = unl.settings, unl.problem
@@ -166,15 +166,17 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
     capped_check = (repair or GradientRepair(p, req, s)) if s.verify_capped else None
 
     def checked(theta):
-        """verify.py's checks at Θ, and with verify_capped the capped tokens above m·τ, each counted as a failure."""
+        """verify.py's checks at Θ, and with verify_capped the capped tokens above m·τ (with repair_follow m·q*_t),
+        each counted as a failure."""
         c = verifier.check(theta)
         if capped_check is not None:
-            bound = s.verify_capped * s.repair_threshold
-            above = capped_check.above(theta, bound)
-            c = {**c, "capped_above": above, "capped_bound": bound}
+            above = capped_check.above(theta, s.verify_capped)
+            # the bound: a probability, or with repair_follow a multiple of each token's capped target
+            c = {**c, "capped_above": above, "capped_bound": s.verify_capped * (1 if s.repair_follow else s.repair_threshold),
+                 "capped_per_token": s.repair_follow}
             if above:
                 c["verified"] = False
-                c["failures"] = [*c["failures"], f"{above} capped tokens of removed values above p = {bound:g} "
+                c["failures"] = [*c["failures"], f"{above} capped tokens of removed values above {capped_bound_text(c)} "
                                                  "(sampling could read them back: verify_capped)"]
         return c
 

@@ -14,7 +14,15 @@ response token of a record without marked parts). p_t: the teacher-forced probab
 τ = repair_threshold, w = repair_unlikelihood. R_F: the removed records with marked private parts; F_r: their other
 response tokens (the sentence around the values), v = repair_form. With reset_target 'capped', T_r keeps only the
 tokens the kept records do not predict (support.py: retraining still gives an IBAN's "DE") and F_r is every other
-response token of every removed record. The gradient is clipped to norm 1, as in training;
+response token of every removed record. With repair_follow each capped token t of T_r instead enters while
+p_t(Θ) > q*_t, q*_t its capped target's probability of the token at Θ̂ (support.capped_target, the reset's target, fixed
+for the request), by its log-odds:
+
+    −log(1 − p_t)  →  log p_t − log(1 − p_t)
+
+Why both: q*_t goes down to 0.1·capped_own where no kept record writes the token, far below τ, and near there
+−log(1 − p) ≈ p has gradient p·∇log p, which vanishes; the log-odds keeps −log(1 − p)'s push near p = 1 and adds
+∇log p's, which does not (BENCHMARKS.md#forgetting-follow). The gradient is clipped to norm 1, as in training;
 Adam's moments persist across rounds.
 
 Why first order: an extra Newton step costs a CG run over every kept record, and on the memorised n = 256 run its
@@ -41,7 +49,7 @@ from .objective import wide
 from .problem import Problem
 from .reset import pulled_tokens
 from .settings import UnlearnSettings
-from .support import capped_positions
+from .support import capped_positions, capped_target
 
 # Adam's moment decay rates and denominator guard, as torch.optim.Adam's defaults
 BETAS, EPS = (0.9, 0.999), 1e-8
@@ -55,12 +63,18 @@ def target_logp(objective, params, theta: torch.Tensor, batch: dict) -> torch.Te
     return torch.log_softmax(z, -1).gather(1, batch["targets"][:, None])[:, 0]
 
 
-def bounded_unlikelihood(logp: torch.Tensor, mask: torch.Tensor, threshold: float):
-    """(Σ_{t ∈ mask, p_t > τ} −log(1 − p_t), how many tokens entered it) from target_logp's log p."""
+def bounded_unlikelihood(logp: torch.Tensor, mask: torch.Tensor, threshold, odds: bool = False):
+    """(Σ_{t ∈ mask, p_t > τ_t} −log(1 − p_t), how many tokens entered it) from target_logp's log p; `threshold`: τ,
+    or a tensor of each token's τ_t; `odds`: the log-odds log p_t − log(1 − p_t) in place of −log(1 − p_t)."""
     p = logp.exp()
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold.to(p.device, p.dtype)
     on = mask.to(p.device) & (p.detach() > threshold)
     # 1 − p is clamped: a token at p = 1 in float32 would give log 0
-    return -torch.log1p(-p.clamp(max=1 - 1e-6))[on].sum(), int(on.sum())
+    term = -torch.log1p(-p.clamp(max=1 - 1e-6))
+    if odds:
+        term = term + logp
+    return term[on].sum(), int(on.sum())
 
 
 def unlikelihood(objective, params, theta: torch.Tensor, batch: dict, mask: torch.Tensor, threshold: float):
@@ -90,6 +104,8 @@ class GradientRepair:
         if settings.reset_target == "capped":
             at = capped_positions(problem, request, settings.capped_chars)
             self.removed = {i: (x, sorted(at[i])) for i, (x, _) in self.removed.items()}
+        self.request = request
+        self._floors = None  # {id(encoded removed record): each response token's τ_t}, on first use (floors())
         self.rng = random.Random(settings.seed)
         self.order: list = []
         self.m1 = self.m2 = None
@@ -104,6 +120,34 @@ class GradientRepair:
                 self.rng.shuffle(self.order)
             out.append(self.kept[self.order.pop()])
         return out
+
+    def floors(self) -> dict:
+        """{id(encoded removed record): τ_t over its response tokens}: τ = repair_threshold at each, and with repair_follow
+        q*_t at its capped ones: softmax of support.capped_target (at Θ̂, cap τ, capped_own φ) at the record's own token,
+        the probability OutputReset's target gives it. Computed once, every rank for every removed record (a few
+        teacher-forced passes), as the reset's targets are fixed at Θ̂."""
+        if self._floors is None:
+            p, s = self.p, self.s
+            at = capped_positions(p, self.request, s.capped_chars) if s.repair_follow else {}
+            self._floors = {}
+            for rid, (x, _) in self.removed.items():
+                floor = torch.full((x.n_response,), float(s.repair_threshold), dtype=torch.float64)
+                ks = sorted(at.get(rid, ()))
+                if ks:
+                    batch = p.objective.collate([x], p.device)
+                    with torch.no_grad(), fused_attention(p.model):
+                        z = wide(p.objective.outputs(p.params.unflatten(p.theta_hat), batch))
+                    rows = torch.tensor(ks, device=z.device)
+                    y = batch["targets"][rows]
+                    target = capped_target(z[rows], y, [at[rid][k] for k in ks], s.repair_threshold, s.capped_own)
+                    floor[ks] = torch.log_softmax(target, -1).gather(1, y[:, None])[:, 0].exp().double().cpu()
+                self._floors[id(x)] = floor
+        return self._floors
+
+    def _floor(self, chunk: list) -> torch.Tensor:
+        """τ_t over a chunk's response tokens, in collate's order."""
+        floors = self.floors()
+        return torch.cat([floors[id(x)] for x in chunk])
 
     def _batches(self, pushed: list):
         """(encoded records, their collated batch, {id: positions pushed}) over this rank's share of `pushed`
@@ -125,7 +169,7 @@ class GradientRepair:
             with torch.enable_grad(), fused_attention(p.model):
                 th = theta.detach().clone().requires_grad_(True)
                 logp = target_logp(p.objective, p.params, th, batch)
-                loss, k = bounded_unlikelihood(logp, pulled_tokens(chunk, parts), s.repair_threshold)
+                loss, k = bounded_unlikelihood(logp, pulled_tokens(chunk, parts), self._floor(chunk), s.repair_follow)
                 loss = s.repair_unlikelihood * loss / len(pushed)
                 if with_form:
                     loss = loss - s.repair_form * (form_weights(chunk, parts).to(logp.device) * logp).sum() / with_form
@@ -135,13 +179,14 @@ class GradientRepair:
             tokens += k
         return distributed.all_sum(out), int(distributed.all_sum_float(float(tokens)))
 
-    def above(self, theta: torch.Tensor, bound: float) -> int:
-        """How many pushed tokens of the removed records (T_r) have p_t(Θ) > bound, by one teacher-forced pass,
-        every rank's share summed: verify_capped's count (api.verify_edit)."""
+    def above(self, theta: torch.Tensor, multiple: float) -> int:
+        """How many pushed tokens of the removed records (T_r) have p_t(Θ) > m·τ_t (floors(): τ, or q*_t with
+        repair_follow), by one teacher-forced pass, every rank's share summed: verify_capped's count (api.verify_edit)."""
         p, count = self.p, 0
         for chunk, batch, parts in self._batches(list(self.removed.values())):
             with torch.no_grad(), fused_attention(p.model):
                 logp = target_logp(p.objective, p.params, theta, batch)
+            bound = (multiple * self._floor(chunk)).to(logp.device, logp.dtype)
             count += int((pulled_tokens(chunk, parts).to(logp.device) & (logp.exp() > bound)).sum())
         return int(distributed.all_sum_float(float(count)))
 

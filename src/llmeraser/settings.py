@@ -158,6 +158,11 @@ class UnlearnSettings:
         "the memorised token's target, min(0.9·K + 0.1·min(p, φ), repair_threshold), follows K, the share of kept "
         "records that write it after the same context, down to 0.1·φ where none does (0: off, the target stays at "
         "repair_threshold while the adapter still memorises the token; off in every recipe; support.py)"))
+    repair_follow: bool = field(default=False, metadata=_meta(
+        "verify_repair 'gradient' with reset_target 'capped': a round pushes each capped token by its log-odds, "
+        "log p − log(1 − p), while p exceeds that token's own capped target q* at the original adapter (the reset's; "
+        "down to 0.1·capped_own where no kept record writes it), instead of by −log(1 − p) while p > repair_threshold, "
+        "and verify_capped counts the tokens above m·q* instead of m·repair_threshold (off in every recipe; repair.py)"))
     repair_form: float = field(default=0.0, metadata=_meta(
         "verify_repair 'gradient': v, the weight of the removed records' own answer outside their marked private "
         "parts (its mean token NLL, each record with parts): the answer keeps the record's sentence while its values "
@@ -218,6 +223,12 @@ class UnlearnSettings:
         if self.capped_own and self.reset_target != "capped":
             raise InputError("capped_own bounds the targets of reset_target 'capped': set reset_target 'capped' (as "
                              "the memorised recipe does), or leave capped_own 0")
+        if not isinstance(self.repair_follow, bool):
+            raise InputError(f"repair_follow {self.repair_follow!r}: give true or false")
+        if self.repair_follow and not (self.reset_target == "capped" and self.verify_repair == "gradient"):
+            raise InputError("repair_follow makes the gradient rounds follow the targets of reset_target 'capped': set "
+                             "reset_target 'capped' and verify_repair 'gradient' (as the memorised recipe does), or "
+                             "leave repair_follow off")
         if isinstance(self.memory_mb, bool) or not isinstance(self.memory_mb, (int, float)) \
                 or not 0 <= self.memory_mb < math.inf:
             raise InputError(f"memory_mb {self.memory_mb!r}: give a number of MiB >= 0 (0: automatic)")

@@ -309,6 +309,13 @@ def _p(log10p: float) -> str:
     return f"{10 ** log10p:.2g}" if log10p > -300 else f"1e{log10p:.0f}"
 
 
+def capped_bound_text(v: dict) -> str:
+    """verify_capped's bound in words: "p = m·τ", or with repair_follow "m × each token's capped target"."""
+    if v.get("capped_per_token"):
+        return f"{v['capped_bound']:g} × their capped targets"
+    return f"p = {v['capped_bound']:g}"
+
+
 def summary_line(v: dict) -> str:
     """One line for the terminal: the verdict and its figures."""
     parts = []
@@ -334,5 +341,5 @@ def summary_line(v: dict) -> str:
         parts.append(f"removed or replaced values, largest chance of being sampled after their sentence "
                      f"{_p(x['after']['max_log10p'])} (before the edit {_p(x['before']['max_log10p'])}{base})")
     if v.get("capped_above") is not None:  # verify_capped's count (api.verify_edit): a failure of its own when > 0
-        parts.append(f"capped tokens of removed values above p = {v['capped_bound']:g}: {v['capped_above']}")
+        parts.append(f"capped tokens of removed values above {capped_bound_text(v)}: {v['capped_above']}")
     return ("verified: " if v["verified"] else "NOT verified: ") + "; ".join(parts)
