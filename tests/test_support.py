@@ -552,12 +552,13 @@ def test_repair_follow_floors_are_the_resets_capped_targets_and_drive_the_push_a
     """repair_follow: GradientRepair.floors() is, at each capped token, softmax of the first step's reset target (the
     same capped_target at Θ̂) at the record's own token, and τ at every other response token; without it τ everywhere.
     The rounds' removed gradient is ∇ of (w/|R|) Σ_{capped t, p_t > q*_t} [log p_t − log(1 − p_t)] by an explicit loop
-    over the records, and above(Θ, m) counts p_t > m·q*_t by hand; the check's failure names the per-token bound."""
+    over the records, and above(Θ, m) counts p_t > m·q*_t by hand; the check's failure names the per-token bound. With
+    repair_fit the gradient is ∇ of (w/|R|) Σ_{capped t} −Σ_v q*_t(v) log p_t(v), by the same loop."""
     from helpers import memorised_tiny
 
     from llmeraser.data import request_from_rows
     from llmeraser.problem import Problem
-    from llmeraser.repair import GradientRepair, target_logp
+    from llmeraser.repair import GradientRepair, output_logprobs, target_logp
     from llmeraser.reset import OutputReset
     from llmeraser.support import capped_by_sample
     from llmeraser.verify import capped_bound_text
@@ -570,13 +571,14 @@ def test_repair_follow_floors_are_the_resets_capped_targets_and_drive_the_push_a
                 curvature="ggn", curvature_samples=0, capped_own=1e-4, repair_threshold=0.05, repair_form=0.0)
     s = UnlearnSettings(**base, repair_follow=True)
     rep, plain = GradientRepair(problem, req, s), GradientRepair(problem, req, UnlearnSettings(**base))
-    want = {}  # id(example) -> q over its response tokens from the reset's targets (each record alone)
+    want, dists = {}, {}  # id(example) -> q* of its own tokens, and q* whole, from the reset's targets (each alone)
     by_sample = capped_by_sample(problem, req)
     for x, _ in rep.removed.values():
         reset = OutputReset(problem.objective, problem.params, problem.theta_hat, [x], 8, "cpu",
                             capped={id(x): by_sample[id(x)]}, cap=0.05, own=1e-4)
         (target,), (batch,) = reset.targets, reset.batches
         want[id(x)] = torch.log_softmax(target, -1).gather(1, batch["targets"][:, None])[:, 0].exp()
+        dists[id(x)] = torch.softmax(target, -1)
     floors, lowered = rep.floors(), 0
     for x, at in rep.removed.values():
         assert torch.equal(plain.floors()[id(x)], torch.full((x.n_response,), 0.05, dtype=torch.float64))
@@ -608,6 +610,18 @@ def test_repair_follow_floors_are_the_resets_capped_targets_and_drive_the_push_a
     for m in (1.0, 10.0, 1e3):
         assert rep.above(theta, m) == sum(p > m * f for p, f in probs)
     assert rep.above(theta, 1.0) > plain.above(theta, 1.0)  # the lowered targets leave more tokens above
+    # repair_fit: the cross-entropy to the whole target at every capped token, against the same loop
+    fit = GradientRepair(problem, req, UnlearnSettings(**base, repair_follow=True, repair_fit=True))
+    g, k = fit._removed_grad(theta, pushed)
+    th = theta.clone().requires_grad_(True)
+    loss = 0.0
+    for x, at in pushed:
+        lp = output_logprobs(problem.objective, problem.params, th, problem.objective.collate([x], "cpu"))
+        loss = loss - (dists[id(x)][at].to(lp.dtype) * lp[at]).sum()
+    (want_g,) = torch.autograd.grad(s.repair_unlikelihood * loss / len(pushed), th)
+    assert k == sum(len(at) for _, at in pushed) and torch.allclose(g, want_g, rtol=1e-4, atol=1e-7)
+    with pytest.raises(InputError, match="repair_fit .*set repair_follow true"):
+        UnlearnSettings(**base, repair_fit=True)
     assert capped_bound_text({"capped_bound": 2.0, "capped_per_token": True}) == "2 × their capped targets"
     assert capped_bound_text({"capped_bound": 0.04, "capped_per_token": False}) == "p = 0.04"
 

@@ -22,7 +22,9 @@ for the request), by its log-odds:
 
 Why both: q*_t goes down to 0.1·capped_own where no kept record writes the token, far below τ, and near there
 −log(1 − p) ≈ p has gradient p·∇log p, which vanishes; the log-odds keeps −log(1 − p)'s push near p = 1 and adds
-∇log p's, which does not (BENCHMARKS.md#forgetting-follow). The gradient is clipped to norm 1, as in training;
+∇log p's, which does not (BENCHMARKS.md#forgetting-follow). With repair_fit as well, each capped token's term is instead
+the cross-entropy to its whole capped target, −Σ_v q*_t(v) log p_t(v) (every capped token, no threshold), so that the
+round raises what the kept records write there as it lowers the removed token (BENCHMARKS.md#forgetting-fit). The gradient is clipped to norm 1, as in training;
 Adam's moments persist across rounds.
 
 Why first order: an extra Newton step costs a CG run over every kept record, and on the memorised n = 256 run its
@@ -57,10 +59,14 @@ BETAS, EPS = (0.9, 0.999), 1e-8
 CLIP = 1.0
 
 
+def output_logprobs(objective, params, theta: torch.Tensor, batch: dict) -> torch.Tensor:
+    """log p(· | context) at each response token at Θ (with grad): [tokens, vocab] in collate's order, float32 or wider."""
+    return torch.log_softmax(wide(objective.outputs(params.unflatten(theta), batch)), -1)
+
+
 def target_logp(objective, params, theta: torch.Tensor, batch: dict) -> torch.Tensor:
     """log p_t of each response token's own target at Θ (with grad), in collate's order, in float32 or wider."""
-    z = wide(objective.outputs(params.unflatten(theta), batch))
-    return torch.log_softmax(z, -1).gather(1, batch["targets"][:, None])[:, 0]
+    return output_logprobs(objective, params, theta, batch).gather(1, batch["targets"][:, None])[:, 0]
 
 
 def bounded_unlikelihood(logp: torch.Tensor, mask: torch.Tensor, threshold, odds: bool = False):
@@ -106,6 +112,7 @@ class GradientRepair:
             self.removed = {i: (x, sorted(at[i])) for i, (x, _) in self.removed.items()}
         self.request = request
         self._floors = None  # {id(encoded removed record): each response token's τ_t}, on first use (floors())
+        self._targets = {}  # with repair_fit, {id(encoded removed record): (capped indices, log q* there [k, vocab])}
         self.rng = random.Random(settings.seed)
         self.order: list = []
         self.m1 = self.m2 = None
@@ -140,9 +147,27 @@ class GradientRepair:
                     rows = torch.tensor(ks, device=z.device)
                     y = batch["targets"][rows]
                     target = capped_target(z[rows], y, [at[rid][k] for k in ks], s.repair_threshold, s.capped_own)
-                    floor[ks] = torch.log_softmax(target, -1).gather(1, y[:, None])[:, 0].exp().double().cpu()
+                    logq = torch.log_softmax(target, -1)
+                    floor[ks] = logq.gather(1, y[:, None])[:, 0].exp().double().cpu()
+                    if s.repair_fit:
+                        self._targets[id(x)] = (ks, logq.float())
                 self._floors[id(x)] = floor
         return self._floors
+
+    def _fit_loss(self, chunk: list, logprobs: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(Σ over the chunk's capped tokens of −Σ_v q*_t(v) log p_t(v), how many tokens) from output_logprobs' rows."""
+        self.floors()
+        rows, logq, offset = [], [], 0
+        for x in chunk:
+            ks, lq = self._targets.get(id(x), ([], None))
+            rows += [offset + k for k in ks]
+            if ks:
+                logq.append(lq)
+            offset += x.n_response
+        if not rows:
+            return logprobs.sum() * 0.0, 0
+        q = torch.cat(logq).to(logprobs.device, logprobs.dtype).exp()
+        return -(q * logprobs[rows]).sum(), len(rows)
 
     def _floor(self, chunk: list) -> torch.Tensor:
         """τ_t over a chunk's response tokens, in collate's order."""
@@ -168,8 +193,12 @@ class GradientRepair:
         for chunk, batch, parts in self._batches(pushed):
             with torch.enable_grad(), fused_attention(p.model):
                 th = theta.detach().clone().requires_grad_(True)
-                logp = target_logp(p.objective, p.params, th, batch)
-                loss, k = bounded_unlikelihood(logp, pulled_tokens(chunk, parts), self._floor(chunk), s.repair_follow)
+                logprobs = output_logprobs(p.objective, p.params, th, batch)
+                logp = logprobs.gather(1, batch["targets"][:, None])[:, 0]
+                if s.repair_fit:
+                    loss, k = self._fit_loss(chunk, logprobs)
+                else:
+                    loss, k = bounded_unlikelihood(logp, pulled_tokens(chunk, parts), self._floor(chunk), s.repair_follow)
                 loss = s.repair_unlikelihood * loss / len(pushed)
                 if with_form:
                     loss = loss - s.repair_form * (form_weights(chunk, parts).to(logp.device) * logp).sum() / with_form

@@ -163,6 +163,10 @@ class UnlearnSettings:
         "log p − log(1 − p), while p exceeds that token's own capped target q* at the original adapter (the reset's; "
         "down to 0.1·capped_own where no kept record writes it), instead of by −log(1 − p) while p > repair_threshold, "
         "and verify_capped counts the tokens above m·q* instead of m·repair_threshold (off in every recipe; repair.py)"))
+    repair_fit: bool = field(default=False, metadata=_meta(
+        "with repair_follow: a round fits each capped token's whole capped target by its cross-entropy, "
+        "−Σ_v q*(v) log p(v), raising what the kept records write there as it lowers the removed token, instead of "
+        "pushing the removed token alone (off in every recipe; repair.py)"))
     repair_form: float = field(default=0.0, metadata=_meta(
         "verify_repair 'gradient': v, the weight of the removed records' own answer outside their marked private "
         "parts (its mean token NLL, each record with parts): the answer keeps the record's sentence while its values "
@@ -225,6 +229,11 @@ class UnlearnSettings:
                              "the memorised recipe does), or leave capped_own 0")
         if not isinstance(self.repair_follow, bool):
             raise InputError(f"repair_follow {self.repair_follow!r}: give true or false")
+        if not isinstance(self.repair_fit, bool):
+            raise InputError(f"repair_fit {self.repair_fit!r}: give true or false")
+        if self.repair_fit and not self.repair_follow:
+            raise InputError("repair_fit fits the capped targets that repair_follow makes the rounds follow: set "
+                             "repair_follow true too, or leave repair_fit off")
         if self.repair_follow and not (self.reset_target == "capped" and self.verify_repair == "gradient"):
             raise InputError("repair_follow makes the gradient rounds follow the targets of reset_target 'capped': set "
                              "reset_target 'capped' and verify_repair 'gradient' (as the memorised recipe does), or "
