@@ -22,10 +22,10 @@ for the request), by its log-odds:
 
 Why both: q*_t goes down to 0.1·capped_own where no kept record writes the token, far below τ, and near there
 −log(1 − p) ≈ p has gradient p·∇log p, which vanishes; the log-odds keeps −log(1 − p)'s push near p = 1 and adds
-∇log p's, which does not (BENCHMARKS.md#forgetting-follow). With repair_fit as well, each capped token's term is instead
-the cross-entropy to its whole capped target, −Σ_v q*_t(v) log p_t(v) (every capped token, no threshold), so that the
-round raises what the kept records write there as it lowers the removed token (BENCHMARKS.md#forgetting-fit). The gradient is clipped to norm 1, as in training;
-Adam's moments persist across rounds.
+∇log p's, which does not (BENCHMARKS.md#forgetting-follow). With repair_fit as well, each capped token's term is
+instead the cross-entropy to its whole capped target, −Σ_v q*_t(v) log p_t(v) (every capped token, no threshold), so
+that the round raises what the kept records write there as it lowers the removed token (BENCHMARKS.md#forgetting-fit).
+The gradient is clipped to norm 1, as in training; Adam's moments persist across rounds.
 
 Why first order: an extra Newton step costs a CG run over every kept record, and on the memorised n = 256 run its
 CG stayed above relative residual 1 and no correction was learned in 10 steps (BENCHMARKS.md#gradient-repair).
