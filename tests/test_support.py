@@ -46,6 +46,8 @@ def test_kept_shares_against_a_count_by_hand():
     assert table.distribution(ids, 3) == pytest.approx({3: 1 / 3, 4: 1 / 3, 5: 1 / 3})
     assert table.distribution(ids, 4) == {6: 0.5, 7: 0.5} and table.distribution((8, 8, 8), 2) is None
     assert table.unsupported(removed, [0, 2]) == [2]
+    # positions past the encoded response (a marked part that max_length cut off) are not there to pull
+    assert table.unsupported(removed, [2, 3, 7]) == [2]
     # a context seen fewer than MIN_SEEN times at every length: not supported (nothing speaks for retraining)
     assert table.share((8, 8, 8), 2) is None and table.unsupported(_ex([8, 8], [8]), None) == [0]
     assert SUPPORTED == 0.5
@@ -251,6 +253,8 @@ def test_capped_settings_are_checked():
     with pytest.raises(InputError, match="verify_reset 'parts'"):
         UnlearnSettings(reset_target="capped", reset_removed=10.0, verify_reset="parts")
     assert UnlearnSettings(reset_target="capped", verify_repair="gradient").reset_target == "capped"
+    with pytest.raises(InputError, match="repair_threshold 0 with reset_target 'capped'.*repair_threshold > 0"):
+        UnlearnSettings(reset_target="capped", verify_repair="gradient", repair_threshold=0.0)
 
 
 def test_the_capped_reset_pulls_the_listed_tokens_to_their_cap_and_holds_the_rest(tiny64):
@@ -627,7 +631,7 @@ def test_repair_follow_floors_are_the_resets_capped_targets_and_drive_the_push_a
 
 
 def test_bounded_unlikelihood_with_per_token_thresholds_and_log_odds_against_a_loop():
-    """bounded_unlikelihood(log p, mask, τ_t, odds): Σ over masked tokens with p_t > τ_t of −log(1 − p_t) (odds: plus
+    """bounded_unlikelihood(log p, y, mask, τ_t, odds): Σ over masked tokens with p_t > τ_t of −log(1 − p_t) (odds: plus
     log p_t), value and gradient against an explicit loop; a scalar τ is the same as a constant tensor."""
     from llmeraser.repair import bounded_unlikelihood
 
@@ -636,21 +640,46 @@ def test_bounded_unlikelihood_with_per_token_thresholds_and_log_odds_against_a_l
     z[:, 0] += torch.tensor([6.0, 3.0, 0.0, -3.0, 8.0, 1.0, -6.0], dtype=torch.float64)
     mask = torch.tensor([1, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
     tau = torch.tensor([0.5, 0.9, 1e-3, 1e-3, 0.1, 0.2, 1e-4], dtype=torch.float64)
+    y = torch.zeros(7, dtype=torch.long)
     for odds in (False, True):
         x = z.clone().requires_grad_(True)
-        loss, k = bounded_unlikelihood(torch.log_softmax(x, -1)[:, 0], mask, tau, odds)
+        loss, k = bounded_unlikelihood(torch.log_softmax(x, -1), y, mask, tau, odds)
         (got,) = torch.autograd.grad(loss, x)
-        y = z.clone().requires_grad_(True)
-        lp = torch.log_softmax(y, -1)[:, 0]
+        w = z.clone().requires_grad_(True)
+        lp = torch.log_softmax(w, -1)[:, 0]
         terms = [(-torch.log(1 - lp[t].exp()) + (lp[t] if odds else 0)) for t in range(7)
                  if mask[t] and float(lp[t].detach().exp()) > float(tau[t])]
-        (want,) = torch.autograd.grad(sum(terms), y)
+        (want,) = torch.autograd.grad(sum(terms), w)
         assert k == len(terms) and 0 < k < int(mask.sum())
         assert float(loss.detach()) == pytest.approx(float(sum(terms).detach()), rel=1e-12)
         assert torch.allclose(got, want, rtol=1e-10)
-    scalar = bounded_unlikelihood(torch.log_softmax(z, -1)[:, 0], mask, 0.1)
-    tensor = bounded_unlikelihood(torch.log_softmax(z, -1)[:, 0], mask, torch.full((7,), 0.1, dtype=torch.float64))
+    scalar = bounded_unlikelihood(torch.log_softmax(z, -1), y, mask, 0.1)
+    tensor = bounded_unlikelihood(torch.log_softmax(z, -1), y, mask, torch.full((7,), 0.1, dtype=torch.float64))
     assert scalar[1] == tensor[1] and float(scalar[0]) == float(tensor[0])
+
+
+def test_bounded_unlikelihood_pushes_a_token_float32_rounds_to_certainty():
+    """A memorised token whose float32 probability rounds to 1 (logit margin 30: 1 − p_y ≈ 2e-13) still gets the push:
+    in logits, ∇[−log(1 − p_y)] = p_y at y and −p_v·p_y/(1 − p_y) at v ≠ y, here ≈ (1, −½, −½), against the same
+    in float64 with 1 − p_y summed as Σ_{v≠y} p_v (log1p(−p) of a clamped p has no gradient at all there)."""
+    from llmeraser.repair import bounded_unlikelihood
+
+    z64 = torch.tensor([[30.0, 0.0, 0.0], [2.0, 0.0, 1.0]], dtype=torch.float64)
+    y, mask = torch.tensor([0, 2]), torch.tensor([True, True])
+    p = torch.softmax(z64, -1)
+    py = p.gather(1, y[:, None])
+    rest = p.scatter(1, y[:, None], 0.0).sum(1, keepdim=True)
+    want = -p * py / rest
+    want.scatter_(1, y[:, None], py)
+    for odds in (False, True):
+        x = z64.float().requires_grad_(True)
+        loss, k = bounded_unlikelihood(torch.log_softmax(x, -1), y, mask, 0.02, odds)
+        (got,) = torch.autograd.grad(loss, x)
+        assert k == 2 and torch.isfinite(loss)
+        # odds adds ∇log p_y = e_y − p, ≈ 0 at the certain row
+        expect = want + (torch.nn.functional.one_hot(y, 3) - p if odds else 0)
+        assert torch.allclose(got.double(), expect, rtol=1e-4, atol=1e-6)
+        assert float(got[0, 0]) == pytest.approx(1.0, rel=1e-5)
 
 
 def test_repair_follow_is_checked_and_needs_the_capped_target_and_gradient_rounds():

@@ -69,23 +69,30 @@ def target_logp(objective, params, theta: torch.Tensor, batch: dict) -> torch.Te
     return output_logprobs(objective, params, theta, batch).gather(1, batch["targets"][:, None])[:, 0]
 
 
-def bounded_unlikelihood(logp: torch.Tensor, mask: torch.Tensor, threshold, odds: bool = False):
-    """(Σ_{t ∈ mask, p_t > τ_t} −log(1 − p_t), how many tokens entered it) from target_logp's log p; `threshold`: τ,
-    or a tensor of each token's τ_t; `odds`: the log-odds log p_t − log(1 − p_t) in place of −log(1 − p_t)."""
+def bounded_unlikelihood(logprobs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, threshold,
+                         odds: bool = False):
+    """(Σ_{t ∈ mask, p_t > τ_t} −log(1 − p_t), how many tokens entered it) from output_logprobs' rows and each row's
+    own token y_t; `threshold`: τ, or a tensor of each token's τ_t; `odds`: the log-odds log p_t − log(1 − p_t) in
+    place of −log(1 − p_t).
+    log(1 − p_y) = logsumexp_{v≠y} log p_v, exact: a memorised token has p_y within float32's rounding of 1, where
+    log1p(−p_y) is −inf or, clamped, a constant with no gradient; in logits this one's gradient is p_y at y and
+    −p_v·p_y/(1 − p_y) at v ≠ y, each at most 1 in size."""
+    logp = logprobs.gather(1, targets[:, None])[:, 0]
     p = logp.exp()
     if isinstance(threshold, torch.Tensor):
         threshold = threshold.to(p.device, p.dtype)
     on = mask.to(p.device) & (p.detach() > threshold)
-    # 1 − p is clamped: a token at p = 1 in float32 would give log 0
-    term = -torch.log1p(-p.clamp(max=1 - 1e-6))
+    rows = on.nonzero()[:, 0]
+    others = logprobs[rows].scatter(1, targets[rows, None], -torch.inf)
+    term = -torch.logsumexp(others, -1)
     if odds:
-        term = term + logp
-    return term[on].sum(), int(on.sum())
+        term = term + logp[rows]
+    return term.sum(), int(rows.numel())
 
 
 def unlikelihood(objective, params, theta: torch.Tensor, batch: dict, mask: torch.Tensor, threshold: float):
     """(Σ_{t ∈ mask, p_t > τ} −log(1 − p_t), how many tokens entered it) for one collated batch at Θ (with grad)."""
-    return bounded_unlikelihood(target_logp(objective, params, theta, batch), mask, threshold)
+    return bounded_unlikelihood(output_logprobs(objective, params, theta, batch), batch["targets"], mask, threshold)
 
 
 def form_weights(items: list, parts: dict) -> torch.Tensor:
@@ -198,7 +205,8 @@ class GradientRepair:
                 if s.repair_fit:
                     loss, k = self._fit_loss(chunk, logprobs)
                 else:
-                    loss, k = bounded_unlikelihood(logp, pulled_tokens(chunk, parts), self._floor(chunk), s.repair_follow)
+                    loss, k = bounded_unlikelihood(logprobs, batch["targets"], pulled_tokens(chunk, parts),
+                                                   self._floor(chunk), s.repair_follow)
                 loss = s.repair_unlikelihood * loss / len(pushed)
                 if with_form:
                     loss = loss - s.repair_form * (form_weights(chunk, parts).to(logp.device) * logp).sum() / with_form

@@ -224,6 +224,10 @@ class UnlearnSettings:
         if isinstance(self.capped_own, bool) or not isinstance(self.capped_own, (int, float)) \
                 or not 0 <= self.capped_own < 1:
             raise InputError(f"capped_own {self.capped_own!r}: give a probability in [0, 1) (0: off)")
+        if self.reset_target == "capped" and not self.repair_threshold > 0:
+            # the cap enters as log(τ/(1 − τ)) (support.capped_logits)
+            raise InputError("repair_threshold 0 with reset_target 'capped': the capped targets need a cap above 0; give "
+                             "repair_threshold > 0 (the memorised recipe's is 0.02)")
         if self.capped_own and self.reset_target != "capped":
             raise InputError("capped_own bounds the targets of reset_target 'capped': set reset_target 'capped' (as "
                              "the memorised recipe does), or leave capped_own 0")

@@ -174,7 +174,8 @@ class KeptContinuations:
         """The indices among `positions` (response-token indices of `example`; None: all of them) whose token the
         kept records do not predict: share < SUPPORTED, or no context seen."""
         ids = tuple(example.input_ids)
-        at = range(example.n_response) if positions is None else positions
+        # a part past max_length's cut has positions beyond the encoded response: nothing there to pull
+        at = range(example.n_response) if positions is None else [k for k in positions if k < example.n_response]
         out = []
         for k in at:
             s = self.share(ids, example.n_prompt + k)
