@@ -34,7 +34,8 @@ def train_and_edit(base: str, work: Path, data: Path, request: Path, settings, m
             train(base, data, work / "original", settings, overwrite=True, device=device, progress=progress,
                   model_and_tokenizer=mt, dtype=dtype, **train_kwargs)
         peaks["original"] = mem.peak_mb
-    if not trained_with(work / "retrain", arguments=settings.to_dict(), request_sha256=sha256_file(request), base_dtype=dtype):
+    if not trained_with(work / "retrain", arguments=settings.to_dict(), request_sha256=sha256_file(request),
+                        original_data_sha256=sha256_file(data), base_dtype=dtype):
         say("retrain on the clean data")
         with PeakMemory(device) as mem:
             baseline("retrain", base, work / "original", data, request, work / "retrain",

@@ -325,8 +325,9 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
 
     settings = TrainSettings(**recipe)
     seconds = {}
-    # cached adapters are reused only for the same recipe, data and base dtype (a GPU run in bfloat16 retrains)
-    if not trained_with(d / "original", arguments=settings.to_dict(), data_sha256=sha256_file(data), base_dtype=dtype):
+    # cached adapters are reused only for the same recipe, data, base and base dtype (a GPU run in bfloat16 retrains)
+    if not trained_with(d / "original", arguments=settings.to_dict(), data_sha256=sha256_file(data), base=base,
+                        base_dtype=dtype):
         say(f"{tag}: training the original on {len(rows)} records")
         train(base, data, d / "original", settings, overwrite=True, device=device, dtype=dtype, progress=progress,
               model_and_tokenizer=mt)
@@ -334,7 +335,7 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
     seconds["train"] = trained["seconds"]
     counts = {"original": counted(d / "original")}
     memorised = memorised_share(counts["original"])
-    head = {"scenario": asdict(sc), "n": len(rows), "base_dtype": dtype, "recipe": recipe,
+    head = {"scenario": asdict(sc), "n": len(rows), "base": base, "base_dtype": dtype, "recipe": recipe,
             "final_training_loss": trained["final_loss"], "label": label}
     overrides = unlearn_overrides or {}
     suffix = result_tag(sc, dtype, recipe["batch_size"], overrides, label)[len(tag):]
@@ -346,7 +347,9 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
                             "passed": None},
                 "seconds": seconds, "unlearn_verification": None, "skipped": ["retrain", "llmeraser"],
                 "date": time.strftime("%Y-%m-%d")}
-    if not trained_with(d / "retrain", arguments=settings.to_dict(), request_sha256=sha256_file(req), base_dtype=dtype):
+    # the data too: a change to build() that leaves the request alone must not reuse a retraining of other records
+    if not trained_with(d / "retrain", arguments=settings.to_dict(), request_sha256=sha256_file(req),
+                        original_data_sha256=sha256_file(data), base=base, base_dtype=dtype):
         say(f"{tag}: retrain")
         baseline("retrain", base, d / "original", data, req, d / "retrain", BaselineSettings(device=device, dtype=dtype),
                  overwrite=True, progress=progress, model_and_tokenizer=mt)
@@ -445,16 +448,20 @@ def recipe_now(result: dict) -> bool:
     return ran_with(result)
 
 
-def earlier_results(paths: list[Path], overrides: dict) -> list[Path]:
+def earlier_results(paths: list[Path], overrides: dict, training: dict | None = None, base: str | None = None) -> list[Path]:
     """The result files among `paths` that exist and hold a run of other settings than the recipe's today with
-    `overrides`: a run would overwrite them, and a result's tag names only the overrides, so a changed recipe writes
-    under an earlier run's name."""
+    `overrides`, or, where the file records them, of another training recipe (`training`: epochs, ...) or `base`: a
+    run would overwrite them, and a result's tag names only the overrides, the dtype and the batch, so a changed
+    recipe or more epochs write under an earlier run's name."""
+    want = json.loads(json.dumps(training)) if training is not None else None
     out = []
     for p in paths:
         if p.exists():
             r = json.loads(p.read_text())
+            other = (not ran_with(r, overrides) or (want is not None and r.get("recipe", want) != want)
+                     or (base is not None and r.get("base", base) != base))
             # an invalid result measured no unlearn (its original did not memorise): a rerun may replace it
-            if r["verdict"].get("valid", True) and not ran_with(r, overrides):
+            if r["verdict"].get("valid", True) and other:
                 out.append(p)
     return out
 
@@ -516,7 +523,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=float, default=RECIPE["epochs"], help=f"training epochs (default: {RECIPE['epochs']})")
     ap.add_argument("--batch-size", type=int, default=RECIPE["batch_size"],
                     help=f"training batch (default: {RECIPE['batch_size']}; another names itself in the tag)")
-    ap.add_argument("--work", type=Path, default=HERE / "work" / "forgetting", help="scratch folder (adapters are cached by recipe, data and base dtype)")
+    ap.add_argument("--work", type=Path, default=HERE / "work" / "forgetting", help="scratch folder (adapters are cached by recipe, data, base and base dtype)")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "forgetting", help="where results go")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--run-unmemorised", action="store_true",
@@ -541,7 +548,7 @@ def main(argv=None) -> int:
                for name in args.scenarios for n in args.n for seed in args.seeds]
     dtype = hardware.of(mt)[1]
     older = earlier_results([args.results / f"{result_tag(sc, dtype, args.batch_size, args.unlearn, args.label)}.json"
-                             for sc in planned], args.unlearn)
+                             for sc in planned], args.unlearn, recipe, args.base)
     if older:
         held = "holds a run" if len(older) == 1 else "hold runs"
         print(f"python -m benchmarks.forgetting: {', '.join(p.name for p in older)} in {args.results} {held} of "

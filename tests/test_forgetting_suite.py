@@ -231,9 +231,9 @@ def test_the_table_counts_the_well_formed_removed_answers_and_dashes_a_result_wi
 
 
 def test_a_run_refuses_to_overwrite_a_result_of_other_settings(tmp_path):
-    """earlier_results: an existing result file of another recipe or other overrides is one a run would overwrite
-    under the same name (a tag names only the overrides); a result of the same settings, an invalid one (no unlearn
-    measured) and a missing file are not."""
+    """earlier_results: an existing result file of another recipe or other overrides, or that records other training
+    epochs or another base, is one a run would overwrite under the same name (a tag names only the overrides); a
+    result of the same settings, an invalid one (no unlearn measured) and a missing file are not."""
     import json
 
     from benchmarks.forgetting import earlier_results, ran_with
@@ -251,3 +251,12 @@ def test_a_run_refuses_to_overwrite_a_result_of_other_settings(tmp_path):
     # under overrides the same file is another run's, and the overridden one is this run's
     assert ran_with(files["other-recipe"], {"repair_form": 0.0}) and not ran_with(files["same"], {"repair_form": 0.0})
     assert [p.stem for p in earlier_results(paths, {"repair_form": 0.0})] == ["same", "unrecorded"]
+    training = {"epochs": 30.0, "layers": (15, 16)}
+    more = {"same-training": {"recipe": {"epochs": 30.0, "layers": [15, 16]}, "base": "smollm2"},
+            "fewer-epochs": {"recipe": {"epochs": 15.0, "layers": [15, 16]}},
+            "other-base": {"base": "gemma"}}
+    for name, r in more.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(r | {"unlearn_settings": now, "verdict": {"valid": True}}))
+    paths = [tmp_path / f"{n}.json" for n in ("same", *more)]
+    assert [p.stem for p in earlier_results(paths, {}, training, "smollm2")] == ["fewer-epochs", "other-base"]
+    assert earlier_results(paths, {}) == []
