@@ -4,6 +4,7 @@ R'(Θ) = (1/m) Σ_{edited set} L_i + (wd/2)‖Θ‖², m = size of the edited se
 original objective, ΔΘ = (C_edited + (wd + λ)I)⁻¹ [b + (n − m)·wd·Θ̂] / m.
 """
 
+import pytest
 import torch
 from torch.func import hessian
 
@@ -12,6 +13,7 @@ from llmeraser.data import load_request
 from llmeraser.objective import CausalLMObjective
 from llmeraser.params import AdapterParams
 from llmeraser.acceptance import backtrack, control_variate, line_objective, retraining_objective
+from llmeraser.modeling import theta_of
 from llmeraser.rhs import sum_of_gradients
 from llmeraser.solvers import SolverSettings, get_solver
 from llmeraser.settings import UnlearnSettings
@@ -285,3 +287,96 @@ def test_damping_grid_ignores_a_nan_full_step(tiny64, tmp_path, monkeypatch):
     assert all(r["objective"] == r["objective"] for r in rows)  # no NaN recorded as a row's value
     chosen = [r for r in rows if r["chosen"]]
     assert chosen[0]["objective"] == min(r["objective"] for r in rows)
+
+
+def _minimise(f, start: torch.Tensor) -> torch.Tensor:
+    """argmin f in float64 from `start`: L-BFGS, then Newton steps with the explicit Hessian (L-BFGS alone stops
+    near ‖∇f‖ ≈ 1e-6 here, where f's flattest directions leave Θ uncertain by percents; the tiny model's float32
+    RMSNorm bounds ‖∇f‖ near 1e-9)."""
+    t = start.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([t], lr=1.0, max_iter=100, tolerance_grad=1e-13, tolerance_change=1e-16, history_size=50,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        value = f(t)
+        value.backward()
+        return value
+
+    opt.step(closure)
+    theta = t.detach()
+    for _ in range(3):
+        g = torch.func.grad(f)(theta)
+        theta = theta - torch.linalg.solve(hessian(f)(theta), g)
+    assert float(torch.func.grad(f)(theta).norm()) < 1e-8
+    return theta
+
+
+def test_newton_steps_reach_retraining_with_weight_decay(tiny64, tmp_path):
+    """From a Θ̂ stationary for (1/n)Σ L + (wd/2)‖Θ‖² (L-BFGS), Newton steps on the edited set reach the retraining
+    optimum argmin (1/m)Σ_edited L + (wd/2)‖Θ‖², found by L-BFGS too: the refinement's gradient is
+    Σ_edited ∇L + m·wd·Θ. With n·wd in its place (m = 10 of n = 12) they stop at a point decayed n/m times as much."""
+    model, tok, records = tiny64
+    wd = 0.1
+    params, theta0 = theta_of(model)
+    obj = Unlearner(model, tok, records, UnlearnSettings(device="cpu", template="chat"), weight_decay=wd).problem.objective
+
+    def mean_objective(items):
+        batch = obj.collate(items, "cpu")
+        return lambda t: obj.losses(obj.outputs(params.unflatten(t), batch), batch).mean() + 0.5 * wd * t.square().sum()
+
+    unl = Unlearner(model, tok, records, UnlearnSettings(device="cpu", template="chat"), weight_decay=wd)
+    theta_hat = _minimise(mean_objective(unl.problem.examples), theta0)
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in params.unflatten(theta_hat).items():
+            named[name].copy_(value)
+    try:
+        req = load_request(write_jsonl(tmp_path / "r.jsonl", [{"op": "remove", "id": "r1"}, {"op": "remove", "id": "r4"}]),
+                           records)
+        s = UnlearnSettings(curvature="hessian", damping=1e-9, damping_grid=(), solver="cg", curvature_samples=0,
+                            newton_steps=4, batch_size=64, device="cpu", template="chat",
+                            solver_settings=SolverSettings(tol=1e-12, max_iters=256))
+        unl = Unlearner(model, tok, records, s, weight_decay=wd)
+        delta, _, stage = unl.delta(req, progress=False)
+        edited = unl.problem.sets(req).edited
+        retrained = _minimise(mean_objective(edited), theta_hat)
+        assert len(edited) == 10 and float((retrained - theta_hat).norm()) > 1e-3
+        err = float((theta_hat + delta - retrained).norm() / (retrained - theta_hat).norm())
+        grad = float(torch.func.grad(mean_objective(edited))(theta_hat + delta).norm())
+        # the float32 RMSNorm of the tiny model stops the line search near ‖∇R'‖ ≈ 1e-5 (measured 1.5e-5, Θ within
+        # 0.4% of the optimum); with n·wd the steps end where ‖∇R'‖ = (n/m − 1)·wd·‖Θ‖ ≈ 1.6e-2
+        assert err < 0.02 and grad < 1e-4, (err, grad, [(st["final_residual"], st["line_search"]["scale"]) for st in stage["steps"]])
+    finally:
+        with torch.no_grad():
+            for name, value in params.unflatten(theta0).items():
+                named[name].copy_(value)
+
+
+def test_a_request_that_corrects_every_record_still_refines(tiny64, tmp_path):
+    """No kept record left: correcting every record still takes Newton steps (the control variate's kept sample is
+    empty, its share 0, where it divided by zero)."""
+    model, tok, records = tiny64
+    fix = load_request(write_jsonl(tmp_path / "fix.jsonl", [
+        {"op": "correct_response", "id": r.id, "new": {"response": "0000"}} for r in records]), records)
+    s = UnlearnSettings(newton_steps=2, curvature_samples=4, device="cpu", template="chat",
+                        solver_settings=SolverSettings(max_iters=5))
+    delta, _, stage = Unlearner(model, tok, records, s, weight_decay=0.1).delta(fix, progress=False)
+    assert len(stage["steps"]) == 2 and bool(torch.isfinite(delta).all()) and float(delta.norm()) > 0
+
+
+def test_a_step_after_a_teaching_step_starts_its_search_from_the_plain_objective(tiny64, tmp_path):
+    """A step that pulls a correction (ρ_T·Σ_T L added to m·R') must not hand its searched value on as m·R' at the new
+    Θ: the next plain step's Armijo start is the refiner's own objective there, not that value plus the pull."""
+    model, tok, records = tiny64
+    req = load_request(write_jsonl(tmp_path / "r.jsonl", [
+        {"op": "remove", "id": "r1"}, {"op": "correct_response", "id": "r2", "new": {"response": "9"}}]), records)
+    s = UnlearnSettings(newton_steps=1, verify_pull=5.0, curvature_samples=0, device="cpu", template="chat",
+                        solver_settings=SolverSettings(max_iters=5))
+    unl = Unlearner(model, tok, records, s, weight_decay=0.1)
+    delta, _, _ = unl.delta(req, progress=False)
+    theta, _, taught = unl.more_steps(req, unl.theta_hat + delta, teach_ids=["r2"])
+    assert taught["pulled_new"] == 1 and taught["line_search"]["accepted"]
+    _, _, plain = unl.more_steps(req, theta)
+    assert "pulled_new" not in plain
+    assert plain["line_search"]["start"] == pytest.approx(unl.refiner.objective(theta), rel=1e-12)

@@ -83,7 +83,7 @@ def control_variate(problem: Problem, request: EditRequest, size: int, seed: int
     and the Newton refinement."""
     p, sets = problem, problem.sets(request)
     sample = seeded_subset(sets.kept, size, seed)
-    scale = len(sets.kept) / len(sample)
+    scale = len(sets.kept) / len(sample) if sample else 0.0  # no kept record: every one edited
     g_old_hat = p.old_grad(request, progress)
     sample_batches, new_batches = p.batches(sample), p.batches(sets.new)
     g_sample_hat = p.grad_sum_of_batches(sample_batches, p.theta_hat, f"{desc}: kept sample at Θ̂", progress)

@@ -1,8 +1,9 @@
 """Newton refinement: further steps on the edited objective after the paper's single update.
 
-Step k from Θ_k: Θ_{k+1} = Θ_k + α·Δ_k, (C_edited(Θ_k) + λI)·m·Δ_k = −n·∇R'(Θ_k), α by Armijo
-backtracking on n·R'. The gradient of the kept samples is not recomputed in full: with the
-stationarity of Θ̂ (Σ_all ∇L_i(Θ̂)/n + wd·Θ̂ = 0),
+Step k from Θ_k: Θ_{k+1} = Θ_k + α·Δ_k, (C_edited(Θ_k) + (λ + wd)I)·m·Δ_k = −m·∇R'(Θ_k), α by Armijo
+backtracking on m·R', R'(Θ) = (1/m)Σ_edited L_i + (wd/2)‖Θ‖² (the retraining objective, as the first step's),
+so m·∇R'(Θ_k) = Σ_edited ∇L_i(Θ_k) + m·wd·Θ_k. The gradient of the kept samples is not recomputed in full:
+with the stationarity of Θ̂ (Σ_all ∇L_i(Θ̂)/n + wd·Θ̂ = 0),
     Σ_kept ∇L_i(Θ_k) = −Σ_S ∇L_old(Θ̂) − n·wd·Θ̂ + Σ_kept [∇L_i(Θ_k) − ∇L_i(Θ̂)],
 and only the last sum, small near Θ̂, is estimated on the curvature sample (acceptance.control_variate).
 """
@@ -39,7 +40,7 @@ class Refiner:
         self.cv = control_variate(problem, request, settings.curvature_samples, settings.seed, "refine", progress)
         self.edited = self.cv.kept + self.cv.new
         self.from_operator = gradient_from_operator(settings, len(self.edited))
-        self.value = None  # n·R' at the current Θ, once a step has been accepted
+        self.value = None  # m·R' (+ const) at the current Θ, once a step without a penalty has been accepted
         self.k = 1  # the number of the last step taken
         self._reset = (None, None)  # (removed ids, OutputReset) of the last step that pulled some toward the base
         # reset_target 'capped': {id(removed sample): {token it pulls: the kept continuations there}} (support.py)
@@ -47,8 +48,9 @@ class Refiner:
                        if settings.reset_target == "capped" else None)
 
     def objective(self, t: torch.Tensor) -> float:
-        """n·R'(Θ) + const under the same stationarity assumption as the gradient, so the two agree."""
-        return retraining_objective(self.cv.data_part(t), t, 1, self.p.n * self.p.weight_decay)
+        """m·R'(Θ) + const (data_part: Σ_edited L + const) under the same stationarity assumption as the gradient,
+        so the two agree."""
+        return retraining_objective(self.cv.data_part(t), t, 1, len(self.edited) * self.p.weight_decay)
 
     def reset_term(self, removed: list, parts: dict | None = None):
         """ρ·P over these removed samples (reset.py; `parts`: its private-parts-only targets; capped targets under
@@ -70,7 +72,7 @@ class Refiner:
         no descent (record["line_search"]["accepted"] is False).
 
         `reset_removed`: removed samples whose answers are still produced; with the setting reset_removed = ρ > 0
-        the step minimises n·R' + ρ·P over them (P of reset.py, its Gauss-Newton curvature taken at Θ̂), the
+        the step minimises m·R' + ρ·P over them (P of reset.py, its Gauss-Newton curvature taken at Θ̂), the
         penalty the first step used; `reset_parts` ({id(sample): token indices}) pulls only those tokens of a
         sample and holds its others at Θ̂'s outputs (reset.py). `teach_new`: new versions (corrections, modified
         queries) whose answers are not produced yet; with ρ_T > 0 (verify_pull, else ρ) the step adds ρ_T·Σ_T L_i,
@@ -95,8 +97,9 @@ class Refiner:
             g_sample_and_new = cv.scale * p.grad_sum(cv.sample, theta, "refine: kept sample", self.progress)
             if cv.new:
                 g_sample_and_new += p.grad_sum(cv.new, theta, "refine: new samples", self.progress)
-        # n·∇R'(Θ_k), see the module docstring
-        grad = g_sample_and_new - cv.scale * cv.g_sample_hat - cv.g_old_hat + p.n * p.weight_decay * (theta - p.theta_hat)
+        # m·∇R'(Θ_k) = Σ_edited ∇L_i(Θ_k) + m·wd·Θ_k, the kept part by stationarity (module docstring)
+        grad = (g_sample_and_new - cv.scale * cv.g_sample_hat - cv.g_old_hat
+                + p.weight_decay * (m * theta - p.n * p.theta_hat))
         objective, start = self.objective, self.value
         if reset is not None:
             grad = grad + rho * reset.grad(theta)
@@ -129,8 +132,8 @@ class Refiner:
                 record["restored_kept"] = len(restore_kept)
         if search["accepted"]:
             theta = theta + search["scale"] * step
-            # n·R' alone at the new Θ is known only when no penalty was added
-            self.value = search["trace"][-1]["objective"] if reset is None else None
+            # m·R' alone at the new Θ is known only when no penalty (reset or teaching) was added
+            self.value = search["trace"][-1]["objective"] if reset is None and teach is None else None
         return theta, result, record
 
     def release(self) -> None:

@@ -61,10 +61,10 @@ class Unlearner:
         'edited': one Newton step from Θ̂ on R'(Θ) = (1/m)Σ_edited L + (wd/2)‖Θ‖²; with Θ̂ stationary for the
         original objective, −∇R'(Θ̂) = [b + (n − m)·wd·Θ̂]/m. 'original': the paper's (C + λI)⁻¹b / n."""
         p = self.problem
+        if not sets.edited:  # either way: the line search and the Newton steps are over the edited set
+            raise InputError("the request removes every training sample; there is nothing left to fit")
         if self.settings.curvature_data == "original":
             return p.examples, b, p.n
-        if not sets.edited:
-            raise InputError("the request removes every training sample; there is nothing left to fit")
         m = len(sets.edited)
         return sets.edited, b + (p.n - m) * p.weight_decay * p.theta_hat, m
 

@@ -1,7 +1,9 @@
 """Golden results: Δ and key numbers of `Unlearner.delta` on the tiny float64 model, for every edit kind under
 every recipe and both main solvers, plus paths the recipes do not reach, recorded before the redesign that split
 the Unlearner by stage, so a test can show the maths did not change. Every recorded Δ was computed (or recomputed
-and found equal bit for bit) by the pre-redesign code, commit bc0d2f1, from the settings dicts stored with it.
+and found equal bit for bit) by the pre-redesign code, commit bc0d2f1, from the settings dicts stored with it, but six:
+the cases with removals and Newton refinement (memorised remove and mixed, extra/refine_on_a_sample,
+extra/hessian_newton) were re-recorded when the refinement's weight decay became m·wd (BENCHMARKS.md#golden-refine-wd).
 
 Regenerate (only when the maths is meant to change, and say why in the commit):
     .venv/bin/python -m tests.golden.cases
