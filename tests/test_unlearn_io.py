@@ -147,3 +147,24 @@ def test_unconverged_solve_warns_unless_a_capped_refinement_step(tiny_dir, tmp_p
     meta = json.loads((tmp_path / "b" / "unlearn.json").read_text())
     assert meta["newton_steps"][0]["converged"] and not meta["newton_steps"][1]["converged"]
     assert "stopped" not in capsys.readouterr().err
+
+
+def test_the_new_adapter_carries_no_file_of_the_old_folder_but_an_adapters(tiny_dir, tmp_path, capsys):
+    """Data kept in the adapter's folder (the records being forgotten, a request with their private values) does not
+    travel to the new adapter: only the config, README and tokenizer files are copied, and the others are named."""
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_dir / "adapter", adapter)
+    shutil.copy(tiny_dir / "train.jsonl", adapter / "train.jsonl")
+    req = write_jsonl(adapter / "req.jsonl", [{"op": "remove", "id": "r3"}])
+    (adapter / "README.md").write_text("model card\n")
+    (adapter / "tokenizer_config.json").write_text("{}\n")
+    out = tmp_path / "new"
+    code = main(["unlearn", "--base", str(tiny_dir / "base"), "--adapter", str(adapter), "--data", str(adapter / "train.jsonl"),
+                 "--request", str(req), "--out", str(out), "--device", "cpu", "--damping", "0.1"])
+    assert code == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer_config.json"} <= names
+    assert not names & {"train.jsonl", "req.jsonl"}
+    assert "not copied from" in capsys.readouterr().err

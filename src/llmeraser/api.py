@@ -321,7 +321,10 @@ def unlearn(base: str, adapter: str | Path, data: str | Path, request: str | Pat
             def write():
                 t0 = time.perf_counter()
                 with atomic_dir(out, overwrite, inputs) as tmp:
-                    write_adapter(res.state_dict, adapter, tmp)
+                    left = write_adapter(res.state_dict, adapter, tmp)
+                    if left:  # e.g. a data file kept beside the adapter: the new adapter must not carry what it forgets
+                        print(f"llmeraser: not copied from {adapter} (not part of an adapter): {', '.join(left)}",
+                              file=sys.stderr)
                     # the new adapter's training record: the recipe's L2 and the edited set's size, so that a later
                     # request on it checks its data by n (the edited data's bytes are the user's to write)
                     if record is not None:

@@ -18,7 +18,7 @@ import torch
 from .errors import InputError
 from .fileio import MARKER
 from .items import ATTR as ITEMS_ATTR
-from .items import MODULES_WEIGHTS, attach_saved, module_state, read_modules, write_modules
+from .items import MODULES_CONFIG, MODULES_WEIGHTS, attach_saved, module_state, read_modules, write_modules
 from .params import AdapterParams
 from .vision import input_in_weight_dtype
 
@@ -32,6 +32,13 @@ ALIAS_HELP = f"'{SMOLLM2_ALIAS}' (SmolLM2-135M-Instruct) or '{GEMMA3_ALIAS}' (Ge
 WEIGHT_FILES = ("adapter_model.safetensors",)
 # pickled weights: loading one can run code, so llmeraser refuses them and says how to convert
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# the files of an adapter folder a new adapter carries over (its weights are written anew): PEFT's config and model
+# card, the tokenizer's and processor's files saved beside it, and items.py's module declaration. Nothing else: a data
+# file kept in the folder (the records being forgotten, a request with their private values) must not travel
+ADAPTER_FILES = ("adapter_config.json", "README.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                 "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
+                 "generation_config.json")
 CONVERT_HINT = ("convert it once, in an environment you trust: python -c \"import torch; from safetensors.torch import "
                 "save_file; save_file(torch.load('{src}', weights_only=True), '{dst}')\"")
 DEVICE_TYPES = ("cpu", "cuda", "mps")
@@ -671,9 +678,9 @@ def _is_module(name: str) -> bool:
     return name.startswith(f"{ITEMS_ATTR}.") or f".{ITEMS_ATTR}." in name
 
 
-def write_adapter(state: dict[str, torch.Tensor], src_dir: str | Path, dst_dir: str | Path) -> None:
+def write_adapter(state: dict[str, torch.Tensor], src_dir: str | Path, dst_dir: str | Path) -> list[str]:
     """Write `state` (from `adapter_state`) as `adapter_model.safetensors` in dst_dir, next to copies of
-    src_dir's other files.
+    src_dir's ADAPTER_FILES (and the module declaration); the names of src_dir's other files, not copied.
 
     adapter_config.json is copied byte for byte, so PEFT loads the new adapter as it loads the
     old one. Tensors keep the original file's dtype when it is float32/float64, else float32.
@@ -691,11 +698,14 @@ def write_adapter(state: dict[str, torch.Tensor], src_dir: str | Path, dst_dir: 
         raise RuntimeError(f"internal: written keys differ from the input adapter's ({sorted(set(out) ^ set(saved))[:3]})")
     out = {k: v.to(saved[k].dtype if saved[k].dtype in (torch.float32, torch.float64) else torch.float32).contiguous()
            for k, v in out.items()}
-    # the adapter's other files (config, tokenizer, README); not its weights, pickles or records of how it was made
-    for f in src_dir.iterdir():
-        if (f.is_file() and f.name not in WEIGHT_FILES + ("unlearn.json", "train.json", "baseline.json", MARKER, MODULES_WEIGHTS)
-                and not f.name.endswith(PICKLE_SUFFIXES)):
+    # the adapter's config, tokenizer and README; not its weights, pickles, records of how it was made or any other file
+    left = []
+    for f in sorted(src_dir.iterdir()):
+        if f.is_file() and f.name in ADAPTER_FILES + (MODULES_CONFIG,):
             shutil.copy2(f, dst_dir / f.name)
+        elif f.name not in WEIGHT_FILES + ("unlearn.json", "train.json", "baseline.json", MARKER, MODULES_WEIGHTS):
+            left.append(f.name)
     save_file(out, str(dst_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     if modules:  # the declaration was copied above, byte for byte; the tensors are Θ's
         write_modules(dst_dir, None, mods)
+    return left
