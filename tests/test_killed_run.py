@@ -120,6 +120,22 @@ def test_a_previous_output_moved_aside_by_a_killed_run_is_put_back(tmp_path):
     assert (out / "adapter_model.safetensors").read_text() == "the previous result"
 
 
+def test_a_rerun_after_a_killed_swap_is_refused_before_it_computes(tmp_path):
+    """The output a killed run moved aside comes back before the checks: a rerun without --overwrite is refused by
+    check_output_dir, before any computation, not by the final rename after all of it."""
+    from llmeraser.errors import InputError
+    from llmeraser.fileio import check_output_dir
+
+    out = tmp_path / "edit"
+    d = tmp_path / f".edit.{STAGING}dead"
+    (d / "previous").mkdir(parents=True)
+    (d / "previous" / "adapter_model.safetensors").write_text("the previous result")
+    (d / ".lock").write_text("123\n")
+    with pytest.raises(InputError, match="already exists; pass --overwrite"):
+        check_output_dir(out, overwrite=False)
+    assert (out / "adapter_model.safetensors").read_text() == "the previous result" and not d.exists()
+
+
 def test_two_writers_of_one_path_do_not_take_each_others_temporary_file(tmp_path, monkeypatch):
     """write_text_atomic while another write of the same path runs between its write and its rename (as two
     processes may): both succeed, the last rename wins whole, and no temporary file is left. With one fixed

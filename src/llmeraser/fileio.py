@@ -109,6 +109,9 @@ def check_output_dir(out: str | Path, overwrite: bool, inputs: tuple = (), flag:
         if q.is_dir() and _within(out, q):
             raise InputError(f"{flag} {shown} lies inside the input folder {p}, which llmeraser never writes into; "
                              f"choose an output folder outside it")
+    # first: a killed run's previous output, put back, is an existing output that the checks below must see, here and
+    # not only when the finished computation is renamed into place (atomic_dir checks again then)
+    remove_stale(out)
     if out.exists():
         if not out.is_dir():
             raise InputError(f"{flag} {shown} is a file, not a folder; choose a folder path")
@@ -116,7 +119,6 @@ def check_output_dir(out: str | Path, overwrite: bool, inputs: tuple = (), flag:
             raise InputError(f"output folder {shown} already exists; pass --overwrite to replace it, or choose another {flag}")
         check_replaceable(out, flag)
     _check_creatable(out, shown, flag)
-    remove_stale(out)
     return out
 
 
