@@ -26,13 +26,22 @@ def test_write_converted_is_atomic(tmp_path):
 
 
 def test_a_killed_conversions_staging_folder_is_removed_by_the_next(tmp_path):
-    """A conversion killed mid-write leaves `.tmp-*` with a partial model; its lock is free, so the next goes."""
-    dead = tmp_path / "cache" / ".tmp-dead"
+    """A conversion killed mid-write leaves its staging folder with a partial model; its lock is free, so the next
+    goes. Another program's dead `.tmp-*` folder in a shared cache folder is not llmeraser's to remove."""
+    import os
+    import time
+
+    from llmeraser.modeling import CONVERT_STAGING
+
+    dead = tmp_path / "cache" / f"{CONVERT_STAGING}dead"
     dead.mkdir(parents=True)
     (dead / ".lock").write_text("123\n")  # its pid: the lock was taken, and released when the process died
     (dead / "model.safetensors").write_text("half")
+    other = tmp_path / "cache" / ".tmp-someone-elses"
+    other.mkdir()
+    os.utime(other, (time.time() - 3600, time.time() - 3600))
     assert write_converted(tmp_path / "cache" / "gguf-x", lambda tmp: (tmp / "model.safetensors").write_text("whole"))
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["gguf-x"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".tmp-someone-elses", "gguf-x"]
 
 
 def test_cache_key_follows_the_file_content_and_can_be_turned_off(tmp_path, monkeypatch):

@@ -320,6 +320,11 @@ def converted_gguf_dir(gguf_path: str) -> Path | None:
     return root / f"gguf-{sha256_file(gguf_path)[:16]}-transformers-{transformers.__version__}"
 
 
+# the staging folders of conversions in the cache: a name of llmeraser's own, as the cleanup below removes dead ones
+# and the cache may be a shared folder ($LLMERASER_CACHE_DIR=/tmp)
+CONVERT_STAGING = ".llmeraser-convert-"
+
+
 def write_converted(target: Path, save) -> bool:
     """Fill `target` by `save(tmp)` in a locked staging folder renamed into place, so that a crash or a
     concurrent writer never leaves a partial conversion where it would be loaded, and a killed
@@ -329,8 +334,8 @@ def write_converted(target: Path, save) -> bool:
 
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_in(target.parent, ".tmp-", ("",))
-        with staging_dir(target.parent, ".tmp-") as staging:
+        remove_stale_in(target.parent, CONVERT_STAGING, ("",))
+        with staging_dir(target.parent, CONVERT_STAGING) as staging:
             tmp = staging / "out"
             tmp.mkdir()
             save(tmp)
