@@ -220,6 +220,34 @@ def test_non_utf8_request(proj, capsys, no_compute):
     refused(unlearn_args(proj, proj.parent / "out"), capsys, [proj.parent], "req.jsonl:2: not UTF-8 text")
 
 
+@pytest.mark.parametrize("line, message", [
+    ("[" * 200000 + "]" * 200000, "req.jsonl:1: malformed JSON (RecursionError"),
+    ('{"op": "remove", "id": ' + "7" * 5000 + "}", "req.jsonl:1: malformed JSON (ValueError"),
+])
+def test_json_that_python_cannot_parse_is_named(proj, capsys, no_compute, line, message):
+    """Nesting past the recursion limit and an integer past Python's digit limit are not JSONDecodeErrors: they get
+    the malformed-JSON message too, not a traceback."""
+    (proj / "req.jsonl").write_text(line + "\n")
+    refused(unlearn_args(proj, proj.parent / "out"), capsys, [proj.parent], message)
+
+
+def test_a_folder_given_as_the_request_is_named_as_one(proj, capsys, no_compute):
+    (proj / "reqs").mkdir()
+    refused(unlearn_args(proj, proj.parent / "out", request=proj / "reqs"), capsys, [proj.parent],
+            "is a folder; give the request file in it")
+
+
+def test_a_byte_order_mark_is_read_past(tmp_path):
+    """Windows editors start a UTF-8 file with U+FEFF: the records load as without it, as JSONL and as a JSON array."""
+    from llmeraser.data import load_records
+
+    rows = [{"id": "a", "prompt": "p", "response": "r"}, {"id": "b", "prompt": "q", "response": "s"}]
+    (tmp_path / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    (tmp_path / "d.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    for name in ("d.jsonl", "d.json"):
+        assert [r.id for r in load_records(tmp_path / name)] == ["a", "b"]
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
 def test_damaged_adapter_safetensors(proj, capsys, no_compute, damage):
     f = proj / "adapter" / "adapter_model.safetensors"

@@ -172,15 +172,15 @@ def image_part(fields: dict, shape: str, where: str) -> str | None:
 
 def _read_json_rows(path: Path) -> list[tuple[dict, str]]:
     """Rows of a JSON array or JSONL file, each with a 'file:line' (or 'file[i]') locator."""
-    from .fileio import read_text
+    from .fileio import loads_json, read_text
 
     if not path.is_file():
-        raise InputError(f"data file {path} does not exist")
+        raise InputError(f"data file {path} {'is a folder; give the data file in it' if path.is_dir() else 'does not exist'}")
     text = read_text(path, "data file")
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
-            rows = json.loads(text)
+            rows = loads_json(text)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); fix the file or use JSONL, one record per line") from None
         out = []
@@ -194,7 +194,7 @@ def _read_json_rows(path: Path) -> list[tuple[dict, str]]:
         if not line.strip():
             continue
         try:
-            r = json.loads(line)
+            r = loads_json(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{lineno}: malformed JSON ({e.msg}); each line must be one JSON object") from None
         if not isinstance(r, dict):
@@ -288,18 +288,18 @@ def _check_private(private, op: str, old: Record, where: str) -> tuple[str, ...]
 
 
 def load_request(path: str | Path, records: list[Record]) -> EditRequest:
-    from .fileio import read_text, sha256_file
+    from .fileio import loads_json, read_text, sha256_file
 
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"request file {path} does not exist")
+        raise InputError(f"request file {path} {'is a folder; give the request file in it' if path.is_dir() else 'does not exist'}")
     rows = []
     for lineno, line in enumerate(read_text(path, "request file").splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
         try:
-            rows.append((json.loads(line), where, lineno))
+            rows.append((loads_json(line), where, lineno))
         except json.JSONDecodeError as err:
             raise InputError(f"{where}: malformed JSON ({err.msg}); each line must be one JSON object") from None
     return _request(rows, records, str(path), sha256_file(path))

@@ -48,11 +48,26 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def read_text(path: str | Path, what: str) -> str:
-    """A UTF-8 text file's contents; an undecodable byte is an InputError naming the file, line and fix."""
-    raw = Path(path).read_bytes()
+def loads_json(text: str):
+    """json.loads, with its two failures that are not a JSONDecodeError (an integer past Python's digit limit, nesting
+    past the recursion limit) raised as one, so that a caller's one clause turns every malformed file into its message."""
     try:
-        return raw.decode("utf-8")
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise json.JSONDecodeError(f"{type(e).__name__}: {str(e).splitlines()[0]}", text, 0) from None
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """A UTF-8 text file's contents, without a leading byte-order mark (editors on Windows write one); an unreadable
+    file or an undecodable byte is an InputError naming the file (and line) and the fix."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"{what} {path}: cannot be read ({e.strerror or e}); check that it is a file you may read") from None
+    try:
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise InputError(f"{what} {path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "

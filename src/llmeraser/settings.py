@@ -329,7 +329,7 @@ def _known_fields(cls, d, where: str) -> dict:
 def read_config(path: str | Path) -> dict:
     """A settings dict from a JSON or TOML file. An `unlearn.json` is accepted as it is: its "settings"
     (and "recipe") are what replay that run. Returns {"recipe": name or None, "settings": dict}."""
-    from .fileio import read_text
+    from .fileio import loads_json, read_text
 
     path = Path(path)
     if not path.is_file():
@@ -346,7 +346,7 @@ def read_config(path: str | Path) -> dict:
             raise InputError(f"--config {path}: malformed TOML ({e})") from None
     else:
         try:
-            raw = json.loads(text)
+            raw = loads_json(text)
         except json.JSONDecodeError as e:
             raise InputError(f"--config {path}:{e.lineno}: malformed JSON ({e.msg})") from None
     if not isinstance(raw, dict):
