@@ -26,3 +26,17 @@ def test_prompt_record_with_system_turn(tmp_path, tiny_dir):
         load_request(bad, [with_system, without])
     with pytest.raises(InputError, match="'system' must be a string"):
         load_records(write_jsonl(tmp_path / "e.jsonl", [{"system": 3, "prompt": "hi", "response": "ok"}]))
+
+
+def test_a_chat_template_that_refuses_the_roles_is_an_input_error():
+    """A template whose raise_exception refuses the turns (Gemma's and Llama 2's want user and assistant in turn)
+    gives an InputError naming the roles and the fix, not jinja2's TemplateError."""
+    from helpers import make_tokenizer
+    from llmeraser.render import render_text
+
+    tok = make_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+                         "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    assert render_text(tok, [{"role": "user", "content": "a"}], "b", "chat") == ("a", "b")
+    with pytest.raises(InputError, match="refused a prompt with the roles user, user .*roles must alternate.*--template plain"):
+        render_text(tok, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "c", "chat")

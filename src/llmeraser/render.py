@@ -53,8 +53,16 @@ def resolve_template(tokenizer, template: str) -> str:
 
 def render_text(tokenizer, prompt: list[dict], response: str, template: str) -> tuple[str, str]:
     if template == "chat":
-        head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+        from jinja2 import TemplateError  # transformers' chat templates are jinja2; their raise_exception raises it
+
+        try:
+            head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+        except TemplateError as e:
+            roles = ", ".join(m["role"] for m in prompt)
+            raise InputError(f"the tokenizer's chat template refused a prompt with the roles {roles} ({e}); fix the "
+                             "record's roles (most templates want user and assistant turns in turn) or use "
+                             "--template plain") from None
         if not full.startswith(head):
             raise InputError(
                 "the tokenizer's chat template does not render the prompt as a prefix of the full conversation; "
