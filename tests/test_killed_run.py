@@ -157,3 +157,28 @@ def test_two_writers_of_one_path_do_not_take_each_others_temporary_file(tmp_path
     fileio.write_text_atomic(path, "first\n")
     assert path.read_text() == "first\n" and inner
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, OSError])
+def test_a_swap_stopped_between_its_renames_puts_the_previous_output_back(tmp_path, monkeypatch, stop):
+    """Ctrl-C (or a failing rename) after the previous output was moved aside and before the new one is in place:
+    the previous output is back at `out`, whole, and no staging folder is left."""
+    from llmeraser import fileio
+    from llmeraser.errors import InputError
+
+    out = tmp_path / "edit"
+    with fileio.atomic_dir(out) as work:
+        (work / "result.txt").write_text("the previous result")
+    real = os.rename
+
+    def rename(src, dst):
+        if Path(src).name == "out":  # the new output's move into place
+            raise stop("stopped at the swap")
+        return real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "rename", rename)
+    with pytest.raises(InputError if stop is OSError else KeyboardInterrupt):
+        with fileio.atomic_dir(out, overwrite=True) as work:
+            (work / "result.txt").write_text("the new result")
+    assert (out / "result.txt").read_text() == "the previous result"
+    assert [p.name for p in tmp_path.iterdir()] == ["edit"]

@@ -304,23 +304,23 @@ def atomic_dir(out: str | Path, overwrite: bool = False, inputs: tuple = ()):
             check_finite_safetensors(work)
             write_json(work / MARKER, {"written_by": "llmeraser", "files": manifest(work)})
             previous = staging / "previous"
-            if os.path.lexists(out):
-                if not overwrite:
-                    raise InputError(f"output folder {out} appeared while working; pass --overwrite to replace it")
-                # moved aside first and checked there, so nothing written into it after the check is lost
-                os.rename(out, previous)
-                try:
-                    check_replaceable(previous, shown=out)
-                except BaseException:
-                    os.rename(previous, out)
-                    raise
             try:
+                if os.path.lexists(out):
+                    if not overwrite:
+                        raise InputError(f"output folder {out} appeared while working; pass --overwrite to replace it")
+                    # moved aside first and checked there, so nothing written into it after the check is lost
+                    os.rename(out, previous)
+                    check_replaceable(previous, shown=out)
                 os.rename(work, out)
-            except OSError as e:
-                if previous.exists():
+            except BaseException as e:
+                # whatever stopped the swap (a failed check, a full disk, Ctrl-C): the folder there goes back as it
+                # was before the staging folder, which holds it, is removed
+                if previous.exists() and not os.path.lexists(out):
                     os.rename(previous, out)
-                raise InputError(f"could not move the result into {out} ({e.strerror}); the folder there is as it "
-                                 "was, and nothing was written") from None
+                if isinstance(e, OSError):
+                    raise InputError(f"could not move the result into {out} ({e.strerror}); the folder there is as "
+                                     "it was, and nothing was written") from None
+                raise
             done = True
     finally:
         if not done:
