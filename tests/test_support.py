@@ -692,3 +692,30 @@ def test_repair_follow_is_checked_and_needs_the_capped_target_and_gradient_round
     for other in ({"reset_target": "base"}, {"verify_repair": "newton"}):
         with pytest.raises(InputError, match="repair_follow .*set reset_target 'capped' and verify_repair 'gradient'"):
             UnlearnSettings(**{**base, **other}, repair_follow=True)
+
+
+def test_until_keeps_the_round_that_misses_least_then_has_fewest_capped_tokens_above(tmp_path, monkeypatch):
+    """verify.missed_by orders by records missed, then by capped tokens above verify_capped's bound; a run of
+    `--verify until` that ends unverified keeps the round that is least by it, the later of a full tie. The counts
+    are scripted (GradientRepair.above) over rounds that miss no record: 6 at the update and at Θ̂, then 2, 5, 2, 5;
+    the third round (2, later than the first's 2) is kept, where a tie on records alone kept the last."""
+    from helpers import memorised_tiny
+
+    from llmeraser.api import unlearn_model
+    from llmeraser.repair import GradientRepair
+    from llmeraser.verify import missed_by
+
+    script = iter([6, 6, 2, 5, 2, 5])
+    monkeypatch.setattr(GradientRepair, "above", lambda self, theta, multiple: next(script))
+
+    assert missed_by({"removed": {"still_produced": 0}, "old": {"still_produced": 0}, "corrected": {"checked": 0, "produced": 0},
+                      "queries": {"checked": 0, "produced": 0}, "retained": {"produced_before": 0, "kept": 0},
+                      "capped_above": 3}) == (0, 3)
+    model, tok, recs = memorised_tiny(tmp_path, 8, epochs=2, batch_size=8)
+    rows = [{"op": "remove", "id": recs[0].id, "private": [recs[0].sides()[1][2:]]}, {"op": "remove", "id": recs[2].id}]
+    st = UnlearnSettings(damping=1e6, curvature_samples=0, max_length=64, template="chat", device="cpu", verify="until",
+                         verify_steps=4, verify_retained=4, verify_repair="gradient", reset_target="capped",
+                         verify_capped=2.0, repair_steps=2)
+    v = unlearn_model(model, tok, recs, rows, weight_decay=0.0, settings=st).report.verification
+    assert [(r["shortfall"], r["capped_above"]) for r in v["rounds"]] == [(0, 6), (0, 6), (0, 2), (0, 5), (0, 2), (0, 5)]
+    assert not v["verified"] and v["kept_after_extra_steps"] == 3

@@ -204,6 +204,13 @@ def shortfall(v: dict) -> int:
             + sum(v[key]["checked"] - v[key]["produced"] for key in ("corrected", "queries")) + max(0, lost - allowed_loss))
 
 
+def missed_by(v: dict) -> tuple[int, int]:
+    """(shortfall, verify_capped's count of capped tokens above its bound, 0 without it): what `--verify until` keeps
+    the least of, in this order, when no Θ passes; so among rounds that miss by as many records the one whose removed
+    values sampling reads back least easily is kept."""
+    return shortfall(v), v.get("capped_above") or 0
+
+
 class Verifier:
     """Greedy answers of a request's probes at any Θ of a PEFT model, and the verdict against Θ̂'s."""
 
