@@ -182,3 +182,21 @@ def test_a_swap_stopped_between_its_renames_puts_the_previous_output_back(tmp_pa
             (work / "result.txt").write_text("the new result")
     assert (out / "result.txt").read_text() == "the previous result"
     assert [p.name for p in tmp_path.iterdir()] == ["edit"]
+
+
+@pytest.mark.parametrize("odd", ["fifo", "dangling link"])
+def test_an_odd_file_in_an_output_to_overwrite_is_refused_not_read(tmp_path, odd):
+    """A FIFO (reading it would wait forever) or a dangling link inside an output llmeraser wrote: --overwrite
+    refuses the folder, naming the entry, instead of hashing it."""
+    from llmeraser import fileio
+    from llmeraser.errors import InputError
+
+    out = tmp_path / "edit"
+    with fileio.atomic_dir(out) as work:
+        (work / "result.txt").write_text("a result")
+    if odd == "fifo":
+        os.mkfifo(out / "pipe")
+    else:
+        os.symlink(tmp_path / "nowhere", out / "pipe")
+    with pytest.raises(InputError, match="holds pipe, which llmeraser did not write"):
+        fileio.check_output_dir(out, overwrite=True)

@@ -152,10 +152,20 @@ def _check_creatable(out: Path, shown, flag: str) -> None:
         raise InputError(f"{flag} {shown}: cannot write in {ancestor} ({e.strerror}); choose a writable {flag}") from None
 
 
+NOT_REGULAR = "not a regular file"
+
+
 def manifest(folder: Path) -> dict[str, str]:
-    """{relative path: SHA-256} of every file under `folder` but the marker."""
-    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*"))
-            if not p.is_dir() and p.name != MARKER}
+    """{relative path: SHA-256} of every file under `folder` but the marker; a link or anything else that is not a
+    regular file (a FIFO, a socket) is listed as NOT_REGULAR, never opened: reading a FIFO would wait forever, and
+    llmeraser writes only regular files, so such an entry marks a folder it may not replace."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.name == MARKER or (p.is_dir() and not p.is_symlink()):
+            continue
+        regular = p.is_file() and not p.is_symlink()
+        out[str(p.relative_to(folder))] = sha256_file(p) if regular else NOT_REGULAR
+    return out
 
 
 def check_replaceable(out: Path, flag: str = "--out", shown: Path | None = None) -> None:
