@@ -293,6 +293,23 @@ def test_malformed_train_json(proj, capsys, no_compute):
     refused(unlearn_args(proj, proj.parent / "out"), capsys, [proj.parent], "train.json: not valid JSON")
 
 
+@pytest.mark.parametrize("name", ["train.json", "adapter_config.json"])
+def test_an_unreadable_adapter_file_is_named(proj, capsys, no_compute, monkeypatch, name):
+    """A permission error (simulated: the tests run as root, whom chmod does not stop) names the file, not a traceback.
+    Only llmeraser's reads are refused; the test's own hashing of the folder reads as usual."""
+    import sys
+
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == name and sys._getframe(1).f_globals.get("__name__", "").startswith("llmeraser"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    refused(unlearn_args(proj, proj.parent / "out"), capsys, [proj.parent], f"{name}: cannot be read (Permission denied)")
+
+
 def test_pickled_adapter_is_refused_and_never_loaded(proj, capsys, no_compute, monkeypatch):
     f = proj / "adapter" / "adapter_model.safetensors"
     torch.save(load_file(str(f)), proj / "adapter" / "adapter_model.bin")

@@ -529,8 +529,10 @@ def check_adapter(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     config = Path(adapter_dir) / "adapter_config.json"
     try:
         cfg = json.loads(config.read_bytes().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise InputError(f"--adapter {config}: not valid JSON ({e}); save the adapter again with PEFT") from None
+    except OSError as e:
+        raise InputError(f"--adapter {config}: cannot be read ({e.strerror or e}); check its permissions") from None
     if not isinstance(cfg, dict) or "peft_type" not in cfg:
         raise InputError(f"--adapter {config}: not a PEFT adapter config (no 'peft_type'); give a folder written by "
                          "PEFT save_pretrained")

@@ -33,8 +33,10 @@ class TrainRecord:
             return None
         try:
             raw = json.loads(path.read_bytes().decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise InputError(f"{path}: not valid JSON ({e}); repair it or move it out of the adapter folder") from None
+        except OSError as e:
+            raise InputError(f"{path}: cannot be read ({e.strerror or e}); check its permissions") from None
         if not isinstance(raw, dict):
             raise InputError(f"{path}: must be a JSON object; repair it or move it out of the adapter folder")
         args = raw.get("arguments", {})
