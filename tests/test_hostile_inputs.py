@@ -398,3 +398,15 @@ def test_unconverged_solve_exits_3_and_writes_nothing(proj, tmp_path, capsys):
     refused(args, capsys, [tmp_path], "the solve did not converge", code=3)
     assert main(args + ["--allow-unconverged"]) == 0
     assert json.loads((tmp_path / "out" / "unlearn.json").read_text())["converged"] is False
+
+
+def test_a_file_system_error_mid_run_is_said_plainly(proj, capsys, monkeypatch):
+    """A full disk while saving (simulated in the output's write) ends with a message and status 2, not a traceback,
+    and leaves no output or staging folder."""
+    import llmeraser.api as api
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device", str(proj.parent / "out" / "adapter_model.safetensors"))
+
+    monkeypatch.setattr(api, "write_adapter", full)
+    refused(unlearn_args(proj, proj.parent / "out"), capsys, [proj.parent], "No space left on device")

@@ -323,6 +323,13 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.is_main():
             print(f"llmeraser: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        # what no check can foresee (a full disk, a file removed mid-run): said plainly; outputs are renamed into place
+        # only whole (fileio.atomic_dir), so nothing partial is left
+        if distributed.is_main():
+            print(f"llmeraser: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''} (a file-system error; "
+                  "no output was left half-written). Free the space or restore the file, and run again", file=sys.stderr)
+        return 2
     finally:
         if created:
             distributed.shutdown()
