@@ -51,7 +51,7 @@ from .objective import wide
 from .problem import Problem
 from .reset import pulled_tokens
 from .settings import UnlearnSettings
-from .support import capped_positions, capped_target
+from .support import capped_positions, capped_target, others_logsumexp
 
 # Adam's moment decay rates and denominator guard, as torch.optim.Adam's defaults
 BETAS, EPS = (0.9, 0.999), 1e-8
@@ -83,8 +83,7 @@ def bounded_unlikelihood(logprobs: torch.Tensor, targets: torch.Tensor, mask: to
         threshold = threshold.to(p.device, p.dtype)
     on = mask.to(p.device) & (p.detach() > threshold)
     rows = on.nonzero()[:, 0]
-    others = logprobs[rows].scatter(1, targets[rows, None], -torch.inf)
-    term = -torch.logsumexp(others, -1)
+    term = -others_logsumexp(logprobs[rows], targets[rows])
     if odds:
         term = term + logp[rows]
     return term.sum(), int(rows.numel())

@@ -184,6 +184,12 @@ class KeptContinuations:
         return out
 
 
+def others_logsumexp(z, targets):
+    """logsumexp over v ≠ y of each row's z_v, y its target: with log-probabilities, log(1 − p_y) exactly, where
+    log1p(−p_y) loses a p_y that float32 rounds to 1. z: [rows, vocab], targets: [rows]."""
+    return torch.logsumexp(z.scatter(1, targets[:, None], -torch.inf), -1)
+
+
 def capped_logits(z, targets, cap: float):
     """Logits whose softmax is the I-projection of softmax(z) onto {q : q_y ≤ cap} at each row's target y:
     q_y = min(p_y, cap), the other tokens' mass scaled by (1 − q_y)/(1 − p_y), their ratios kept
@@ -191,7 +197,7 @@ def capped_logits(z, targets, cap: float):
     every other logit unchanged. z: [rows, vocab] (float32 or wider), targets: [rows]."""
     rows = torch.arange(z.shape[0], device=z.device)
     own = z[rows, targets]
-    others = torch.logsumexp(z.index_put((rows, targets), torch.tensor(-math.inf, dtype=z.dtype, device=z.device)), -1)
+    others = others_logsumexp(z, targets)
     out = z.clone()
     out[rows, targets] = torch.minimum(own, others + math.log(cap / (1 - cap)))
     return out
