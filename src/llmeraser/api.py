@@ -125,6 +125,11 @@ def _unlearn_model(model, tokenizer, records, req, weight_decay, settings, recip
     for st in short if distributed.is_main() else ():
         print(f"llmeraser: warning: in Newton step {st['step']} the solver stopped at residual {st['final_residual']:.3g} "
               f"above tol {settings.solver_settings.tol} after {st['iterations']} iterations", file=sys.stderr)
+    for st in negative_curvature_steps(stage["steps"]) if distributed.is_main() else ():
+        print(f"llmeraser: warning: in Newton step {st['step']} CG met negative curvature at iteration "
+              f"{st['negative_curvature_at']}; the step is its last iterate"
+              + (" (steepest descent)" if st["negative_curvature_at"] == 1 else "")
+              + ", not a solution: use curvature ggn or a larger damping", file=sys.stderr)
     return UnlearnResult(None, delta, result, report, adapter_state(model, p.params, theta))
 
 
@@ -258,6 +263,12 @@ def unconverged_steps(steps: list[dict], settings: UnlearnSettings) -> list[dict
     judged by)."""
     return [st for st in steps if not st.get("until_verified") and not st["converged"]
             and (st["step"] == 1 or not settings.refine_iters)]
+
+
+def negative_curvature_steps(steps: list[dict]) -> list[dict]:
+    """The Newton steps whose CG met pᵀ(C+λI)p ≤ 0 (only the true Hessian can be indefinite): their Δ is CG's last
+    iterate before it, a descent direction the line search scaled, not (C+λI)⁻¹b."""
+    return [st for st in steps if "negative_curvature_at" in st]
 
 
 def unlearn(base: str, adapter: str | Path, data: str | Path, request: str | Path, out: str | Path | None,

@@ -120,8 +120,7 @@ class Refiner:
         # backtracking along the solved direction (docs/design.md#newton-backtracking); f(Θ_k): the last accepted value
         search = backtrack(objective, theta, step, float(grad @ step), start=start,
                            guard=self.guard(theta) if self.guard else None)
-        record = {"step": self.k, "grad_norm": float(grad.norm()), "iterations": result.iterations,
-                  "final_residual": result.final_residual, "converged": result.converged, "line_search": search}
+        record = {"step": self.k, "grad_norm": float(grad.norm()), **result.step_record(), "line_search": search}
         if reset is not None:
             record["reset_removed"] = len(reset_removed)
             if reset_parts:

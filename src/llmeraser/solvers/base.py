@@ -65,6 +65,14 @@ class SolveResult:
     def final_residual(self) -> float:
         return self.residuals[-1][1] if self.residuals else math.nan
 
+    def step_record(self) -> dict:
+        """What a Newton step's record keeps of its solve; the iteration at which CG met negative curvature too,
+        when it did, since that step is CG's last iterate (steepest descent at iteration 1), not a solution."""
+        record = {"iterations": self.iterations, "final_residual": self.final_residual, "converged": self.converged}
+        if "negative_curvature_at" in self.info:
+            record["negative_curvature_at"] = self.info["negative_curvature_at"]
+        return record
+
 
 SOLVERS: dict[str, type["Solver"]] = {}
 

@@ -55,6 +55,15 @@ class ConjugateGradient(Solver):
             pap = torch.dot(p, ap)
             if pap <= 0:
                 info["negative_curvature_at"] = k
+                if k == 1:
+                    # no CG iterate yet: the steepest-descent step b·‖b‖²/|bᵀAb| instead of x = 0, as Newton-CG does
+                    # (Nocedal & Wright, Alg. 7.1), so that the caller's line search has a descent direction to scale
+                    # rather than a zero step it would accept as a no-op; each shifted system gets its own first
+                    # iterate, b·‖b‖²/(bᵀAb + σ‖b‖²), or the same fallback where that is ≤ 0 too
+                    x = self._descent(b, rs, pap)
+                    for j, s in enumerate(shifts):
+                        xs[j] = self._descent(b, rs, pap + s * rs)
+                    info["steepest_descent"] = True
                 k -= 1
                 break
             alpha = float(rs / pap)
@@ -82,8 +91,20 @@ class ConjugateGradient(Solver):
             bar.update(1)
             bar.set_postfix(residual=f"{rel:.2e}")
             if rel < self.settings.tol:
-                converged = True
-                break
+                # r is the recursive residual, b − Ax only in exact arithmetic: confirm with one more product (on the
+                # seed only) before claiming convergence, and report the measured value as the last one
+                r_true = b - op.full(x)
+                true_rel = float(torch.linalg.vector_norm(r_true) / bnorm)
+                residuals[0][-1] = (k, true_rel)
+                info["recursive_residual"] = rel
+                if true_rel < self.settings.tol:
+                    converged = True
+                    break
+                # they drifted apart: restart CG from the true residual (a valid restart: x is kept, p = r). The
+                # shifted systems' ζ recurrence assumes one unbroken Krylov run, so they stay at their iterates.
+                info["restarts"] = info.get("restarts", 0) + 1
+                frozen = [True] * len(shifts)
+                r, rs_new, beta = r_true, torch.dot(r_true, r_true), 0.0
             p = r + beta * p
             rs = rs_new
             alpha_old, beta_old = alpha, beta
@@ -91,5 +112,11 @@ class ConjugateGradient(Solver):
         out = [SolveResult(x, k, residuals[0], converged, info)]
         for j, s in enumerate(shifts):
             res = residuals[j + 1]
-            out.append(SolveResult(xs[j], k, res, converged or res[-1][1] < self.settings.tol, {**info, "shift": s}))
+            out.append(SolveResult(xs[j], k, res, res[-1][1] < self.settings.tol, {**info, "shift": s}))
         return out
+
+    @staticmethod
+    def _descent(b: torch.Tensor, rs: torch.Tensor, curvature: torch.Tensor) -> torch.Tensor:
+        """b·‖b‖²/|bᵀAb|: the step along b that the first CG iteration would take with curvature |bᵀAb| (b itself
+        where that is 0)."""
+        return b * float(rs / curvature.abs()) if curvature != 0 else b.clone()
