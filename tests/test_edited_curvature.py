@@ -381,3 +381,23 @@ def test_a_step_after_a_teaching_step_starts_its_search_from_the_plain_objective
     _, _, plain = unl.more_steps(req, theta)
     assert "pulled_new" not in plain
     assert plain["line_search"]["start"] == pytest.approx(unl.refiner.objective(theta), rel=1e-12)
+
+
+def test_original_curvature_searches_with_the_slope_of_the_objective_it_searches(tiny64, tmp_path):
+    """curvature_data 'original' solves (C_all + λI)x = b over n, but the line search's objective is R' over the
+    m_e edited records with weight decay: its Armijo slope must be −∇R'(Θ̂)·Δ, ∇R'(Θ̂) = −[b + (n − m_e)·wd·Θ̂]/m_e,
+    not −(b/n)·Δ (off by n/m_e and the removed records' decay). Checked against central differences of the search's
+    own objective, whose slope at Θ̂ is that gradient by construction (control variate)."""
+    model, tok, records = tiny64
+    req = load_request(write_jsonl(tmp_path / "r.jsonl", [{"op": "remove", "id": "r1"}, {"op": "remove", "id": "r4"}]),
+                       records)
+    unl = Unlearner(model, tok, records, UnlearnSettings(curvature_samples=3, batch_size=2, device="cpu", template="chat",
+                                                         curvature_data="original", newton_steps=1), weight_decay=0.1)
+    delta, _, stage = unl.delta(req, progress=False)
+    search = stage["steps"][0]["line_search"]
+    d = delta / search["scale"]
+    f, exact = objective_of(unl, req)
+    assert not exact
+    eps = 1e-3  # ‖d‖ is small; below ~1e-4 the differences are rounding noise. −(b/n)·Δ is 30% off here
+    slope = (f(unl.theta_hat + eps * d) - f(unl.theta_hat - eps * d)) / (2 * eps)
+    assert slope < 0 and abs(search["slope"] - slope) <= 3e-3 * abs(slope), (search["slope"], slope)

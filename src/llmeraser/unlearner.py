@@ -74,12 +74,18 @@ class Unlearner:
         t0 = time.perf_counter()
         b = p.rhs(request, progress)
         t1 = time.perf_counter()
-        items, rhs, m = self.first_system(p.sets(request), b)
+        sets = p.sets(request)
+        items, rhs, m = self.first_system(sets, b)
+        # −∇R'(Θ̂) = [b + (n − m_e)·wd·Θ̂]/m_e, m_e = |edited|, the slope of the line search's objective whatever data
+        # the curvature is over ('original' solves with b and n, which lack the removed records' weight decay)
+        m_e = len(sets.edited)
+        neg_grad = (b + (p.n - m_e) * p.weight_decay * p.theta_hat) / m_e
         terms = extension_terms(p, request, s)
         op = self.systems.operator(p.theta_hat, items, s.dampings[0] + p.weight_decay, tuple(t.curvature(m) for t in terms))
         for t in terms:
             if not t.flat:
-                rhs = rhs - t.coefficient * t.penalty.grad(p.theta_hat)
+                pull = t.coefficient * t.penalty.grad(p.theta_hat)
+                rhs, neg_grad = rhs - pull, neg_grad - pull / m  # the objective carries (c/m)·P (Term.value)
         penalty = (lambda th: sum(t.value(th, m) for t in terms)) if terms else None
         # op carries the smallest λ; the others are shifts of it, solved in the same run
         results = self.systems.solve(op, rhs, tuple(lam - s.dampings[0] for lam in s.dampings[1:]), progress)
@@ -87,11 +93,10 @@ class Unlearner:
         for t in terms:
             t.penalty.release()
         steps = [r.delta / m for r in results]  # the solve was for m·ΔΘ against an unscaled right-hand side
-        choice, search, selection = self.accept(request, results, steps, rhs / m, penalty, bool(torch.any(rhs != 0)))
+        choice, search, selection = self.accept(request, results, steps, neg_grad, penalty, bool(torch.any(rhs != 0)))
         result, self.damping = results[choice], s.dampings[choice] + p.weight_decay
         theta = p.theta_hat + (search["scale"] if search else 1.0) * steps[choice]
-        records = [{"step": 1, "grad_norm": float(b.norm()), "iterations": result.iterations,
-                    "final_residual": result.final_residual, "converged": result.converged, "line_search": search}]
+        records = [{"step": 1, "grad_norm": float(b.norm()), **result.step_record(), "line_search": search}]
         if selection:
             records[0]["damping_selection"] = selection
         if s.newton_steps > 1 and torch.any(rhs != 0):
