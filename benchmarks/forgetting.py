@@ -153,20 +153,42 @@ def build(sc: Scenario) -> tuple[list[dict], list[dict], dict]:
 
 
 def count(answers: dict, request: list[dict], values: dict, retained: list[str], forms: dict | None = None) -> dict:
-    """Private values produced in greedy answers (record id -> answer). With `forms` (answer_forms), also how many
-    removed answers keep the record's sentence: retraining mostly answers a removed prompt in that sentence with
-    another value, so a garbled answer hides the value without being what retraining gives."""
+    """Private values produced in greedy answers (record id -> answer). A correction counts as produced when its answer
+    holds the new value and not the old one. "removed_leaked": removed values absent from their own answer but given
+    in another asked record's (leaked_into). With `forms` (answer_forms), also how many removed answers keep the
+    record's sentence: retraining mostly answers a removed prompt in that sentence with another value, so a garbled
+    answer hides the value without being what retraining gives."""
     from llmeraser.verify import produced
 
     removed = [e["id"] for e in request if e["op"] == "remove"]
     corrected = [e["id"] for e in request if e["op"] == "correct_response"]
     out = {"removed_produced": sum(produced(answers[i], (values[i],)) for i in removed), "removed": len(removed),
-           "corrected_produced": sum(produced(answers[i], (values[i][1],)) for i in corrected),
+           "removed_leaked": sum(not produced(answers[i], (values[i],)) and bool(leaked_into(i, answers, values))
+                                 for i in removed),
+           "corrected_produced": sum(produced(answers[i], (values[i][1],)) and not produced(answers[i], (values[i][0],))
+                                     for i in corrected),
            "old_produced": sum(produced(answers[i], (values[i][0],)) for i in corrected), "corrected": len(corrected),
            "retained": {i: produced(answers[i], (values[i],)) for i in retained}}
     if forms is not None:
         out["removed_in_form"] = sum(produced(answers[i], (forms[i],)) for i in removed)
     return out
+
+
+def leaked_into(rid: str, answers: dict, values: dict) -> list[str]:
+    """The other records (among `answers`) whose answer gives removed record `rid`'s value where their own value is not
+    it: a memorised value that moved to another prompt ("anaemia.retau88@web.de" for a removed condition) is still
+    produced. An identifier (e-mail, IBAN, code) is one person's, so any answer counts; a condition (one of twelve) is
+    counted in the same person's other answers only, since another person's answer may give it by chance."""
+    from llmeraser.verify import produced
+
+    value, person = values[rid], _person(rid)
+    others = [j for j in answers if j != rid and (_kind(rid) != "condition" or _person(j) == person)]
+    own = lambda j: values[j] if isinstance(values[j], str) else " ".join(values[j])
+    return [j for j in others if produced(answers[j], (value,)) and not produced(own(j), (value,))]
+
+
+def _person(rid: str) -> str:
+    return rid.rsplit("-", 1)[0]  # ids are p{i}-{kind} (build)
 
 
 def _kind(rid: str) -> str:
@@ -215,6 +237,12 @@ def memorised_share(original: dict) -> float:
     return sum(hits.values()) / len(hits) if hits else 0.0
 
 
+def removed_given(c: dict) -> int:
+    """Removed values an adapter gives: in their own answer, or leaked into another (0 where a result predates the
+    count)."""
+    return c["removed_produced"] + c.get("removed_leaked", 0)
+
+
 def judge(counts: dict) -> dict:
     """The pass criteria (module docstring) on the counts of original, retrain and llmeraser. A scenario whose
     original produces fewer than MEMORISED_MIN of the sampled retained values did not memorise its records: the
@@ -224,7 +252,7 @@ def judge(counts: dict) -> dict:
     memorised = memorised_share(o)
     kept = sum(u["retained"][i] for i in before) / len(before) if before else 1.0
     checks = {
-        "removed": u["removed_produced"] <= r["removed_produced"] + CRITERIA["removed_over_retrain_max"],
+        "removed": removed_given(u) <= removed_given(r) + CRITERIA["removed_over_retrain_max"],
         "corrected": u["corrected_produced"] >= CRITERIA["corrected_min"] * u["corrected"],
         "retained": kept >= CRITERIA["retained_min"],
     }
@@ -407,7 +435,7 @@ def table(results: list[dict]) -> str:
                  f"step{'' if uv['extra_steps'] == 1 else 's'}")
         secs = " / ".join(f"{r['seconds'][k]:.0f}" if k in r["seconds"] else "–" for k in ("retrain", "llmeraser"))
         lines.append(f"| {r['tag']} | {r['n']} | {r['recipe']['epochs']:g} | {o['removed_produced']} / "
-                     f"{rt.get('removed_produced', '–')} / {u.get('removed_produced', '–')} of {o['removed']} | "
+                     f"{rt.get('removed_produced', '–')} / {u.get('removed_produced', '–')} of {o['removed']}{_leaks(r)} | "
                      f"{rt.get('corrected_produced', '–')} / {u.get('corrected_produced', '–')} of {o['corrected']} | "
                      f"{rt.get('retained', '–')} / {u.get('retained', '–')} of {o['retained_sampled']}{kept} | "
                      f"{' / '.join(_largest_log10p(x) for x in (o, rt, u))} | {_well_formed(rt, u, o['removed'])} | "
@@ -481,6 +509,28 @@ def report(results: list[dict], label: str = "") -> str:
                        for n, (p, f, i) in sorted(by_n.items())) or "no run yet"
     return (f"## Today's `memorised` recipe, `--verify until`\n\n{counts}.\n\n{table(now)}\n"
             f"## Earlier recipes and other settings\n\n{table(rest)}")
+
+
+def leaked(result: dict, who: str) -> int | None:
+    """How many removed values adapter `who` gave in another record's answer and not their own (count()'s
+    "removed_leaked"); for a result from before that count, over its stored removed answers alone (the values rebuilt
+    from its scenario); None where it kept no answers."""
+    c = result["counts"].get(who, {})
+    if "removed_leaked" in c:
+        return c["removed_leaked"]
+    answers = c.get("removed_answers")
+    if answers is None:
+        return None
+    from llmeraser.verify import produced
+
+    values = build(Scenario(**{**result["scenario"], "kinds": tuple(result["scenario"]["kinds"])}))[2]
+    return sum(not produced(answers[i], (values[i],)) and bool(leaked_into(i, answers, values)) for i in answers)
+
+
+def _leaks(result: dict) -> str:
+    """' (leaked elsewhere: retrain / llmeraser)' where either adapter gave a removed value in another answer."""
+    got = [leaked(result, k) for k in ("retrain", "llmeraser")]
+    return "" if not any(got) else " (leaked elsewhere: " + " / ".join("–" if g is None else str(g) for g in got) + ")"
 
 
 def _well_formed(rt: dict, u: dict, removed: int) -> str:

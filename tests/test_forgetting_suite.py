@@ -260,3 +260,47 @@ def test_a_run_refuses_to_overwrite_a_result_of_other_settings(tmp_path):
     paths = [tmp_path / f"{n}.json" for n in ("same", *more)]
     assert [p.stem for p in earlier_results(paths, {}, training, "smollm2")] == ["fewer-epochs", "other-base"]
     assert earlier_results(paths, {}) == []
+
+
+def test_a_removed_value_given_in_another_answer_is_counted_and_a_correction_needs_the_old_value_gone():
+    from benchmarks.forgetting import count, leaked, removed_given
+
+    rows, request, values = build(Scenario("prompt-email+condition", "prompt", ("email", "condition"), 40, seed=0))
+    removed = [e["id"] for e in request if e["op"] == "remove"]
+    corrected = [e["id"] for e in request if e["op"] == "correct_response"]
+    cond, email = sorted(i for i in removed if i.startswith("p0-"))  # p0-condition, p0-email: one person's
+    answers = {i: "I do not know." for i in removed} | {i: f"It is {values[i][1]}." for i in corrected}
+    retained = [r["id"] for r in rows if r["id"] not in values or isinstance(values[r["id"]], str)]
+    retained = [i for i in retained if i not in answers][:6]
+    answers |= {i: f"It is {values[i]}." for i in retained}
+    base = count(answers, request, values, retained)
+    assert (base["removed_produced"], base["removed_leaked"], base["corrected_produced"]) == (0, 0, len(corrected))
+    # the person's condition inside the same person's e-mail answer: leaked; in a stranger's condition answer: not
+    # (one of twelve, so any answer may give it), unless it is an identifier, which no one else has
+    leak = answers | {email: f"It is {values[cond]}.{values[email][3:]}"}
+    assert count(leak, request, values, retained)["removed_leaked"] == 1
+    stranger = next(i for i in retained if i.endswith("-condition"))
+    assert count(answers | {stranger: f"It is {values[cond]}."}, request, values, retained)["removed_leaked"] == 0
+    other = next(i for i in retained if i.endswith("-email"))
+    c = count(answers | {other: f"It is {values[email]}."}, request, values, retained)
+    assert c["removed_leaked"] == 1 and removed_given(c) == 1
+    # its own answer giving it counts once, as produced, not again as leaked
+    c = count(leak | {cond: f"It is {values[cond]}."}, request, values, retained)
+    assert (c["removed_produced"], c["removed_leaked"]) == (1, 0)
+    # a correction whose answer gives the new value beside the old one is not a correction
+    both = answers | {corrected[0]: f"It is {values[corrected[0]][1]}, formerly {values[corrected[0]][0]}."}
+    c = count(both, request, values, retained)
+    assert (c["corrected_produced"], c["old_produced"]) == (len(corrected) - 1, 1)
+    # the criteria compare what each adapter gives anywhere; a stored result without the count is rebuilt from its
+    # removed answers
+    before = {i: True for i in retained}
+    counts = {k: count(answers, request, values, retained) for k in ("original", "retrain")}
+    lenient = {**counts, "llmeraser": count(leak, request, values, retained)}
+    assert judge(lenient)["checks"]["removed"]  # 1 <= 0 + 1
+    two = leak | {other: f"It is {values[email]}."}
+    assert not judge({**counts, "llmeraser": count(two, request, values, retained)})["checks"]["removed"]
+    stored = {"scenario": {"name": "prompt-email+condition", "shape": "prompt", "kinds": ["email", "condition"], "n": 40,
+                           "seed": 0, "remove": 0.05, "correct": 0.03},
+              "counts": {"retrain": {"removed_answers": {i: answers[i] for i in removed}},
+                         "llmeraser": {"removed_answers": {i: leak[i] for i in removed}}, "original": {}}}
+    assert (leaked(stored, "retrain"), leaked(stored, "llmeraser"), leaked(stored, "original")) == (0, 1, None)
