@@ -11,7 +11,8 @@ twelve), the number n of records (one per person and field) and a seed. For each
 3. `retrain` trains on the edited data from scratch with the same recipe and seed; llmeraser runs
    `unlearn --recipe memorised --verify until`;
 4. greedy generation asks original, retrain and llmeraser every removed and corrected prompt and a
-   seeded sample of retained ones, and counts the private values produced (verify.produced); one
+   seeded sample of retained ones, and counts the private values produced (verify.produced; a removed value
+   given in another record's answer counts, a correction only without its old value: count); one
    teacher-forced pass gives each removed (and replaced) value's log10 P after its own sentence
    (privacy.part_log10p), what sampling rather than greedy decoding could still read back; and how many
    removed answers give the record's sentence with a well-formed value of its kind (well_formed), as
