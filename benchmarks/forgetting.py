@@ -184,8 +184,8 @@ def leaked_into(rid: str, answers: dict, values: dict) -> list[str]:
 
     value, person = values[rid], _person(rid)
     others = [j for j in answers if j != rid and (_kind(rid) != "condition" or _person(j) == person)]
-    own = lambda j: values[j] if isinstance(values[j], str) else " ".join(values[j])
-    return [j for j in others if produced(answers[j], (value,)) and not produced(own(j), (value,))]
+    own = lambda j: (values[j],) if isinstance(values[j], str) else tuple(values[j])  # a correction: old and new
+    return [j for j in others if produced(answers[j], (value,)) and not any(produced(v, (value,)) for v in own(j))]
 
 
 def _person(rid: str) -> str:
@@ -423,7 +423,7 @@ def table(results: list[dict]) -> str:
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
     lines = []
     for r in results:
-        c, v, uv = r["counts"], r["verdict"], r["unlearn_verification"]
+        c, v, uv = r["counts"], rejudged(r), r["unlearn_verification"]
         o = c["original"]
         # a result skipped after an unmemorised original has no retrain / llmeraser counts: "–" stands for them
         rt, u = c.get("retrain", {}), c.get("llmeraser", {})
@@ -503,7 +503,7 @@ def report(results: list[dict], label: str = "") -> str:
     rest = [r for r, c in zip(results, current) if not c]
     by_n = {}
     for r in now:
-        ok = r["verdict"]["passed"]
+        ok = rejudged(r)["passed"]
         tally = by_n.setdefault(r["n"], [0, 0, 0])  # passed, failed, invalid
         tally[0 if ok else 1 if ok is False else 2] += 1
     counts = "; ".join(f"n = {n}: {p} of {p + f} valid runs pass" + (f", {i} invalid" if i else "")
@@ -526,6 +526,19 @@ def leaked(result: dict, who: str) -> int | None:
 
     values = build(Scenario(**{**result["scenario"], "kinds": tuple(result["scenario"]["kinds"])}))[2]
     return sum(not produced(answers[i], (values[i],)) and bool(leaked_into(i, answers, values)) for i in answers)
+
+
+def rejudged(result: dict) -> dict:
+    """A result's verdict with its removed check on removed_given, leaks included: a result from before that count
+    (judged on its own answers alone) is rejudged on the leaks in its stored removed answers (leaked)."""
+    v, c = result["verdict"], result["counts"]
+    if not v["checks"] or "retrain" not in c:
+        return v
+    given = {k: c[k]["removed_produced"] + (leaked(result, k) or 0) for k in ("retrain", "llmeraser")}
+    # stricter only: the count it ran with stands where it failed
+    checks = {**v["checks"], "removed": v["checks"].get("removed", True)
+              and given["llmeraser"] <= given["retrain"] + CRITERIA["removed_over_retrain_max"]}
+    return {**v, "checks": checks, "passed": all(checks.values()) if v.get("valid", True) else None}
 
 
 def _leaks(result: dict) -> str:

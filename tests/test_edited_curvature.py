@@ -401,3 +401,14 @@ def test_original_curvature_searches_with_the_slope_of_the_objective_it_searches
     eps = 1e-3  # ‖d‖ is small; below ~1e-4 the differences are rounding noise. −(b/n)·Δ is 30% off here
     slope = (f(unl.theta_hat + eps * d) - f(unl.theta_hat - eps * d)) / (2 * eps)
     assert slope < 0 and abs(search["slope"] - slope) <= 3e-3 * abs(slope), (search["slope"], slope)
+
+
+def test_backtracking_never_accepts_a_rise_when_the_slope_it_is_given_is_not_negative():
+    # with slope s > 0 the plain Armijo test f(Θ+αΔ) <= f(Θ) + 1e-4·α·s took uphill steps up to 1e-4·α·s: here f rises
+    # by 0.008 at α = 1 and s = 100 allowed 0.01. A step with s >= 0 must at least not raise f
+    f = lambda t: float(t.square().sum())
+    theta = torch.ones(4, dtype=torch.float64)
+    uphill = backtrack(f, theta, 1e-3 * theta, slope=100.0, max_halvings=3)
+    assert not uphill["accepted"] and all(t["objective"] > 4.0 for t in uphill["trace"])
+    # a step that does lower f is still taken, whatever the slope says
+    assert backtrack(f, theta, -0.5 * theta, slope=100.0)["accepted"]

@@ -304,3 +304,22 @@ def test_a_removed_value_given_in_another_answer_is_counted_and_a_correction_nee
               "counts": {"retrain": {"removed_answers": {i: answers[i] for i in removed}},
                          "llmeraser": {"removed_answers": {i: leak[i] for i in removed}}, "original": {}}}
     assert (leaked(stored, "retrain"), leaked(stored, "llmeraser"), leaked(stored, "original")) == (0, 1, None)
+
+
+def test_a_stored_result_is_rejudged_with_the_leaks_in_its_removed_answers():
+    from benchmarks.forgetting import rejudged
+
+    rows, request, values = build(Scenario("prompt-email+condition", "prompt", ("email", "condition"), 40, seed=0))
+    removed = [e["id"] for e in request if e["op"] == "remove"]
+    cond, email = sorted(removed)
+    plain = {i: "I do not know." for i in removed}
+    leak = {**plain, email: f"It is {values[cond]}.{values[email][3:]}"}
+    counts = lambda answers, produced: {"removed_produced": produced, "removed": 2, "removed_answers": answers}
+    stored = {"scenario": {"name": "prompt-email+condition", "shape": "prompt", "kinds": ["email", "condition"],
+                           "n": 40, "seed": 0},
+              "verdict": {"valid": True, "passed": True, "checks": {"removed": True, "corrected": True, "retained": True}},
+              "counts": {"original": {}, "retrain": counts(plain, 0), "llmeraser": counts(leak, 1)}}
+    assert rejudged(stored)["checks"]["removed"] is False and rejudged(stored)["passed"] is False  # 1 + 1 > 0 + 1
+    stored["counts"]["llmeraser"] = counts(leak, 0)
+    assert rejudged(stored)["passed"] is True  # 0 + 1 <= 0 + 1
+    assert rejudged({**stored, "verdict": {**stored["verdict"], "checks": {}}})["checks"] == {}

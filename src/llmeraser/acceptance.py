@@ -53,10 +53,13 @@ def backtrack(objective, theta: torch.Tensor, step: torch.Tensor, slope: float, 
         start = objective.start
     start = objective(theta) if start is None else start
     trace, alpha = [], 1.0
+    # a step whose slope is ≥ 0 (curvature_data 'original' solves without the removed records' weight decay, which
+    # the searched objective has) may still lower f further out, but must never raise it: Armijo with slope 0
+    armijo = min(slope, 0.0)
     for _ in range(max_halvings + 1):
         value = objective(theta + alpha * step)
         trace.append({"scale": alpha, "objective": value})
-        if value == value and value <= start + 1e-4 * alpha * slope:
+        if value == value and value <= start + 1e-4 * alpha * armijo:
             ok = True
             if guard is not None:
                 ok, trace[-1]["kept_uncertain"] = guard(theta + alpha * step)

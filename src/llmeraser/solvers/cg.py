@@ -48,6 +48,10 @@ class ConjugateGradient(Solver):
         alpha_old, beta_old = 1.0, 0.0
         residuals = [[(0, 1.0)] for _ in range(len(shifts) + 1)]
         converged, info = False, {}
+        # per shift: its own negative curvature (met at iteration 1 only: after that the seed's stops the run first)
+        shift_info = [{} for _ in shifts]
+        restarted = False  # after a restart the shifted systems stay at iterates whose residuals were never measured
+        solved_early = [False] * len(shifts)
         bar = self._bar(progress, self.max_iters)
         k = 0
         for k in range(1, self.max_iters + 1):
@@ -56,20 +60,22 @@ class ConjugateGradient(Solver):
             if pap <= 0:
                 info["negative_curvature_at"] = k
                 if k == 1:
-                    # no CG iterate yet: the steepest-descent step b·‖b‖²/|bᵀAb| instead of x = 0, as Newton-CG does
-                    # (Nocedal & Wright, Alg. 7.1), so that the caller's line search has a descent direction to scale
-                    # rather than a zero step it would accept as a no-op; each shifted system gets its own first
-                    # iterate, b·‖b‖²/(bᵀAb + σ‖b‖²), or the same fallback where that is ≤ 0 too
-                    x = self._descent(b, rs, pap)
-                    for j, s in enumerate(shifts):
-                        xs[j] = self._descent(b, rs, pap + s * rs)
+                    # no CG iterate yet: return b, the steepest descent of q(x) = ½xᵀAx − bᵀx at x = 0, as Newton-CG
+                    # does (Nocedal & Wright, Alg. 7.1), so that the caller's line search has a descent direction to
+                    # scale rather than a zero step it would accept as a no-op. A shifted system whose curvature
+                    # along b is positive, bᵀAb + σ‖b‖² > 0, gets its own first CG iterate instead
+                    x = b.clone()
                     info["steepest_descent"] = True
+                    for j, s in enumerate(shifts):
+                        own = pap + s * rs
+                        xs[j] = b * float(rs / own) if own > 0 else b.clone()
+                        shift_info[j] = {"negative_curvature_at": 1, "steepest_descent": True} if own <= 0 else {}
                 k -= 1
                 break
             alpha = float(rs / pap)
             for j, s in enumerate(shifts):
                 if abs(zeta[j]) < TINY:  # solved to far below any tolerance; ζ would underflow to 0 next
-                    frozen[j] = True
+                    frozen[j] = solved_early[j] = True
                 if frozen[j]:
                     continue
                 denom = alpha * beta_old * (zeta_old[j] - zeta[j]) + zeta_old[j] * alpha_old * (1.0 + s * alpha)
@@ -103,20 +109,19 @@ class ConjugateGradient(Solver):
                 # they drifted apart: restart CG from the true residual (a valid restart: x is kept, p = r). The
                 # shifted systems' ζ recurrence assumes one unbroken Krylov run, so they stay at their iterates.
                 info["restarts"] = info.get("restarts", 0) + 1
-                frozen = [True] * len(shifts)
+                frozen, restarted = [True] * len(shifts), True
                 r, rs_new, beta = r_true, torch.dot(r_true, r_true), 0.0
             p = r + beta * p
             rs = rs_new
             alpha_old, beta_old = alpha, beta
         bar.close()
         out = [SolveResult(x, k, residuals[0], converged, info)]
+        seed_only = ("negative_curvature_at", "steepest_descent", "recursive_residual")
         for j, s in enumerate(shifts):
             res = residuals[j + 1]
-            out.append(SolveResult(xs[j], k, res, res[-1][1] < self.settings.tol, {**info, "shift": s}))
+            ok = res[-1][1] < self.settings.tol and (solved_early[j] or not restarted)
+            shared = {key: v for key, v in info.items() if key not in seed_only}
+            if "negative_curvature_at" in info and not shift_info[j]:
+                shared["seed_negative_curvature_at"] = info["negative_curvature_at"]  # it stopped the run, not this one
+            out.append(SolveResult(xs[j], k, res, ok, {**shared, **shift_info[j], "shift": s}))
         return out
-
-    @staticmethod
-    def _descent(b: torch.Tensor, rs: torch.Tensor, curvature: torch.Tensor) -> torch.Tensor:
-        """b·‖b‖²/|bᵀAb|: the step along b that the first CG iteration would take with curvature |bᵀAb| (b itself
-        where that is 0)."""
-        return b * float(rs / curvature.abs()) if curvature != 0 else b.clone()
