@@ -168,3 +168,17 @@ def test_the_new_adapter_carries_no_file_of_the_old_folder_but_an_adapters(tiny_
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer_config.json"} <= names
     assert not names & {"train.jsonl", "req.jsonl"}
     assert "not copied from" in capsys.readouterr().err
+
+
+def test_negative_curvature_is_recorded_per_step_and_warned(tiny_dir, tmp_path, capsys):
+    """The true Hessian at the tiny adapter is indefinite: undamped, CG meets pᵀCp ≤ 0. The step keeps CG's last
+    iterate (b itself at the first iteration, never a zero step), its record says where, and unlearn warns."""
+    req = write_jsonl(tmp_path / "req.jsonl", [{"op": "correct_response", "id": "r4", "new": {"response": "1234"}}])
+    config = tmp_path / "hessian.toml"
+    config.write_text('curvature = "hessian"\n')
+    assert run_cli(tiny_dir, req, tmp_path / "a", "--damping", "0", "--tol", "1e-10", "--max-iters", "300",
+                   "--config", str(config), "--allow-unconverged") == 0
+    meta = json.loads((tmp_path / "a" / "unlearn.json").read_text())
+    step = meta["newton_steps"][0]
+    assert step["negative_curvature_at"] >= 1 and not step["converged"] and meta["delta_norm"] > 0
+    assert f"CG met negative curvature at iteration {step['negative_curvature_at']}" in capsys.readouterr().err
