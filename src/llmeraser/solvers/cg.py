@@ -15,7 +15,10 @@ class ConjugateGradient(Solver):
 
     Each iteration costs one pass of HVPs over those batches. CG needs a positive-definite
     operator: if it meets pᵀ(C+λI)p ≤ 0 (negative curvature, possible with the true Hessian
-    at a real adapter) it stops there and reports it, rather than return a meaningless x.
+    at a real adapter) it stops there, reports it (info["negative_curvature_at"]) and returns its
+    last iterate, or b at the first iteration: a descent direction for the caller's line search
+    (docs/design.md#newton-backtracking). Convergence is claimed on the measured residual, not
+    the recursive one alone.
     """
 
     name = "cg"
