@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .fileio import MARKER
+from .fileio import MARKER, loads_json, read_text
 from .items import ATTR as ITEMS_ATTR
 from .items import MODULES_CONFIG, MODULES_WEIGHTS, attach_saved, module_state, read_modules, write_modules
 from .params import AdapterParams
@@ -528,11 +528,9 @@ def check_adapter(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     path = adapter_weights_path(adapter_dir)
     config = Path(adapter_dir) / "adapter_config.json"
     try:
-        cfg = json.loads(config.read_bytes().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        cfg = loads_json(read_text(config, "--adapter"))
+    except json.JSONDecodeError as e:
         raise InputError(f"--adapter {config}: not valid JSON ({e}); save the adapter again with PEFT") from None
-    except OSError as e:
-        raise InputError(f"--adapter {config}: cannot be read ({e.strerror or e}); check its permissions") from None
     if not isinstance(cfg, dict) or "peft_type" not in cfg:
         raise InputError(f"--adapter {config}: not a PEFT adapter config (no 'peft_type'); give a folder written by "
                          "PEFT save_pretrained")

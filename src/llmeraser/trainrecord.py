@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
+from .fileio import loads_json, read_text
 
 FILE = "train.json"
 
@@ -32,11 +33,9 @@ class TrainRecord:
         if not path.is_file():
             return None
         try:
-            raw = json.loads(path.read_bytes().decode("utf-8"))
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raw = loads_json(read_text(path, "the adapter's training record"))
+        except json.JSONDecodeError as e:
             raise InputError(f"{path}: not valid JSON ({e}); repair it or move it out of the adapter folder") from None
-        except OSError as e:
-            raise InputError(f"{path}: cannot be read ({e.strerror or e}); check its permissions") from None
         if not isinstance(raw, dict):
             raise InputError(f"{path}: must be a JSON object; repair it or move it out of the adapter folder")
         args = raw.get("arguments", {})
