@@ -388,7 +388,7 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
     t = time.perf_counter()
     res = unlearn(base, d / "original", data, req, ours,
                   unlearn_recipe("memorised", **{"device": device, "dtype": dtype, "verify": "until", **overrides}),
-                  overwrite=True, progress=progress, model_and_tokenizer=mt, allow_unconverged=True, recipe="memorised")
+                  overwrite=True, progress=progress, model_and_tokenizer=mt, recipe="memorised")
     seconds["llmeraser"] = time.perf_counter() - t
     counts |= {"retrain": counted(d / "retrain"), "llmeraser": counted(ours)}
     v = res.report.verification

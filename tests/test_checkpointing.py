@@ -85,7 +85,8 @@ def test_unlearn_and_training_are_the_same_with_checkpointing(tiny_dir, trainabl
     for on in (False, True):
         # nothing kept (memory_mb ~0): which graphs are kept depends on the memory free, and a kept graph rounds
         # differently from a fresh product
-        s = dataclasses.replace(recipe("memorised"), device=DEVICE, checkpointing=on, verify_retained=4, memory_mb=1e-9)
+        s = dataclasses.replace(recipe("memorised"), device=DEVICE, checkpointing=on, verify="check", verify_retained=4,
+                                memory_mb=1e-9)
         res = unlearn(str(tiny_dir / "base"), tiny_dir / "adapter", tiny_dir / "train.jsonl", req, None, settings=s,
                       progress=False, allow_unconverged=True)
         deltas.append(res.delta)

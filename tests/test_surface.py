@@ -60,7 +60,8 @@ def cli(tiny_dir, req, out, *extra):
 
 def test_config_replays_a_run_to_the_same_delta(tiny_dir, tmp_path):
     req = write_jsonl(tmp_path / "req.jsonl", REQUEST)
-    assert cli(tiny_dir, req, tmp_path / "a", "--recipe", "memorised", "--damping", "0.2", "--max-iters", "4") == 0
+    assert cli(tiny_dir, req, tmp_path / "a", "--recipe", "memorised", "--damping", "0.2", "--max-iters", "4", "--verify",
+               "check") == 0
     first = json.loads((tmp_path / "a" / "unlearn.json").read_text())
     assert first["recipe"] == "memorised" and first["settings"]["damping"] == 0.2
     assert first["settings"]["solver_settings"]["max_iters"] == 4 and first["schema_version"] == 1

@@ -138,7 +138,8 @@ def test_unconverged_solve_warns_unless_a_capped_refinement_step(tiny_dir, tmp_p
     req = write_jsonl(tmp_path / "req.jsonl", [{"op": "correct_response", "id": "r4", "new": {"response": "1234"}}])
     # --quiet silences progress bars, not warnings
     assert run_cli(tiny_dir, req, tmp_path / "a", "--max-iters", "1", "--tol", "1e-12") == 3
-    assert "in Newton step 1 the solver stopped" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    err = capsys.readouterr().err  # the check failed, so it does not judge the edit, and the fix names --verify until
+    assert "in Newton step 1 the solver stopped" in err and "--verify until" in err and not (tmp_path / "a").exists()
     assert run_cli(tiny_dir, req, tmp_path / "a", "--max-iters", "1", "--tol", "1e-12", "--allow-unconverged") == 0
     assert "in Newton step 1 the solver stopped" in capsys.readouterr().err
     config = tmp_path / "refine.toml"
@@ -147,6 +148,21 @@ def test_unconverged_solve_warns_unless_a_capped_refinement_step(tiny_dir, tmp_p
     meta = json.loads((tmp_path / "b" / "unlearn.json").read_text())
     assert meta["newton_steps"][0]["converged"] and not meta["newton_steps"][1]["converged"]
     assert "stopped" not in capsys.readouterr().err
+
+
+def test_under_verify_until_the_checks_judge_an_unconverged_solve(tiny_dir, tmp_path, capsys):
+    """The memorised recipe runs --verify until: its adapter is written whatever a solve's residual (with only a
+    failing check such a solve writes nothing, exit 3: the test above), converged: false is recorded, and the exit
+    status is the checks' verdict; --verify-steps bounds the extra steps."""
+    req = write_jsonl(tmp_path / "req.jsonl", [{"op": "correct_response", "id": "r4", "new": {"response": "1234"}}])
+    code = run_cli(tiny_dir, req, tmp_path / "u", "--recipe", "memorised", "--verify-steps", "1", "--max-iters", "1",
+                   "--tol", "1e-12")
+    meta = json.loads((tmp_path / "u" / "unlearn.json").read_text())
+    v = meta["verification"]
+    assert meta["settings"]["verify"] == "until" and meta["settings"]["verify_steps"] == 1
+    assert meta["converged"] is False and meta["newton_steps"][0]["final_residual"] > 1e-12
+    assert len(v["extra_steps"]) <= 1 and code == (0 if v["verified"] else 4)
+    assert "written although a solve stopped above tol" in capsys.readouterr().err
 
 
 def test_the_new_adapter_carries_no_file_of_the_old_folder_but_an_adapters(tiny_dir, tmp_path, capsys):

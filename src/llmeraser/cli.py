@@ -88,7 +88,8 @@ def _unlearn_parser(sub):
     g.add_argument("--allow-other-data", action="store_true",
                    help="use --data although it differs from the data recorded in the adapter's train.json (SHA-256, n)")
     g.add_argument("--allow-unconverged", action="store_true",
-                   help="write the adapter even if the solver stops above --tol (unlearn.json records converged: false)")
+                   help="write the adapter even if a solve stops above --tol and no check judges the edit (with --verify "
+                        "until, or when the checks pass, it is written anyway; unlearn.json records converged: false)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     m = p.add_argument_group("method")
     m.add_argument("--recipe", choices=sorted(RECIPES), default=None,

@@ -35,18 +35,19 @@ def memorised() -> UnlearnSettings:
     """For an adapter that memorised its records (private text repeated verbatim): the base model's
     softmax curvature (the adapter's own is ~0 on saturated answers), the removed records' answers pulled (ρ = 10)
     toward an estimate of retraining's (below), and three Newton steps, the later two with CG capped at 5 and the
-    first at 10. Under `--verify until` up to 10 extra steps are taken, each a round of 10 Adam steps with the bounded
-    unlikelihood of repair.py (verify_repair 'gradient'), the kept records whose answers the round's start made
+    first at 10. It runs `--verify until` (the setting its record below was measured with): up to 10 extra steps,
+    each a round of 10 Adam steps with the bounded unlikelihood of repair.py (verify_repair 'gradient'), the kept records whose answers the round's start made
     uncertain in every step (verify_restore), and the removed answers' unmarked words kept (repair_form 1), so that a
     removed prompt is answered in its sentence with another value, as retraining answers it. That pull and the rounds
     move only the removed tokens the kept records do not predict, toward what they teach there, the rest of the answer
     held (reset_target 'capped', support.py), so that the other value is well formed (an IBAN keeps its "DE"). The
     check also fails while a removed value's capped token keeps p > 2τ (verify_capped 2), so that sampling, not only
     greedy decoding, reads it back far less easily: a run the Newton steps verified leaves them near 1. Its record on
-    the forgetting suite: docs/recipes.md#memorised."""
+    the forgetting suite: docs/recipes.md#memorised. The exit status is the checks' verdict (4: not verified), and a
+    first solve stopped at its cap above tol does not stop the write (api.judged_by_checks)."""
     return UnlearnSettings(curvature="ggn-base", curvature_data="edited", solver="cg", damping=0.03, reset_removed=10.0,
-                           newton_steps=3, refine_iters=5, curvature_samples=0, verify_restore=True, verify_steps=10,
-                           verify_repair="gradient", repair_form=1.0, reset_target="capped", verify_capped=2.0,
+                           newton_steps=3, refine_iters=5, curvature_samples=0, verify="until", verify_restore=True,
+                           verify_steps=10, verify_repair="gradient", repair_form=1.0, reset_target="capped", verify_capped=2.0,
                            solver_settings=SolverSettings(tol=0.05, max_iters=10))
 
 
