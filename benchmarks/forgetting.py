@@ -303,17 +303,25 @@ def value_log10p(ev, rows: list[dict], request: list[dict], values: dict) -> dic
             for key, want in (("removed", "remove"), ("old", "correct_response"))}
 
 
-def work_tag(sc: Scenario, dtype: str, batch_size: int) -> str:
-    """The scenario's tag with the base dtype and, where it is not the recipe's, the training batch (its adapters and
-    results sit beside the recipe's)."""
+def work_tag(sc: Scenario, dtype: str, batch_size: int, training: dict | None = None) -> str:
+    """The scenario's tag with the base dtype and, where they are not the recipe's, the training batch and the
+    `training` changes (train_changes: its adapters and results sit beside the recipe's)."""
     batch = "" if batch_size == RECIPE["batch_size"] else f"-b{batch_size}"
-    return sc.tag + DTYPE_TAGS.get(dtype, "") + batch
+    return sc.tag + DTYPE_TAGS.get(dtype, "") + batch + "".join(f"-{k}{v}" for k, v in sorted((training or {}).items()))
 
 
-def result_tag(sc: Scenario, dtype: str, batch_size: int, overrides: dict | None, label: str = "") -> str:
+def result_tag(sc: Scenario, dtype: str, batch_size: int, overrides: dict | None, label: str = "",
+               training: dict | None = None) -> str:
     """A result's tag (and file name): the work tag, the unlearn overrides and the label, as `run` names it."""
-    return (work_tag(sc, dtype, batch_size) + "".join(f"-{k}{v}" for k, v in sorted((overrides or {}).items()))
+    return (work_tag(sc, dtype, batch_size, training) + "".join(f"-{k}{v}" for k, v in sorted((overrides or {}).items()))
             + (f"-{label}" if label else ""))
+
+
+def train_changes(lr: float, every_layer: bool, max_grad_norm: float) -> dict:
+    """The training settings a run changed from RECIPE, short-named for tags: {"lr": 0.005, "layers": "all",
+    "clip": 0.0}; empty for the recipe's own (so its tags and cached adapters stay as they were)."""
+    return ({"lr": lr} if lr != RECIPE["lr"] else {}) | ({"layers": "all"} if every_layer else {}) \
+        | ({"clip": max_grad_norm} if max_grad_norm != RECIPE["max_grad_norm"] else {})
 
 
 def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, say, unlearn_overrides: dict | None = None,
@@ -331,7 +339,8 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
     from llmeraser.train import TrainSettings
 
     device, dtype = hardware.of(mt)
-    tag = work_tag(sc, dtype, recipe["batch_size"])
+    training = train_changes(recipe["lr"], not recipe["layers"], recipe["max_grad_norm"])
+    tag = work_tag(sc, dtype, recipe["batch_size"], training)
     d = work / tag
     d.mkdir(parents=True, exist_ok=True)
     rows, request, values = build(sc)
@@ -367,7 +376,7 @@ def run(sc: Scenario, base: str, work: Path, mt, recipe: dict, progress: bool, s
     head = {"scenario": asdict(sc), "n": len(rows), "base": base, "base_dtype": dtype, "recipe": recipe,
             "final_training_loss": trained["final_loss"], "label": label}
     overrides = unlearn_overrides or {}
-    suffix = result_tag(sc, dtype, recipe["batch_size"], overrides, label)[len(tag):]
+    suffix = result_tag(sc, dtype, recipe["batch_size"], overrides, label, training)[len(tag):]
     if memorised < MEMORISED_MIN and not run_unmemorised:
         say(f"{tag}: the original produces {memorised:.0%} of the sampled retained values (< {MEMORISED_MIN:.0%}): "
             "invalid, retraining and unlearning skipped; rerun with more --epochs")
@@ -587,6 +596,13 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=float, default=RECIPE["epochs"], help=f"training epochs (default: {RECIPE['epochs']})")
     ap.add_argument("--batch-size", type=int, default=RECIPE["batch_size"],
                     help=f"training batch (default: {RECIPE['batch_size']}; another names itself in the tag)")
+    ap.add_argument("--lr", type=float, default=RECIPE["lr"], help=f"training learning rate (default: {RECIPE['lr']:g}; "
+                    "another names itself in the tag)")
+    ap.add_argument("--every-layer", action="store_true",
+                    help="LoRA on every layer, not the top half (as `llmeraser train` does by default; named in the tag)")
+    ap.add_argument("--max-grad-norm", type=float, default=RECIPE["max_grad_norm"],
+                    help=f"training gradient clip (default: {RECIPE['max_grad_norm']:g}; 0: none, as `llmeraser train`'s "
+                    "default; another names itself in the tag)")
     ap.add_argument("--work", type=Path, default=HERE / "work" / "forgetting", help="scratch folder (adapters are cached by recipe, data, base and base dtype)")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "forgetting", help="where results go")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -606,12 +622,14 @@ def main(argv=None) -> int:
     say = (lambda msg: print(f"[forgetting {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True))
     mt = hardware.load(args.base, args.device, args.dtype)
     layers = mt[0].config.num_hidden_layers
-    recipe = {**RECIPE, "epochs": args.epochs, "batch_size": args.batch_size, "layers": tuple(range(layers // 2, layers))}
+    recipe = {**RECIPE, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "max_grad_norm": args.max_grad_norm,
+              "layers": () if args.every_layer else tuple(range(layers // 2, layers))}
     args.results.mkdir(parents=True, exist_ok=True)
     planned = [Scenario(name, *SCENARIOS[name], n, seed, args.remove, args.correct)
                for name in args.scenarios for n in args.n for seed in args.seeds]
     dtype = hardware.of(mt)[1]
-    older = earlier_results([args.results / f"{result_tag(sc, dtype, args.batch_size, args.unlearn, args.label)}.json"
+    training = train_changes(args.lr, args.every_layer, args.max_grad_norm)
+    older = earlier_results([args.results / f"{result_tag(sc, dtype, args.batch_size, args.unlearn, args.label, training)}.json"
                              for sc in planned], args.unlearn, recipe, args.base)
     if older:
         held = "holds a run" if len(older) == 1 else "hold runs"

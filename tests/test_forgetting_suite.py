@@ -156,6 +156,13 @@ def test_a_label_names_the_result_after_its_overrides_and_must_be_a_file_name_pa
     sc = Scenario("prompt-code", "prompt", ("code",), 12, seed=0)
     assert result_tag(sc, "bfloat16", 8, {"verify_capped": 2}, "surer") == "prompt-code-n12-s0-bf16-verify_capped2-surer"
     assert result_tag(sc, "float32", 8, {}, "") == "prompt-code-n12-s0"
+    # another training recipe names itself before the unlearn overrides, so its adapters sit apart from the recipe's
+    from benchmarks.forgetting import RECIPE, train_changes
+
+    assert train_changes(RECIPE["lr"], False, RECIPE["max_grad_norm"]) == {}
+    every = train_changes(5e-3, True, 0.0)
+    assert result_tag(sc, "float32", 8, {"verify_capped": 2}, "surer", every) == \
+        "prompt-code-n12-s0-clip0.0-layersall-lr0.005-verify_capped2-surer"
     assert _label("surer_view.2") == "surer_view.2"
     for bad in ("a/b", "", "x y"):
         with pytest.raises(argparse.ArgumentTypeError):
