@@ -153,9 +153,11 @@ def test_unconverged_solve_warns_unless_a_capped_refinement_step(tiny_dir, tmp_p
 def test_under_verify_until_the_checks_judge_an_unconverged_solve(tiny_dir, tmp_path, capsys):
     """The memorised recipe runs --verify until: its adapter is written whatever a solve's residual (with only a
     failing check such a solve writes nothing, exit 3: the test above), converged: false is recorded, and the exit
-    status is the checks' verdict; --verify-steps bounds the extra steps."""
+    status is the checks' verdict; the config's verify_steps bounds the extra steps."""
     req = write_jsonl(tmp_path / "req.jsonl", [{"op": "correct_response", "id": "r4", "new": {"response": "1234"}}])
-    code = run_cli(tiny_dir, req, tmp_path / "u", "--recipe", "memorised", "--verify-steps", "1", "--max-iters", "1",
+    config = tmp_path / "budget.toml"
+    config.write_text("verify_steps = 1\n")
+    code = run_cli(tiny_dir, req, tmp_path / "u", "--recipe", "memorised", "--config", str(config), "--max-iters", "1",
                    "--tol", "1e-12")
     meta = json.loads((tmp_path / "u" / "unlearn.json").read_text())
     v = meta["verification"]

@@ -212,10 +212,11 @@ def test_verification_passes_on_the_retrained_adapter(memorised):
     assert not verifier.check(theta_hat)["verified"]
 
 
-def test_until_verified_stops_on_its_budget_with_the_not_verified_status(memorised, tmp_path):
+def test_until_verified_stops_on_its_budget_with_the_not_verified_status(memorised, tmp_path, capsys):
     """Through the CLI: no step can pass at λ = 1e6, so --verify until stops (its step budget, a seconds budget
-    already spent, or a step that moves Θ by nothing), the adapter is written with verified: false, and the exit
-    status is NOT_VERIFIED_EXIT. unlearn.json holds the private parts by SHA-256 only."""
+    already spent, or a step that moves Θ by nothing), the adapter is written with verified: false, the exit status
+    is NOT_VERIFIED_EXIT, and stderr says plainly that the edit is not verified and retraining is advised.
+    unlearn.json holds the private parts by SHA-256 only."""
     from helpers import write_jsonl
 
     from llmeraser.cli import main
@@ -230,7 +231,10 @@ def test_until_verified_stops_on_its_budget_with_the_not_verified_status(memoris
     for name, budget, stopped in (("steps0", {"verify_steps": 0}, "the budget of 0 extra steps ran out"),
                                   ("clock", {"verify_seconds": 1e-9}, "the budget of 1e-09 s ran out")):
         config.write_text(json.dumps({**budget, "verify_retained": 4, "curvature_samples": 0}))
+        capsys.readouterr()
         assert main(args + ["--out", str(tmp_path / name), "--config", str(config)]) == NOT_VERIFIED_EXIT
+        err = capsys.readouterr().err
+        assert "the edit is NOT verified after 0 extra" in err and stopped in err and "retraining" in err
         text = (tmp_path / name / "unlearn.json").read_text()
         v = json.loads(text)["verification"]
         assert v["verified"] is False and v["extra_steps"] == [] and v["stopped"] == stopped
@@ -243,8 +247,10 @@ def test_until_verified_stops_on_its_budget_with_the_not_verified_status(memoris
     assert v["stopped"] == "the budget of 2 extra steps ran out" or "no progress" in v["stopped"]
     assert [st["step"] for st in meta["newton_steps"]] == list(range(1, len(v["extra_steps"]) + 2))
     # with --verify check the failed checks are reported, and the exit status is 0
+    capsys.readouterr()
     assert main([a if a != "until" else "check" for a in args] + ["--out", str(tmp_path / "plain")]) == 0
     assert json.loads((tmp_path / "plain" / "unlearn.json").read_text())["verification"]["verified"] is False
+    assert "warning: the edit is not verified" in capsys.readouterr().err
 
 
 def test_until_pulls_still_produced_removals_toward_the_base(memorised):

@@ -299,8 +299,8 @@ def unlearn(base: str, adapter: str | Path, data: str | Path, request: str | Pat
         out: the new adapter folder, written atomically; None computes without writing.
         settings: the settings; default: `recipe`'s (default: 'default').
         model_and_tokenizer: an already loaded (base model, tokenizer) to use instead of `base`.
-        allow_unconverged: write the result even when a solve stopped above its tolerance (otherwise
-            NotConvergedError, and nothing is written).
+        allow_unconverged: write the result even when a solve stopped above its tolerance and no check judges the
+            edit (judged_by_checks; otherwise NotConvergedError, and nothing is written).
     """
     adapter = Path(adapter)
     inputs = (adapter, data, request, base)
@@ -342,10 +342,6 @@ def unlearn(base: str, adapter: str | Path, data: str | Path, request: str | Pat
                 f"estimate and nothing was written{' to ' + str(out) if out is not None else ''}. Raise --max-iters or "
                 "--damping, pass --verify until to let the verification judge the edit, or pass --allow-unconverged to "
                 "write it anyway (unlearn.json then records converged: false)")
-        if not rep.converged and distributed.is_main() and judged_by_checks(rep.verification):
-            print("llmeraser: written although a solve stopped above tol: the verification "
-                  f"{'passed' if rep.verification['verified'] else 'ran under --verify until'} and judges the edit "
-                  "(unlearn.json records converged: false)", file=sys.stderr)
         if out is not None:
             def write():
                 t0 = time.perf_counter()
@@ -367,6 +363,10 @@ def unlearn(base: str, adapter: str | Path, data: str | Path, request: str | Pat
             # with several processes every rank holds the same ΔΘ; rank 0 writes it while the others wait
             rep.seconds["save"], rep.peak_memory_mb = distributed.on_main(write)
             res.out = out
+            if not rep.converged and not allow_unconverged and distributed.is_main():  # judged_by_checks let it through
+                print("llmeraser: written although a solve stopped above tol: the verification "
+                      f"{'passed' if rep.verification['verified'] else 'ran under --verify until'} and judges the edit "
+                      "(unlearn.json records converged: false)", file=sys.stderr)
         return res
     finally:
         unload_adapter(model)  # hand a caller's base model back without the adapter's layers

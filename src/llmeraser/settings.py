@@ -95,8 +95,8 @@ class UnlearnSettings:
         "after the update, check by greedy generation that removed answers (or their 'private' parts) are no longer "
         "produced, corrected answers are, and sampled retained answers still are (unlearn.json 'verification'). "
         "'until': take extra steps (Newton steps or gradient rounds, as verify_repair says) until the checks pass or "
-        "verify_steps / verify_seconds run out; the "
-        "adapter is written either way, with exit status 4 when they did not pass (the memorised recipe's setting)",
+        "the budgets verify_steps / verify_seconds (settings of --config) run out; the adapter is written either way, "
+        "with exit status 4 when they did not pass (default: 'until' in the memorised recipe, else 'check')",
         flag=True, choices=VERIFY_MODES))
     # a sample of 16 missed a 6% loss of retained answers (docs/benchmarks-history.md#forgetting-n64), and one of 64 a
     # 6% loss on two n = 128 runs (BENCHMARKS.md#forgetting-n128-pec-s2); a teacher-forced pass settles most answers,
@@ -105,10 +105,10 @@ class UnlearnSettings:
         "retained records the verification samples (seeded; all of them when fewer)"))
     verify_steps: int = field(default=4, metadata=_meta(
         "most extra steps verify 'until' takes, Newton steps or gradient rounds as verify_repair says (default: 4; "
-        "the memorised recipe's: 10)", flag=True))
+        "the memorised recipe's: 10)"))
     verify_seconds: float = field(default=0.0, metadata=_meta(
         "verify 'until' starts no extra step once this many seconds have passed since the verification began "
-        "(the step under way and its check finish; 0: no limit)", flag=True))
+        "(the step under way and its check finish; 0: no limit)"))
     verify_restore: bool = field(default=False, metadata=_meta(
         "verify 'until': also fit the kept records whose answer the edit made uncertain (a token's −log p rose past "
         "ln 2, from below it at every token before the edit; all kept records checked): a Newton extra step weights "
