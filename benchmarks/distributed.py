@@ -39,7 +39,8 @@ def timed(run: Path, out: Path, nproc: int) -> dict:
     return {"processes": nproc, "wall_s": wall, "seconds": meta["seconds"], "iterations": meta["solver"]["iterations"],
             "hvps_per_process": meta["solver"]["hvps"],
             "hvps_all_processes": meta["solver"].get("hvps_all_processes", meta["solver"]["hvps"]),
-            "steps": [(s["step"], s["iterations"], (s["line_search"] or {}).get("scale")) for s in meta["newton_steps"]],
+            # a gradient round of --verify until has no solve: its iterations and scale are None
+            "steps": [(s["step"], s.get("iterations"), (s.get("line_search") or {}).get("scale")) for s in meta["newton_steps"]],
             "delta_norm": meta["delta_norm"], "out": str(out)}
 
 

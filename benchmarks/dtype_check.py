@@ -65,7 +65,9 @@ def main(argv=None) -> int:
     for variant in a.dtypes:
         dtype, _, ckpt = variant.partition("-")
         config = a.out / f"config-{variant}.json"
-        config.write_text(json.dumps({"recipe": "memorised", "settings": {"newton_steps": steps, "checkpointing": ckpt == "ckpt"}}))
+        # verify 'check': the update's Newton steps compared across dtypes, without --verify until's rounds of Adam steps
+        config.write_text(json.dumps({"recipe": "memorised", "settings": {"newton_steps": steps, "checkpointing": ckpt == "ckpt",
+                                                                         "verify": "check"}}))
         out = a.out / f"unlearn-{variant}"
         cmd = [sys.executable, "-m", "llmeraser", "unlearn", "--base", a.base, "--adapter", str(a.run / "original"),
                "--data", str(a.run / "inputs" / "data.jsonl"), "--request", str(a.run / "inputs" / "request.jsonl"),
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
             "wall_seconds": wall, "seconds": meta["seconds"], "peak_mb": meta["peak_memory_mb"],
             "training_step": train_step, "peak_over_training_step": meta["peak_memory_mb"] / train_step["peak_mb"],
             "memory": meta.get("memory"), "verified": v.get("verified"), "verification": summary_line(v) if v else None,
-            "hvp_mode": meta["solver"].get("hvp_mode"), "iterations": [s["iterations"] for s in meta["newton_steps"]]}
+            "hvp_mode": meta["solver"].get("hvp_mode"), "iterations": [s.get("iterations") for s in meta["newton_steps"]]}
     results["cosine_to_float32"] = cosines(a.run / "original", a.out, a.dtypes)
     (a.out / "dtype_check.json").write_text(json.dumps(results, indent=1))
     for dtype, r in results["dtypes"].items():
