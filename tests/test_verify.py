@@ -135,6 +135,55 @@ def test_a_removed_value_kept_records_also_hold_is_checked_and_counted_apart():
     assert "removed answers still produced 1/1 (1 a value kept records also hold)" in summary_line(v)
 
 
+def test_a_marked_value_given_in_another_prompts_answer_is_a_leak():
+    """A removed or replaced 'private' part absent from its own answer but given in another asked prompt's answer is
+    leaked, and fails the check; not where that prompt's own responses hold it, not for a common value (another
+    person's answer may give it by chance), not for an unmarked old answer."""
+    from llmeraser.data import records_from_rows
+    from llmeraser.verify import leaks, own_responses
+
+    rows = [{"id": "a", "prompt": "mail of ann?", "response": "ann@x.org"},
+            {"id": "a2", "prompt": "illness of ann?", "response": "Ann has flu"},
+            {"id": "b", "prompt": "mail of bob?", "response": "bob@x.org"},
+            {"id": "c", "prompt": "illness of cy?", "response": "Cy has flu"},
+            {"id": "e", "prompt": "mail of eve?", "response": "eve@x.org"},
+            {"id": "g", "prompt": "mail of gil?", "response": "gil, or ann@x.org"},
+            {"id": "h", "prompt": "code of hal?", "response": "4321"}]
+    recs = records_from_rows(rows)
+    req = request_from_rows([{"op": "remove", "id": "a", "private": ["ann@x.org"]},
+                             {"op": "remove", "id": "a2", "private": ["flu"]},  # c's answer holds it too: common
+                             {"op": "remove", "id": "h"},  # unmarked: its whole answer is the target
+                             {"op": "correct_response", "id": "e", "private": ["eve@x.org"], "new": {"response": "eve@y.org"}},
+                             {"op": "correct_response", "id": "g", "private": ["gil"], "new": {"response": "gl@z.org"}}], recs)
+    probe_list = probes(req, recs, retained=5, seed=0)
+    prompts = list(dict.fromkeys(p.ask.fields["prompt"] for p in probe_list))  # one answer per distinct prompt
+    index = [prompts.index(p.ask.fields["prompt"]) for p in probe_list]
+    answers = {"mail of ann?": "I cannot say.",
+               "illness of ann?": "Ann's mail is ann@x.org",  # a's removed value, in a2's answer: leaked
+               "mail of bob?": "bob@x.org, eve@x.org, 4321",  # e's replaced value: leaked; h's unmarked answer: not searched
+               "illness of cy?": "Cy has flu",
+               "mail of eve?": "eve@y.org",
+               "mail of gil?": "gil, or ann@x.org"}  # g's own old answer: ann@x.org there is not a leak of a's
+    answers = [answers.get(q, "") for q in prompts]
+    got = leaks(probe_list, index, answers, own_responses(probe_list, index, len(prompts), req))
+    leaked = {(p.id, p.kind) for p, x in zip(probe_list, got) if x}
+    assert leaked == {("a", "removed"), ("e", "old")}
+    # with a2 answering otherwise, ann@x.org is left only in g's answer, whose own old response holds it: no leak,
+    # though there would be one if g's own responses were not consulted
+    answers[prompts.index("illness of ann?")] = "no idea"
+    own = own_responses(probe_list, index, len(prompts), req)
+    assert {(p.id, p.kind) for p, x in zip(probe_list, leaks(probe_list, index, answers, own)) if x} == {("e", "old")}
+    assert {(p.id, p.kind) for p, x in zip(probe_list, leaks(probe_list, index, answers, [""] * len(prompts))) if x} \
+        == {("a", "removed"), ("e", "old")}
+    v = judge(probe_list, [True] * len(probe_list), [p.kind in ("new", "retained") for p in probe_list], leaked=got)
+    assert v["removed"]["leaked"] == 1 and v["old"]["leaked"] == 1 and not v["verified"]
+    assert "1 of 3 removed answers not in their own answer but given in another asked prompt's" in v["failures"]
+    assert shortfall(v) == 2  # the two leaks: nothing else fails
+    assert "replaced values given in another prompt's answer 1/2" in summary_line(v)
+    assert "removed values given in another prompt's answer 1/3" in summary_line(v)
+    assert "leaked" not in judge(probe_list, [True] * len(probe_list), [True] * len(probe_list))["removed"]
+
+
 def test_shortfall_is_zero_exactly_when_verified():
     P = lambda kind: Probe("x", kind, None, ("t",))
     for before_n in range(0, 41):
@@ -182,7 +231,7 @@ def test_verification_reports_a_removal_still_produced_and_a_missing_correction(
     res = unlearn_model(model, tok, recs, _request(recs), weight_decay=0.0, settings=s)
     v = res.report.verification
     assert v["removed"] == {"checked": 1, "unchecked": 0, "produced_before": 1, "still_produced": 1,
-                            "still_produced_common": 0}
+                            "still_produced_common": 0, "leaked": 0}
     assert v["corrected"]["produced"] == 0 and v["old"]["still_produced"] == 1
     assert v["retained"]["sampled"] == 6 and v["retained"]["produced_before"] == 6 and v["retained"]["kept"] == 6
     assert res.verified is False and v["extra_steps"] == [] and v["until_verified"] is False

@@ -22,8 +22,15 @@ counted apart ('still_produced_common'): retraining, which learns the value from
 chance (BENCHMARKS.md#gradient-repair: one of 14 removed conditions on an n = 256 run). The retained share counts only
 answers the adapter produced before the edit: one it never produced is not lost by the edit.
 
-    verified = no checked removed or old target produced, every new and query target produced, and at
+    verified = no checked removed or old target produced or leaked, every new and query target produced, and at
                least RETAINED_KEPT_MIN of the retained answers produced before still produced.
+
+A removed or replaced target absent from its own answer can still come out of another prompt's: a memorised
+e-mail address given as the answer to its owner's condition. Every asked prompt's answer is searched for every
+checked 'private' part ('leaked'; an unmarked old answer, often a short label, is not searched); a hit counts where
+that prompt's own responses (its record's, and an edited record's old one) do not hold the target, and fails the
+check as a produced target does. A target kept records also hold ('common': a condition, a city) is not searched
+for: another person's answer may give it by chance.
 
 The retained share is a sample's (verify_retained records), so it comes with its Wilson score interval at 95%
 confidence ('kept_interval'): the range of kept shares over every kept record that the sample does not rule out.
@@ -107,6 +114,7 @@ class Probe:
     targets: tuple[str, ...]
     shared: bool = False  # a removed or old answer a kept record also gives: not checked
     common: bool = False  # a marked private target a kept record's answer also holds: checked, counted apart
+    marked: bool = False  # the targets are the edit's 'private' parts (searched for in other answers: leaks)
 
 
 def probes(request: EditRequest, records: list[Record], retained: int, seed: int) -> list[Probe]:
@@ -123,28 +131,56 @@ def probes(request: EditRequest, records: list[Record], retained: int, seed: int
         if e.op == "modify_query":
             out.append(Probe(e.id, "query", e.new, (old_response,)))
             if e.private:  # a private field of the old query must not surface in the answer to the new one
-                out.append(Probe(e.id, "old", e.new, e.private))
+                out.append(Probe(e.id, "old", e.new, e.private, marked=True))
             continue
         # without 'private' marks the whole old answer is the target; shared with a kept record, it is unchecked
         shared = not e.private and normalise(old_response) in kept_answers
         if e.op == "remove":
-            out.append(Probe(e.id, "removed", e.old, e.private or (old_response,), shared, bool(e.private) and common(e.private)))
+            out.append(Probe(e.id, "removed", e.old, e.private or (old_response,), shared, bool(e.private) and common(e.private),
+                             bool(e.private)))
         else:
             new_response = e.new.sides()[1]
             old_targets = e.private or (old_response,)
             # an old target inside the new answer cannot be absent from a correct one
             unchecked = shared or any(normalise(t) in normalise(new_response) for t in old_targets)
             out.append(Probe(e.id, "new", e.new, (new_response,)))
-            out.append(Probe(e.id, "old", e.new, old_targets, unchecked, bool(e.private) and common(e.private)))
+            out.append(Probe(e.id, "old", e.new, old_targets, unchecked, bool(e.private) and common(e.private), bool(e.private)))
     out += [Probe(r.id, "retained", r, (r.sides()[1],)) for r in seeded_subset(kept, retained, seed)[:retained]]
     return out
 
 
-def judge(probe_list: list[Probe], before: list[bool], after: list[bool], likely: list[bool] | None = None) -> dict:
+def own_responses(probe_list: list[Probe], index: list[int], n_asks: int, request: EditRequest) -> list[str]:
+    """Per asked prompt (index[k]: probe k's), the responses it may give of its own, normalised and joined: its
+    record's, and an edited record's old one. A target found there is the prompt's own value, not a leak."""
+    olds = {e.id: e.old.sides()[1] for e in request.edits}
+    own: list[set[str]] = [set() for _ in range(n_asks)]
+    for i, p in zip(index, probe_list, strict=True):
+        own[i].update(normalise(t) for t in (p.ask.sides()[1], olds.get(p.id, "")) if t)
+    return ["\x00".join(sorted(texts)) for texts in own]
+
+
+def leaks(probe_list: list[Probe], index: list[int], answers: list[str], own: list[str]) -> list[bool]:
+    """Per probe: a checked, marked removed or replaced target that is not common, absent from its own answer
+    (answers[index[k]]) but present in another asked prompt's answer whose own responses, `own[j]` (normalised and
+    joined), do not hold it. One substring search per (target, answer): no generation."""
+    out = []
+    for p, i in zip(probe_list, index, strict=True):
+        hit = False
+        if p.marked and not p.shared and not p.common and not produced(answers[i], p.targets):
+            hit = any(j != i and normalise(t) not in own[j] and produced(a, (t,))
+                      for t in p.targets for j, a in enumerate(answers))
+        out.append(hit)
+    return out
+
+
+def judge(probe_list: list[Probe], before: list[bool], after: list[bool], likely: list[bool] | None = None,
+          leaked: list[bool] | None = None) -> dict:
     """The verification's figures and verdict from each probe's hit before and after the edit; `likely` (Verifier.likely),
-    per probe: a removed target not produced but still likely by sampling, a failure like a produced one."""
+    per probe: a removed target not produced but still likely by sampling, a failure like a produced one; `leaked`
+    (leaks), per probe: a removed target given in another prompt's answer, a failure too."""
     rows = list(zip(probe_list, before, after))
     judged, likely = likely is not None, likely or [False] * len(probe_list)
+    searched, leaked = leaked is not None, leaked or [False] * len(probe_list)
 
     def of(kind, checked_only=True):
         return [(b, a) for p, b, a in rows if p.kind == kind and not (checked_only and p.shared)]
@@ -171,8 +207,14 @@ def judge(probe_list: list[Probe], before: list[bool], after: list[bool], likely
         for kind in ("removed", "old"):
             figures[kind]["still_likely"] = sum(x and not a and not p.shared for (p, _, a), x in zip(rows, likely)
                                                 if p.kind == kind)
+    if searched:
+        for kind in ("removed", "old"):
+            figures[kind]["leaked"] = sum(x for (p, _, _), x in zip(rows, leaked) if p.kind == kind and not p.shared)
     failures = []
     for key, what in (("removed", "removed answers"), ("old", "replaced answers or private parts")):
+        if figures[key].get("leaked"):
+            failures.append(f"{figures[key]['leaked']} of {figures[key]['checked']} {what} not in their own answer but "
+                            "given in another asked prompt's")
         if figures[key]["still_produced"]:
             common = figures[key]["still_produced_common"]
             failures.append(f"{figures[key]['still_produced']} of {figures[key]['checked']} {what} still produced"
@@ -187,20 +229,19 @@ def judge(probe_list: list[Probe], before: list[bool], after: list[bool], likely
             failures.append(f"{missing} of {figures[key]['checked']} {what} not produced")
     if share < RETAINED_KEPT_MIN:
         failures.append(f"{kept} of {kept_before} sampled retained answers kept (< {RETAINED_KEPT_MIN:.0%})")
-    records = [{"id": p.id, "kind": p.kind, "checked": not p.shared, "common": p.common, "before": b, "after": a, "likely": x}
-               for (p, b, a), x in zip(rows, likely)]
+    records = [{"id": p.id, "kind": p.kind, "checked": not p.shared, "common": p.common, "before": b, "after": a, "likely": x,
+                "leaked": y} for (p, b, a), x, y in zip(rows, likely, leaked)]
     return {"verified": not failures, "failures": failures, **figures, "records": records}
 
 
 def shortfall(v: dict) -> int:
-    """How many records a verification misses by: removed or replaced answers still produced, corrections and
-    answers to modified queries missing, and retained answers lost beyond what RETAINED_KEPT_MIN allows.
+    """How many records a verification misses by: removed or replaced answers still produced (or likely, or leaked),
+    corrections and answers to modified queries missing, and retained answers lost beyond what RETAINED_KEPT_MIN allows.
     0 exactly when this module's checks pass (verify_capped's count of tokens, added in api.verify_edit, is apart)."""
     k = v["retained"]
     allowed_loss = k["produced_before"] - math.ceil(RETAINED_KEPT_MIN * k["produced_before"] - 1e-9)
     lost = k["produced_before"] - k["kept"]
-    return (v["removed"]["still_produced"] + v["removed"].get("still_likely", 0) + v["old"]["still_produced"]
-            + v["old"].get("still_likely", 0)
+    return (sum(v[key]["still_produced"] + v[key].get("still_likely", 0) + v[key].get("leaked", 0) for key in ("removed", "old"))
             + sum(v[key]["checked"] - v[key]["produced"] for key in ("corrected", "queries")) + max(0, lost - allowed_loss))
 
 
@@ -227,6 +268,8 @@ class Verifier:
         self.asks = list({key(p.ask): p.ask for p in self.probes}.items())
         where = {k: i for i, (k, _) in enumerate(self.asks)}
         self.index = [where[key(p.ask)] for p in self.probes]
+        self.own = own_responses(self.probes, self.index, len(self.asks), request)
+        self.leaked: list[bool] = [False] * len(self.probes)
         # long enough for every target and for the edited records' whole answers, where a private part may sit last
         texts = [t for p in self.probes for t in p.targets] + [x.sides()[1] for e in request.edits for x in (e.old, e.new) if x]
         longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
@@ -275,14 +318,15 @@ class Verifier:
             for i, text in zip(todo, self.eval.generate([asks[i] for i in todo])):
                 answers[i] = text
         self.generated = len(todo)
+        self.leaked = leaks(self.probes, self.index, answers, self.own)
         return [produced(answers[i], p.targets) and (p.kind not in SURE_KINDS or not told[i] or produced(sure[i] or "", p.targets))
                 for i, p in zip(self.index, self.probes)]
 
     def check(self, theta: torch.Tensor) -> dict:
         hits = self.hits(theta)
-        generated = distributed.on_main(lambda: self.generated)
+        generated, leaked = distributed.on_main(lambda: (self.generated, self.leaked))
         after = distributed.on_main(lambda: self._log10p(theta))
-        return {**judge(self.probes, self.before, hits, self.likely(after)), "prompts": len(self.asks),
+        return {**judge(self.probes, self.before, hits, self.likely(after), leaked), "prompts": len(self.asks),
                 "generated": generated, "extraction": extraction(self.base_log10p, self.before_log10p, after)}
 
     def likely(self, after: list) -> list[bool] | None:
@@ -333,6 +377,8 @@ def summary_line(v: dict) -> str:
                          + (f" ({f['still_produced_common']} a value kept records also hold)" if f.get("still_produced_common") else "")
                          + (f" ({f['unchecked']} unchecked: shared with kept records or inside the new answer)" if f["unchecked"] else ""))
     for key, what in (("removed", "removed"), ("old", "replaced")):
+        if v[key].get("leaked"):
+            parts.append(f"{what} values given in another prompt's answer {v[key]['leaked']}/{v[key]['checked']}")
         if "still_likely" in v[key] and v[key]["checked"]:
             parts.append(f"{what} answers not produced but likely by sampling {v[key]['still_likely']}/{v[key]['checked']}")
     for key, what in (("corrected", "corrections produced"), ("queries", "modified queries answered")):
