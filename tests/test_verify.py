@@ -160,7 +160,8 @@ def test_a_marked_value_given_in_another_prompts_answer_is_a_leak():
     index = [prompts.index(p.ask.fields["prompt"]) for p in probe_list]
     answers = {"mail of ann?": "I cannot say.",
                "illness of ann?": "Ann's mail is ann@x.org",  # a's removed value, in a2's answer: leaked
-               "mail of bob?": "bob@x.org, eve@x.org, 4321",  # e's replaced value: leaked; h's unmarked answer: not searched
+               # e's replaced value: leaked; h's unmarked answer and a2's common 'flu': not searched
+               "mail of bob?": "bob@x.org, eve@x.org, 4321, flu",
                "illness of cy?": "Cy has flu",
                "mail of eve?": "eve@y.org",
                "mail of gil?": "gil, or ann@x.org"}  # g's own old answer: ann@x.org there is not a leak of a's

@@ -37,8 +37,9 @@ def memorised() -> UnlearnSettings:
     toward an estimate of retraining's (below), and three Newton steps, the later two with CG capped at 5 and the
     first at 10. It runs `--verify until` (the setting its record below was measured with): up to 10 extra steps,
     each a round of 10 Adam steps with the bounded unlikelihood of repair.py (verify_repair 'gradient'), the kept
-    records whose answers the round's start made uncertain in every step (verify_restore), and the removed answers' unmarked words kept (repair_form 1), so that a
-    removed prompt is answered in its sentence with another value, as retraining answers it. That pull and the rounds
+    records whose answers the round's start made uncertain in every step (verify_restore), and the removed answers'
+    unmarked words kept (repair_form 1), so that a removed prompt is answered in its sentence with another value, as
+    retraining answers it. That pull and the rounds
     move only the removed tokens the kept records do not predict, toward what they teach there, the rest of the answer
     held (reset_target 'capped', support.py), so that the other value is well formed (an IBAN keeps its "DE"). The
     check also fails while a removed value's capped token keeps p > 2τ (verify_capped 2), so that sampling, not only
