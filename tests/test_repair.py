@@ -87,7 +87,7 @@ def test_a_repair_round_is_adam_with_clipping_as_torch_gives_it():
     c = torch.tensor([4.0, -2.0, 1.0, 0.5])
     rep = object.__new__(GradientRepair)
     rep.s = UnlearnSettings(repair_lr=0.05, repair_steps=7)
-    rep.removed, rep.kept, rep.new, rep.m1, rep.m2, rep.t = {}, [], [], None, None, 0
+    rep.removed, rep.replaced, rep.kept, rep.new, rep.m1, rep.m2, rep.t = {}, {}, [], [], None, None, 0
     rep.gradient = lambda theta, pushed, restore: (a @ theta - c, 0)
     theta = torch.zeros(4)
     for _ in range(3):  # three rounds: Adam's moments carry over between them
@@ -327,3 +327,119 @@ def test_the_form_term_keeps_the_removed_answers_other_words(memorised):
     assert abs(float(weights.sum()) - 1) < 1e-6 and float(weights[at].abs().sum()) == 0
     assert ends[1.0][0] < ends[0.0][0]
     assert ends[1.0][1] <= ends[0.0][1] + 0.05
+
+
+def _old_request(recs):
+    """recs[0] removed, its last two digits marked private; recs[1]'s answer corrected to one that keeps its first two
+    digits, its whole old answer marked private: the replaced value starts at the third digit."""
+    old = recs[1].sides()[1]
+    return [{"op": "remove", "id": recs[0].id, "private": [recs[0].sides()[1][2:]]},
+            {"op": "correct_response", "id": recs[1].id, "private": [old],
+             "new": {"response": old[:2] + ("11" if old[2] == "0" else "00")}}]
+
+
+def test_repair_old_pushes_a_corrections_old_value_from_where_the_answers_differ(memorised):
+    """With repair_old, GradientRepair's pushed records add the correction's old record at its private tokens from the
+    first that differs from the new answer (here the third and fourth digits), and the removed terms' gradient is ∇ of
+    (w/|R|) Σ_{r ∈ removed ∪ replaced} Σ_{t∈T_r} −log(1 − p_t) + (v/|R_F|) Σ_{removed r} form_r (no form term for the
+    old record) against one full forward pass per record; above() counts its tokens too. Without it, nothing of the
+    correction is pushed or counted."""
+    from llmeraser.modeling import theta_of
+    from llmeraser.problem import Problem
+    from llmeraser.repair import GradientRepair
+
+    _, model, tok, recs = memorised
+    req = request_from_rows(_old_request(recs), recs)
+    params, theta_hat = theta_of(model)
+    problem = Problem(model, tok, recs, "chat", 64, 8)
+    w, v = 0.7, 1.3
+    base = dict(max_length=64, template="chat", verify_repair="gradient", repair_unlikelihood=w, repair_form=v,
+                repair_threshold=0.0)
+    plain, rep = (GradientRepair(problem, req, UnlearnSettings(**base, repair_old=on)) for on in (False, True))
+    assert plain.replaced == {} and list(plain.pushed()) == [recs[0].id]
+    x, at = rep.replaced[recs[1].id]
+    assert x is problem.examples[1] and at == [2, 3]
+    got, tokens = rep._removed_grad(theta_hat, list(rep.pushed().values()))
+
+    named = dict(model.named_parameters())
+    for n in params.names:
+        named[n].grad = None
+    total, pushed, probs = 0.0, 0, []
+    for rid, form in ((recs[0].id, True), (recs[1].id, False)):
+        e, private_at = rep.pushed()[rid]
+        logits = model(input_ids=torch.tensor([e.input_ids])).logits[0].double()
+        logp = torch.stack([torch.log_softmax(logits[e.n_prompt + k - 1], -1)[e.input_ids[e.n_prompt + k]]
+                            for k in range(e.n_response)])
+        total = total + w * sum(-torch.log1p(-logp[k].exp().clamp(max=1 - 1e-6)) for k in private_at) / 2
+        pushed += len(private_at)
+        probs += [float(logp[k].detach().exp()) for k in private_at]
+        if form:  # the one removed record with marked parts
+            free = [k for k in range(e.n_response) if k not in private_at]
+            total = total + v * (-logp[free].sum() / len(free))
+    total.backward()
+    want = params.flatten({n: named[n].grad for n in params.names}).float()
+    for n in params.names:
+        named[n].grad = None
+    assert tokens == pushed == 4
+    # as in the removed terms' test: a wrong normaliser or a form term on the old record is off by tens of percent
+    assert float((got - want).norm()) <= 1e-3 * float(want.norm())
+    # above(Θ̂, m) at floors τ: the replaced tokens count as the removed ones do
+    checks = [GradientRepair(problem, req, UnlearnSettings(**{**base, "repair_threshold": 0.05}, repair_old=on))
+              for on in (False, True)]
+    assert checks[1].above(theta_hat, 1.0) == sum(q > 0.05 for q in probs) > checks[0].above(theta_hat, 1.0)
+
+
+def test_repair_old_under_capped_keeps_the_tokens_the_kept_records_do_not_predict(memorised):
+    """reset_target 'capped': a correction's pushed tokens are its support.capped_positions from where the answers
+    differ, so a token the kept records predict, or one the new answer shares, is never pushed."""
+    from llmeraser.problem import Problem
+    from llmeraser.repair import GradientRepair
+    from llmeraser.support import capped_positions
+
+    _, model, tok, recs = memorised
+    req = request_from_rows(_old_request(recs), recs)
+    problem = Problem(model, tok, recs, "chat", 64, 8)
+    s = UnlearnSettings(max_length=64, template="chat", verify_repair="gradient", reset_target="capped", repair_old=True)
+    _, at = GradientRepair(problem, req, s).replaced[recs[1].id]
+    capped = capped_positions(problem, req)[recs[1].id]
+    assert at == sorted(k for k in capped if k >= 2) and set(at) <= {2, 3}
+
+
+def test_a_round_with_repair_old_lowers_the_old_value(memorised):
+    """One round from Θ̂ with repair_old and one without (same seed, same kept batches): with it the old value's pushed
+    tokens end less likely, while the corrected answer's NLL stays within 0.1 nats of the round without it."""
+    from llmeraser.modeling import theta_of
+    from llmeraser.problem import Problem
+    from llmeraser.repair import GradientRepair, target_logp
+
+    _, model, tok, recs = memorised
+    req = request_from_rows(_old_request(recs), recs)
+    params, theta_hat = theta_of(model)
+    problem = Problem(model, tok, recs, "chat", 64, 8)
+    old, new = problem.examples[1], problem.sets(req).new[0]
+    ends = {}
+    for on in (False, True):
+        s = UnlearnSettings(max_length=64, template="chat", verify_repair="gradient", repair_lr=1e-2, repair_steps=5,
+                            repair_batch=4, repair_threshold=0.0, repair_old=on)
+        theta, record = GradientRepair(problem, req, s).round(theta_hat.clone())
+        assert record["replaced_values"] == int(on)
+        with torch.no_grad():
+            p_old = target_logp(problem.objective, params, theta, problem.objective.collate([old], "cpu"))[2:4].exp()
+            nll_new = -float(target_logp(problem.objective, params, theta, problem.objective.collate([new], "cpu")).sum())
+        ends[on] = (float(p_old.prod()), nll_new)
+    assert ends[True][0] < 0.75 * ends[False][0]  # measured 0.60 of it; equal were the old value not pushed
+    assert ends[True][1] <= ends[False][1] + 0.1
+
+
+def test_repair_old_needs_the_gradient_rounds_and_a_recipe_drops_it_for_newton_steps():
+    from llmeraser.recipes import resolve
+
+    with pytest.raises(InputError, match="repair_old"):
+        UnlearnSettings(repair_old=True)
+    with pytest.raises(InputError, match="repair_old"):
+        UnlearnSettings(repair_old="yes", verify_repair="gradient")
+    assert UnlearnSettings(repair_old=True, verify_repair="gradient").repair_old
+    # a recipe's own repair_old turns off where the user picks Newton extra steps, unless asked for as well
+    assert not resolve("memorised", None, {"verify_repair": "newton", "repair_old": False})[1].repair_old
+    with pytest.raises(InputError, match="repair_old"):
+        resolve("memorised", None, {"verify_repair": "newton", "repair_old": True})

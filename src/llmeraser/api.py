@@ -179,10 +179,10 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
             above = capped_check.above(theta, s.verify_capped)
             # the bound: a probability, or with repair_follow a multiple of each token's capped target
             c = {**c, "capped_above": above, "capped_bound": s.verify_capped * (1 if s.repair_follow else s.repair_threshold),
-                 "capped_per_token": s.repair_follow}
+                 "capped_per_token": s.repair_follow, "capped_of": "removed or replaced values" if s.repair_old else "removed values"}
             if above:
                 c["verified"] = False
-                c["failures"] = [*c["failures"], f"{above} capped tokens of removed values above {capped_bound_text(c)} "
+                c["failures"] = [*c["failures"], f"{above} capped tokens of {c['capped_of']} above {capped_bound_text(c)} "
                                                  "(sampling could read them back: verify_capped)"]
         return c
 

@@ -81,10 +81,13 @@ def _follow_the_user(merged: dict, given: dict) -> None:
 def _capped_check_follows(merged: dict, given: dict) -> None:
     """A recipe's verify_capped counts the tokens that reset_target 'capped' lists and only gradient rounds push; where
     the user's choices left either out (the target fell back to 'base' above, or the extra steps are Newton steps),
-    it turns off instead of refusing them, unless verify_capped was asked for too."""
+    it turns off instead of refusing them, unless verify_capped was asked for too. So does a recipe's repair_old,
+    which only gradient rounds use."""
     if merged.get("verify_capped") and "verify_capped" not in given and \
             (merged.get("reset_target") != "capped" or merged.get("verify_repair", "newton") != "gradient"):
         merged["verify_capped"] = 0.0
+    if merged.get("repair_old") and "repair_old" not in given and merged.get("verify_repair", "newton") != "gradient":
+        merged["repair_old"] = False
 
 
 def _target_follows_the_pull(merged: dict, given: dict) -> None:

@@ -25,6 +25,10 @@ Why both: q*_t goes down to 0.1·capped_own where no kept record writes the toke
 ∇log p's, which does not (BENCHMARKS.md#forgetting-follow). With repair_fit as well, each capped token's term is
 instead the cross-entropy to its whole capped target, −Σ_v q*_t(v) log p_t(v) (every capped token, no threshold), so
 that the round raises what the kept records write there as it lowers the removed token (BENCHMARKS.md#forgetting-fit).
+With repair_old, R also holds each response correction's old record, T_r its replaced value's tokens from the first
+that differs from the new answer (replaced_values), and no form term (the new answer's own loss keeps its words);
+verify_capped bounds them as it bounds a removed value's, so that sampling reads the old value back no more easily
+than a removed one (BENCHMARKS.md#forgetting-old-values).
 The gradient is clipped to norm 1, as in training; Adam's moments persist across rounds.
 
 Why first order: an extra Newton step costs a CG run over every kept record, and on the memorised n = 256 run its
@@ -94,6 +98,34 @@ def unlikelihood(objective, params, theta: torch.Tensor, batch: dict, mask: torc
     return bounded_unlikelihood(output_logprobs(objective, params, theta, batch), batch["targets"], mask, threshold)
 
 
+def first_difference(a, b) -> int:
+    """The first index at which sequences a and b differ; the shorter's length when one starts the other."""
+    return next((i for i, (u, v) in enumerate(zip(a, b)) if u != v), min(len(a), len(b)))
+
+
+def replaced_values(problem: Problem, request: EditRequest, settings: UnlearnSettings) -> dict:
+    """{id of each correct_response edit: (its encoded old record, the indices among its response tokens that
+    repair_old pushes)}: the tokens of its marked private parts (every response token without them; with
+    reset_target 'capped', only those the kept records do not predict: support.capped_positions) from the first
+    token at which the old and new responses' token ids differ. Why not before it: there the new answer has the
+    same token after the same context, which its own loss in J trains up."""
+    edited = [e for e in request.edits if e.new is not None]
+    new = {e.id: x for e, x in zip(edited, problem.sets(request).new)}
+    capped = capped_positions(problem, request, settings.capped_chars) if settings.reset_target == "capped" else None
+    out = {}
+    for e in request.edits:
+        if e.op != "correct_response":
+            continue
+        x, y = problem.examples[e.index], new[e.id]
+        start = first_difference(x.input_ids[x.n_prompt:], y.input_ids[y.n_prompt:])
+        if capped is not None:
+            at = capped[e.id]
+        else:
+            at = (problem.part_positions(e.old, e.private) if e.private else None) or range(x.n_response)
+        out[e.id] = (x, sorted(k for k in at if k >= start))
+    return out
+
+
 def form_weights(items: list, parts: dict) -> torch.Tensor:
     """Over a batch's response tokens, in collate's order: 1/|F_r| at each token of F_r (an item's response tokens
     outside the positions `parts` lists for it), 0 at its parts and at every token of an item `parts` omits.
@@ -116,6 +148,9 @@ class GradientRepair:
         if settings.reset_target == "capped":
             at = capped_positions(problem, request, settings.capped_chars)
             self.removed = {i: (x, sorted(at[i])) for i, (x, _) in self.removed.items()}
+        # with repair_old, the corrections' old records and their replaced values' tokens (replaced_values)
+        self.replaced = replaced_values(problem, request, settings) if settings.repair_old else {}
+        self._replaced_ids = {id(x) for x, _ in self.replaced.values()}
         self.request = request
         self._floors = None  # {id(encoded removed record): each response token's τ_t}, on first use (floors())
         self._targets = {}  # with repair_fit, {id(encoded removed record): (capped indices, log q* there [k, vocab])}
@@ -143,9 +178,9 @@ class GradientRepair:
             p, s = self.p, self.s
             at = capped_positions(p, self.request, s.capped_chars) if s.repair_follow else {}
             self._floors = {}
-            for rid, (x, _) in self.removed.items():
+            for rid, (x, pos) in self.pushed().items():
                 floor = torch.full((x.n_response,), float(s.repair_threshold), dtype=torch.float64)
-                ks = sorted(at.get(rid, ()))
+                ks = sorted(set(at.get(rid, ())) & set(pos or ()))  # a replaced value: from where the answers differ
                 if ks:
                     batch = p.objective.collate([x], p.device)
                     with torch.no_grad(), fused_attention(p.model):
@@ -159,6 +194,11 @@ class GradientRepair:
                         self._targets[id(x)] = (ks, logq.float())
                 self._floors[id(x)] = floor
         return self._floors
+
+    def pushed(self) -> dict:
+        """id -> (encoded record, positions or None) over every record whose tokens the rounds push: the removed
+        ones and, with repair_old, the corrections' old ones."""
+        return {**self.removed, **self.replaced}
 
     def _fit_loss(self, chunk: list, logprobs: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(Σ over the chunk's capped tokens of −Σ_v q*_t(v) log p_t(v), how many tokens) from output_logprobs' rows."""
@@ -195,7 +235,8 @@ class GradientRepair:
         """(∇ of J's removed-record terms, (w/|R|)·unlikelihood + (v/|R_F|)·form, the unlikelihood's token count),
         every rank's share summed."""
         p, s, out, tokens = self.p, self.s, torch.zeros_like(theta), 0
-        with_form = sum(at is not None for _, at in pushed) if s.repair_form else 0
+        # the form term is the removed records' alone (a replaced value's new answer trains its words)
+        with_form = sum(at is not None and id(x) not in self._replaced_ids for x, at in pushed) if s.repair_form else 0
         for chunk, batch, parts in self._batches(pushed):
             with torch.enable_grad(), fused_attention(p.model):
                 th = theta.detach().clone().requires_grad_(True)
@@ -208,7 +249,8 @@ class GradientRepair:
                                                    self._floor(chunk), s.repair_follow)
                 loss = s.repair_unlikelihood * loss / len(pushed)
                 if with_form:
-                    loss = loss - s.repair_form * (form_weights(chunk, parts).to(logp.device) * logp).sum() / with_form
+                    removed = {i: at for i, at in parts.items() if i not in self._replaced_ids}
+                    loss = loss - s.repair_form * (form_weights(chunk, removed).to(logp.device) * logp).sum() / with_form
                 if k or with_form:
                     (g,) = torch.autograd.grad(loss, th)
                     out += g
@@ -216,10 +258,10 @@ class GradientRepair:
         return distributed.all_sum(out), int(distributed.all_sum_float(float(tokens)))
 
     def above(self, theta: torch.Tensor, multiple: float) -> int:
-        """How many pushed tokens of the removed records (T_r) have p_t(Θ) > m·τ_t (floors(): τ, or q*_t with
+        """How many pushed tokens of the removed records (and with repair_old the replaced values: T_r) have p_t(Θ) > m·τ_t (floors(): τ, or q*_t with
         repair_follow), by one teacher-forced pass, every rank's share summed: verify_capped's count (api.verify_edit)."""
         p, count = self.p, 0
-        for chunk, batch, parts in self._batches(list(self.removed.values())):
+        for chunk, batch, parts in self._batches(list(self.pushed().values())):
             with torch.no_grad(), fused_attention(p.model):
                 logp = target_logp(p.objective, p.params, theta, batch)
             bound = (multiple * self._floor(chunk)).to(logp.device, logp.dtype)
@@ -243,7 +285,7 @@ class GradientRepair:
         """(Θ after `repair_steps` Adam steps, the round's record); `restore`: encoded kept records whose answers are
         uncertain at Θ (Unlearner.uncertain_kept), of which the first `repair_batch` join every step."""
         s = self.s
-        pushed = list(self.removed.values())
+        pushed = list(self.pushed().values())
         restore = list(restore)[:s.repair_batch]
         if self.m1 is None:
             self.m1, self.m2 = torch.zeros_like(theta), torch.zeros_like(theta)
@@ -266,5 +308,5 @@ class GradientRepair:
                   "grad_norm_first": norms[0] if norms else None, "grad_norm_last": norms[-1] if norms else None,
                   "unlikelihood_tokens_first": tokens[0] if tokens else 0, "unlikelihood_tokens_last": tokens[-1] if tokens else 0,
                   "kept_batch": min(s.repair_batch, len(self.kept)), "restored_kept": len(restore), "new": len(self.new),
-                  "form_weight": s.repair_form}
+                  "replaced_values": len(self.replaced), "form_weight": s.repair_form}
         return theta, record

@@ -174,6 +174,12 @@ class UnlearnSettings:
         "verify_repair 'gradient': v, the weight of the removed records' own answer outside their marked private "
         "parts (its mean token NLL, each record with parts): the answer keeps the record's sentence while its values "
         "are pushed out, as retraining's does (0: off)"))
+    repair_old: bool = field(default=False, metadata=_meta(
+        "verify_repair 'gradient': a round also pushes each response correction's old value (its marked private "
+        "parts, or its whole old answer, from the first token where the new answer differs; under reset_target "
+        "'capped', only the tokens the kept records do not predict) by the same bounded unlikelihood as a removed "
+        "value, and verify_capped bounds those tokens too, so that sampling reads the old value back no more easily "
+        "than a removed one (off: only the new answer's loss lowers it; repair.py)"))
     solver_settings: SolverSettings = field(default_factory=SolverSettings)
 
     @property
@@ -189,7 +195,7 @@ class UnlearnSettings:
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} {getattr(self, name)!r}: must be one of {list(allowed)}")
         check_device(self.device)
-        for name in ("line_search", "checkpointing", "verify_restore"):
+        for name in ("line_search", "checkpointing", "verify_restore", "repair_old"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} {getattr(self, name)!r}: give true or false")
         if self.checkpointing and self.curvature == "hessian" and self.hvp_mode == "fwd_rev":
@@ -281,6 +287,9 @@ class UnlearnSettings:
             raise InputError("verify_capped checks the tokens that reset_target 'capped' lists and the gradient rounds "
                              "push: set reset_target 'capped' and verify_repair 'gradient' (as the memorised recipe "
                              "does), or leave verify_capped 0")
+        if self.repair_old and self.verify_repair != "gradient":
+            raise InputError("repair_old adds the corrections' old values to what the gradient rounds push: set "
+                             "verify_repair 'gradient' (as the memorised recipe does), or leave repair_old off")
         if self.reset_target == "capped" and self.verify_reset != "response":
             raise InputError("reset_target 'capped' and verify_reset 'parts' both choose which tokens an extra step "
                              "pulls: leave verify_reset 'response' (under 'capped' the marked parts are used already)")

@@ -204,18 +204,19 @@ def capped_logits(z, targets, cap: float):
 
 
 def capped_positions(problem, request, chars: int = CHAR_CONTEXT) -> dict:
-    """{id of each removal: {index among its record's response tokens: the kept continuation distribution there, or
-    None}} over the tokens reset_target 'capped' pulls: those of its marked private parts (all its response tokens when
-    none is marked or found) that the kept records do not predict (`chars`: KeptContinuations'). A map may be empty:
-    every such token is one retraining gives too. Computed once per request object and `chars` (cached on the problem,
-    as Problem.sets is)."""
+    """{id of each removal and response correction: {index among its (old) record's response tokens: the kept
+    continuation distribution there, or None}} over the tokens reset_target 'capped' pulls: those of its marked private
+    parts (all its response tokens when none is marked or found) that the kept records do not predict (`chars`:
+    KeptContinuations'). A map may be empty: every such token is one retraining gives too. A correction's map serves
+    repair_old (repair.replaced_values, which drops the tokens its new answer shares). Computed once per request
+    object and `chars` (cached on the problem, as Problem.sets is)."""
     hit = problem._capped.get((id(request), chars))
     if hit is not None and hit[0] is request:
         return hit[1]
     kept = KeptContinuations(problem.sets(request).kept, problem.tokenizer, chars)
     out = {}
     for e in request.edits:
-        if e.op == "remove":
+        if e.op in ("remove", "correct_response"):
             x = problem.examples[e.index]
             at = kept.unsupported(x, problem.part_positions(e.old, e.private) if e.private else None)
             out[e.id] = {k: kept.distribution(x.input_ids, x.n_prompt + k) for k in at}

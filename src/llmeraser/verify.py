@@ -394,5 +394,5 @@ def summary_line(v: dict) -> str:
         parts.append(f"removed or replaced values, largest chance of being sampled after their sentence "
                      f"{_p(x['after']['max_log10p'])} (before the edit {_p(x['before']['max_log10p'])}{base})")
     if v.get("capped_above") is not None:  # verify_capped's count (api.verify_edit): a failure of its own when > 0
-        parts.append(f"capped tokens of removed values above {capped_bound_text(v)}: {v['capped_above']}")
+        parts.append(f"capped tokens of {v.get('capped_of', 'removed values')} above {capped_bound_text(v)}: {v['capped_above']}")
     return ("verified: " if v["verified"] else "NOT verified: ") + "; ".join(parts)
