@@ -394,15 +394,18 @@ def test_repair_old_under_capped_keeps_the_tokens_the_kept_records_do_not_predic
     differ, so a token the kept records predict, or one the new answer shares, is never pushed."""
     from llmeraser.problem import Problem
     from llmeraser.repair import GradientRepair
-    from llmeraser.support import capped_positions
+    from llmeraser.support import KeptContinuations, capped_positions
 
     _, model, tok, recs = memorised
     req = request_from_rows(_old_request(recs), recs)
     problem = Problem(model, tok, recs, "chat", 64, 8)
     s = UnlearnSettings(max_length=64, template="chat", verify_repair="gradient", reset_target="capped", repair_old=True)
-    _, at = GradientRepair(problem, req, s).replaced[recs[1].id]
-    capped = capped_positions(problem, req)[recs[1].id]
-    assert at == sorted(k for k in capped if k >= 2) and set(at) <= {2, 3}
+    x, at = GradientRepair(problem, req, s).replaced[recs[1].id]
+    # by the kept records' table itself: of the old answer's third and fourth digits, those it does not predict
+    table = KeptContinuations(problem.sets(req).kept, tok)
+    want = [k for k in table.unsupported(x, problem.part_positions(recs[1], [recs[1].sides()[1]])) if k >= 2]
+    assert at and at == want and set(at) <= {2, 3}
+    assert at == sorted(k for k in capped_positions(problem, req)[recs[1].id] if k >= 2)
 
 
 def test_a_round_with_repair_old_lowers_the_old_value(memorised):
@@ -432,14 +435,22 @@ def test_a_round_with_repair_old_lowers_the_old_value(memorised):
 
 
 def test_repair_old_needs_the_gradient_rounds_and_a_recipe_drops_it_for_newton_steps():
-    from llmeraser.recipes import resolve
+    from llmeraser.recipes import recipe, resolve
 
     with pytest.raises(InputError, match="repair_old"):
         UnlearnSettings(repair_old=True)
     with pytest.raises(InputError, match="repair_old"):
         UnlearnSettings(repair_old="yes", verify_repair="gradient")
     assert UnlearnSettings(repair_old=True, verify_repair="gradient").repair_old
+    from llmeraser.recipes import _capped_check_follows
+
     # a recipe's own repair_old turns off where the user picks Newton extra steps, unless asked for as well
-    assert not resolve("memorised", None, {"verify_repair": "newton", "repair_old": False})[1].repair_old
+    for given, kept in (({"verify_repair": "newton"}, False), ({"verify_repair": "newton", "repair_old": True}, True),
+                        ({"repair_lr": 1e-3}, True)):
+        merged = {"verify_repair": "gradient", "repair_old": True, **given}
+        _capped_check_follows(merged, given)
+        assert merged["repair_old"] is kept, given
     with pytest.raises(InputError, match="repair_old"):
         resolve("memorised", None, {"verify_repair": "newton", "repair_old": True})
+    assert recipe("memorised").repair_old and not recipe("default").repair_old
+    assert not resolve("memorised", None, {"verify_repair": "newton"})[1].repair_old

@@ -43,12 +43,14 @@ def memorised() -> UnlearnSettings:
     move only the removed tokens the kept records do not predict, toward what they teach there, the rest of the answer
     held (reset_target 'capped', support.py), so that the other value is well formed (an IBAN keeps its "DE"). The
     check also fails while a removed value's capped token keeps p > 2τ (verify_capped 2), so that sampling, not only
-    greedy decoding, reads it back far less easily: a run the Newton steps verified leaves them near 1. Its record on
+    greedy decoding, reads it back far less easily: a run the Newton steps verified leaves them near 1. The rounds push
+    a correction's replaced value too, from the first token where the new answer differs, and the check bounds it
+    alike (repair_old), so that sampling reads an old value back no more easily than a removed one. Its record on
     the forgetting suite: docs/recipes.md#memorised. The exit status is the checks' verdict (4: not verified), and a
     first solve stopped at its cap above tol does not stop the write (api.judged_by_checks)."""
     return UnlearnSettings(curvature="ggn-base", curvature_data="edited", solver="cg", damping=0.03, reset_removed=10.0,
                            newton_steps=3, refine_iters=5, curvature_samples=0, verify="until", verify_restore=True,
-                           verify_steps=10, verify_repair="gradient", repair_form=1.0, reset_target="capped", verify_capped=2.0,
+                           verify_steps=10, verify_repair="gradient", repair_form=1.0, reset_target="capped", verify_capped=2.0, repair_old=True,
                            solver_settings=SolverSettings(tol=0.05, max_iters=10))
 
 

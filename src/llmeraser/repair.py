@@ -28,7 +28,8 @@ that the round raises what the kept records write there as it lowers the removed
 With repair_old, R also holds each response correction's old record, T_r its replaced value's tokens from the first
 that differs from the new answer (replaced_values), and no form term (the new answer's own loss keeps its words);
 verify_capped bounds them as it bounds a removed value's, so that sampling reads the old value back no more easily
-than a removed one (BENCHMARKS.md#forgetting-old-values).
+than a removed one (BENCHMARKS.md#forgetting-old-values). |R| then counts them too, so each removed record's push is
+|removed|/|R| of what it is without repair_old (Adam's step scale and verify_capped's bound are unchanged).
 The gradient is clipped to norm 1, as in training; Adam's moments persist across rounds.
 
 Why first order: an extra Newton step costs a CG run over every kept record, and on the memorised n = 256 run its
@@ -170,8 +171,8 @@ class GradientRepair:
         return out
 
     def floors(self) -> dict:
-        """{id(encoded removed record): τ_t over its response tokens}: τ = repair_threshold at each, and with repair_follow
-        q*_t at its capped ones: softmax of support.capped_target (at Θ̂, cap τ, capped_own φ) at the record's own token,
+        """{id(encoded pushed record: removed, or with repair_old a correction's old one): τ_t over its response tokens}:
+        τ = repair_threshold at each, and with repair_follow q*_t at its capped (and pushed) ones: softmax of support.capped_target (at Θ̂, cap τ, capped_own φ) at the record's own token,
         the probability OutputReset's target gives it. Computed once, every rank for every removed record (a few
         teacher-forced passes), as the reset's targets are fixed at Θ̂."""
         if self._floors is None:
