@@ -159,8 +159,8 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
     forgetting with retained answers is not kept. With verify_repair 'gradient' an extra step is instead a round of
     Adam steps (repair.py), from the original adapter when that misses fewer checks than the update (then it may be
     what is returned). With verify_capped m > 0 a check also fails while any capped token of a removed record (with
-    repair_old, of a correction's replaced value too) has p_t > m·τ, with repair_follow m·q*_t (repair.GradientRepair.above): the greedy checks can pass with those tokens
-    near 1, and sampling reads the value back (BENCHMARKS.md#forgetting-sampling). The extra steps' records are in verification["extra_steps"],
+    repair_old, of a correction's replaced value too) has p_t > m·τ, with repair_follow m·q*_t
+    (repair.GradientRepair.above): the greedy checks can pass with those tokens near 1, and sampling reads the value back (BENCHMARKS.md#forgetting-sampling). The extra steps' records are in verification["extra_steps"],
     each with "kept": whether the Θ returned includes it."""
     s, p = unl.settings, unl.problem
     t0 = time.perf_counter()
@@ -179,7 +179,8 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
             above = capped_check.above(theta, s.verify_capped)
             # the bound: a probability, or with repair_follow a multiple of each token's capped target
             c = {**c, "capped_above": above, "capped_bound": s.verify_capped * (1 if s.repair_follow else s.repair_threshold),
-                 "capped_per_token": s.repair_follow, "capped_of": "removed or replaced values" if s.repair_old else "removed values"}
+                 "capped_per_token": s.repair_follow,
+                 "capped_of": "removed or replaced values" if s.repair_old else "removed values"}
             if above:
                 c["verified"] = False
                 c["failures"] = [*c["failures"], f"{above} capped tokens of {c['capped_of']} above {capped_bound_text(c)} "

@@ -50,7 +50,8 @@ def memorised() -> UnlearnSettings:
     first solve stopped at its cap above tol does not stop the write (api.judged_by_checks)."""
     return UnlearnSettings(curvature="ggn-base", curvature_data="edited", solver="cg", damping=0.03, reset_removed=10.0,
                            newton_steps=3, refine_iters=5, curvature_samples=0, verify="until", verify_restore=True,
-                           verify_steps=10, verify_repair="gradient", repair_form=1.0, reset_target="capped", verify_capped=2.0, repair_old=True,
+                           verify_steps=10, verify_repair="gradient", repair_form=1.0, reset_target="capped", verify_capped=2.0,
+                           repair_old=True,
                            solver_settings=SolverSettings(tol=0.05, max_iters=10))
 
 

@@ -172,8 +172,8 @@ class GradientRepair:
 
     def floors(self) -> dict:
         """{id(encoded pushed record: removed, or with repair_old a correction's old one): τ_t over its response tokens}:
-        τ = repair_threshold at each, and with repair_follow q*_t at its capped (and pushed) ones: softmax of support.capped_target (at Θ̂, cap τ, capped_own φ) at the record's own token,
-        the probability OutputReset's target gives it. Computed once, every rank for every removed record (a few
+        τ = repair_threshold at each, and with repair_follow q*_t at its capped (and pushed) ones: softmax of
+        support.capped_target (at Θ̂, cap τ, capped_own φ) at the record's own token, the probability OutputReset's target gives it. Computed once, every rank for every removed record (a few
         teacher-forced passes), as the reset's targets are fixed at Θ̂."""
         if self._floors is None:
             p, s = self.p, self.s
@@ -259,8 +259,8 @@ class GradientRepair:
         return distributed.all_sum(out), int(distributed.all_sum_float(float(tokens)))
 
     def above(self, theta: torch.Tensor, multiple: float) -> int:
-        """How many pushed tokens of the removed records (and with repair_old the replaced values: T_r) have p_t(Θ) > m·τ_t (floors(): τ, or q*_t with
-        repair_follow), by one teacher-forced pass, every rank's share summed: verify_capped's count (api.verify_edit)."""
+        """How many pushed tokens of the removed records (and with repair_old the replaced values: T_r) have
+        p_t(Θ) > m·τ_t (floors(): τ, or q*_t with repair_follow), by one teacher-forced pass, every rank's share summed: verify_capped's count (api.verify_edit)."""
         p, count = self.p, 0
         for chunk, batch, parts in self._batches(list(self.pushed().values())):
             with torch.no_grad(), fused_attention(p.model):

@@ -123,7 +123,8 @@ class UnlearnSettings:
         "still produced: sampling, not only greedy decoding, could read it back (0: off; verify.py)"))
     verify_capped: float = field(default=0.0, metadata=_meta(
         "> 0, with reset_target 'capped' and verify_repair 'gradient': a removed record's capped tokens (those the "
-        "rounds push; with repair_old, a correction's replaced value's too) whose teacher-forced probability exceeds this many times repair_threshold fail the check, so "
+        "rounds push; with repair_old, a correction's replaced value's too) whose teacher-forced probability exceeds "
+        "this many times repair_threshold fail the check, so "
         "`--verify until` takes rounds until none does; that bounds a removed value's probability after its sentence "
         "by (m·τ)^k over its k capped tokens, where the greedy checks alone may leave them near 1 (0: off; api.py)"))
     verify_reset: str = field(default="response", metadata=_meta(
