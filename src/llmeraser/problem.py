@@ -39,6 +39,11 @@ class EditSets:
     new: list
 
     @property
+    def new_by_id(self) -> dict:
+        """{edit id: encoded new version} over the edits that have one (`new` is in the request's edit order)."""
+        return dict(zip([e.id for e in self.request.edits if e.new is not None], self.new))
+
+    @property
     def edited(self) -> list:
         """The training set after the request: kept samples, then the new versions of edited ones."""
         return self.kept + self.new

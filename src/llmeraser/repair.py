@@ -54,7 +54,7 @@ from .data import EditRequest
 from .modeling import fused_attention
 from .objective import wide
 from .problem import Problem
-from .reset import pulled_tokens
+from .reset import first_difference, pulled_tokens
 from .settings import UnlearnSettings
 from .support import capped_positions, capped_target, others_logsumexp
 
@@ -99,26 +99,22 @@ def unlikelihood(objective, params, theta: torch.Tensor, batch: dict, mask: torc
     return bounded_unlikelihood(output_logprobs(objective, params, theta, batch), batch["targets"], mask, threshold)
 
 
-def first_difference(a, b) -> int:
-    """The first index at which sequences a and b differ; the shorter's length when one starts the other."""
-    return next((i for i, (u, v) in enumerate(zip(a, b)) if u != v), min(len(a), len(b)))
-
-
 def replaced_values(problem: Problem, request: EditRequest, settings: UnlearnSettings) -> dict:
     """{id of each correct_response edit: (its encoded old record, the indices among its response tokens that
     repair_old pushes)}: the tokens of its marked private parts (every response token without them; with
     reset_target 'capped', only those the kept records do not predict: support.capped_positions) from the first
-    token at which the old and new responses' token ids differ. Why not before it: there the new answer has the
-    same token after the same context, which its own loss in J trains up."""
-    edited = [e for e in request.edits if e.new is not None]
-    new = {e.id: x for e, x in zip(edited, problem.sets(request).new)}
+    token at which the old and new responses' token ids differ (reset.first_difference). Why not before it: there the
+    new answer has the same token after the same context, which its own loss in J trains up. Why that token itself,
+    where reset.past_shared_prefix starts after it: its context is the new answer's too, and a pull toward a whole
+    distribution there would fight the new token, but the unlikelihood lowers only the old token's probability."""
+    new = problem.sets(request).new_by_id
     capped = capped_positions(problem, request, settings.capped_chars) if settings.reset_target == "capped" else None
     out = {}
     for e in request.edits:
         if e.op != "correct_response":
             continue
         x, y = problem.examples[e.index], new[e.id]
-        start = first_difference(x.input_ids[x.n_prompt:], y.input_ids[y.n_prompt:])
+        start = first_difference(x, y)
         if capped is not None:
             at = capped[e.id]
         else:
@@ -173,8 +169,9 @@ class GradientRepair:
     def floors(self) -> dict:
         """{id(encoded pushed record: removed, or with repair_old a correction's old one): τ_t over its response tokens}:
         τ = repair_threshold at each, and with repair_follow q*_t at its capped (and pushed) ones: softmax of
-        support.capped_target (at Θ̂, cap τ, capped_own φ) at the record's own token, the probability OutputReset's target gives it. Computed once, every rank for every removed record (a few
-        teacher-forced passes), as the reset's targets are fixed at Θ̂."""
+        support.capped_target (at Θ̂, cap τ, capped_own φ) at the record's own token, the probability OutputReset's
+        target gives it. Computed once, every rank for every pushed record (a few teacher-forced passes), as the
+        reset's targets are fixed at Θ̂."""
         if self._floors is None:
             p, s = self.p, self.s
             at = capped_positions(p, self.request, s.capped_chars) if s.repair_follow else {}

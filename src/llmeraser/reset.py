@@ -55,14 +55,18 @@ from .params import zero_adapter  # noqa: F401  (re-exported: Θ₀ is part of t
 from .support import capped_target
 
 
-def past_shared_prefix(old, new, at) -> list[int]:
-    """The indices of `at` (among `old`'s response tokens) that come after the first position where the token
-    sequences of `old` and `new` (render.Example) differ. Invariant: at each kept index the two records' contexts
-    differ, so the old record's target there says nothing about the new answer's tokens; with different prompts
-    every index is kept."""
+def first_difference(old, new) -> int:
+    """The index, among `old`'s response tokens, of the first token where the token sequences of `old` and `new`
+    (render.Example) differ; negative when the prompts already differ, past the end when one starts the other."""
     a, b = old.input_ids, new.input_ids
-    j = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    first = j - old.n_prompt  # the first differing response token (negative: the prompts already differ)
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))) - old.n_prompt
+
+
+def past_shared_prefix(old, new, at) -> list[int]:
+    """The indices of `at` (among `old`'s response tokens) that come after first_difference(old, new). Invariant: at
+    each kept index the two records' contexts differ, so the old record's target there says nothing about the new
+    answer's tokens; with different prompts every index is kept."""
+    first = first_difference(old, new)
     return [k for k in at if k > first]
 
 

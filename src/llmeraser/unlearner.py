@@ -127,7 +127,7 @@ class Unlearner:
                                    self.kept_guard(request))
             self.refiner.k = max(self.settings.newton_steps, 1)
         edits, wanted = {e.id: e for e in request.edits}, list(dict.fromkeys(reset_ids))
-        new_of = dict(zip([e.id for e in request.edits if e.new is not None], self.problem.sets(request).new))
+        new_of = self.problem.sets(request).new_by_id
         at = {}  # id -> the private parts' response tokens of its old record, with verify_reset 'parts'
         if self.settings.verify_reset == "parts":
             at = {i: self.problem.part_positions(edits[i].old, edits[i].private) for i in wanted
