@@ -77,6 +77,8 @@ KINDS = {
     "condition": (_condition, "Which condition is {name} treated for?", "{name} is treated for {value}."),
 }
 SHAPES = ("prompt", "alpaca", "chat")
+# kinds whose values come from a short list, each value's rank among the list's measured (value_ranks)
+CANDIDATES = {"condition": CONDITIONS}
 
 # the record shapes and field kinds of the suite; n and the seeds are arguments
 SCENARIOS = {
@@ -292,15 +294,56 @@ def answered(base_model, tok, adapter: Path | None, rows: list[dict], ids: list[
 
 def value_log10p(ev, rows: list[dict], request: list[dict], values: dict) -> dict:
     """{"removed": id -> log10 P of the removed value, "old": id -> log10 P of a corrected record's old value}, each
-    given its prompt and its original sentence up to the value (privacy.part_log10p): what sampling still reads back."""
-    from llmeraser.data import records_from_rows
+    given its prompt and its original sentence up to the value (privacy.part_log10p): what sampling still reads back;
+    and "ranks": value_ranks of those values whose kind has CANDIDATES."""
     from llmeraser.privacy import part_log10p
 
-    records = {r.id: r for r in records_from_rows(rows)}
-    items = [(e["op"], e["id"], values[e["id"]] if e["op"] == "remove" else values[e["id"]][0]) for e in request]
-    got = part_log10p(ev, [(records[i], v) for _, i, v in items])
+    score = lambda items: part_log10p(ev, items)
+    by_id, items = {r["id"]: r for r in rows}, _edited_values(request, values)
+    got = score([(_record(by_id, i), v) for _, i, v in items])
     return {key: {i: x for (op, i, _), x in zip(items, got) if op == want}
-            for key, want in (("removed", "remove"), ("old", "correct_response"))}
+            for key, want in (("removed", "remove"), ("old", "correct_response"))} | \
+        {"ranks": value_ranks(score, rows, request, values)}
+
+
+def _edited_values(request: list[dict], values: dict) -> list[tuple[str, str, str]]:
+    """(op, id, the value it removes or replaces) per edit."""
+    return [(e["op"], e["id"], values[e["id"]] if e["op"] == "remove" else values[e["id"]][0]) for e in request]
+
+
+def _record(rows_by_id: dict, rid: str, value: str | None = None, instead: str | None = None):
+    """The record of row `rid`, with `value` written `instead` in its answer when given (the prompt as it is)."""
+    from llmeraser.data import records_from_rows
+
+    row = json.loads(json.dumps(rows_by_id[rid]))
+    if instead is not None:
+        if "response" in row:
+            row["response"] = row["response"].replace(value, instead)
+        elif "output" in row:
+            row["output"] = row["output"].replace(value, instead)
+        else:
+            row["messages"][-1]["content"] = row["messages"][-1]["content"].replace(value, instead)
+    return records_from_rows([row])[0]
+
+
+def value_ranks(score, rows: list[dict], request: list[dict], values: dict) -> dict:
+    """{"removed" | "old": id -> [rank, candidates]} for each removed value and each corrected record's old value whose
+    kind has CANDIDATES: rank = 1 + how many of the kind's other values `score` finds likelier in the same sentence
+    (1: the adapter still picks the person's own). `score`: [(record, part)] -> [log10 P of part after its sentence]
+    (part_log10p under one adapter). Why: a value drawn from a short list has a base rate (1/12 for a condition) that
+    no bound on its probability reaches, and retraining ranks the person's value as it ranks any other; a rank near 1
+    after an edit says the adapter still singles it out, whatever its probability."""
+    by_id = {r["id"]: r for r in rows}
+    out = {"removed": {}, "old": {}}
+    for op, rid, value in _edited_values(request, values):
+        others = [c for c in CANDIDATES.get(_kind(rid), ()) if c != value]
+        if not others:
+            continue
+        got = score([(_record(by_id, rid), value)] + [(_record(by_id, rid, value, c), c) for c in others])
+        if None in got:
+            continue
+        out["removed" if op == "remove" else "old"][rid] = [1 + sum(x > got[0] for x in got[1:]), len(got)]
+    return out
 
 
 def work_tag(sc: Scenario, dtype: str, batch_size: int, training: dict | None = None) -> str:

@@ -3,7 +3,8 @@ sentence (its fixed words, forgetting.answer_forms) beside how many still carry 
 original, retraining and llmeraser. Retraining answers a removed prompt in the record's sentence with another value; an
 answer that hides the value by being garbled is not what retraining gives (docs/benchmarks-history.md#removed-forms). Beyond greedy
 answers, each removed value's (and each corrected record's old value's) log10 P after its own sentence
-(forgetting.value_log10p): what sampling could still read back (docs/benchmarks-history.md#removed-likelihood).
+(forgetting.value_log10p): what sampling could still read back (docs/benchmarks-history.md#removed-likelihood), and
+a condition's rank among the twelve (forgetting.value_ranks): whether the adapter still picks the person's own.
 
     python -m benchmarks.removed_forms WORK/TAG [WORK/TAG ...] --out removed_forms.json
 
@@ -54,6 +55,12 @@ def forms_of(folder: Path, mt) -> dict:
     return out
 
 
+def _ranks(adapter: dict) -> str:
+    """', ranks among the candidates: id r/c, ...' of forgetting.value_ranks, or nothing where no value has one."""
+    ranks = {i: rc for d in adapter["log10p"].get("ranks", {}).values() for i, rc in d.items()}
+    return "" if not ranks else ", ranks among the candidates: " + ", ".join(f"{i} {r}/{c}" for i, (r, c) in ranks.items())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.removed_forms", description=__doc__.split("\n\n")[0])
     ap.add_argument("folders", nargs="+", type=Path, help="forgetting-suite scenario folders (of --work)")
@@ -68,7 +75,7 @@ def main(argv=None) -> int:
         r = forms_of(folder, mt)
         results.append(r)
         cells = " | ".join(f"{k}: {v['removed_in_form']} in form, {v['removed_produced']} produced, largest log10 P "
-                           f"{_largest_log10p(v)}" for k, v in r["adapters"].items())
+                           f"{_largest_log10p(v)}{_ranks(v)}" for k, v in r["adapters"].items())
         print(f"{r['tag']} ({r['removed']} removed) | {cells}", flush=True)
     write_json(a.out, results)
     return 0

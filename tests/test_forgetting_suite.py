@@ -330,3 +330,34 @@ def test_a_stored_result_is_rejudged_with_the_leaks_in_its_removed_answers():
     stored["counts"]["llmeraser"] = counts(leak, 0)
     assert rejudged(stored)["passed"] is True  # 0 + 1 <= 0 + 1
     assert rejudged({**stored, "verdict": {**stored["verdict"], "checks": {}}})["checks"] == {}
+
+
+@pytest.mark.parametrize("shape", ["prompt", "alpaca", "chat"])
+def test_a_categorical_values_rank_counts_the_likelier_candidates_in_its_own_sentence(shape):
+    """value_ranks scores the person's value and each other condition in the record's sentence, its prompt unchanged,
+    and ranks the value by how many are likelier; kinds without a candidate list get no rank."""
+    from benchmarks.forgetting import CONDITIONS, value_ranks
+
+    sc = Scenario("x", shape, ("email", "condition"), 24, seed=1, correct=0.2)
+    rows, request, values = build(sc)
+    likelier = {"gout", "eczema", "asthma"}  # the fake scorer's favourites
+    calls = []
+
+    def score(items):
+        calls.append(items)
+        (record, own), *others = items
+        prompt, answer = record.sides()
+        for r, c in others:  # each candidate written where the value was, the prompt as the record's
+            assert r.sides()[0] == prompt and c in r.sides()[1] and own not in r.sides()[1].replace(c, "")
+        return [-1.0 if part in likelier else -2.0 for _, part in items]
+
+    ranks = value_ranks(score, rows, request, values)
+    conditions = [(e["op"], e["id"]) for e in request if e["id"].endswith("-condition")]
+    assert conditions and {op for op, _ in conditions} == {"remove", "correct_response"}
+    for op, rid in conditions:
+        own = values[rid] if op == "remove" else values[rid][0]
+        # a favourite ties the other favourites (not likelier), so ranks first; any other value ranks behind all three
+        want = [1, 12] if own in likelier else [4, 12]
+        assert ranks["removed" if op == "remove" else "old"][rid] == want
+    assert len(calls) == len(conditions) and all(len(c) == len(CONDITIONS) for c in calls)
+    assert not any(rid.endswith("-email") for d in ranks.values() for rid in d)
