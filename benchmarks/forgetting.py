@@ -77,7 +77,7 @@ KINDS = {
     "condition": (_condition, "Which condition is {name} treated for?", "{name} is treated for {value}."),
 }
 SHAPES = ("prompt", "alpaca", "chat")
-# kinds whose values come from a short list, each value's rank among the list's measured (value_ranks)
+# kinds whose values come from a short list: value_ranks measures a value's rank among the list
 CANDIDATES = {"condition": CONDITIONS}
 
 # the record shapes and field kinds of the suite; n and the seeds are arguments
@@ -330,9 +330,9 @@ def value_ranks(score, rows: list[dict], request: list[dict], values: dict) -> d
     """{"removed" | "old": id -> [rank, candidates]} for each removed value and each corrected record's old value whose
     kind has CANDIDATES: rank = 1 + how many of the kind's other values `score` finds likelier in the same sentence
     (1: the adapter still picks the person's own). `score`: [(record, part)] -> [log10 P of part after its sentence]
-    (part_log10p under one adapter). Why: a value drawn from a short list has a base rate (1/12 for a condition) that
-    no bound on its probability reaches, and retraining ranks the person's value as it ranks any other; a rank near 1
-    after an edit says the adapter still singles it out, whatever its probability."""
+    (part_log10p under one adapter). Why: a value drawn from a short list has a base rate (1/12 for a condition), so
+    its probability alone cannot tell a leak from a guess; retraining ranks the person's value as it ranks any other,
+    so a rank near 1 after an edit says the adapter still singles it out (BENCHMARKS.md#forgetting-condition-ranks)."""
     by_id = {r["id"]: r for r in rows}
     out = {"removed": {}, "old": {}}
     for op, rid, value in _edited_values(request, values):
