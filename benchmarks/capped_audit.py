@@ -28,7 +28,8 @@ WORD = re.compile(r"[^a-z][a-z]{2,}[^a-z]?$")
 
 
 def word_completions(before: list[str], token: str, kept_texts: list[str]) -> str | None:
-    """The context that makes `token` a completion (the "word" rule), or None. `before`: the response so far, as text."""
+    """The context that makes `token` a completion (the "word" rule), or None. `before`: the texts of the response's
+    tokens before it; `kept_texts`: the kept records' responses."""
     m = WORD.search("".join(before))
     if not token[:1].isalpha() or not token[:1].islower() or m is None:
         return None
