@@ -160,8 +160,9 @@ def verify_edit(unl: Unlearner, model, tokenizer, records, req, theta, progress:
     Adam steps (repair.py), from the original adapter when that misses fewer checks than the update (then it may be
     what is returned). With verify_capped m > 0 a check also fails while any capped token of a removed record (with
     repair_old, of a correction's replaced value too) has p_t > m·τ, with repair_follow m·q*_t
-    (repair.GradientRepair.above): the greedy checks can pass with those tokens near 1, and sampling reads the value back (BENCHMARKS.md#forgetting-sampling). The extra steps' records are in verification["extra_steps"],
-    each with "kept": whether the Θ returned includes it."""
+    (repair.GradientRepair.above): the greedy checks can pass with those tokens near 1, and sampling reads the value
+    back (BENCHMARKS.md#forgetting-sampling). The extra steps' records are in verification["extra_steps"], each with
+    "kept": whether the Θ returned includes it."""
     s, p = unl.settings, unl.problem
     t0 = time.perf_counter()
     if progress:

@@ -257,7 +257,8 @@ class GradientRepair:
 
     def above(self, theta: torch.Tensor, multiple: float) -> int:
         """How many pushed tokens of the removed records (and with repair_old the replaced values: T_r) have
-        p_t(Θ) > m·τ_t (floors(): τ, or q*_t with repair_follow), by one teacher-forced pass, every rank's share summed: verify_capped's count (api.verify_edit)."""
+        p_t(Θ) > m·τ_t (floors(): τ, or q*_t with repair_follow), by one teacher-forced pass, every rank's share
+        summed: verify_capped's count (api.verify_edit)."""
         p, count = self.p, 0
         for chunk, batch, parts in self._batches(list(self.pushed().values())):
             with torch.no_grad(), fused_attention(p.model):
