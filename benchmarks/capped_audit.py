@@ -7,9 +7,10 @@ finds each token of the record's value (BENCHMARKS.md#forgetting-lost-retained).
 Each folder is one scenario's folder of `benchmarks.forgetting --work` (data.jsonl, request.jsonl, original/, and for
 --answers retrain/ and llmeraser*/). The rules, beside support.capped_positions (MIN_SEEN 2):
 - "seen once": the same counts with MIN_SEEN 1, so a context one kept response shows speaks for retraining;
-- "word": a capped token that starts with a small letter, where the response so far ends in a small-letter word of two
-  or more letters with the character before it (and at most one after it), and every kept response holding that text
-  continues it with the token's text ("x" after "@gm" where one kept address is at gmx.net).
+- "word": the setting capped_words (support.word_completion): a capped token that starts with a small letter, where the
+  response so far ends in a small-letter word of two or more letters with the character before it (and at most one
+  after it), and every kept response holding that text continues it with the token's text ("x" after "@gm" where one
+  kept address is at gmx.net).
 Reads and prints only; the model is loaded once, for the tokenizer's rendering and the answers.
 """
 
@@ -18,25 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
 from benchmarks import hardware
-
-WORD = re.compile(r"[^a-z][a-z]{2,}[^a-z]?$")
-
-
-def word_completions(before: list[str], token: str, kept_texts: list[str]) -> str | None:
-    """The context that makes `token` a completion (the "word" rule), or None. `before`: the texts of the response's
-    tokens before it; `kept_texts`: the kept records' responses."""
-    m = WORD.search("".join(before))
-    if not token[:1].isalpha() or not token[:1].islower() or m is None:
-        return None
-    c = m.group(0)
-    after = [t[i + len(c):i + len(c) + len(token)] for t in kept_texts for i in (j.start() for j in re.finditer(re.escape(c), t))]
-    return c if after and all(a == token for a in after) else None
-
 
 def audit(folder: Path, mt) -> list[dict]:
     from llmeraser import support
@@ -51,8 +37,8 @@ def audit(folder: Path, mt) -> list[dict]:
     try:
         pr = Problem(model, tok, records)
         req = load_request(folder / "request.jsonl", records)
-        kept_texts = [tok.decode(x.input_ids[x.n_prompt:]) for x in pr.sets(req).kept]
         capped = support.capped_positions(pr, req)
+        words = support.capped_positions(pr, req, words=True)
         support.MIN_SEEN = 1
         pr._capped.clear()
         once = support.capped_positions(pr, req)
@@ -68,8 +54,7 @@ def audit(folder: Path, mt) -> list[dict]:
         at = sorted(capped[e.id])
         out.append({"id": e.id, "op": e.op, "capped": [texts[k] for k in at],
                     "seen_once_frees": [texts[k] for k in at if k not in once[e.id]],
-                    "word_frees": [f"{texts[k]} after {c}" for k in at
-                                   if (c := word_completions(texts[:k], texts[k], kept_texts)) is not None]})
+                    "word_frees": [texts[k] for k in at if k not in words[e.id]]})
     return out
 
 

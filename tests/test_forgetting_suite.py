@@ -361,17 +361,3 @@ def test_a_categorical_values_rank_counts_the_likelier_candidates_in_its_own_sen
         assert ranks["removed" if op == "remove" else "old"][rid] == want
     assert len(calls) == len(conditions) and all(len(c) == len(CONDITIONS) for c in calls)
     assert not any(rid.endswith("-email") for d in ranks.values() for rid in d)
-
-
-def test_the_word_rule_frees_only_a_completion_every_kept_response_spells():
-    """capped_audit.word_completions: "x" after "…@gm" where the one kept "@gm" goes on "x"; not where a kept
-    response goes on otherwise, not a digit or a capital, not without two small letters before it."""
-    from benchmarks.capped_audit import word_completions
-
-    kept = ["olga.castro88@gmx.net.", "ines.berg12@gmail.com."]
-    assert word_completions(["quinn.ortiz84", "@", "gm"], "x", kept[:1]) == "@gm"
-    assert word_completions(["quinn.ortiz84", "@", "gm", "x", "."], "net", kept[:1]) == "@gmx."
-    assert word_completions(["quinn.ortiz84", "@", "gm"], "x", kept) is None  # "@gm" goes on "a" in one of them
-    assert word_completions(["quinn.ortiz84", "@", "g"], "mx", kept[:1]) is None  # one letter is no word
-    assert word_completions(["Code is AB"], "C", ["Code is ABC."]) is None  # capitals: a code's characters
-    assert word_completions(["DE12 ab"], "3", ["DE12 ab3"]) is None  # digits

@@ -10,7 +10,7 @@ import torch
 from llmeraser.errors import InputError
 from llmeraser.render import Example
 from llmeraser.settings import UnlearnSettings
-from llmeraser.support import MIN_SEEN, SUPPORTED, KeptContinuations, capped_logits, shape
+from llmeraser.support import MIN_SEEN, SUPPORTED, KeptContinuations, capped_logits, shape, word_completion
 
 
 def _ex(prompt, response):
@@ -163,6 +163,56 @@ def test_the_character_view_counts_characters_where_shapes_merge_lengths():
     assert chars.distribution(removed.input_ids, t + 1) == {21: 1.0}
     # a view is only added when asked for: the recipe's default leaves two
     assert len(today.views) == 2 and len(chars.views) == 3
+
+
+def test_the_word_rule_frees_only_a_completion_every_kept_response_spells():
+    """word_completion: "x" after "…@gm" where the one kept "@gm" goes on "x"; not where a kept response goes on
+    otherwise, not a digit or a capital, not without two small letters before it, not a context no kept answer holds."""
+    kept = "olga.castro88@gmx.net.\0ines.berg12@gmail.com."
+    one = kept.split("\0")[0]
+    assert word_completion("quinn.ortiz84@gm", "x", one) == "@gm"
+    assert word_completion("quinn.ortiz84@gmx.", "net", one) == "@gmx."
+    assert word_completion("quinn.ortiz84@gm", "x", kept) is None  # "@gm" goes on "a" in one of them
+    assert word_completion("quinn.ortiz84@g", "mx", one) is None  # one letter is no word
+    assert word_completion("quinn.ortiz84@web", "x", one) is None  # no kept answer holds "@web"
+    assert word_completion("Code is AB", "C", "Code is ABC.") is None  # capitals: a code's characters
+    assert word_completion("DE12 ab", "3", "DE12 ab3") is None  # digits
+    assert word_completion("x.gm", "x", "olga.gm\0x") is None  # a kept answer's end is not its next one's start
+
+
+def test_the_word_rule_frees_a_token_one_kept_answer_spells_and_nothing_else():
+    """KeptContinuations(words=True): the token counts miss "x" after "@gm" when one kept address is at gmx.net (its
+    context seen once, under MIN_SEEN); the word rule supports it, and no digit of the removed address, whose kept
+    continuations are as rare."""
+    pieces = ["'s", " address", " is", " olga", " ines", " quinn", ".", "@", "gm", "x", "ail", "net", "com", "web", "de"]
+    pieces += [str(d) for d in range(10)]
+    code = {p: i + 1 for i, p in enumerate(pieces)}
+
+    class Tok:
+        def decode(self, ids):
+            return "".join(pieces[i - 1] for i in ids)
+
+    def ex(*parts):
+        return _ex([code["'s"], code[" address"], code[" is"]], [code[p] for p in parts])
+
+    assert MIN_SEEN == 2
+    kept = [ex(" olga", "3", "@", "gm", "x", ".", "net", "."), ex(" ines", "7", "@", "web", ".", "de", "."),
+            ex(" ines", "5", "@", "web", ".", "de", ".")]
+    removed = ex(" quinn", "8", "@", "gm", "x", ".", "net", ".")
+    digit_at, x_at, net_at = 1, 4, 6
+    plain, words = KeptContinuations(kept, Tok()), KeptContinuations(kept, Tok(), words=True)
+    assert {digit_at, x_at, net_at} <= set(plain.unsupported(removed, None))
+    # "x" after "@gm" and "net" after "@gmx.", each spelled by the one kept gmx.net address; the digit stays capped
+    assert set(plain.unsupported(removed, None)) - set(words.unsupported(removed, None)) == {x_at, net_at}
+    assert set(words.unsupported(removed, None)) <= set(plain.unsupported(removed, None))
+    # kept addresses that go on otherwise after "@gm" take the support back (two, so the counts, seeing "gm" thrice,
+    # do not support "x" either: share 1/3)
+    gmail = [ex(" ines", str(d), "@", "gm", "ail", ".", "com", ".") for d in (1, 2)]
+    assert x_at in KeptContinuations(kept + gmail, Tok()).unsupported(removed, None)
+    mixed = KeptContinuations(kept + gmail, Tok(), words=True)
+    assert x_at in mixed.unsupported(removed, None) and net_at not in mixed.unsupported(removed, None)
+    with pytest.raises(ValueError, match="tokenizer"):
+        KeptContinuations(kept, words=True)
 
 
 def test_capped_logits_are_the_kl_projection_onto_the_cap():
@@ -349,8 +399,9 @@ def test_capped_rounds_push_only_the_unpredicted_tokens_of_the_marked_parts(tmp_
     # only the listed tokens have a target other than Θ̂'s prediction: each with kept continuations, the others where
     # the own token is above the cap
     assert 0 < differs == above
-    # capped_chars: the lists and targets of the view with characters, cached apart from the default's; the rounds,
-    # the first step's reset and the Newton refiner each ask for that view under the setting
+    # capped_chars and capped_words: the lists and targets of the view with characters, and the word rule's, cached
+    # apart from the default's; the rounds, the first step's reset and the Newton refiner each ask for them under the
+    # setting
     import dataclasses
 
     from llmeraser import support
@@ -360,20 +411,22 @@ def test_capped_rounds_push_only_the_unpredicted_tokens_of_the_marked_parts(tmp_
     s16 = dataclasses.replace(s, capped_chars=16)
     at16, table16 = capped_positions(problem, req, 16), KeptContinuations(problem.sets(req).kept, tok, 16)
     assert capped_positions(problem, req) is at and capped_positions(problem, req, 16) is at16 is not at
+    assert capped_positions(problem, req, 0, True) is not at
     for rid, k, parts in ((recs[0].id, 0, marked), (recs[2].id, 2, None)):
         x = problem.examples[k]
         assert sorted(at16[rid]) == table16.unsupported(x, parts)
         assert all(d == table16.distribution(x.input_ids, x.n_prompt + t) for t, d in at16[rid].items())
     asked, built = [], support.KeptContinuations.__init__
 
-    def spy(self, kept, tokenizer=None, chars=support.CHAR_CONTEXT):
-        asked.append(chars)
-        built(self, kept, tokenizer, chars)
+    def spy(self, kept, tokenizer=None, chars=support.CHAR_CONTEXT, words=False):
+        asked.append((chars, words))
+        built(self, kept, tokenizer, chars, words)
     monkeypatch.setattr(support.KeptContinuations, "__init__", spy)
-    for use in (lambda r: GradientRepair(problem, r, s16), lambda r: extension_terms(problem, r, s16),
-                lambda r: Refiner(problem, r, Systems(problem, s16), s16, 0.03, False)):
-        use(request_from_rows(rows, recs))  # a new request object: nothing cached for it
-    assert asked == [16, 16, 16]
+    for setting in (s16, dataclasses.replace(s, capped_words=True)):
+        for use in (lambda r: GradientRepair(problem, r, setting), lambda r: extension_terms(problem, r, setting),
+                    lambda r: Refiner(problem, r, Systems(problem, setting), setting, 0.03, False)):
+            use(request_from_rows(rows, recs))  # a new request object: nothing cached for it
+    assert asked == [(16, False)] * 3 + [(0, True)] * 3
 
 
 def test_a_config_file_chooses_the_target_over_the_recipes(tmp_path):
@@ -472,9 +525,9 @@ def test_the_recipes_capped_target_gives_way_where_the_user_turned_its_pulls_off
         resolve("memorised", {"settings": {"reset_target": "capped"}}, {**newton, "verify_reset": "parts"})
 
 
-def test_capped_chars_and_capped_own_are_checked_and_need_the_capped_target():
-    """capped_chars takes a whole number >= 0, capped_own a probability in [0, 1), each only with reset_target 'capped',
-    whose targets they shape; a bad value is refused with the fix named."""
+def test_capped_chars_words_and_own_are_checked_and_need_the_capped_target():
+    """capped_chars takes a whole number >= 0, capped_words true or false, capped_own a probability in [0, 1), each
+    only with reset_target 'capped', whose targets they shape; a bad value is refused with the fix named."""
     base = dict(verify_repair="gradient", reset_target="capped", reset_removed=10.0, curvature="ggn")
     assert UnlearnSettings(**base, capped_chars=16).capped_chars == 16 and UnlearnSettings(**base).capped_chars == 0
     for bad in (-1, 2.5, True, "16"):
@@ -482,6 +535,12 @@ def test_capped_chars_and_capped_own_are_checked_and_need_the_capped_target():
             UnlearnSettings(**base, capped_chars=bad)
     with pytest.raises(InputError, match="set reset_target 'capped'"):
         UnlearnSettings(**{**base, "reset_target": "base"}, capped_chars=16)
+    assert UnlearnSettings(**base, capped_words=True).capped_words and not UnlearnSettings(**base).capped_words
+    for bad in (1, "true", None):
+        with pytest.raises(InputError, match="capped_words .*true or false"):
+            UnlearnSettings(**base, capped_words=bad)
+    with pytest.raises(InputError, match="set reset_target 'capped'"):
+        UnlearnSettings(**{**base, "reset_target": "base"}, capped_words=True)
     assert UnlearnSettings(**base, capped_own=1e-3).capped_own == 1e-3 and UnlearnSettings(**base).capped_own == 0
     for bad in (-1e-3, 1.0, True, "0.001"):
         with pytest.raises(InputError, match=r"capped_own .*\[0, 1\)"):

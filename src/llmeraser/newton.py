@@ -44,7 +44,7 @@ class Refiner:
         self.k = 1  # the number of the last step taken
         self._reset = (None, None)  # (removed ids, OutputReset) of the last step that pulled some toward the base
         # reset_target 'capped': {id(removed sample): {token it pulls: the kept continuations there}} (support.py)
-        self.capped = (capped_by_sample(problem, request, settings.capped_chars)
+        self.capped = (capped_by_sample(problem, request, settings.capped_chars, settings.capped_words)
                        if settings.reset_target == "capped" else None)
 
     def objective(self, t: torch.Tensor) -> float:

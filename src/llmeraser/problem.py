@@ -68,8 +68,9 @@ class Problem:
         # Σ∇L(old) at Θ̂ per request (by edited indices); a Problem of the same model and data may share it
         self.old_grads: dict[tuple, torch.Tensor] = {}
         self._sets: dict[int, EditSets] = {}
-        # support.capped_positions per (id of the request object, capped_chars): (request, result); the first step, the
-        # Newton refiner, the gradient rounds and verify_capped all read the same count of the kept records
+        # support.capped_positions per (id of the request object, capped_chars, capped_words): (request, result); the
+        # first step, the Newton refiner, the gradient rounds and verify_capped all read the same count of the kept
+        # records
         self._capped: dict[tuple, tuple] = {}
 
     @property

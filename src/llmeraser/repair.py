@@ -108,7 +108,7 @@ def replaced_values(problem: Problem, request: EditRequest, settings: UnlearnSet
     where reset.past_shared_prefix starts after it: its context is the new answer's too, and a pull toward a whole
     distribution there would fight the new token, but the unlikelihood lowers only the old token's probability."""
     new = problem.sets(request).new_by_id
-    capped = capped_positions(problem, request, settings.capped_chars) if settings.reset_target == "capped" else None
+    capped = capped_positions(problem, request, settings.capped_chars, settings.capped_words) if settings.reset_target == "capped" else None
     out = {}
     for e in request.edits:
         if e.op != "correct_response":
@@ -143,7 +143,7 @@ class GradientRepair:
         self.removed = {e.id: (problem.examples[e.index], problem.part_positions(e.old, e.private) if e.private else None)
                         for e in request.edits if e.op == "remove"}
         if settings.reset_target == "capped":
-            at = capped_positions(problem, request, settings.capped_chars)
+            at = capped_positions(problem, request, settings.capped_chars, settings.capped_words)
             self.removed = {i: (x, sorted(at[i])) for i, (x, _) in self.removed.items()}
         # with repair_old, the corrections' old records and their replaced values' tokens (replaced_values)
         self.replaced = replaced_values(problem, request, settings) if settings.repair_old else {}
@@ -174,7 +174,7 @@ class GradientRepair:
         reset's targets are fixed at Θ̂."""
         if self._floors is None:
             p, s = self.p, self.s
-            at = capped_positions(p, self.request, s.capped_chars) if s.repair_follow else {}
+            at = capped_positions(p, self.request, s.capped_chars, s.capped_words) if s.repair_follow else {}
             self._floors = {}
             for rid, (x, pos) in self.pushed().items():
                 floor = torch.full((x.n_response,), float(s.repair_threshold), dtype=torch.float64)

@@ -157,6 +157,10 @@ class UnlearnSettings:
         "reset_target 'capped': > 0 also reads the kept continuations after the last this many characters, every "
         "letter and digit written x, so a capped target counts a value's characters whatever the tokens that spell "
         "them (0: off; support.py)"))
+    capped_words: bool = field(default=False, metadata=_meta(
+        "reset_target 'capped': a token that completes a small-letter word the kept answers spell, every time they "
+        "hold its start (one is enough), counts as predicted by the kept records and is not capped: \"x\" after "
+        "\"@gm\" where one kept address is at gmx.net (off: such a token needs its context twice; support.py)"))
     capped_own: float = field(default=0.0, metadata=_meta(
         "reset_target 'capped': φ > 0 bounds the adapter's own share of a capped token's target at probability φ, so "
         "the memorised token's target, min(0.9·K + 0.1·min(p, φ), repair_threshold), follows K, the share of kept "
@@ -232,6 +236,11 @@ class UnlearnSettings:
         if self.capped_chars and self.reset_target != "capped":
             raise InputError("capped_chars shapes the targets of reset_target 'capped': set reset_target 'capped' (as "
                              "the memorised recipe does), or leave capped_chars 0")
+        if not isinstance(self.capped_words, bool):
+            raise InputError(f"capped_words {self.capped_words!r}: give true or false")
+        if self.capped_words and self.reset_target != "capped":
+            raise InputError("capped_words chooses the tokens of reset_target 'capped': set reset_target 'capped' (as "
+                             "the memorised recipe does), or leave capped_words off")
         if isinstance(self.capped_own, bool) or not isinstance(self.capped_own, (int, float)) \
                 or not 0 <= self.capped_own < 1:
             raise InputError(f"capped_own {self.capped_own!r}: give a probability in [0, 1) (0: off)")

@@ -22,6 +22,14 @@ after a kept code's fourth character it knows one more follows, where the shapes
 code's end. Cheap (counts over token ids, no model) and exact for what it counts; what it does not model (a name
 copied from the prompt) stays unsupported, pushed as before.
 
+A word rule, off unless `words` (the setting capped_words), also supports a token that completes a word the kept
+responses spell (word_completion): y starts with a small letter, the response so far ends in a small-letter word c of
+two or more letters (with the character before it, and at most one after), and every kept response holding c goes on
+with y's text, once being enough. Why: "x" after "@gm" where one kept address is at gmx.net; the counts need a context
+seen MIN_SEEN times, so they leave it capped, the rounds push it, and the push carries over to that kept address,
+which retraining answers (BENCHMARKS.md#forgetting-lost-retained). One kept occurrence is enough for words only:
+MIN_SEEN 1 everywhere also freed coincidental digits of IBANs and codes.
+
 An unsupported token's target (capped_target) mixes the same counts' continuation distribution, retraining's pattern
 (other digits after "DE"), with the adapter's own prediction, and caps the memorised token at τ.
 """
@@ -29,6 +37,7 @@ An unsupported token's target (capped_target) mixes the same counts' continuatio
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 
 import torch
@@ -42,6 +51,8 @@ MIN_SEEN = 2  # a context must occur this often among the kept responses to spea
 SUPPORTED = 0.5  # share of those occurrences continued by the same token
 SURE_SEEN = 5  # a view's context must occur this often for its sureness to override the token view (distribution)
 KEPT_WEIGHT = 0.9  # the kept continuations' share of a capped target (capped_target)
+# the word rule's context: a small-letter word of 2+ letters ending the text, the character before it, at most one after
+WORD_END = re.compile(r"[^a-z][a-z]{2,}[^a-z]?$")
 
 
 def char_classes(text: str) -> str:
@@ -109,13 +120,33 @@ def _char_contexts(text_of, longest: int):
     return contexts
 
 
+def word_completion(before: str, token: str, kept_text: str) -> str | None:
+    """The context c that makes `token` a completion of a word the kept responses spell (the word rule, module
+    docstring), or None: c = WORD_END's match at the end of `before` (the response's text before `token`), `token`
+    starts with a small letter, and c occurs in `kept_text` (the kept responses' texts joined by NUL, which no c
+    holds), each time followed by `token`'s text."""
+    m = WORD_END.search(before)
+    if m is None or not (token[:1].isalpha() and token[:1].islower()):
+        return None
+    c = m.group(0)
+    found, at = False, kept_text.find(c)
+    while at >= 0:
+        if not kept_text.startswith(token, at + len(c)):
+            return None
+        found, at = True, kept_text.find(c, at + 1)
+    return c if found else None
+
+
 class KeptContinuations:
     """The kept records' continuations in the token view and, given a tokenizer, the shape view and, with `chars` > 0,
-    the character view of that many characters (module docstring)."""
+    the character view of that many characters; with `words` (a tokenizer needed) the word rule too (module
+    docstring)."""
 
-    def __init__(self, kept: list, tokenizer=None, chars: int = CHAR_CONTEXT):
+    def __init__(self, kept: list, tokenizer=None, chars: int = CHAR_CONTEXT, words: bool = False):
         self.views = [_Counts(kept, _token_contexts(lambda i: i, CONTEXT))]
-        self.shape_of = None
+        self.shape_of = self.text_of = self.kept_text = None
+        if words and tokenizer is None:
+            raise ValueError("the word rule reads the tokens' texts: give a tokenizer")
         if tokenizer is not None:
             texts, shapes = {}, {}
 
@@ -128,10 +159,12 @@ class KeptContinuations:
                 if i not in shapes:
                     shapes[i] = shape(text_of(i))
                 return shapes[i]
-            self.shape_of = of
+            self.shape_of, self.text_of = of, text_of
             self.views.append(_Counts(kept, _token_contexts(of, SHAPE_CONTEXT)))
             if chars:
                 self.views.append(_Counts(kept, _char_contexts(text_of, chars)))
+            if words:
+                self.kept_text = "\0".join("".join(map(text_of, x.input_ids[x.n_prompt:])) for x in kept)
 
     def share(self, ids: tuple, t: int) -> float | None:
         """The largest share(ids[t]) over the views, each at its longest context seen MIN_SEEN times; None when no
@@ -172,16 +205,24 @@ class KeptContinuations:
 
     def unsupported(self, example, positions: list[int] | None) -> list[int]:
         """The indices among `positions` (response-token indices of `example`; None: all of them) whose token the
-        kept records do not predict: share < SUPPORTED, or no context seen."""
+        kept records do not predict: share < SUPPORTED, or no context seen, and (with `words`) not a word's completion."""
         ids = tuple(example.input_ids)
         # a part past max_length's cut has positions beyond the encoded response: nothing there to pull
         at = range(example.n_response) if positions is None else [k for k in positions if k < example.n_response]
         out = []
         for k in at:
-            s = self.share(ids, example.n_prompt + k)
-            if s is None or s < SUPPORTED:
+            t = example.n_prompt + k
+            s = self.share(ids, t)
+            if (s is None or s < SUPPORTED) and not self._completes_word(ids, example.n_prompt, t):
                 out.append(k)
         return out
+
+    def _completes_word(self, ids: tuple, start: int, t: int) -> bool:
+        """The word rule at ids[t], the response starting at ids[start]; False when off."""
+        if self.kept_text is None:
+            return False
+        before = "".join(map(self.text_of, ids[start:t]))
+        return word_completion(before, self.text_of(ids[t]), self.kept_text) is not None
 
 
 def others_logsumexp(z, targets):
@@ -203,30 +244,31 @@ def capped_logits(z, targets, cap: float):
     return out
 
 
-def capped_positions(problem, request, chars: int = CHAR_CONTEXT) -> dict:
+def capped_positions(problem, request, chars: int = CHAR_CONTEXT, words: bool = False) -> dict:
     """{id of each removal and response correction: {index among its (old) record's response tokens: the kept
     continuation distribution there, or None}} over the tokens reset_target 'capped' pulls: those of its marked private
-    parts (all its response tokens when none is marked or found) that the kept records do not predict (`chars`:
-    KeptContinuations'). A map may be empty: every such token is one retraining gives too. A correction's map serves
+    parts (all its response tokens when none is marked or found) that the kept records do not predict (`chars`,
+    `words`: KeptContinuations'). A map may be empty: every such token is one retraining gives too. A correction's map serves
     repair_old (repair.replaced_values, which drops the tokens its new answer shares). Computed once per request
-    object and `chars` (cached on the problem, as Problem.sets is)."""
-    hit = problem._capped.get((id(request), chars))
+    object, `chars` and `words` (cached on the problem, as Problem.sets is)."""
+    key = (id(request), chars, words)
+    hit = problem._capped.get(key)
     if hit is not None and hit[0] is request:
         return hit[1]
-    kept = KeptContinuations(problem.sets(request).kept, problem.tokenizer, chars)
+    kept = KeptContinuations(problem.sets(request).kept, problem.tokenizer, chars, words)
     out = {}
     for e in request.edits:
         if e.op in ("remove", "correct_response"):
             x = problem.examples[e.index]
             at = kept.unsupported(x, problem.part_positions(e.old, e.private) if e.private else None)
             out[e.id] = {k: kept.distribution(x.input_ids, x.n_prompt + k) for k in at}
-    problem._capped[(id(request), chars)] = (request, out)
+    problem._capped[key] = (request, out)
     return out
 
 
-def capped_by_sample(problem, request, chars: int = CHAR_CONTEXT) -> dict:
+def capped_by_sample(problem, request, chars: int = CHAR_CONTEXT, words: bool = False) -> dict:
     """capped_positions keyed by id(encoded removed sample), as reset.OutputReset takes them."""
-    at = capped_positions(problem, request, chars)
+    at = capped_positions(problem, request, chars, words)
     return {id(problem.examples[e.index]): at[e.id] for e in request.edits if e.op == "remove"}
 
 
