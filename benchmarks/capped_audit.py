@@ -54,7 +54,8 @@ def audit(folder: Path, mt) -> list[dict]:
         at = sorted(capped[e.id])
         out.append({"id": e.id, "op": e.op, "capped": [texts[k] for k in at],
                     "seen_once_frees": [texts[k] for k in at if k not in once[e.id]],
-                    "word_frees": [texts[k] for k in at if k not in words[e.id]]})
+                    "word_frees": [f"{texts[k]} after {support.WORD_END.search(''.join(texts[:k])).group(0)}"
+                                   for k in at if k not in words[e.id]]})
     return out
 
 

@@ -176,6 +176,9 @@ def test_the_word_rule_frees_only_a_completion_every_kept_response_spells():
     assert word_completion("quinn.ortiz84@g", "mx", one) is None  # one letter is no word
     assert word_completion("quinn.ortiz84@web", "x", one) is None  # no kept answer holds "@web"
     assert word_completion("Code is AB", "C", "Code is ABC.") is None  # capitals: a code's characters
+    assert word_completion("x ab", "Cd", "x abCd") is None  # a capital after a small-letter word
+    assert word_completion("x ab", "cd", "x abcd") == " ab"  # the same with a small letter
+    assert word_completion("x bar.\n", "foo", "y bar.foo") is None  # the context ends the text: no newline skipped
     assert word_completion("DE12 ab", "3", "DE12 ab3") is None  # digits
     assert word_completion("x.gm", "x", "olga.gm\0x") is None  # a kept answer's end is not its next one's start
 

@@ -108,7 +108,8 @@ def replaced_values(problem: Problem, request: EditRequest, settings: UnlearnSet
     where reset.past_shared_prefix starts after it: its context is the new answer's too, and a pull toward a whole
     distribution there would fight the new token, but the unlikelihood lowers only the old token's probability."""
     new = problem.sets(request).new_by_id
-    capped = capped_positions(problem, request, settings.capped_chars, settings.capped_words) if settings.reset_target == "capped" else None
+    capped = (capped_positions(problem, request, settings.capped_chars, settings.capped_words)
+              if settings.reset_target == "capped" else None)
     out = {}
     for e in request.edits:
         if e.op != "correct_response":

@@ -24,11 +24,11 @@ copied from the prompt) stays unsupported, pushed as before.
 
 A word rule, off unless `words` (the setting capped_words), also supports a token that completes a word the kept
 responses spell (word_completion): y starts with a small letter, the response so far ends in a small-letter word c of
-two or more letters (with the character before it, and at most one after), and every kept response holding c goes on
-with y's text, once being enough. Why: "x" after "@gm" where one kept address is at gmx.net; the counts need a context
-seen MIN_SEEN times, so they leave it capped, the rounds push it, and the push carries over to that kept address,
-which retraining answers (BENCHMARKS.md#forgetting-lost-retained). One kept occurrence is enough for words only:
-MIN_SEEN 1 everywhere also freed coincidental digits of IBANs and codes.
+two or more letters (with the character before it, and at most one after), and every occurrence of c in the kept
+responses goes on with y's text, one being enough. Why: "x" after "@gm" where one kept address is at gmx.net; the
+counts need a context seen MIN_SEEN times, so they leave it capped, the rounds push it, and the push carries over to
+that kept address, which retraining answers (BENCHMARKS.md#forgetting-lost-retained). One occurrence is enough for
+words only: MIN_SEEN 1 everywhere also freed coincidental digits of IBANs and codes.
 
 An unsupported token's target (capped_target) mixes the same counts' continuation distribution, retraining's pattern
 (other digits after "DE"), with the adapter's own prediction, and caps the memorised token at τ.
@@ -52,7 +52,7 @@ SUPPORTED = 0.5  # share of those occurrences continued by the same token
 SURE_SEEN = 5  # a view's context must occur this often for its sureness to override the token view (distribution)
 KEPT_WEIGHT = 0.9  # the kept continuations' share of a capped target (capped_target)
 # the word rule's context: a small-letter word of 2+ letters ending the text, the character before it, at most one after
-WORD_END = re.compile(r"[^a-z][a-z]{2,}[^a-z]?$")
+WORD_END = re.compile(r"[^a-z][a-z]{2,}[^a-z]?\Z")
 
 
 def char_classes(text: str) -> str:
@@ -205,7 +205,8 @@ class KeptContinuations:
 
     def unsupported(self, example, positions: list[int] | None) -> list[int]:
         """The indices among `positions` (response-token indices of `example`; None: all of them) whose token the
-        kept records do not predict: share < SUPPORTED, or no context seen, and (with `words`) not a word's completion."""
+        kept records do not predict: share < SUPPORTED, or no context seen, and (with `words`) not a word's
+        completion."""
         ids = tuple(example.input_ids)
         # a part past max_length's cut has positions beyond the encoded response: nothing there to pull
         at = range(example.n_response) if positions is None else [k for k in positions if k < example.n_response]
@@ -248,9 +249,9 @@ def capped_positions(problem, request, chars: int = CHAR_CONTEXT, words: bool = 
     """{id of each removal and response correction: {index among its (old) record's response tokens: the kept
     continuation distribution there, or None}} over the tokens reset_target 'capped' pulls: those of its marked private
     parts (all its response tokens when none is marked or found) that the kept records do not predict (`chars`,
-    `words`: KeptContinuations'). A map may be empty: every such token is one retraining gives too. A correction's map serves
-    repair_old (repair.replaced_values, which drops the tokens its new answer shares). Computed once per request
-    object, `chars` and `words` (cached on the problem, as Problem.sets is)."""
+    `words`: KeptContinuations'). A map may be empty: every such token is one retraining gives too. A correction's
+    map serves repair_old (repair.replaced_values, which drops the tokens its new answer shares). Computed once per
+    request object, `chars` and `words` (cached on the problem, as Problem.sets is)."""
     key = (id(request), chars, words)
     hit = problem._capped.get(key)
     if hit is not None and hit[0] is request:

@@ -44,7 +44,8 @@ def extension_terms(problem: Problem, request: EditRequest, settings: UnlearnSet
     toward the base holds its new answer back at the same positions, and a modified query keeps its answer."""
     p, sets, terms = problem, problem.sets(request), []
     if settings.reset_removed and sets.removed:
-        capped = capped_by_sample(p, request, settings.capped_chars, settings.capped_words) if settings.reset_target == "capped" else None
+        capped = (capped_by_sample(p, request, settings.capped_chars, settings.capped_words)
+                  if settings.reset_target == "capped" else None)
         reset = OutputReset(p.objective, p.params, p.theta_hat, sets.removed, settings.batch_size, p.device, memory=p.memory,
                             capped=capped, cap=settings.repair_threshold, own=settings.capped_own)
         terms.append(Term("reset_removed", settings.reset_removed, reset, flat=False))
