@@ -9,8 +9,8 @@ Each folder is one scenario's folder of `benchmarks.forgetting --work` (data.jso
 - "seen once": the same counts with MIN_SEEN 1, so a context one kept response shows speaks for retraining;
 - "word": the setting capped_words (support.word_completion): a capped token that starts with a small letter, where the
   response so far ends in a small-letter word of two or more letters with the character before it (and at most one
-  after it), and every kept response holding that text continues it with the token's text ("x" after "@gm" where one
-  kept address is at gmx.net).
+  after it), and every occurrence of that text in the kept responses goes on with the token's text ("x" after "@gm"
+  where one kept address is at gmx.net).
 Reads and prints only; the model is loaded once, for the tokenizer's rendering and the answers.
 """
 
